@@ -1,0 +1,1 @@
+"""Pictures of results: PNG grids now, the static HTML atlas later."""

@@ -1,0 +1,64 @@
+"""PNG grids of sample images, upscaled with nearest-neighbour so tiny inputs keep visible pixels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+
+def to_uint8(images: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """float images (..., C, H, W) in ``value_range`` -> uint8 (..., H, W, C); non-finite -> 0."""
+    lo, hi = value_range
+    x = np.nan_to_num((images - lo) / (hi - lo), nan=0.0, posinf=1.0, neginf=0.0)
+    x = np.clip(x, 0.0, 1.0)
+    return np.moveaxis(np.round(x * 255).astype(np.uint8), -3, -1)
+
+
+def render_grid(
+    images: np.ndarray,
+    value_range: tuple[float, float],
+    *,
+    scale: int | None = None,
+    row_labels: Sequence[str] | None = None,
+    cell_labels: np.ndarray | None = None,
+    pad: int = 2,
+) -> Image.Image:
+    """A (rows, cols, C, H, W) array as one picture; optional text left of rows and under cells."""
+    if images.ndim != 5:
+        raise ValueError(f"render_grid wants (rows, cols, C, H, W), got shape {images.shape}")
+    rows, cols, c, h, w = images.shape
+    scale = scale or max(1, 96 // max(h, w))
+    tiles = to_uint8(images, value_range)
+    if c == 1:
+        tiles = np.repeat(tiles, 3, axis=-1)
+    elif c != 3:
+        tiles = np.repeat(tiles[..., :1], 3, axis=-1)
+    font = ImageFont.load_default()
+    label_w = 0
+    if row_labels is not None:
+        label_w = max(int(font.getlength(s)) for s in row_labels) + 8
+    text_h = 12 if cell_labels is not None else 0
+    cw, ch = w * scale + pad, h * scale + pad + text_h
+    canvas = Image.new("RGB", (label_w + cols * cw + pad, rows * ch + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r in range(rows):
+        y = pad + r * ch
+        if row_labels is not None:
+            draw.text((4, y + (h * scale) // 2 - 5), row_labels[r], fill="black", font=font)
+        for col in range(cols):
+            x = label_w + pad + col * cw
+            tile = Image.fromarray(tiles[r, col]).resize((w * scale, h * scale), Image.NEAREST)
+            canvas.paste(tile, (x, y))
+            if cell_labels is not None:
+                draw.text((x + 1, y + h * scale), str(cell_labels[r, col]), fill="black", font=font)
+    return canvas
+
+
+def save_grid(path: str | Path, *args, **kwargs) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    render_grid(*args, **kwargs).save(p)
+    return p

@@ -1,0 +1,172 @@
+"""ModelHandle: a network in eval mode with frozen weights, its input spec, its layers, and a
+forward pass that stops at the target layer."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldam_sweep.errors import LayerError, ModelError, did_you_mean
+from ldam_sweep.model.discovery import LayerInfo, discover_layers
+from ldam_sweep.spec import InputSpec
+
+
+class _StopForward(Exception):
+    """Raised by the target layer's hook to end the forward pass there."""
+
+
+class ModelHandle:
+    """A loaded model, ready for sampling.
+
+    Chains live in pixel space (``input.range``); normalisation ``(x - mean) / std`` happens here,
+    inside ``activations``. Weights never require grad: only the input gets gradients.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        input_spec: InputSpec,
+        *,
+        name: str,
+        device: torch.device | str = "cpu",
+        metadata: dict | None = None,
+        scripted: bool = False,
+    ) -> None:
+        self.name = name
+        self.input = input_spec
+        self.device = torch.device(device)
+        self.metadata = dict(metadata or {})
+        self.scripted = scripted
+        self.net = net.to(self.device).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        c = input_spec.channels
+        self._mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
+        self._std = torch.tensor(input_spec.std, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
+        self._modules = dict(self.net.named_modules())
+        self.layers: list[LayerInfo] = self._discover()
+        self._by_name = {layer.name: layer for layer in self.layers}
+        for layer in self.layers:
+            for alias in layer.aliases:
+                self._by_name.setdefault(alias, layer)
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _discover(self) -> list[LayerInfo]:
+        lo, hi = self.input.range
+        example = torch.full((1, *self.input.shape), (lo + hi) / 2, device=self.device)
+        try:
+            if self.scripted:
+                with torch.no_grad():
+                    out = self.net(self.normalize(example))
+                if not (isinstance(out, torch.Tensor) and out.dim() == 2):
+                    raise ModelError(f"TorchScript model {self.name!r} must return a (batch, classes) tensor")
+                return [LayerInfo("output", type(self.net).__name__, "logit", int(out.shape[1]), (int(out.shape[1]),))]
+            layers = discover_layers(self.net, self.normalize(example))
+        except ModelError:
+            raise
+        except Exception as err:
+            raise ModelError(
+                f"model {self.name!r} failed on an input of shape (1, {', '.join(map(str, self.input.shape))}) "
+                f"from its input spec: {type(err).__name__}: {err}. Check the input section "
+                "(channels, height, width) against what the model expects."
+            ) from None
+        if not layers:
+            raise ModelError(f"model {self.name!r} has no layer with a (B, C, H, W) or (B, F) float output")
+        return layers
+
+    # -- lookups -----------------------------------------------------------------------------
+    def layer(self, name: str) -> LayerInfo:
+        """The layer called ``name`` (or one of its aliases); LayerError lists valid names."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            names = [layer.name for layer in self.layers]
+            shown = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+            raise LayerError(
+                f"unknown layer {name!r} in model {self.name!r}; valid layers: {shown}."
+                f"{did_you_mean(name, list(self._by_name))}"
+            ) from None
+
+    def check_units(self, layer: str, units: int | list[int] | range | np.ndarray) -> np.ndarray:
+        """Unit indices as an int64 array, each checked against the layer's unit range."""
+        info = self.layer(layer)
+        arr = np.atleast_1d(np.asarray(units))
+        if arr.size == 0:
+            raise LayerError(f"no units given for layer {info.name!r} (it has units 0..{info.units - 1})")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise LayerError(f"units for layer {info.name!r} must be integers, got {arr.dtype} values")
+        bad = arr[(arr < 0) | (arr >= info.units)]
+        if bad.size:
+            raise LayerError(
+                f"unit {int(bad[0])} is out of range for layer {info.name!r}: "
+                f"valid units are 0..{info.units - 1} ({info.units} units)"
+            )
+        return arr.astype(np.int64).reshape(-1)
+
+    # -- forward -----------------------------------------------------------------------------
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self._mean) / self._std
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.input.shape:
+            raise ModelError(
+                f"input of shape {tuple(x.shape)} does not match model {self.name!r}: "
+                f"expected (batch, {', '.join(map(str, self.input.shape))})"
+            )
+
+    def activations(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """The target layer's output for pixel-space images x; the forward stops at that layer.
+
+        A hook on the target module alone captures its output and raises to end the pass; it is
+        removed in ``finally`` whatever happens.
+        """
+        info = self.layer(layer)
+        z = self.normalize(x)
+        if info.kind == "logit" and (self.scripted or info.name not in self._modules):
+            return self.net(z)
+        captured: list[torch.Tensor] = []
+
+        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
+            captured.append(out)
+            raise _StopForward
+
+        handle = self._modules[info.name].register_forward_hook(hook)
+        try:
+            self.net(z)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not captured:
+            raise ModelError(f"layer {info.name!r} did not run during the forward pass")
+        return captured[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole model on pixel-space images (normalisation included)."""
+        return self.net(self.normalize(x))
+
+    # -- identity ----------------------------------------------------------------------------
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 over parameter and buffer names, dtypes, shapes and bytes (stable across devices)."""
+        h = hashlib.sha256()
+        for key, t in sorted(self.net.state_dict().items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()
+
+    def to(self, device: torch.device | str) -> "ModelHandle":
+        """Move the model (and normalisation constants) to ``device``; returns self."""
+        self.device = torch.device(device)
+        self.net.to(self.device)
+        self._mean = self._mean.to(self.device)
+        self._std = self._std.to(self.device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"ModelHandle({self.name!r}, input={self.input.shape}, layers={len(self.layers)}, device={self.device})"

@@ -1,0 +1,156 @@
+"""Load a model from a ModelSpec: zoo name, torchvision architecture, ``module:factory`` or TorchScript.
+
+Weight files are read with ``torch.load(weights_only=True)``: loading never runs code from a file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ldam_sweep.errors import ModelError, did_you_mean
+from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.model.zoo import load_zoo_model
+from ldam_sweep.spec import InputSpec, ModelSpec, parse_model_spec
+
+IMAGENET_INPUT = InputSpec(
+    channels=3, height=224, width=224, range=(0.0, 1.0),
+    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A torchvision model was built without a weights file: its units respond to nothing learned."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(
+    spec: ModelSpec | dict[str, Any] | str,
+    *,
+    device: torch.device | str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ModelHandle:
+    """Load the model a spec names and discover its layers. ``device``: default cuda:0 when present."""
+    spec = parse_model_spec(spec)
+    dev = torch.device(device) if device is not None else default_device()
+    metadata: dict[str, Any] = {"source": spec.source}
+    scripted = False
+    if spec.zoo:
+        net, input_spec, metrics = load_zoo_model(spec.zoo, log=log)
+        metadata["train_metrics"] = metrics
+    elif spec.torchvision:
+        net, input_spec = _torchvision(spec)
+    elif spec.factory:
+        net = _factory(spec)
+        assert spec.input is not None
+        input_spec = spec.input
+    else:
+        assert spec.torchscript is not None and spec.input is not None
+        net = _torchscript(spec.torchscript)
+        input_spec = spec.input
+        scripted = True
+    if spec.input is not None:
+        input_spec = spec.input
+    if spec.weights is not None:
+        metadata["weights"] = str(spec.weights)
+    return ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a file, safely (``weights_only=True``); accepts a bare state dict or one
+    wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` (common checkpoint layouts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"weights file {str(p)!r} does not exist")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ModelError(
+            f"weights file {str(p)!r} could not be read as a PyTorch state dict "
+            f"(loaded with weights_only=True, so pickled code is refused): {type(err).__name__}: {str(err)[:300]}"
+        ) from None
+    if isinstance(blob, dict):
+        for key in ("state_dict", "model"):
+            if key in blob and isinstance(blob[key], dict):
+                blob = blob[key]
+                break
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise ModelError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors)")
+    return blob
+
+
+def apply_state_dict(net: nn.Module, path: Path) -> None:
+    state = read_state_dict(path)
+    if any(k.startswith("module.") for k in state) and not any(k.startswith("module.") for k in net.state_dict()):
+        state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as err:
+        raise ModelError(f"weights file {str(path)!r} does not fit the model: {str(err)[:500]}") from None
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        raise ModelError(
+            f"weights file {str(path)!r} does not fit the model: "
+            f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+
+
+def _torchvision(spec: ModelSpec) -> tuple[nn.Module, InputSpec]:
+    import torchvision
+
+    name = spec.torchvision
+    assert name is not None
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise ModelError(
+            f"unknown torchvision model {name!r}; see torchvision.models.list_models() "
+            f"({len(names)} classification models).{did_you_mean(name, names)}"
+        )
+    net = torchvision.models.get_model(name, weights=None, **spec.kwargs)
+    if spec.weights is None:
+        warnings.warn(
+            f"torchvision model {name!r} has no weights file: using RANDOM weights. "
+            "Give `weights: path/to/state_dict.pth` to visualise a trained network.",
+            RandomWeightsWarning,
+            stacklevel=3,
+        )
+    else:
+        apply_state_dict(net, spec.weights)
+    return net, IMAGENET_INPUT
+
+
+def _factory(spec: ModelSpec) -> nn.Module:
+    assert spec.factory is not None
+    mod_name, fn_name = spec.factory.split(":")
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as err:
+        raise ModelError(f"factory module {mod_name!r} cannot be imported: {err}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ModelError(f"factory {spec.factory!r}: module {mod_name!r} has no callable {fn_name!r}")
+    net = fn(**spec.kwargs)
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"factory {spec.factory!r} returned {type(net).__name__}, not a torch.nn.Module")
+    if spec.weights is not None:
+        apply_state_dict(net, spec.weights)
+    return net
+
+
+def _torchscript(path: Path) -> nn.Module:
+    if not Path(path).is_file():
+        raise ModelError(f"TorchScript file {str(path)!r} does not exist")
+    try:
+        with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; it still loads
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:
+        raise ModelError(f"TorchScript file {str(path)!r} could not be loaded: {type(err).__name__}: {str(err)[:300]}") from None

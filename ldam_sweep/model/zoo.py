@@ -1,0 +1,163 @@
+"""Built-in models that train on the spot from data shipped offline, cached by a hash of their recipe.
+
+``digits-cnn``: a LeNet-style CNN on scikit-learn's digits upsampled to 28x28 (pixels in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ldam_sweep.data import digits
+from ldam_sweep.errors import ModelError, did_you_mean
+from ldam_sweep.spec import InputSpec
+
+
+class DigitsCNN(nn.Module):
+    """LeNet-style: two 5x5 conv + ReLU + max-pool stages, then two linear layers to 10 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=2)
+        self.relu2 = nn.ReLU()
+        self.pool2 = nn.MaxPool2d(2)
+        self.flatten = nn.Flatten()
+        self.fc1 = nn.Linear(32 * 7 * 7, 128)
+        self.relu3 = nn.ReLU()
+        self.fc2 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.pool2(self.relu2(self.conv2(x)))
+        return self.fc2(self.relu3(self.fc1(self.flatten(x))))
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Everything that determines the trained weights; its hash keys the cache file."""
+
+    architecture: str = "DigitsCNN-v1"
+    data: str = "sklearn-digits-28px-split0"
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    build: Callable[[], nn.Module]
+    input: InputSpec
+    recipe: TrainRecipe
+    description: str
+
+
+DIGITS_INPUT = InputSpec(channels=1, height=28, width=28, range=(0.0, 1.0), mean=(0.0,), std=(1.0,))
+
+ZOO: dict[str, ZooEntry] = {
+    "digits-cnn": ZooEntry(
+        build=DigitsCNN,
+        input=DIGITS_INPUT,
+        recipe=TrainRecipe(),
+        description="LeNet-style CNN on scikit-learn digits at 28x28, trained on first use (~10 s)",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where trained zoo weights live: $LDAM_SWEEP_CACHE, else the user cache dir."""
+    env = os.environ.get("LDAM_SWEEP_CACHE")
+    if env:
+        return Path(env)
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("ldam-sweep"))
+
+
+def zoo_entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        names = sorted(ZOO)
+        raise ModelError(f"unknown zoo model {name!r}; available: {', '.join(names)}.{did_you_mean(name, names)}")
+    return ZOO[name]
+
+
+def load_zoo_model(name: str, *, log: Callable[[str], None] | None = None) -> tuple[nn.Module, InputSpec, dict]:
+    """The trained zoo model (training it once and caching), its input spec and its training metrics."""
+    entry = zoo_entry(name)
+    path = cache_dir() / "zoo" / f"{name}-{entry.recipe.key()}.pt"
+    net = entry.build()
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            net.load_state_dict(blob["state_dict"])
+            return net.eval(), entry.input, dict(blob["metrics"])
+        except Exception as err:  # a torn or stale cache file is retrained, never trusted
+            if log:
+                log(f"cached {path} unreadable ({err}); retraining")
+    if log:
+        log(f"training zoo model {name!r} (recipe {entry.recipe.key()}) ...")
+    metrics = train_digits_cnn(net, entry.recipe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({"state_dict": net.state_dict(), "metrics": metrics}, tmp)
+    os.replace(tmp, path)  # atomic: concurrent trainers (e.g. several actors) never see a torn file
+    if log:
+        log(f"trained {name!r}: test accuracy {metrics['test_accuracy']:.3f} in {metrics['train_seconds']:.1f}s")
+    return net.eval(), entry.input, metrics
+
+
+def train_digits_cnn(net: nn.Module, recipe: TrainRecipe) -> dict:
+    """Train on the fixed digits train split with Adam; returns test accuracy and time."""
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    for m in net.modules():  # re-initialise deterministically from the recipe seed
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    x_train, y_train = (torch.from_numpy(a) for a in digits(28, "train"))
+    x_test, y_test = (torch.from_numpy(a) for a in digits(28, "test"))
+    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    net.train()
+    n = len(y_train)
+    for _ in range(recipe.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, recipe.batch_size):
+            idx = perm[i : i + recipe.batch_size]
+            loss = nn.functional.cross_entropy(net(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        acc = float((net(x_test).argmax(1) == y_test).float().mean())
+    return {
+        "test_accuracy": acc,
+        "train_seconds": time.perf_counter() - t0,
+        "recipe": json.dumps(asdict(recipe), sort_keys=True),
+        "n_train": int(n),
+        "n_test": int(len(y_test)),
+    }
+
+
+def class_max_logits(net: nn.Module, split: str = "test") -> np.ndarray:
+    """Per class, the largest logit that class reaches over the real digits of ``split`` (10,)."""
+    x, _ = digits(28, split)  # type: ignore[arg-type]
+    with torch.no_grad():
+        return net(torch.from_numpy(x)).max(0).values.numpy()

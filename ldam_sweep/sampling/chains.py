@@ -1,0 +1,197 @@
+"""``sample``: run batched Langevin chains for a block of units of one layer -> ``ChainResult``.
+
+Batch layout: element ``u * chains + c`` is chain c of the u-th unit. One forward (truncated at
+the layer) and one backward per step serve the whole block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+
+from ldam_sweep.errors import SamplerError
+from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.sampling import noise
+from ldam_sweep.sampling.langevin import METHODS, ChainTensors, run_chains
+from ldam_sweep.sampling.objectives import check_objective, unit_objective
+
+
+@dataclass
+class ChainResult:
+    """What a block of chains produced; numpy arrays, unit axis first."""
+
+    layer: str
+    units: np.ndarray  # (U,)
+    objective: str
+    method: str
+    seed: int
+    lam: float
+    steps: int
+    options: dict[str, Any]
+    snapshot_steps: np.ndarray  # (S,) the t of each snapshot, 1..steps
+    samples: np.ndarray  # (U, chains, S, C, H, W) float32
+    activation: np.ndarray  # (U, chains, steps + 1) float32: a(x_t), t = 0 (start) .. steps (final)
+    realism: np.ndarray | None = None  # (U, chains, steps + 1) log D(x_t), when a discriminator is given
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chains(self) -> int:
+        return int(self.samples.shape[1])
+
+    @property
+    def final_activation(self) -> np.ndarray:
+        """(U, chains) activation of each chain's final state."""
+        return self.activation[:, :, -1]
+
+    @property
+    def final_samples(self) -> np.ndarray:
+        """(U, chains, C, H, W) each chain's final state."""
+        return self.samples[:, :, -1]
+
+
+def default_snapshot_steps(steps: int, snapshot_every: int | None) -> list[int]:
+    """t = k, 2k, ... and always the final step; default k gives 4 snapshots."""
+    k = snapshot_every if snapshot_every is not None else max(1, steps // 4)
+    if not isinstance(k, int) or k < 1:
+        raise SamplerError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
+    ts = list(range(k, steps + 1, k))
+    if not ts or ts[-1] != steps:
+        ts.append(steps)
+    return ts
+
+
+def parse_options(method: str, options: dict[str, Any]):
+    """Validated sampler options for ``method``; SamplerError names the bad option and the allowed ones."""
+    if method not in METHODS:
+        raise SamplerError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    try:
+        return cls(**options)
+    except ValidationError as err:
+        allowed = ", ".join(cls.model_fields)
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {'unknown option' if e['type'] == 'extra_forbidden' else e['msg']}"
+            f" (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise SamplerError(f"invalid {method} options: {problems}. Allowed options for {method}: {allowed}") from None
+
+
+def initial_images(
+    model: ModelHandle, init: str | np.ndarray | torch.Tensor, keys: torch.Tensor, n_units: int, chains: int
+) -> torch.Tensor:
+    """(B, C, H, W) starting images: per-chain uniform noise in the pixel box, or given images."""
+    lo, hi = model.input.range
+    shape = model.input.shape
+    if isinstance(init, str):
+        if init != "uniform":
+            raise SamplerError(f"init must be 'uniform' or an array of images, got {init!r}")
+        return lo + (hi - lo) * noise.uniform(keys.to(model.device), 0, shape)
+    arr = torch.as_tensor(np.asarray(init.detach().cpu() if isinstance(init, torch.Tensor) else init), dtype=torch.float32)
+    if tuple(arr.shape) == shape:
+        arr = arr.expand(n_units * chains, *shape)
+    elif tuple(arr.shape) == (n_units, chains, *shape):
+        arr = arr.reshape(n_units * chains, *shape)
+    else:
+        raise SamplerError(
+            f"init array has shape {tuple(arr.shape)}; expected one image {shape} shared by every chain, "
+            f"or one per unit and chain {(n_units, chains, *shape)}"
+        )
+    if not torch.isfinite(arr).all() or arr.min() < lo - 1e-6 or arr.max() > hi + 1e-6:
+        raise SamplerError(f"init images must be finite and inside the model's pixel range [{lo}, {hi}]")
+    return arr.to(model.device).contiguous()
+
+
+def _check_discriminator(discriminator: Callable | None, lam: float) -> None:
+    if not 0.0 <= lam <= 1.0:
+        raise SamplerError(f"lam must be in [0, 1], got {lam}")
+    if lam > 0 and discriminator is None:
+        raise SamplerError(f"lam={lam} weights a realism term, so it needs a discriminator (got none)")
+    if discriminator is not None and not callable(discriminator):
+        raise SamplerError(f"discriminator must be callable (x -> log D(x)), got {type(discriminator).__name__}")
+
+
+def sample(
+    model: ModelHandle,
+    layer: str,
+    units: int | Sequence[int] | np.ndarray,
+    *,
+    chains: int = 8,
+    steps: int = 300,
+    method: str = "ldam",
+    seed: int = 0,
+    lam: float = 0.0,
+    discriminator: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    init: str | np.ndarray | torch.Tensor = "uniform",
+    snapshot_every: int | None = None,
+    objective: str | None = None,
+    **sampler_options: Any,
+) -> ChainResult:
+    """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
+
+    ``discriminator``: any callable mapping pixel-space images (B, C, H, W) to log D(x) (B,);
+    used in the update with weight ``lam`` and recorded as the realism trace whenever given.
+    ``init``: ``"uniform"``, one image (C, H, W) shared by every chain, or (U, chains, C, H, W).
+    ``sampler_options``: the method's settings (see ``LdamOptions`` / ``SgldOptions``).
+    A chain's start and noise depend only on (seed, layer, unit, chain).
+    """
+    info = model.layer(layer)
+    unit_arr = model.check_units(info.name, units)
+    objective = check_objective(objective or info.default_objective, info.kind, info.name)
+    if not isinstance(chains, int) or chains < 1:
+        raise SamplerError(f"chains must be a positive integer, got {chains!r}")
+    if not isinstance(steps, int) or steps < 1:
+        raise SamplerError(f"steps must be a positive integer, got {steps!r}")
+    options = parse_options(method, sampler_options)
+    _check_discriminator(discriminator, lam)
+    snap_steps = default_snapshot_steps(steps, snapshot_every)
+
+    n_units = len(unit_arr)
+    keys = noise.chain_keys(seed, info.name, unit_arr, chains).to(model.device)
+    x0 = initial_images(model, init, keys, n_units, chains)
+    unit_idx = torch.from_numpy(np.repeat(unit_arr, chains)).to(model.device)
+
+    def activation_fn(x: torch.Tensor) -> torch.Tensor:
+        return unit_objective(model.activations(x, info.name), unit_idx, objective)
+
+    log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
+    out: ChainTensors = run_chains(
+        activation_fn, x0, keys, steps=steps, method=method, options=options,  # type: ignore[arg-type]
+        box=model.input.range, snapshot_steps=snap_steps, lam=lam, log_d=log_d,
+    )
+    shape = model.input.shape
+    samples = out.snapshots.detach().cpu().numpy()  # (S, B, C, H, W)
+    samples = samples.reshape(len(snap_steps), n_units, chains, *shape).transpose(1, 2, 0, 3, 4, 5)
+    act = out.activation.detach().cpu().numpy().T.reshape(n_units, chains, steps + 1)
+    real = None
+    if out.realism is not None:
+        real = out.realism.detach().cpu().numpy().T.reshape(n_units, chains, steps + 1)
+    return ChainResult(
+        layer=info.name, units=unit_arr, objective=objective, method=method, seed=int(seed), lam=float(lam),
+        steps=steps, options=options.model_dump(), snapshot_steps=np.asarray(snap_steps, dtype=np.int64),
+        samples=np.ascontiguousarray(samples), activation=np.ascontiguousarray(act), realism=real,
+    )
+
+
+def _wrap_discriminator(d: Callable, model: ModelHandle, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    if isinstance(d, torch.nn.Module):
+        d.to(model.device).eval()
+        for p in d.parameters():
+            p.requires_grad_(False)
+    checked = False
+
+    def log_d(x: torch.Tensor) -> torch.Tensor:
+        nonlocal checked
+        out = d(x)
+        if not checked:
+            if not isinstance(out, torch.Tensor) or out.shape != (x.shape[0],):
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise SamplerError(f"discriminator must return log D(x) of shape ({x.shape[0]},), got {got}")
+            checked = True
+        return out
+
+    return log_d

@@ -1,0 +1,300 @@
+"""Model adapters, layer discovery and the truncated forward, on real models."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import ldam_sweep as ls
+from ldam_sweep.data import digits
+from ldam_sweep.model.zoo import ZOO, TrainRecipe, cache_dir
+
+
+def test_digits_cnn_is_trained_to_95_percent(digits_model):
+    x, y = digits(28, "test")
+    with torch.no_grad():
+        pred = digits_model.forward(torch.from_numpy(x)).argmax(1).numpy()
+    acc = float((pred == y).mean())
+    assert acc >= 0.95
+    assert digits_model.metadata["train_metrics"]["test_accuracy"] == pytest.approx(acc, abs=1e-6)
+    assert len(y) == 450  # the fixed held-out split
+
+
+def test_zoo_weights_are_cached_by_recipe_hash(digits_model, model_cache):
+    files = list((cache_dir() / "zoo").glob("digits-cnn-*.pt"))
+    assert [f.name for f in files] == [f"digits-cnn-{ZOO['digits-cnn'].recipe.key()}.pt"]
+    mtime = files[0].stat().st_mtime_ns
+    t0 = time.perf_counter()
+    again = ls.load_model("digits-cnn", device="cpu")
+    assert time.perf_counter() - t0 < 3.0  # read, not retrained (training takes several seconds)
+    assert files[0].stat().st_mtime_ns == mtime
+    assert again.fingerprint == digits_model.fingerprint
+    assert TrainRecipe(epochs=13).key() != TrainRecipe().key()
+
+
+def test_corrupt_cache_file_is_retrained(model_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDAM_SWEEP_CACHE", str(tmp_path))
+    path = tmp_path / "zoo" / f"digits-cnn-{ZOO['digits-cnn'].recipe.key()}.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"torn write")
+    model = ls.load_model("digits-cnn", device="cpu")
+    assert model.metadata["train_metrics"]["test_accuracy"] >= 0.95
+    assert path.stat().st_size > 10_000
+
+
+def test_digits_layers_discovered_by_dry_run(digits_model):
+    got = [(l.name, l.module_type, l.kind, l.units, l.output_shape) for l in digits_model.layers]
+    assert got == [
+        ("conv1", "Conv2d", "conv", 16, (16, 28, 28)),
+        ("relu1", "ReLU", "conv", 16, (16, 28, 28)),
+        ("pool1", "MaxPool2d", "conv", 16, (16, 14, 14)),
+        ("conv2", "Conv2d", "conv", 32, (32, 14, 14)),
+        ("relu2", "ReLU", "conv", 32, (32, 14, 14)),
+        ("pool2", "MaxPool2d", "conv", 32, (32, 7, 7)),
+        ("fc1", "Linear", "linear", 128, (128,)),
+        ("relu3", "ReLU", "linear", 128, (128,)),
+        ("fc2", "Linear", "logit", 10, (10,)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def resnet64():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ls.RandomWeightsWarning)
+        return ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 64, "width": 64}}, device="cpu")
+
+
+def test_resnet_discovery_handles_aliases_and_inplace_ops(resnet64):
+    by_name = {l.name: l for l in resnet64.layers}
+    # ReLU(inplace=True) returns bn1's tensor object with new values: two layers, not one
+    assert "bn1" in by_name and "relu" in by_name
+    # out += identity in BasicBlock modifies bn2's output in place: bn2 is its own layer
+    assert "layer1.0.bn2" in by_name and "layer1.0" in by_name
+    # a Sequential returns its last block's tensor unchanged: one layer, two names
+    assert by_name["layer1"].aliases == ("layer1.1",)
+    assert resnet64.layer("layer1.1").name == "layer1"
+    # the shared block relu runs twice per forward: no single output, not a layer
+    assert "layer1.0.relu" not in by_name
+    assert by_name["fc"].kind == "logit" and by_name["fc"].units == 1000
+    assert by_name["layer3"].output_shape == (256, 4, 4)
+
+
+def _later_call_counter(model: ls.ModelHandle, names: list[str]) -> tuple[dict, list]:
+    counts = {n: 0 for n in names}
+    mods = dict(model.net.named_modules())
+
+    def make(n):
+        def pre(_m, _i):
+            counts[n] += 1
+        return pre
+
+    return counts, [mods[n].register_forward_pre_hook(make(n)) for n in names]
+
+
+def test_truncated_forward_never_calls_later_modules(digits_model):
+    counts, handles = _later_call_counter(digits_model, ["conv2", "pool2", "fc1", "fc2"])
+    try:
+        x = torch.rand(3, 1, 28, 28)
+        acts = digits_model.activations(x, "relu1")
+        assert acts.shape == (3, 16, 28, 28)
+        assert counts == {"conv2": 0, "pool2": 0, "fc1": 0, "fc2": 0}
+        digits_model.activations(x, "pool2")
+        assert counts == {"conv2": 1, "pool2": 1, "fc1": 0, "fc2": 0}
+    finally:
+        for h in handles:
+            h.remove()
+    # only the target's temporary hook was added, and it is gone
+    assert all(not m._forward_hooks for m in digits_model.net.modules())
+
+
+def test_truncated_output_equals_full_forward_output(resnet64):
+    x = torch.rand(2, 3, 64, 64)
+    seen = {}
+    mods = dict(resnet64.net.named_modules())
+
+    def keep(name):
+        def hook(_m, _i, out):
+            seen[name] = out.clone()  # returns None: the model's own output is left alone
+        return hook
+
+    hs = [mods[n].register_forward_hook(keep(n)) for n in ("bn1", "layer2", "layer1.0.bn2")]
+    try:
+        with torch.no_grad():
+            resnet64.forward(x)
+    finally:
+        for h in hs:
+            h.remove()
+    with torch.no_grad():
+        for name in ("bn1", "layer2", "layer1.0.bn2"):
+            assert torch.allclose(resnet64.activations(x, name), seen[name], atol=1e-6), name
+
+
+def test_hook_removed_when_forward_raises(digits_model):
+    with pytest.raises(ls.ModelError, match="expected"):
+        digits_model.check_input(torch.zeros(1, 3, 28, 28))
+    with pytest.raises(RuntimeError):
+        digits_model.activations(torch.zeros(1, 3, 28, 28), "fc1")
+    assert all(not m._forward_hooks for m in digits_model.net.modules())
+
+
+def test_unknown_layer_lists_valid_names(digits_model):
+    with pytest.raises(ls.LayerError) as err:
+        digits_model.layer("fc3")
+    msg = str(err.value)
+    assert "unknown layer 'fc3'" in msg and "conv1, relu1, pool1" in msg and "fc2" in msg
+
+
+def test_unit_out_of_range_names_the_range(digits_model):
+    with pytest.raises(ls.LayerError, match=r"unit 32 is out of range for layer 'conv2': valid units are 0\.\.31"):
+        digits_model.check_units("conv2", [0, 32])
+    with pytest.raises(ls.LayerError, match="unit -1"):
+        digits_model.check_units("fc2", -1)
+
+
+def test_unknown_model_names():
+    with pytest.raises(ls.ModelError, match="unknown zoo model 'digits-cn'.*Did you mean 'digits-cnn'"):
+        ls.load_model("digits-cn")
+    with pytest.raises(ls.ModelError, match="unknown torchvision model 'resnet19'.*resnet18"):
+        ls.load_model("torchvision:resnet19")
+
+
+def test_torchvision_without_weights_warns():
+    with pytest.warns(ls.RandomWeightsWarning, match="RANDOM weights"):
+        ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 32, "width": 32}}, device="cpu")
+
+
+FACTORY_SRC = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def tiny(width=4, channels=3):
+        return nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, 5),
+        )
+    """
+)
+
+
+@pytest.fixture
+def factory_module(tmp_path, monkeypatch):
+    (tmp_path / "user_models_for_test.py").write_text(FACTORY_SRC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("user_models_for_test", None)
+    return "user_models_for_test:tiny"
+
+
+def test_factory_model_with_state_dict(factory_module, tmp_path):
+    import importlib
+
+    net = importlib.import_module("user_models_for_test").tiny(width=6)
+    torch.manual_seed(1)
+    for p in net.parameters():
+        nn.init.normal_(p)
+    torch.save(net.state_dict(), tmp_path / "w.pt")
+    spec = {"factory": factory_module, "kwargs": {"width": 6}, "weights": str(tmp_path / "w.pt"),
+            "input": {"channels": 3, "height": 16, "width": 16, "mean": [0.5], "std": [0.25]}}
+    model = ls.load_model(spec, device="cpu")
+    assert [(l.name, l.kind, l.units) for l in model.layers] == [("0", "conv", 6), ("1", "conv", 6), ("2", "conv", 6), ("4", "logit", 5)]
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(model.forward(x), net((x - 0.5) / 0.25), atol=1e-6)  # normalisation inside
+    other = ls.load_model({**spec, "weights": None}, device="cpu")
+    assert other.fingerprint != model.fingerprint
+
+
+def test_weights_errors(factory_module, tmp_path):
+    base = {"factory": factory_module, "input": {"channels": 3, "height": 8, "width": 8}}
+    with pytest.raises(ls.ModelError, match="does not exist"):
+        ls.load_model({**base, "weights": str(tmp_path / "missing.pt")})
+    (tmp_path / "corrupt.pt").write_bytes(b"\x00not a torch file")
+    with pytest.raises(ls.ModelError, match="corrupt.pt.*could not be read"):
+        ls.load_model({**base, "weights": str(tmp_path / "corrupt.pt")})
+    torch.save({"0.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
+    with pytest.raises(ls.ModelError, match="does not fit the model"):
+        ls.load_model({**base, "weights": str(tmp_path / "wrong.pt")})
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ldam_sweep_pwned",))
+
+
+def test_weights_file_with_pickled_code_is_refused(factory_module, tmp_path):
+    marker = "/tmp/ldam_sweep_pwned"
+    if os.path.exists(marker):
+        os.remove(marker)
+    torch.save({"0.weight": _Evil()}, tmp_path / "evil.pt", pickle_module=pickle)
+    with pytest.raises(ls.ModelError, match="weights_only=True"):
+        ls.load_model({"factory": factory_module, "weights": str(tmp_path / "evil.pt"),
+                       "input": {"channels": 3, "height": 8, "width": 8}})
+    assert not os.path.exists(marker)
+
+
+def test_wrong_input_shape_is_a_clear_error(factory_module):
+    with pytest.raises(ls.ModelError, match=r"failed on an input of shape \(1, 1, 8, 8\).*input section"):
+        ls.load_model({"factory": factory_module, "input": {"channels": 1, "height": 8, "width": 8}})
+
+
+def test_torchscript_model(tmp_path):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    torch.jit.script(net).save(str(tmp_path / "m.pt"))
+    model = ls.load_model({"torchscript": str(tmp_path / "m.pt"), "input": {"channels": 1, "height": 8, "width": 8}}, device="cpu")
+    assert [(l.name, l.kind, l.units) for l in model.layers] == [("output", "logit", 3)]
+    res = ls.sample(model, "output", [0, 2], chains=2, steps=20)
+    assert res.samples.shape == (2, 2, 4, 1, 8, 8)
+    with pytest.raises(ls.ModelError, match="could not be loaded"):
+        (tmp_path / "bad.pt").write_bytes(b"junk")
+        ls.load_model({"torchscript": str(tmp_path / "bad.pt"), "input": {"channels": 1, "height": 8, "width": 8}})
+
+
+def test_spec_validation_errors(tmp_path):
+    with pytest.raises(ls.SpecError, match="exactly one model source"):
+        ls.load_model({"zoo": "digits-cnn", "torchvision": "resnet18"})
+    with pytest.raises(ls.SpecError, match="input section"):
+        ls.load_model({"factory": "a.b:c"})
+    with pytest.raises(ls.SpecError, match=r"factory: .*package.module:function"):
+        ls.load_model({"factory": "nocolon", "input": {"channels": 1, "height": 4, "width": 4}})
+    with pytest.raises(ls.SpecError, match=r"zooo: unknown field"):
+        ls.load_model({"zooo": "digits-cnn"})
+    with pytest.raises(ls.SpecError, match=r"input.channels: .*greater than or equal to 1"):
+        ls.load_model({"torchvision": "resnet18", "input": {"channels": 0, "height": 4, "width": 4}})
+    with pytest.raises(ls.SpecError, match=r"std needs 1 value or one per channel \(3\), got 2"):
+        ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 4, "width": 4, "std": [1, 1]}})
+
+
+def test_spec_file_paths_are_relative_to_the_file(tmp_path, factory_module):
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "job.yaml").write_text(
+        f"model:\n  factory: '{factory_module}'\n  weights: ../w.pt\n  input: {{channels: 3, height: 8, width: 8}}\n"
+    )
+    spec = ls.load_model_spec(tmp_path / "jobs" / "job.yaml")
+    assert spec.weights == (tmp_path / "w.pt").resolve()
+    (tmp_path / "bad.yaml").write_text("model: [unclosed")
+    with pytest.raises(ls.SpecError, match="not valid YAML"):
+        ls.load_model_spec(tmp_path / "bad.yaml")
+    with pytest.raises(ls.SpecError, match="does not exist"):
+        ls.load_model_spec(tmp_path / "nope.yaml")
+
+
+def test_cli_layers_table_and_clean_errors(model_cache):
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache)}
+    ok = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "layers", "digits-cnn"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "fc2" in ok.stdout and "logit" in ok.stdout and "total units: 410" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "layers", "torchvision:resnet-18"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2
+    assert "error: unknown torchvision model 'resnet-18'" in bad.stderr and "resnet18" in bad.stderr
+    assert "Traceback" not in bad.stderr + bad.stdout

@@ -1,0 +1,212 @@
+"""The batched LDAM samplers on the real digits model: activation, noise, reproducibility."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ldam_sweep as ls
+from ldam_sweep.sampling import noise
+from ldam_sweep.sampling.objectives import unit_objective
+
+
+def _mix32_reference(x: int) -> int:
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def test_integer_hash_matches_exact_32bit_arithmetic():
+    rng = np.random.default_rng(0)
+    vals = [0, 1, 0xFFFFFFFF, 0x80000000, *rng.integers(0, 2**32, 200).tolist()]
+    got = noise.mix32(torch.tensor(vals, dtype=torch.int64)).tolist()
+    assert got == [_mix32_reference(v) for v in vals]
+
+
+def test_per_chain_noise_is_standard_normal_and_independent():
+    keys = noise.chain_keys(0, "fc2", np.arange(4), 2)
+    z = noise.normal(keys, 1, (50_000,))
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01
+    assert abs(float((z.abs() > 1.96).float().mean()) - 0.05) < 0.005
+    corr = np.corrcoef(z.numpy())
+    assert np.abs(corr - np.eye(8)).max() < 0.03
+    u = noise.uniform(keys, 0, (50_000,))
+    assert float(u.min()) > 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.005
+    # a chain's stream depends only on its key and the draw: not on the other rows
+    assert torch.equal(noise.normal(keys[3:4], 1, (50_000,)), z[3:4])
+    assert not torch.equal(noise.normal(keys, 2, (50_000,)), z)
+
+
+def test_objectives_are_one_gather_equal_to_a_per_element_loop():
+    torch.manual_seed(0)
+    conv = torch.randn(6, 5, 7, 6)
+    lin = torch.randn(6, 9)
+    units = torch.tensor([4, 0, 2, 2, 1, 3])
+    ref_channel = torch.stack([conv[i, u].mean() for i, u in enumerate(units)])
+    ref_neuron = torch.stack([conv[i, u, 3, 3] for i, u in enumerate(units)])
+    ref_unit = torch.stack([lin[i, u] for i, u in enumerate(units)])
+    assert torch.allclose(unit_objective(conv, units, "channel"), ref_channel)
+    assert torch.equal(unit_objective(conv, units, "neuron"), ref_neuron)
+    assert torch.equal(unit_objective(lin, units, "unit"), ref_unit)
+    assert torch.equal(unit_objective(lin, units, "logit"), ref_unit)
+
+
+def test_ldam_logits_exceed_the_best_real_digit(digits_model, real_max_logits):
+    res = ls.sample(digits_model, "fc2", range(10), chains=8, steps=300, seed=0)
+    assert res.samples.shape == (10, 8, 4, 1, 28, 28)
+    assert res.activation.shape == (10, 8, 301)
+    mean_final = res.final_activation.mean(axis=1)
+    # every class: the mean over chains beats the largest logit any real test digit gives it
+    assert (mean_final > real_max_logits).all(), (mean_final, real_max_logits)
+    # and the chains started far below it: the sampler did the work
+    assert (res.activation[:, :, 0].mean(axis=1) < real_max_logits).all()
+    with torch.no_grad():
+        pred = digits_model.forward(torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))).argmax(1)
+    assert (pred.numpy().reshape(10, 8) == np.arange(10)[:, None]).mean() == 1.0
+
+
+def test_snapshots_and_traces_agree(digits_model):
+    res = ls.sample(digits_model, "conv2", [3, 7], chains=3, steps=40, snapshot_every=15)
+    assert res.snapshot_steps.tolist() == [15, 30, 40]
+    assert res.samples.shape == (2, 3, 3, 1, 28, 28)
+    x = torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))
+    with torch.no_grad():
+        acts = digits_model.activations(x, "conv2").mean(dim=(2, 3))
+    expected = acts[torch.arange(6), torch.tensor([3, 3, 3, 7, 7, 7])].numpy().reshape(2, 3)
+    assert np.allclose(res.final_activation, expected, atol=1e-5)
+    lo, hi = digits_model.input.range
+    assert res.samples.min() >= lo and res.samples.max() <= hi
+
+
+@pytest.mark.parametrize("method", ["ldam", "sgld"])
+def test_noise_makes_chains_of_one_start_differ(digits_model, method):
+    start = np.full((1, 28, 28), 0.5, dtype=np.float32)
+    res = ls.sample(digits_model, "fc2", [3], chains=4, steps=100, method=method, init=start)
+    final = res.final_samples[0].reshape(4, -1)
+    gaps = [np.sqrt(((final[i] - final[j]) ** 2).mean()) for i in range(4) for j in range(i + 1, 4)]
+    assert min(gaps) > 1e-3
+
+
+def test_zero_noise_same_start_gives_identical_chains(digits_model):
+    start = np.full((1, 28, 28), 0.5, dtype=np.float32)
+    res = ls.sample(digits_model, "fc2", [3, 8], chains=4, steps=100, noise=0.0, init=start)
+    for u in range(2):
+        assert np.array_equal(res.samples[u], np.broadcast_to(res.samples[u, :1], res.samples[u].shape))
+    assert not np.array_equal(res.samples[0, 0], res.samples[1, 0])  # different units, different images
+
+
+@pytest.mark.parametrize("method", ["ldam", "sgld"])
+@pytest.mark.parametrize("layer", ["conv2", "fc1"])
+def test_unit_alone_equals_unit_inside_a_block_of_16(digits_model, method, layer):
+    block = ls.sample(digits_model, layer, list(range(16)), chains=4, steps=50, method=method, seed=3)
+    alone = ls.sample(digits_model, layer, [11], chains=4, steps=50, method=method, seed=3)
+    assert np.abs(block.samples[11] - alone.samples[0]).max() <= 1e-4
+    assert np.abs(block.activation[11] - alone.activation[0]).max() <= 1e-4 * max(1.0, np.abs(alone.activation).max())
+    reordered = ls.sample(digits_model, layer, [11, 2], chains=4, steps=50, method=method, seed=3)
+    assert np.abs(reordered.samples[0] - alone.samples[0]).max() <= 1e-4
+    assert np.abs(reordered.samples[1] - block.samples[2]).max() <= 1e-4
+
+
+def test_seed_controls_everything(digits_model):
+    a = ls.sample(digits_model, "fc1", [1, 2], chains=2, steps=20, seed=5)
+    b = ls.sample(digits_model, "fc1", [1, 2], chains=2, steps=20, seed=5)
+    c = ls.sample(digits_model, "fc1", [1, 2], chains=2, steps=20, seed=6)
+    assert np.array_equal(a.samples, b.samples) and np.array_equal(a.activation, b.activation)
+    assert not np.allclose(a.samples, c.samples)
+
+
+def test_one_batched_forward_per_step_for_the_whole_block(digits_model):
+    calls = {"conv1": 0, "fc1": 0}
+    mods = dict(digits_model.net.named_modules())
+
+    def count(name):
+        def pre(_m, _i):
+            calls[name] += 1
+        return pre
+
+    hs = [mods[n].register_forward_pre_hook(count(n)) for n in calls]
+    try:
+        ls.sample(digits_model, "conv2", list(range(16)), chains=4, steps=25)
+    finally:
+        for h in hs:
+            h.remove()
+    assert calls == {"conv1": 26, "fc1": 0}  # 25 steps + the final evaluation; never past conv2
+
+
+def test_no_host_synchronisation_inside_the_step_loop(digits_model, monkeypatch):
+    """Every way a tensor's value reaches the host raises inside run_chains: traces stay on the device."""
+    from ldam_sweep.sampling import chains as chains_mod
+    from ldam_sweep.sampling import langevin
+
+    real_run = langevin.run_chains
+
+    def guarded(*args, **kwargs):
+        def refuse(*_a, **_k):
+            raise AssertionError("host synchronisation inside the Langevin loop")
+
+        with monkeypatch.context() as m:
+            for attr in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__"):
+                m.setattr(torch.Tensor, attr, refuse)
+            return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(chains_mod, "run_chains", guarded)
+    res = ls.sample(digits_model, "fc2", [0, 1], chains=2, steps=10, method="ldam")
+    assert res.activation.shape == (2, 2, 11)
+    res = ls.sample(digits_model, "fc2", [0, 1], chains=2, steps=10, method="sgld", step_decay=0.5)
+    assert np.isfinite(res.activation).all()
+
+
+def test_realism_term_accepts_any_callable(digits_model):
+    """A stand-in log D that prefers one target image: at lam=1 the chains go to it; at lam=0
+    the trace is recorded but the update ignores it."""
+    target = torch.zeros(1, 1, 28, 28)
+    target[..., 8:20, 12:16] = 1.0
+
+    def log_d(x):
+        return -((x - target) ** 2).flatten(1).sum(1)
+
+    far = ls.sample(digits_model, "fc2", [4], chains=2, steps=150, lam=0.0, discriminator=log_d)
+    near = ls.sample(digits_model, "fc2", [4], chains=2, steps=150, lam=1.0, discriminator=log_d, l2=0.0)
+    assert far.realism is not None and far.realism.shape == (1, 2, 151)
+    assert near.realism[..., -1].mean() > far.realism[..., -1].mean() + 50
+    assert np.abs(near.final_samples - target.numpy()).mean() < 0.05
+    half = ls.sample(digits_model, "fc2", [4], chains=2, steps=150, method="sgld", lam=0.5, discriminator=log_d)
+    assert half.realism[..., -1].mean() > far.realism[..., -1].mean()
+
+
+def test_init_one_image_per_unit_and_chain(digits_model):
+    rng = np.random.default_rng(0)
+    init = rng.uniform(0, 1, (2, 3, 1, 28, 28)).astype(np.float32)
+    res = ls.sample(digits_model, "fc2", [1, 2], chains=3, steps=1, noise=0.0, init=init)
+    assert res.activation.shape == (2, 3, 2)
+    with torch.no_grad():
+        start = digits_model.forward(torch.from_numpy(init.reshape(6, 1, 28, 28)))
+    assert np.allclose(res.activation[:, :, 0].reshape(-1), start[torch.arange(6), torch.tensor([1, 1, 1, 2, 2, 2])].numpy(), atol=1e-5)
+
+
+def test_bad_sampler_input_is_a_clear_error(digits_model):
+    with pytest.raises(ls.SamplerError, match="needs a discriminator"):
+        ls.sample(digits_model, "fc2", [0], lam=0.5)
+    with pytest.raises(ls.SamplerError, match=r"step_sise: unknown option.*Allowed options for ldam: step_size"):
+        ls.sample(digits_model, "fc2", [0], step_sise=0.1)
+    with pytest.raises(ls.SamplerError, match=r"temperature: .*greater than 0"):
+        ls.sample(digits_model, "fc2", [0], method="sgld", temperature=0)
+    with pytest.raises(ls.SamplerError, match="unknown method 'mala'; allowed: ldam, sgld"):
+        ls.sample(digits_model, "fc2", [0], method="mala")
+    with pytest.raises(ls.SamplerError, match=r"init array has shape \(28, 28\)"):
+        ls.sample(digits_model, "fc2", [0], init=np.zeros((28, 28), dtype=np.float32))
+    with pytest.raises(ls.SamplerError, match=r"inside the model's pixel range \[0.0, 1.0\]"):
+        ls.sample(digits_model, "fc2", [0], init=np.full((1, 28, 28), 2.0, dtype=np.float32))
+    with pytest.raises(ls.SamplerError, match=r"objective 'neuron' does not apply to linear layer 'fc1'; allowed: unit"):
+        ls.sample(digits_model, "fc1", [0], objective="neuron")
+    with pytest.raises(ls.SamplerError, match=r"discriminator must return log D\(x\) of shape \(2,\)"):
+        ls.sample(digits_model, "fc2", [0], chains=2, steps=2, lam=0.5, discriminator=lambda x: x.sum())
+    with pytest.raises(ls.SamplerError, match="lam must be in"):
+        ls.sample(digits_model, "fc2", [0], lam=1.5, discriminator=lambda x: x.sum((1, 2, 3)))
+    with pytest.raises(ls.LayerError, match="unknown layer"):
+        ls.sample(digits_model, "fc9", [0])
+    with pytest.raises(ls.SamplerError, match="chains must be a positive integer"):
+        ls.sample(digits_model, "fc2", [0], chains=0)
