@@ -9,11 +9,12 @@ from ldam_sweep.errors import DataError, LayerError, LdamError, ModelError, Samp
 from ldam_sweep.model import LayerInfo, ModelHandle, RandomWeightsWarning, load_model
 from ldam_sweep.sampling import ChainResult, LdamOptions, SgldOptions, sample
 from ldam_sweep.spec import InputSpec, ModelSpec, load_model_spec
+from ldam_sweep.store import StoreError, SweepStore, open_store
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ChainResult", "DataError", "InputSpec", "LayerError", "LayerInfo", "LdamError", "LdamOptions",
     "ModelError", "ModelHandle", "ModelSpec", "RandomWeightsWarning", "SamplerError", "SgldOptions",
-    "SpecError", "load_model", "load_model_spec", "sample",
+    "SpecError", "StoreError", "SweepStore", "load_model", "load_model_spec", "open_store", "sample",
 ]

@@ -109,6 +109,118 @@ def demo(
         console.print(f"wrote {path}")
 
 
+@app.command()
+def status(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
+    """Done / failed / pending units per layer."""
+    from ldam_sweep.store import open_store
+
+    with user_errors():
+        st = open_store(store)
+        table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
+        for col in ("layer", "kind", "planned", "done", "failed", "pending", "blocks"):
+            table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+        totals = [0, 0, 0, 0]
+        for info in st.layers():
+            table.add_row(info["name"], info["kind"], str(info["planned"]), str(info["done"]),
+                          str(info["failed"]), str(info["pending"]), str(info["blocks"]))
+            for i, key in enumerate(("planned", "done", "failed", "pending")):
+                totals[i] += info[key]
+        table.add_row("total", "", *map(str, totals), "")
+        console.print(table)
+        if totals[2]:
+            failed = st.units(status="failed")
+            errors = sorted(set(failed["error"].to_pylist()))
+            console.print(f"[red]{totals[2]} units failed[/red]; errors: " + " | ".join(e.splitlines()[-1][:200] for e in errors[:5] if e))
+
+
+QUERY_COLUMNS = ("layer", "unit", "status", "act_start_mean", "act_final_mean", "act_final_max", "realism_final_mean", "exemplar_max")
+
+
+@app.command()
+def query(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    layer: Optional[str] = typer.Option(None, help="Only this layer."),
+    unit: Optional[int] = typer.Option(None, help="Only this unit."),
+    status_: str = typer.Option("ok", "--status", help="ok, failed, or all."),
+    sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
+    ascending: bool = typer.Option(False, help="Sort ascending instead."),
+    limit: Optional[int] = typer.Option(None, help="Show the first K rows after sorting."),
+    columns: Optional[str] = typer.Option(None, help="Comma-separated columns to show (default: a summary set)."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON records (all columns)."),
+) -> None:
+    """List committed units from the manifest, filtered and sorted by any column."""
+    import json
+
+    from ldam_sweep.store import open_store
+
+    with user_errors():
+        from ldam_sweep.store.layout import StoreError
+
+        if status_ not in ("ok", "failed", "all"):
+            raise StoreError(f"--status must be ok, failed or all, got {status_!r}")
+        st = open_store(store)
+        table = st.units(layer, unit=unit, status=None if status_ == "all" else status_, sort=sort,
+                         descending=not ascending, limit=limit)
+        if json_out:
+            records = table.to_pylist()
+            for r in records:
+                if r.get("committed_at") is not None:
+                    r["committed_at"] = r["committed_at"].isoformat()
+            print(json.dumps(records, indent=1, default=str))
+            return
+        cols = [c.strip() for c in columns.split(",")] if columns else list(QUERY_COLUMNS)
+        unknown = [c for c in cols if c not in table.column_names]
+        if unknown:
+            raise StoreError(f"unknown column(s) {unknown}; columns: {', '.join(table.column_names)}")
+        out = Table(title=f"{table.num_rows} units")
+        for c in cols:
+            out.add_column(c, justify="left" if c in ("layer", "status") else "right")
+        data = table.select(cols).to_pylist()
+        for r in data:
+            out.add_row(*[f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in r.values()])
+        console.print(out)
+
+
+@app.command()
+def show(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    layer: str = typer.Argument(...),
+    unit: int = typer.Argument(...),
+    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
+) -> None:
+    """Write a PNG of one unit: chains (rows) x snapshots (columns), labelled with activations."""
+    import numpy as np
+
+    from ldam_sweep.atlas.grid import save_grid
+    from ldam_sweep.store import open_store
+
+    with user_errors():
+        st = open_store(store)
+        samples = st.samples(layer, unit)
+        act = st.trace(layer, unit)
+        steps = st.snapshot_steps()
+        labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
+        path = save_grid(output, samples, st.plan.value_range, row_labels=[f"chain {c}" for c in range(len(samples))],
+                         cell_labels=labels)
+        console.print(f"wrote {path}: {layer} unit {unit}, {samples.shape[0]} chains x snapshots at steps {steps.tolist()}")
+
+
+@app.command()
+def verify(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
+    """Check every committed block: readable, right shape, finite, checksum matches. Exit 1 on problems."""
+    from ldam_sweep.store import open_store, verify_store
+
+    with user_errors():
+        st = open_store(store)
+        checked, problems = verify_store(st)
+        for p in problems:
+            err_console.print(f"[red]problem:[/red] {p}", highlight=False)
+        if problems:
+            err_console.print(f"{len(problems)} problem(s) in {checked} committed blocks")
+            raise typer.Exit(1)
+        console.print(f"ok: {checked} committed blocks verified")
+
+
 def main() -> None:
     app()
 

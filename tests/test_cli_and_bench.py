@@ -39,3 +39,15 @@ def test_batching_benchmark_quick_mode(tmp_path):
     assert rec["units"] == 4 and rec["steps"] == 3
     assert rec["block_chain_steps_per_s"] > 0 and rec["one_at_a_time_chain_steps_per_s"] > 0
     assert rec["batching_gain"] == rec["one_at_a_time_seconds"] / rec["block_seconds"]
+
+
+def test_store_benchmark_quick_mode(tmp_path):
+    out_json = tmp_path / "store.json"
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "store.py"), "--quick", "--out", str(out_json), "--dir", str(tmp_path)],
+        capture_output=True, text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    rec = json.loads(out_json.read_text())
+    assert rec["units"] == 2000 and rec["manifest_files"] == 4
+    assert rec["write_block_ms"] > 0 and rec["units_sort_topk_s"] > 0 and rec["read_unit_samples_ms"] > 0

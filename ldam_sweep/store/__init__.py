@@ -1,0 +1,11 @@
+"""The store: Zarr arrays for tensors, a Parquet manifest as the commit log, and the query API."""
+
+from ldam_sweep.store.layout import LayerPlan, StoreError, StorePlan, create_store
+from ldam_sweep.store.query import SweepStore, open_store
+from ldam_sweep.store.verify import verify_store
+from ldam_sweep.store.writer import BlockWriter, commit, failed_rows, write_block
+
+__all__ = [
+    "BlockWriter", "LayerPlan", "StoreError", "StorePlan", "SweepStore", "commit", "create_store",
+    "failed_rows", "open_store", "verify_store", "write_block",
+]

@@ -1,0 +1,74 @@
+"""Where a store lives: a local directory or an object-store URL (``s3://bucket/prefix``, via fsspec).
+
+The Zarr hierarchy is ``<root>/`` itself (``zarr.json`` at the top); the manifest is the
+``<root>/manifest/`` folder of Parquet files beside ``layers/``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import zarr
+from zarr.storage import FsspecStore, LocalStore
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def encode_name(name: str) -> str:
+    """A layer name as a storage path segment: dotted module names pass unchanged, anything else
+    (spaces, slashes, ``<script>``) is percent-encoded so it can never escape its folder."""
+    if _SAFE_NAME.match(name) and not name.startswith("."):
+        return name
+    return urllib.parse.quote(name, safe="")
+
+
+def decode_name(segment: str) -> str:
+    return urllib.parse.unquote(segment)
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A store's URL with the fsspec filesystem that reaches it."""
+
+    url: str
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "StoreLocation":
+        text = str(url)
+        if "://" not in text or text.startswith("file://"):
+            text = str(Path(text.removeprefix("file://")).expanduser().resolve())
+        return cls(text.rstrip("/"), dict(storage_options or {}))
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.url
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        if self.is_local:
+            return fsspec.filesystem("file")
+        protocol = self.url.split("://", 1)[0]
+        return fsspec.filesystem(protocol, **self.storage_options)
+
+    @property
+    def root(self) -> str:
+        """The store's path as the filesystem names it (no protocol for object stores)."""
+        return self.url if self.is_local else self.url.split("://", 1)[1]
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
+        if self.is_local:
+            return LocalStore(self.url, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+
+    def open_group(self, mode: str = "r") -> zarr.Group:
+        return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]

@@ -1,0 +1,107 @@
+"""The manifest: one Parquet row per committed unit, hive-partitioned by layer. It is the commit log.
+
+A block counts as done only once its rows are published here. Publishing is atomic: locally a
+dot-prefixed temp file renamed into place (readers ignore names starting with '.' or '_'); on an
+object store a single PUT of the final key. Readers de-duplicate by (layer, unit), keeping the
+newest ``committed_at``, so a block committed twice (Ray ran it twice) is harmless.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import time
+import uuid
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pds
+import pyarrow.parquet as pq
+
+from ldam_sweep.store.location import StoreLocation, encode_name
+
+MANIFEST_DIR = "manifest"
+
+FILE_SCHEMA = pa.schema([
+    ("unit", pa.int32()),
+    ("block", pa.int32()),
+    ("status", pa.string()),  # "ok" | "failed"
+    ("attempt", pa.int16()),
+    ("error", pa.string()),
+    ("objective", pa.string()),
+    ("method", pa.string()),
+    ("lam", pa.float32()),
+    ("chains", pa.int16()),
+    ("steps", pa.int32()),
+    ("act_start_mean", pa.float32()),
+    ("act_final_mean", pa.float32()),
+    ("act_final_max", pa.float32()),
+    ("act_final_min", pa.float32()),
+    ("act_final_std", pa.float32()),
+    ("realism_final_mean", pa.float32()),
+    ("exemplar_max", pa.float32()),
+    ("seconds", pa.float32()),
+    ("worker", pa.string()),
+    ("attempt_id", pa.string()),
+    ("checksum", pa.string()),
+    ("spec_hash", pa.string()),
+    ("code_version", pa.string()),
+    ("committed_at", pa.timestamp("us", tz="UTC")),
+])
+SCHEMA = pa.schema([("layer", pa.string()), *FILE_SCHEMA])
+COLUMNS = tuple(SCHEMA.names)
+PARTITIONING = pds.partitioning(pa.schema([("layer", pa.string())]), flavor="hive")
+
+
+def publish(loc: StoreLocation, rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Publish rows (each with a 'layer' key) atomically, one Parquet file per layer. Returns paths."""
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    now = dt.datetime.now(dt.timezone.utc)
+    for row in rows:
+        unknown = set(row) - set(COLUMNS)
+        if unknown:
+            raise ValueError(f"manifest rows have unknown columns {sorted(unknown)}")
+        by_layer.setdefault(row["layer"], []).append({"committed_at": now, **row})
+    fs = loc.fs
+    written = []
+    for layer, layer_rows in by_layer.items():
+        table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "layer"} for r in layer_rows], schema=FILE_SCHEMA)
+        folder = loc.join(MANIFEST_DIR, f"layer={encode_name(layer)}")
+        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
+        final = f"{folder}/{name}"
+        if loc.is_local:
+            os.makedirs(folder, exist_ok=True)
+            tmp = f"{folder}/.{name}.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)  # atomic within one directory
+        else:
+            with fs.open(final, "wb") as f:  # one PUT: the object appears whole or not at all
+                pq.write_table(table, f)
+        written.append(final)
+    return written
+
+
+def read(loc: StoreLocation, layer: str | None = None) -> pa.Table:
+    """Every published row (not de-duplicated), with the 'layer' column from the partition."""
+    fs = loc.fs
+    root = loc.join(MANIFEST_DIR)
+    fs.invalidate_cache(root)  # object-store listings are cached per process; commits come from others
+    if not fs.exists(root):
+        return SCHEMA.empty_table()
+    ds = pds.dataset(root, format="parquet", partitioning=PARTITIONING, schema=SCHEMA,
+                     filesystem=None if loc.is_local else fs)
+    flt = (pds.field("layer") == layer) if layer is not None else None
+    return ds.to_table(filter=flt)
+
+
+def latest_per_unit(table: pa.Table) -> pa.Table:
+    """One row per (layer, unit): the newest commit. Sorted by layer, then unit."""
+    if table.num_rows == 0:
+        return table
+    t = table.sort_by([("layer", "ascending"), ("unit", "ascending"), ("committed_at", "descending")])
+    layer = np.asarray(t["layer"].to_numpy(zero_copy_only=False))
+    unit = t["unit"].to_numpy()
+    keep = np.ones(t.num_rows, dtype=bool)
+    keep[1:] = (layer[1:] != layer[:-1]) | (unit[1:] != unit[:-1])
+    return t.filter(pa.array(keep))

@@ -1,0 +1,183 @@
+"""Writing one block: the actor's whole job on the storage side.
+
+``BlockWriter.write`` replaces the block's region of every array of its layer (whole objects:
+the unit-axis grid equals the block size) and returns the manifest rows that commit it. It never
+writes metadata. Before writing, it deletes the block's objects: zarr 3.1 reads an existing shard
+even for a full overwrite, so a shard torn by a killed writer would otherwise fail every retry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import uuid
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from ldam_sweep.sampling.chains import ChainResult
+from ldam_sweep.store.layout import LayerPlan, StoreError, StorePlan, layer_path
+from ldam_sweep.store.location import StoreLocation
+
+# Test hook: the writer SIGKILLs its own process after writing the named array (fault tests only).
+KILL_AFTER_ENV = "LDAM_SWEEP_TEST_KILL_AFTER"
+
+BLOCK_ARRAYS = ("samples", "activation", "realism", "exemplars", "exemplar_activation")
+
+
+def block_checksum(region: dict[str, np.ndarray]) -> str:
+    """blake2b over the block's arrays as stored (dtype, shape, bytes), in a fixed order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in BLOCK_ARRAYS:
+        if name in region:
+            arr = np.ascontiguousarray(region[name])
+            h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _code_version() -> str:
+    from ldam_sweep import __version__
+
+    return __version__
+
+
+class BlockWriter:
+    """Writes blocks into an existing store (created by the driver); keeps its group open."""
+
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.loc = StoreLocation.parse(url, storage_options)
+        self.root = self.loc.open_group(mode="r+")
+        attrs = dict(self.root.attrs)
+        if "plan" not in attrs:
+            raise StoreError(f"{self.loc.url!r} is not an ldam-sweep store (no plan in zarr.json)")
+        self.plan = StorePlan.from_json(attrs["plan"])
+        self.spec_hash = attrs["spec_hash"]
+        self._groups: dict[str, zarr.Group] = {}
+
+    def group(self, layer: str) -> zarr.Group:
+        if layer not in self._groups:
+            self._groups[layer] = self.root[layer_path(layer)]  # type: ignore[assignment]
+        return self._groups[layer]
+
+    def region(self, lp: LayerPlan, block: int, result: ChainResult,
+               exemplars: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The block's full region of every array, NaN where a unit is not sampled."""
+        plan = self.plan
+        lo, hi = lp.block_bounds(block)
+        units = lp.block_units(block)
+        if result.layer != lp.name or list(result.units) != units:
+            raise StoreError(
+                f"result for layer {result.layer!r} units {list(result.units)[:8]} does not match block {block} "
+                f"of layer {lp.name!r}, which holds units {units[:8]}"
+            )
+        expect = (len(units), plan.chains, len(plan.snapshot_steps), *plan.image_shape)
+        if result.samples.shape != expect or result.activation.shape != (len(units), plan.chains, plan.steps + 1):
+            raise StoreError(f"result shapes {result.samples.shape}, {result.activation.shape} do not fit the store plan {expect}")
+        idx = np.asarray(units) - lo
+        n = hi - lo
+        out: dict[str, np.ndarray] = {}
+        out["samples"] = np.full((n, *expect[1:]), np.nan, dtype=np.float16)
+        out["samples"][idx] = result.samples.astype(np.float16)
+        out["activation"] = np.full((n, plan.chains, plan.steps + 1), np.nan, dtype=np.float32)
+        out["activation"][idx] = result.activation
+        if plan.realism:
+            if result.realism is None:
+                raise StoreError(f"the store keeps realism traces but the result for block {block} of {lp.name!r} has none")
+            out["realism"] = np.full_like(out["activation"], np.nan)
+            out["realism"][idx] = result.realism
+        if plan.exemplars_k and exemplars is not None:
+            images, acts = exemplars
+            out["exemplars"] = np.full((n, plan.exemplars_k, *plan.image_shape), np.nan, dtype=np.float16)
+            out["exemplars"][idx] = images.astype(np.float16)
+            out["exemplar_activation"] = np.full((n, plan.exemplars_k), np.nan, dtype=np.float32)
+            out["exemplar_activation"][idx] = acts
+        return out
+
+    def write(
+        self,
+        layer: str,
+        block: int,
+        result: ChainResult,
+        *,
+        attempt: int = 1,
+        seconds: float = float("nan"),
+        worker: str | None = None,
+        exemplars: tuple[np.ndarray, np.ndarray] | None = None,
+        unit_columns: dict[int, dict[str, Any]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Write the block's region of every array (delete, then write whole objects) and return
+        its manifest rows. Safe to repeat: the same result writes the same bytes."""
+        lp = self.plan.layer(layer)
+        region = self.region(lp, block, result, exemplars)
+        lo, hi = lp.block_bounds(block)
+        group = self.group(layer)
+        store = group.store_path.store
+        kill_after = os.environ.get(KILL_AFTER_ENV)
+        for name, data in region.items():
+            arr = group[name]
+            key = f"{arr.path}/c/" + "/".join([str(block)] + ["0"] * (arr.ndim - 1))
+            sync(store.delete(key))
+            arr[lo:hi] = data
+            if kill_after == name:
+                os.kill(os.getpid(), signal.SIGKILL)
+        checksum = block_checksum(region)
+        return block_rows(
+            lp, block, result, checksum=checksum, attempt=attempt, seconds=seconds,
+            worker=worker or f"{socket.gethostname()}:{os.getpid()}", spec_hash=self.spec_hash,
+            exemplar_max=None if exemplars is None else exemplars[1].max(axis=1), unit_columns=unit_columns,
+        )
+
+
+def block_rows(
+    lp: LayerPlan, block: int, result: ChainResult, *, checksum: str, attempt: int, seconds: float, worker: str,
+    spec_hash: str, exemplar_max: np.ndarray | None = None, unit_columns: dict[int, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """One 'ok' manifest row per unit of the block, with its activation and realism statistics."""
+    attempt_id = uuid.uuid4().hex
+    final = result.final_activation
+    per_unit_seconds = seconds / max(1, len(result.units))
+    rows = []
+    with np.errstate(all="ignore"):
+        for i, unit in enumerate(result.units):
+            row = {
+                "layer": lp.name, "unit": int(unit), "block": int(block), "status": "ok", "attempt": int(attempt),
+                "error": None, "objective": result.objective, "method": result.method, "lam": result.lam,
+                "chains": result.chains, "steps": result.steps,
+                "act_start_mean": float(np.nanmean(result.activation[i, :, 0])),
+                "act_final_mean": float(np.nanmean(final[i])), "act_final_max": float(np.nanmax(final[i])),
+                "act_final_min": float(np.nanmin(final[i])), "act_final_std": float(np.nanstd(final[i])),
+                "realism_final_mean": None if result.realism is None else float(np.nanmean(result.realism[i, :, -1])),
+                "exemplar_max": None if exemplar_max is None else float(exemplar_max[i]),
+                "seconds": per_unit_seconds, "worker": worker, "attempt_id": attempt_id, "checksum": checksum,
+                "spec_hash": spec_hash, "code_version": _code_version(),
+            }
+            row.update((unit_columns or {}).get(int(unit), {}))
+            rows.append(row)
+    return rows
+
+
+def failed_rows(lp: LayerPlan, block: int, error: str, *, attempt: int, spec_hash: str, worker: str = "") -> list[dict[str, Any]]:
+    """'failed' rows for every unit of a block that ran out of attempts (the sweep goes on)."""
+    return [
+        {"layer": lp.name, "unit": int(u), "block": int(block), "status": "failed", "attempt": int(attempt),
+         "error": error[-2000:], "spec_hash": spec_hash, "worker": worker, "code_version": _code_version()}
+        for u in lp.block_units(block)
+    ]
+
+
+def write_block(url: str, layer: str, block: int, result: ChainResult, **kwargs: Any) -> list[dict[str, Any]]:
+    """One-shot ``BlockWriter(url).write(...)``."""
+    return BlockWriter(url).write(layer, block, result, **kwargs)
+
+
+def commit(url: str | StoreLocation, rows: list[dict[str, Any]], storage_options: dict | None = None) -> list[str]:
+    """Publish manifest rows atomically: from now on readers see these units."""
+    from ldam_sweep.store import manifest
+
+    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url, storage_options)
+    return manifest.publish(loc, rows)

@@ -1,0 +1,293 @@
+"""The Zarr store + Parquet manifest: layout, atomic commits, concurrency, torn writes, queries."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import zarr
+
+import ldam_sweep as ls
+from ldam_sweep.sampling.chains import default_snapshot_steps
+from ldam_sweep.store import BlockWriter, StoreError, commit, create_store, failed_rows, verify_store
+from ldam_sweep.store.layout import plan_store
+from ldam_sweep.store.writer import KILL_AFTER_ENV
+
+CHAINS, STEPS, BLOCK = 2, 12, 4
+
+
+def make_plan(model, spec=None, realism=False):
+    return plan_store(
+        model, {"conv2": list(range(16)), "fc2": None}, chains=CHAINS, steps=STEPS,
+        snapshot_steps=default_snapshot_steps(STEPS, 6), block_size=BLOCK, realism=realism,
+        spec=spec or {"job": "test", "layers": ["conv2", "fc2"]},
+    )
+
+
+def sample_block(model, lp, block, seed=0):
+    return ls.sample(model, lp.name, lp.block_units(block), chains=CHAINS, steps=STEPS, seed=seed, snapshot_every=6)
+
+
+def write_and_commit(url, model, plan, layer, blocks, seed=0):
+    w = BlockWriter(url)
+    lp = plan.layer(layer)
+    rows = []
+    results = {}
+    for b in blocks:
+        results[b] = sample_block(model, lp, b, seed)
+        rows += w.write(layer, b, results[b], seconds=0.5)
+    commit(url, rows)
+    return results
+
+
+@pytest.fixture
+def store(tmp_path, digits_model):
+    url = str(tmp_path / "sweep.zarr")
+    plan = make_plan(digits_model)
+    create_store(url, plan)
+    return url, plan
+
+
+def test_layout_grid_equals_block_size(store):
+    url, plan = store
+    root = zarr.open_group(url, mode="r")
+    samples = root["layers/conv2/samples"]
+    assert samples.shape == (32, CHAINS, 2, 1, 28, 28) and samples.dtype == np.float16
+    assert samples.shards == (BLOCK, CHAINS, 2, 1, 28, 28)  # one shard per block: never shared by two writers
+    assert samples.chunks == (1, CHAINS, 2, 1, 28, 28)  # one unit per inner chunk: cheap single-unit reads
+    assert root["layers/conv2/activation"].chunks == (BLOCK, CHAINS, STEPS + 1)
+    assert root["layers/fc2/samples"].shards[0] == BLOCK
+    attrs = dict(root.attrs)
+    assert attrs["spec"] == {"job": "test", "layers": ["conv2", "fc2"]}
+    assert len(attrs["spec_hash"]) == 64 and attrs["model"]["fingerprint"] == plan.model_fingerprint
+    assert {"torch", "zarr", "pyarrow"} <= set(attrs["versions"])
+    assert "realism" not in root["layers/conv2"]
+
+
+def test_write_commit_query_roundtrip(store, digits_model):
+    url, plan = store
+    results = write_and_commit(url, digits_model, plan, "conv2", [0, 2])
+    st = ls.open_store(url)
+    units = st.units()
+    assert units.num_rows == 8 and sorted(units["unit"].to_pylist()) == [0, 1, 2, 3, 8, 9, 10, 11]
+    np.testing.assert_allclose(st.samples("conv2", 9), results[2].samples[1], atol=2e-3)  # float16 storage
+    np.testing.assert_array_equal(st.trace("conv2", 9), results[2].activation[1])
+    row = st.units("conv2", unit=9).to_pylist()[0]
+    assert row["act_final_mean"] == pytest.approx(results[2].final_activation[1].mean(), rel=1e-6)
+    assert row["block"] == 2 and row["status"] == "ok" and row["checksum"]
+    # sort + top-k + filter by any column
+    top = st.units(sort="act_final_mean", limit=3)
+    vals = units["act_final_mean"].to_numpy()
+    assert top["act_final_mean"].to_pylist() == pytest.approx(sorted(vals, reverse=True)[:3])
+    low = st.units(where=pc.field("act_final_mean") < float(np.median(vals)))
+    assert 0 < low.num_rows < 8
+    assert st.units(sort="unit", descending=False)["unit"].to_pylist()[0] == 0
+    with pytest.raises(StoreError, match="cannot sort by 'nope'"):
+        st.units(sort="nope")
+    sql = st.sql("SELECT count(*) AS n, max(act_final_mean) AS m FROM units WHERE layer = 'conv2'").to_pylist()[0]
+    assert sql["n"] == 8 and sql["m"] == pytest.approx(vals.max())
+    layers = {d["name"]: d for d in st.layers()}
+    assert layers["conv2"]["done"] == 8 and layers["conv2"]["pending"] == 8 and layers["fc2"]["pending"] == 10
+    assert verify_store(st) == (2, [])
+
+
+def test_duplicate_commits_are_deduplicated_newest_wins(store, digits_model):
+    url, plan = store
+    lp = plan.layer("fc2")
+    res = sample_block(digits_model, lp, 0)
+    w = BlockWriter(url)
+    commit(url, w.write("fc2", 0, res, attempt=1))
+    commit(url, w.write("fc2", 0, res, attempt=2))  # Ray ran the block twice: harmless
+    st = ls.open_store(url)
+    assert st.manifest("fc2").num_rows == 8
+    units = st.units("fc2")
+    assert units.num_rows == 4 and set(units["attempt"].to_pylist()) == {2}
+    assert verify_store(st) == (1, [])
+
+
+def test_failed_block_is_recorded_and_not_readable(store, digits_model):
+    url, plan = store
+    lp = plan.layer("fc2")
+    commit(url, failed_rows(lp, 2, "RuntimeError: boom", attempt=3, spec_hash=plan.spec_hash()))
+    st = ls.open_store(url)
+    failed = st.units(status="failed")
+    assert failed["unit"].to_pylist() == [8, 9] and failed["error"][0].as_py() == "RuntimeError: boom"
+    assert st.units().num_rows == 0
+    with pytest.raises(StoreError, match="unit 9 of layer 'fc2' failed: RuntimeError: boom"):
+        st.samples("fc2", 9)
+    assert {d["name"]: d["failed"] for d in st.layers()}["fc2"] == 2
+
+
+def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
+    url, plan = store
+    results = write_and_commit(url, digits_model, plan, "fc2", [0, 1])
+    code = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np, zarr, pyarrow.dataset as pds, duckdb
+        root = zarr.open_group({url!r}, mode="r")
+        s = root["layers/fc2/samples"][5]
+        t = pds.dataset({url!r} + "/manifest", format="parquet", partitioning="hive").to_table()
+        d = duckdb.sql("SELECT layer, count(*) AS n FROM read_parquet('{url}/manifest/*/*.parquet', hive_partitioning=true) GROUP BY layer").fetchall()
+        print(json.dumps({{"shape": list(s.shape), "mean": float(np.asarray(s, dtype=np.float64).mean()),
+                          "rows": t.num_rows, "layers": sorted(set(t["layer"].to_pylist())), "duck": d,
+                          "imported": any(m.startswith("ldam_sweep") for m in sys.modules)}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["imported"] is False
+    assert got["shape"] == [CHAINS, 2, 1, 28, 28]
+    assert got["mean"] == pytest.approx(float(results[1].samples[1].astype(np.float16).astype(np.float64).mean()), rel=1e-4)
+    assert got["rows"] == 8 and got["layers"] == ["fc2"] and got["duck"] == [["fc2", 8]]
+
+
+WRITER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import ldam_sweep as ls
+    from ldam_sweep.store import BlockWriter, commit
+    url, blocks, start_at = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], float(sys.argv[3])
+    model = ls.load_model("digits-cnn", device="cpu")
+    w = BlockWriter(url)
+    lp = w.plan.layer("conv2")
+    results = [(b, ls.sample(model, "conv2", lp.block_units(b), chains=%d, steps=%d, snapshot_every=6)) for b in blocks]
+    while time.time() < start_at:
+        time.sleep(0.005)
+    rows = []
+    for b, r in results:
+        rows += w.write("conv2", b, r)
+    commit(url, rows)
+""" % (CHAINS, STEPS))
+
+
+def test_processes_writing_blocks_of_one_layer_at_once_lose_nothing(store, digits_model, model_cache):
+    import time
+
+    url, plan = store
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache)}
+    start_at = time.time() + 12  # every process writes at the same moment
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, url, blocks, str(start_at)], env=env,
+                         stderr=subprocess.PIPE, text=True)
+        for blocks in ("0,2", "1,3")
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    st = ls.open_store(url)
+    assert st.units("conv2").num_rows == 16
+    lp = plan.layer("conv2")
+    for b in range(4):
+        expected = sample_block(digits_model, lp, b)
+        for i, u in enumerate(lp.block_units(b)):
+            np.testing.assert_allclose(st.samples("conv2", u), expected.samples[i], atol=2e-3)
+            np.testing.assert_array_equal(st.trace("conv2", u), expected.activation[i])
+    assert verify_store(st) == (4, [])
+
+
+def test_killed_writer_leaves_nothing_visible_and_the_rewrite_is_correct(store, digits_model, model_cache):
+    url, plan = store
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), KILL_AFTER_ENV: "samples"}
+    script = WRITER_SCRIPT.replace("time.time() < start_at", "False")
+    proc = subprocess.run([sys.executable, "-c", script, url, "1", "0"], env=env, capture_output=True, text=True)
+    assert proc.returncode == -9  # SIGKILL after the samples shard, before traces and commit
+    assert (Path(url) / "layers/conv2/samples/c/1/0/0/0/0/0").exists()
+    st = ls.open_store(url)
+    assert st.units().num_rows == 0
+    with pytest.raises(StoreError, match="unit 5 of layer 'conv2' is not committed yet"):
+        st.samples("conv2", 5)
+    reader = st
+    # a torn shard from the kill must not break the retry (zarr 3.1 reads the old shard first)
+    shard = Path(url) / "layers/conv2/samples/c/1/0/0/0/0/0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    results = write_and_commit(url, digits_model, plan, "conv2", [1])
+    assert reader.units().num_rows == 0 and reader.refresh().units().num_rows == 4  # cached until refresh()
+    st = ls.open_store(url)
+    np.testing.assert_allclose(st.samples("conv2", 5), results[1].samples[1], atol=2e-3)
+    assert verify_store(st) == (1, [])
+
+
+def test_verify_names_the_corrupted_block(store, digits_model):
+    url, plan = store
+    write_and_commit(url, digits_model, plan, "fc2", [0, 1])
+    root = zarr.open_group(url, mode="r+")
+    act = root["layers/fc2/activation"]
+    act[5, 0, 3] = act[5, 0, 3] + 1.0  # silent bit rot in block 1
+    cli = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], capture_output=True, text=True)
+    assert cli.returncode == 1
+    assert "layer 'fc2' block 1: checksum mismatch" in cli.stderr and "block 0" not in cli.stderr
+    shard = Path(url) / "layers/fc2/samples/c/0/0/0/0/0/0"
+    shard.write_bytes(b"garbage")
+    checked, problems = verify_store(ls.open_store(url))
+    assert checked == 2 and [(p.block, p.problem.split(":")[0]) for p in problems] == [(0, "unreadable"), (1, "checksum mismatch")]
+
+
+def test_other_spec_is_refused_and_nothing_is_deleted(store, digits_model):
+    url, plan = store
+    write_and_commit(url, digits_model, plan, "fc2", [0])
+    create_store(url, plan)  # the same plan again: idempotent, data kept
+    assert ls.open_store(url).units().num_rows == 4
+    other = make_plan(digits_model, spec={"job": "other"})
+    with pytest.raises(StoreError, match="different spec.*Nothing was changed.*--fresh"):
+        create_store(url, other)
+    assert ls.open_store(url).units().num_rows == 4
+    create_store(url, other, fresh=True)
+    st = ls.open_store(url)
+    assert st.units().num_rows == 0 and st.spec() == {"job": "other"}
+
+
+def test_clear_errors_for_wrong_paths_layers_and_units(store, tmp_path, digits_model):
+    url, plan = store
+    with pytest.raises(StoreError, match="is not an ldam-sweep store: it does not exist"):
+        ls.open_store(str(tmp_path / "nothing"))
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(StoreError, match="has no zarr.json"):
+        ls.open_store(str(tmp_path / "notes"))
+    zarr.open_group(str(tmp_path / "plain.zarr"), mode="w")
+    with pytest.raises(StoreError, match="not an ldam-sweep store"):
+        ls.open_store(str(tmp_path / "plain.zarr"))
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "thesis.tex").write_text("x")
+    with pytest.raises(StoreError, match="exists and is not empty"):
+        create_store(str(tmp_path / "busy"), plan)
+    st = ls.open_store(url)
+    with pytest.raises(StoreError, match="layer 'fc3' is not in store.*Did you mean 'fc2'"):
+        st.samples("fc3", 0)
+    with pytest.raises(StoreError, match="unit 40 is out of range for layer 'conv2': valid units are 0..31"):
+        st.samples("conv2", 40)
+    with pytest.raises(StoreError, match="no realism traces"):
+        write_and_commit(url, digits_model, plan, "fc2", [0])
+        st.trace("fc2", 0, kind="realism")
+    lp = plan.layer("conv2")
+    wrong = sample_block(digits_model, lp, 1)
+    with pytest.raises(StoreError, match="does not match block 0"):
+        BlockWriter(url).write("conv2", 0, wrong)
+
+
+def test_cli_status_query_show(store, digits_model, tmp_path):
+    url, plan = store
+    write_and_commit(url, digits_model, plan, "fc2", [0, 1])
+    env = {**os.environ, "COLUMNS": "200"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ldam_sweep.cli", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    out = run("status", url)
+    assert out.returncode == 0 and "fc2" in out.stdout and "total" in out.stdout
+    line = [l for l in out.stdout.splitlines() if "fc2" in l][0]
+    cells = [c.strip() for c in line.split("│")]
+    assert cells[3:6] == ["10", "8", "0"] and cells[6] == "2"  # planned, done, failed, pending
+    out = run("query", url, "--layer", "fc2", "--sort", "act_final_mean", "--limit", "2", "--json")
+    rows = json.loads(out.stdout)
+    assert len(rows) == 2 and rows[0]["act_final_mean"] >= rows[1]["act_final_mean"]
+    out = run("query", url, "--sort", "bogus")
+    assert out.returncode == 2 and "cannot sort by 'bogus'" in out.stderr and "Traceback" not in out.stderr
+    png = tmp_path / "u.png"
+    out = run("show", url, "fc2", "3", "-o", str(png))
+    assert out.returncode == 0, out.stderr
+    from PIL import Image
+
+    assert Image.open(png).size[1] > CHAINS * 28
