@@ -5,7 +5,8 @@ Only scikit-learn's 8x8 digits ship offline; they are upsampled to the demo mode
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -46,3 +47,131 @@ def digits(size: int = 28, split: Split = "all") -> tuple[np.ndarray, np.ndarray
     )
     pick = np.sort(train_idx if split == "train" else test_idx)
     return images[pick], labels[pick]
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def fit_images(images: np.ndarray, input_spec: Any, *, what: str) -> np.ndarray:
+    """Check (N, C, H, W) float images against an input spec: shape and pixel range."""
+    c, h, w = input_spec.shape
+    lo, hi = input_spec.range
+    if images.ndim != 4 or images.shape[1:] != (c, h, w):
+        raise DataError(f"{what}: images have shape {tuple(images.shape)}, the model takes (N, {c}, {h}, {w})")
+    if len(images) == 0:
+        raise DataError(f"{what}: no images")
+    if not np.isfinite(images).all():
+        raise DataError(f"{what}: images contain NaN or infinite values")
+    mn, mx = float(images.min()), float(images.max())
+    if mn < lo - 1e-6 or mx > hi + 1e-6:
+        raise DataError(f"{what}: values span [{mn:.4g}, {mx:.4g}], outside the model's pixel range [{lo}, {hi}]")
+    return images.astype(np.float32, copy=False)
+
+
+def _to_pixels(img: "Image.Image", input_spec: Any) -> np.ndarray:
+    """A PIL image -> (C, H, W) float in the spec's range: resize the short side, centre-crop."""
+    from PIL import Image
+
+    c, h, w = input_spec.shape
+    img = img.convert("L" if c == 1 else "RGB")
+    scale = max(h / img.height, w / img.width)
+    size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
+    img = img.resize(size, Image.BILINEAR)
+    left, top = (img.width - w) // 2, (img.height - h) // 2
+    arr = np.asarray(img.crop((left, top, left + w, top + h)), dtype=np.float32) / 255.0
+    arr = arr[None] if c == 1 else arr.transpose(2, 0, 1)
+    if c not in (1, 3):
+        raise DataError(f"image folders give 1 (grey) or 3 (RGB) channels; the model takes {c}")
+    lo, hi = input_spec.range
+    return lo + (hi - lo) * arr
+
+
+def image_folder(path: str | Path, input_spec: Any, limit: int | None = None) -> np.ndarray:
+    """Every PNG/JPEG/BMP/WebP under ``path`` (recursive, sorted), resized and centre-cropped to the
+    model input and converted to its channel count."""
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(path)
+    if not root.is_dir():
+        raise DataError(f"image folder {str(root)!r} does not exist or is not a directory")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
+    out = []
+    for f in files[:limit]:
+        try:
+            with Image.open(f) as img:
+                out.append(_to_pixels(img, input_spec))
+        except (UnidentifiedImageError, OSError) as err:
+            raise DataError(f"image file {str(f)!r} cannot be read: {err}") from None
+    return fit_images(np.stack(out), input_spec, what=f"image folder {str(root)!r}")
+
+
+def npy_images(path: str | Path, input_spec: Any) -> np.ndarray:
+    """A .npy array of images (N, C, H, W), already in the model's pixel range (loaded without pickle)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f".npy file {str(p)!r} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f".npy file {str(p)!r} cannot be read as a numeric array: {err}") from None
+    if arr.ndim == 4 and arr.shape[1] != input_spec.channels and arr.shape[-1] == input_spec.channels:
+        raise DataError(f".npy file {str(p)!r} looks channels-last {arr.shape}; save it as (N, C, H, W)")
+    if arr.ndim == 4 and arr.shape[1] != input_spec.channels:
+        raise DataError(f".npy file {str(p)!r} has {arr.shape[1]} channels, the model takes {input_spec.channels}")
+    return fit_images(np.asarray(arr, dtype=np.float32), input_spec, what=f".npy file {str(p)!r}")
+
+
+def photo_crops(input_spec: Any, n: int, split: Split = "train", seed: int = 0) -> np.ndarray:
+    """Random crops of scikit-learn's two sample photographs (china.jpg, flower.jpg), resized to the
+    model input. Crops of the left 3/4 of each photo are "train", of the right 1/4 "test", so
+    held-out crops never overlap training pixels."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    if split not in ("train", "test"):
+        raise DataError(f"photo_crops split must be 'train' or 'test', got {split!r}")
+    rng = np.random.default_rng(seed + (0 if split == "train" else 1))
+    photos = load_sample_images().images
+    out = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        ph, pw = photo.shape[:2]
+        x0, x1 = (0, pw * 3 // 4) if split == "train" else (pw * 3 // 4, pw)
+        side = int(rng.integers(min(ph, x1 - x0) // 4, min(ph, x1 - x0) + 1))
+        top = int(rng.integers(0, ph - side + 1))
+        left = int(rng.integers(x0, x1 - side + 1))
+        crop = Image.fromarray(photo[top : top + side, left : left + side])
+        out.append(_to_pixels(crop, input_spec))
+    return fit_images(np.stack(out), input_spec, what="photo crops")
+
+
+def real_images(source: Any, input_spec: Any, split: Split = "train") -> np.ndarray:
+    """Images of a DataSpec (``ldam_sweep.spec.DataSpec``) for the given split, fitted to the model.
+
+    digits: the fixed 25% held-out split; photos: disjoint regions; folder / npy: every 4th
+    image (by sorted order) is held out.
+    """
+    c, h, w = input_spec.shape
+    lo, hi = input_spec.range
+    if source.source == "digits":
+        if h != w or c not in (1, 3):
+            raise DataError(f"digits need a square 1- or 3-channel input, the model takes {input_spec.shape}")
+        imgs, _ = digits(h, "all" if split == "all" else split)
+        imgs = np.repeat(imgs, c, axis=1) if c == 3 else imgs
+        imgs = lo + (hi - lo) * imgs
+        out = imgs[: source.limit] if source.limit else imgs
+        return fit_images(out, input_spec, what="digits")
+    if source.source == "photos":
+        return photo_crops(input_spec, source.count if split != "test" else max(64, source.count // 4),
+                           "test" if split == "test" else "train", seed=source.seed)
+    imgs = image_folder(source.path, input_spec) if source.source == "folder" else npy_images(source.path, input_spec)
+    if split == "all":
+        return imgs[: source.limit] if source.limit else imgs
+    held = np.zeros(len(imgs), dtype=bool)
+    held[3::4] = True
+    if held.sum() == 0 or (~held).sum() == 0:
+        raise DataError(f"{source.source} {str(source.path)!r} has {len(imgs)} image(s); at least 4 are needed for a held-out split")
+    out = imgs[held] if split == "test" else imgs[~held]
+    return out[: source.limit] if source.limit else out

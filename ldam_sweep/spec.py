@@ -6,7 +6,7 @@ This module holds the model part of a job spec; the sweep's job spec builds on i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -105,6 +105,31 @@ class ModelSpec(BaseModel):
         return f"torchscript:{self.torchscript}"
 
 
+class DataSpec(BaseModel):
+    """Real images for the discriminator and for dataset exemplars.
+
+    ``source``: ``digits`` (scikit-learn, offline), ``photos`` (random crops of scikit-learn's two
+    sample photographs, offline), ``folder`` (PNG/JPEG under ``path``, recursive) or ``npy``
+    (an (N, C, H, W) array in the model's pixel range at ``path``).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Literal["digits", "photos", "folder", "npy"]
+    path: Path | None = None
+    limit: int | None = Field(None, ge=1, description="use at most this many images per split")
+    count: int = Field(512, ge=8, description="photos: number of training crops")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _path(self) -> "DataSpec":
+        if self.source in ("folder", "npy") and self.path is None:
+            raise ValueError(f"source {self.source!r} needs a path")
+        if self.source in ("digits", "photos") and self.path is not None:
+            raise ValueError(f"source {self.source!r} ships with scikit-learn and takes no path")
+        return self
+
+
 def format_validation_error(err: ValidationError, where: str) -> str:
     """Turn pydantic's error list into lines 'field.path: message (got value)'."""
     lines = []
@@ -177,3 +202,153 @@ def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
         if val is not None and not val.is_absolute():
             updates[name] = (base / val).resolve()
     return spec.model_copy(update=updates) if updates else spec
+
+
+# -- the job spec -------------------------------------------------------------------------------
+
+UnitsSel = Literal["all"] | list[int] | str
+
+
+class SamplerSpec(BaseModel):
+    """How every unit is sampled. Method settings (``step_size``, ``noise``, ``l2``, ``temperature``,
+    ...) sit beside these keys and are checked against the method's options."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    method: Literal["ldam", "sgld"] = "ldam"
+    steps: int = Field(300, ge=1, le=100_000)
+    chains: int = Field(8, ge=1, le=4096)
+    lam: float = Field(0.0, ge=0, le=1)
+    seed: int = 0
+    snapshot_every: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _options(self) -> "SamplerSpec":
+        from ldam_sweep.errors import SamplerError
+        from ldam_sweep.sampling.chains import parse_options
+
+        try:
+            parse_options(self.method, self.options)
+        except SamplerError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class DiscriminatorSpec(BaseModel):
+    """The realism prior: ``file`` (a trained discriminator) or ``train`` (stage 1 settings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: Path | None = None
+    train: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "DiscriminatorSpec":
+        if (self.file is None) == (self.train is None):
+            raise ValueError("give exactly one of file (a trained discriminator) or train (settings, may be {})")
+        if self.train is not None:
+            from ldam_sweep.sampling.discriminator import DiscriminatorSettings
+
+            try:
+                DiscriminatorSettings(**self.train)
+            except ValidationError as err:
+                raise ValueError(format_validation_error(err, "discriminator.train settings")) from None
+        return self
+
+
+class ResourcesSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actors: int = Field(1, ge=1, le=4096)
+    gpus_per_actor: float | Literal["auto"] = "auto"
+    cpus_per_actor: float = Field(1, gt=0)
+    block_size: int = Field(32, ge=1, le=65536, description="units per task (one batch)")
+    max_in_flight: int | None = Field(None, ge=1, description="tasks in flight (default 2 per actor)")
+    max_attempts: int = Field(3, ge=1, le=100, description="attempts per block before it is recorded as failed")
+    commit_every: int = Field(8, ge=1, description="blocks per manifest commit")
+
+
+class JobSpec(BaseModel):
+    """A whole sweep: which model, which layers and units, how to sample, the realism prior, the
+    data, the resources, and where results go."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("sweep", pattern=r"^[A-Za-z0-9_.\-]+$")
+    model: ModelSpec
+    layers: Literal["all"] | list[str] = "all"
+    units: dict[str, UnitsSel] = Field(default_factory=dict, description="per layer: all, [i, j, ...] or 'a-b'")
+    objective: dict[Literal["conv"], Literal["channel", "neuron"]] = Field(default_factory=dict)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    discriminator: DiscriminatorSpec | None = None
+    data: DataSpec | None = None
+    exemplars: int = Field(8, ge=0, le=256, description="top-k real images per unit (needs data)")
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    store: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "JobSpec":
+        if self.sampler.lam > 0 and self.discriminator is None:
+            raise ValueError(f"sampler.lam={self.sampler.lam} weights the realism term, so a discriminator section is needed")
+        if self.discriminator is not None and self.discriminator.train is not None and self.data is None:
+            raise ValueError("discriminator.train needs a data section (the real images D learns from)")
+        for layer, sel in self.units.items():
+            parse_units(sel, where=f"units.{layer}")
+        return self
+
+
+def parse_units(sel: Any, *, where: str = "units") -> list[int] | None:
+    """``all`` -> None; a list of ints; or a string of ranges ``"0-15,32,40-47"`` (inclusive)."""
+    if sel == "all":
+        return None
+    if isinstance(sel, list):
+        if not all(isinstance(u, int) and u >= 0 for u in sel):
+            raise ValueError(f"{where}: a unit list holds non-negative integers, got {sel!r}")
+        return sorted(set(sel))
+    if isinstance(sel, str):
+        out: set[int] = set()
+        for part in sel.split(","):
+            part = part.strip()
+            try:
+                if "-" in part:
+                    a, b = (int(v) for v in part.split("-", 1))
+                    if a > b:
+                        raise ValueError
+                    out.update(range(a, b + 1))
+                else:
+                    out.add(int(part))
+            except ValueError:
+                raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'") from None
+        return sorted(out)
+    raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'")
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """A JobSpec from a YAML file; SpecError names the field, the value and what is allowed.
+    Relative paths inside (weights, files, data) are relative to the spec file."""
+    p = Path(path)
+    doc = read_yaml(p)
+    if not isinstance(doc, dict):
+        raise SpecError(f"spec file {str(p)!r} must hold a mapping, got {type(doc).__name__}")
+    job = parse_job(doc, where=f"job spec {str(p)!r}")
+    return resolve_job_paths(job, p.parent)
+
+
+def parse_job(doc: dict[str, Any], where: str = "job spec") -> JobSpec:
+    try:
+        return JobSpec.model_validate(doc)
+    except ValidationError as err:
+        raise SpecError(format_validation_error(err, where)) from None
+
+
+def resolve_job_paths(job: JobSpec, base: Path) -> JobSpec:
+    updates: dict[str, Any] = {"model": _resolve_paths(job.model, base)}
+    if job.discriminator is not None and job.discriminator.file is not None and not job.discriminator.file.is_absolute():
+        updates["discriminator"] = job.discriminator.model_copy(update={"file": (base / job.discriminator.file).resolve()})
+    if job.data is not None and job.data.path is not None and not job.data.path.is_absolute():
+        updates["data"] = job.data.model_copy(update={"path": (base / job.data.path).resolve()})
+    return job.model_copy(update=updates)

@@ -24,9 +24,11 @@ def render_grid(
     scale: int | None = None,
     row_labels: Sequence[str] | None = None,
     cell_labels: np.ndarray | None = None,
+    col_labels: Sequence[str] | None = None,
     pad: int = 2,
 ) -> Image.Image:
-    """A (rows, cols, C, H, W) array as one picture; optional text left of rows and under cells."""
+    """A (rows, cols, C, H, W) array as one picture; optional text left of rows, above columns
+    (an empty string continues the previous header) and under cells."""
     if images.ndim != 5:
         raise ValueError(f"render_grid wants (rows, cols, C, H, W), got shape {images.shape}")
     rows, cols, c, h, w = images.shape
@@ -41,11 +43,16 @@ def render_grid(
     if row_labels is not None:
         label_w = max(int(font.getlength(s)) for s in row_labels) + 8
     text_h = 12 if cell_labels is not None else 0
+    head_h = 14 if col_labels is not None else 0
     cw, ch = w * scale + pad, h * scale + pad + text_h
-    canvas = Image.new("RGB", (label_w + cols * cw + pad, rows * ch + pad), "white")
+    canvas = Image.new("RGB", (label_w + cols * cw + pad, head_h + rows * ch + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    if col_labels is not None:
+        for col, text in enumerate(col_labels):
+            if text:
+                draw.text((label_w + pad + col * cw + 1, 1), text, fill="black", font=font)
     for r in range(rows):
-        y = pad + r * ch
+        y = head_h + pad + r * ch
         if row_labels is not None:
             draw.text((4, y + (h * scale) // 2 - 5), row_labels[r], fill="black", font=font)
         for col in range(cols):

@@ -74,6 +74,7 @@ def run_chains(
     snapshot_steps: list[int],
     lam: float = 0.0,
     log_d: LogDFn | None = None,
+    draw_offset: int = 0,
 ) -> ChainTensors:
     """Run ``steps`` Langevin steps on the batch ``x0`` (B, C, H, W).
 
@@ -111,7 +112,7 @@ def run_chains(
             else:
                 with torch.no_grad():
                     real_trace[t] = log_d(x.detach())  # type: ignore[index]
-        xi = noise.normal(keys, t + 1, shape)
+        xi = noise.normal(keys, draw_offset + t + 1, shape)
         if method == "ldam":
             g_a = torch.autograd.grad(a.sum(), x)[0] if lam < 1 else torch.zeros_like(x)
             g_d = torch.autograd.grad(logd.sum(), x)[0] if use_d else None  # type: ignore[union-attr]

@@ -239,3 +239,22 @@ def plan_store(
         realism=realism, exemplars_k=exemplars_k, model_name=model.name,
         model_fingerprint=model.fingerprint, spec=dict(spec or {}),
     )
+
+
+def write_discriminator(url: str | StoreLocation, trained: Any) -> None:
+    """Keep the frozen discriminator in the store (driver only, once): the saved file's bytes as a
+    uint8 array ``discriminator/file`` (load it with ``load_discriminator``), and its training
+    record as attrs of ``discriminator/`` (settings, per-update log, held-out accuracy)."""
+    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    root = loc.open_group(mode="r+")
+    blob = np.frombuffer(trained.to_bytes(), dtype=np.uint8)
+    if "discriminator" in root:
+        del root["discriminator"]
+    g = root.create_group("discriminator", attributes={
+        "config": trained.module.config, "settings": trained.settings, "log": trained.log,
+        "heldout_accuracy": trained.heldout_accuracy, "heldout_real_accuracy": trained.heldout_real_accuracy,
+        "heldout_fake_accuracy": trained.heldout_fake_accuracy, "model_fingerprint": trained.model_fingerprint,
+        "seconds": trained.seconds, "digest": trained.digest(),
+    })
+    arr = g.create_array("file", shape=blob.shape, dtype="uint8", chunks=blob.shape)
+    arr[:] = blob

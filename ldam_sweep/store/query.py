@@ -174,6 +174,20 @@ class SweepStore:
         images = np.asarray(self._array(layer, "exemplars")[unit], dtype=np.float32)
         return images, np.asarray(self._array(layer, "exemplar_activation")[unit])
 
+    def discriminator_info(self) -> dict[str, Any] | None:
+        """The stored discriminator's training record (accuracy, settings, log), or None."""
+        if "discriminator" not in self.root:
+            return None
+        return dict(self.root["discriminator"].attrs)
+
+    def discriminator(self):
+        """The frozen discriminator the sweep used (a TrainedDiscriminator), or None."""
+        if "discriminator" not in self.root:
+            return None
+        from ldam_sweep.sampling.discriminator import load_discriminator
+
+        return load_discriminator(bytes(np.asarray(self.root["discriminator/file"][:])))
+
     def snapshot_steps(self) -> np.ndarray:
         return np.asarray(self.plan.snapshot_steps)
 

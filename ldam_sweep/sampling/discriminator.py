@@ -1,0 +1,350 @@
+"""The GAN-style discriminator: a learned realism prior, log D(x) = log P(real | x).
+
+Stage 1 (``train_discriminator``) trains D adversarially against persistent Langevin chains on the
+units to be swept: alternate a block of Langevin steps with one D update on a batch that is half
+chain samples (fake) and half real images (real); chains are re-initialised every few updates so
+D also sees young chains. Stage 2 freezes D: every unit of a sweep sees the same prior.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ldam_sweep.errors import LdamError
+from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.sampling import noise
+from ldam_sweep.sampling.chains import parse_options
+from ldam_sweep.sampling.langevin import run_chains
+from ldam_sweep.sampling.objectives import unit_objective
+
+SMALL_MAX_SIDE = 32
+FORMAT = "ldam-sweep-discriminator-v1"
+
+
+class DiscriminatorError(LdamError):
+    """A discriminator file cannot be used (unreadable, or made for another input shape)."""
+
+
+class DiscriminatorModelWarning(UserWarning):
+    """A discriminator was trained against a different model than the one it is used with."""
+
+
+class SmallDiscriminator(nn.Module):
+    """For inputs up to ~32 px: two strided 5x5 convs (16, 32 channels, leaky ReLU) + linear."""
+
+    def __init__(self, channels: int, height: int, width: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 16, 5, stride=2, padding=2), nn.LeakyReLU(0.2),
+            nn.Conv2d(16, 32, 5, stride=2, padding=2), nn.LeakyReLU(0.2), nn.Flatten(),
+        )
+        self.head = nn.Linear(32 * math.ceil(height / 4) * math.ceil(width / 4), 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(z)).squeeze(1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.5 * self.conv2(F.leaky_relu(self.conv1(F.leaky_relu(x, 0.2)), 0.2))
+
+
+class ResidualDiscriminator(nn.Module):
+    """For larger inputs: a stem conv, then (residual block + strided conv) stages down to <= 4 px,
+    global average pooling and a linear head. No batch norm: D sees mixed real/fake batches."""
+
+    def __init__(self, channels: int, height: int, width: int, base: int = 32, max_channels: int = 256) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(channels, base, 3, padding=1)]
+        ch, side = base, max(height, width)
+        while side > 4:
+            nxt = min(ch * 2, max_channels)
+            layers += [_ResBlock(ch), nn.LeakyReLU(0.2), nn.Conv2d(ch, nxt, 4, stride=2, padding=1)]
+            ch, side = nxt, (side + 1) // 2
+        self.features = nn.Sequential(*layers, nn.LeakyReLU(0.2), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(ch, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(z)).squeeze(1)
+
+
+class Discriminator(nn.Module):
+    """log D(x) for pixel-space images x (B, C, H, W) -> (B,). ``logits(x)``: the raw real/fake logit."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = dict(config)
+        c, h, w = config["channels"], config["height"], config["width"]
+        self.lo, self.hi = (float(v) for v in config["range"])
+        arch = config["arch"]
+        if arch == "small":
+            self.net: nn.Module = SmallDiscriminator(c, h, w)
+        elif arch == "residual":
+            self.net = ResidualDiscriminator(c, h, w)
+        else:
+            raise DiscriminatorError(f"unknown discriminator arch {arch!r}; allowed: small, residual")
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return (self.config["channels"], self.config["height"], self.config["width"])
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.logsigmoid(self.logits(x))
+
+
+def discriminator_config(input_spec: Any, arch: str = "auto") -> dict[str, Any]:
+    """Architecture sized to the input: ``small`` up to 32 px, ``residual`` above."""
+    c, h, w = input_spec.shape
+    if arch == "auto":
+        arch = "small" if max(h, w) <= SMALL_MAX_SIDE else "residual"
+    return {"arch": arch, "channels": c, "height": h, "width": w, "range": list(input_spec.range)}
+
+
+class DiscriminatorSettings(BaseModel):
+    """Stage-1 training settings. Defaults: what worked on the digits demo (LDAM.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    updates: int = Field(200, ge=1, description="D updates (each after a block of Langevin steps)")
+    steps_per_update: int = Field(20, ge=1, description="Langevin steps of the chains between D updates")
+    chains: int = Field(64, ge=2, description="persistent chains, spread over the target units")
+    batch: int = Field(64, ge=2, description="D batch: half chain samples, half real images")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lam: float = Field(0.5, ge=0, le=1, description="lambda used by the chains while D trains")
+    reinit_every: int = Field(5, ge=1, description="re-initialise the chains every this many updates")
+    eval_chains: int = Field(64, ge=2, description="fresh chains for the held-out accuracy")
+    eval_steps: int = Field(100, ge=1, description="Langevin steps of the fresh evaluation chains")
+    arch: str = Field("auto", description="auto | small | residual")
+    method: str = "ldam"
+    sampler: dict[str, Any] = Field(default_factory=dict, description="options of the chains' update rule")
+    seed: int = 0
+
+
+@dataclass
+class TrainedDiscriminator:
+    """A discriminator with its training record."""
+
+    module: Discriminator
+    settings: dict[str, Any]
+    log: dict[str, list[float]]
+    heldout_accuracy: float
+    heldout_real_accuracy: float
+    heldout_fake_accuracy: float
+    model_fingerprint: str
+    seconds: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> Path:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(self.to_bytes())
+        return p
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save({
+            "format": FORMAT, "config": self.module.config, "state_dict": self.module.state_dict(),
+            "settings": self.settings, "log": self.log, "heldout_accuracy": self.heldout_accuracy,
+            "heldout_real_accuracy": self.heldout_real_accuracy, "heldout_fake_accuracy": self.heldout_fake_accuracy,
+            "model_fingerprint": self.model_fingerprint, "seconds": self.seconds,
+        }, buf)
+        return buf.getvalue()
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for k, v in sorted(self.module.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def load_discriminator(source: str | Path | bytes, model: ModelHandle | None = None) -> TrainedDiscriminator:
+    """Load a saved discriminator safely (``weights_only=True``). Against a model: the input shape
+    must match (error) and a different model fingerprint warns."""
+    what = "discriminator bytes" if isinstance(source, bytes) else f"discriminator file {str(source)!r}"
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise DiscriminatorError(f"{what} does not exist")
+    try:
+        blob = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DiscriminatorError(f"{what} cannot be read (loaded with weights_only=True): {type(err).__name__}: {str(err)[:200]}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise DiscriminatorError(f"{what} is not an ldam-sweep discriminator (format {FORMAT!r})")
+    module = Discriminator(blob["config"])
+    module.load_state_dict(blob["state_dict"])
+    module.eval()
+    if model is not None:
+        if tuple(module.input_shape) != tuple(model.input.shape) or list(blob["config"]["range"]) != list(model.input.range):
+            raise DiscriminatorError(
+                f"{what} takes images {module.input_shape} in range {blob['config']['range']}, "
+                f"but model {model.name!r} takes {model.input.shape} in range {list(model.input.range)}; "
+                "train a discriminator for this model (ldam-sweep train-discriminator)"
+            )
+        if blob["model_fingerprint"] != model.fingerprint:
+            warnings.warn(
+                f"{what} was trained against another model (fingerprint {blob['model_fingerprint'][:12]}, "
+                f"this model {model.fingerprint[:12]}); its realism prior may not fit this model's chains",
+                DiscriminatorModelWarning, stacklevel=2,
+            )
+    return TrainedDiscriminator(
+        module=module, settings=blob["settings"], log=blob["log"], heldout_accuracy=blob["heldout_accuracy"],
+        heldout_real_accuracy=blob["heldout_real_accuracy"], heldout_fake_accuracy=blob["heldout_fake_accuracy"],
+        model_fingerprint=blob["model_fingerprint"], seconds=blob["seconds"],
+    )
+
+
+class _ChainGroup:
+    """Persistent chains of one layer, each chain on its own unit (cycling over the targets)."""
+
+    def __init__(self, model: ModelHandle, layer: str, units: np.ndarray, objective: str, seed: int, tag: str) -> None:
+        self.model, self.layer, self.units, self.objective = model, layer, units, objective
+        self.seed, self.tag = seed, tag
+        self.unit_idx = torch.from_numpy(units).to(model.device)
+        self.generation = 0
+        self.draws = 0
+        self.reinit()
+
+    def reinit(self) -> None:
+        self.generation += 1
+        self.draws = 0
+        self.keys = noise.chain_keys(self.seed, f"{self.tag}|{self.layer}|gen{self.generation}", self.units, 1).to(self.model.device)
+        lo, hi = self.model.input.range
+        self.x = lo + (hi - lo) * noise.uniform(self.keys, 0, self.model.input.shape)
+
+    def advance(self, steps: int, method: str, options: Any, lam: float, log_d: Callable | None) -> None:
+        def act(x: torch.Tensor) -> torch.Tensor:
+            return unit_objective(self.model.activations(x, self.layer), self.unit_idx, self.objective)
+
+        out = run_chains(act, self.x, self.keys, steps=steps, method=method, options=options,  # type: ignore[arg-type]
+                         box=self.model.input.range, snapshot_steps=[steps], lam=lam if log_d else 0.0,
+                         log_d=log_d, draw_offset=self.draws)
+        self.draws += steps
+        self.x = out.snapshots[-1]
+
+
+def _spread(targets: list[tuple[str, np.ndarray]], n: int) -> list[tuple[str, np.ndarray]]:
+    """n chains spread round-robin over the targets' (layer, unit) pairs, grouped by layer."""
+    pairs = [(layer, int(u)) for layer, units in targets for u in units]
+    if not pairs:
+        raise LdamError("discriminator training needs at least one target unit")
+    by_layer: dict[str, list[int]] = {}
+    stride = max(1, len(pairs) // n)
+    for i in range(n):
+        layer, unit = pairs[(i * stride) % len(pairs)]
+        by_layer.setdefault(layer, []).append(unit)
+    return [(layer, np.asarray(units, dtype=np.int64)) for layer, units in by_layer.items()]
+
+
+def train_discriminator(
+    model: ModelHandle,
+    targets: list[tuple[str, Any]],
+    real_train: np.ndarray,
+    real_heldout: np.ndarray,
+    settings: DiscriminatorSettings | dict[str, Any] | None = None,
+    *,
+    progress: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainedDiscriminator:
+    """Stage 1: train D against persistent chains on ``targets`` [(layer, units), ...].
+
+    ``real_train`` / ``real_heldout``: real images (N, C, H, W) in the model's pixel range.
+    ``progress(update, stats)`` is called after each D update.
+    """
+    s = settings if isinstance(settings, DiscriminatorSettings) else DiscriminatorSettings(**(settings or {}))
+    t0 = time.perf_counter()
+    dev = model.device
+    torch.manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(s.seed)
+    options = parse_options(s.method, s.sampler)
+    d = Discriminator(discriminator_config(model.input, s.arch)).to(dev)
+    opt = torch.optim.Adam(d.parameters(), lr=s.lr, betas=(0.5, 0.999))
+    real = torch.from_numpy(np.ascontiguousarray(real_train, dtype=np.float32)).to(dev)
+
+    objective = {layer.name: layer.default_objective for layer in model.layers}
+    groups = [
+        _ChainGroup(model, model.layer(layer).name, units, objective[model.layer(layer).name], s.seed, "train")
+        for layer, units in _spread([(layer, model.check_units(layer, units)) for layer, units in targets], s.chains)
+    ]
+
+    def frozen_log_d(x: torch.Tensor) -> torch.Tensor:
+        return d(x)
+
+    log: dict[str, list[float]] = {"loss": [], "accuracy": [], "real_accuracy": [], "fake_accuracy": [], "fake_log_d": []}
+    half = s.batch // 2
+    for update in range(s.updates):
+        if update and update % s.reinit_every == 0:
+            for g in groups:
+                g.reinit()
+        d.eval()
+        for p in d.parameters():
+            p.requires_grad_(False)
+        g = groups[update % len(groups)]
+        g.advance(s.steps_per_update, s.method, options, s.lam, frozen_log_d if s.lam > 0 else None)
+        for p in d.parameters():
+            p.requires_grad_(True)
+        d.train()
+        fakes = torch.cat([grp.x for grp in groups])
+        fake = fakes[torch.randint(len(fakes), (half,), generator=gen).to(dev)]
+        real_b = real[torch.randint(len(real), (half,), generator=gen).to(dev)]
+        logits = d.logits(torch.cat([real_b, fake.detach()]))
+        labels = torch.cat([torch.ones(half, device=dev), torch.zeros(half, device=dev)])
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            real_acc = float((logits[:half] > 0).float().mean())
+            fake_acc = float((logits[half:] < 0).float().mean())
+            stats = {"loss": float(loss), "accuracy": (real_acc + fake_acc) / 2, "real_accuracy": real_acc,
+                     "fake_accuracy": fake_acc, "fake_log_d": float(F.logsigmoid(logits[half:]).mean())}
+        for k, v in stats.items():
+            log[k].append(v)
+        if progress:
+            progress(update + 1, stats)
+    d.eval()
+    for p in d.parameters():
+        p.requires_grad_(False)
+    real_acc, fake_acc = heldout_accuracy(d, model, groups, real_heldout, s, options)
+    return TrainedDiscriminator(
+        module=d.cpu(), settings=s.model_dump(), log=log, heldout_accuracy=(real_acc + fake_acc) / 2,
+        heldout_real_accuracy=real_acc, heldout_fake_accuracy=fake_acc, model_fingerprint=model.fingerprint,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def heldout_accuracy(d: Discriminator, model: ModelHandle, groups: list[_ChainGroup], real_heldout: np.ndarray,
+                     s: DiscriminatorSettings, options: Any) -> tuple[float, float]:
+    """Accuracy on held-out real images and on *fresh* chains (new starts, run with the final D)."""
+    dev = model.device
+    per_group = max(1, s.eval_chains // len(groups))
+    fakes = []
+    for g in groups:
+        units = np.resize(g.units, per_group)
+        fresh = _ChainGroup(model, g.layer, units, g.objective, s.seed, "heldout")
+        fresh.advance(s.eval_steps, s.method, options, s.lam, d if s.lam > 0 else None)
+        fakes.append(fresh.x)
+    with torch.no_grad():
+        real = torch.from_numpy(np.ascontiguousarray(real_heldout, dtype=np.float32)).to(dev)
+        real_acc = float((d.logits(real) > 0).float().mean())
+        fake_acc = float((d.logits(torch.cat(fakes)) < 0).float().mean())
+    return real_acc, fake_acc
