@@ -73,40 +73,56 @@ def layers(
         console.print(f"total units: {sum(layer.units for layer in model.layers)}")
 
 
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("storage/demo"), "--out", "-o", help="Directory for the demo's outputs."),
-    chains: int = typer.Option(8, help="Chains per class."),
-    steps: int = typer.Option(300, help="Langevin steps per chain."),
-    seed: int = typer.Option(0, help="Seed of every chain."),
-) -> None:
-    """Train (or load) the built-in digits-cnn and sample its 10 class logits; write a PNG grid."""
-    import numpy as np
+def _print_summary(summary) -> None:
+    from ldam_sweep.cluster.driver import summary_line
 
-    from ldam_sweep.atlas.grid import save_grid
-    from ldam_sweep.model import load_model
-    from ldam_sweep.model.zoo import class_max_logits
-    from ldam_sweep.sampling import sample
+    console.print(
+        f"sweep {'interrupted' if summary.interrupted else 'finished'}: {summary.done_blocks} blocks run "
+        f"({summary.units_done} units, {summary.units_per_second:.2f} units/s, {summary.seconds:.0f}s), "
+        f"{summary.skipped_blocks} already committed, {summary.failed_blocks} failed; store {summary.store}",
+        highlight=False,
+    )
+    console.print(summary_line(summary), highlight=False, soft_wrap=True)
+
+
+def _exit_code(summary) -> int:
+    return 130 if summary.interrupted else (1 if summary.failed_blocks else 0)
+
+
+@app.command()
+def run(
+    spec: Path = typer.Argument(..., help="Job spec YAML."),
+    store: Optional[str] = typer.Option(None, help="Store path or URL (default: the spec's store, else storage/<name>.zarr)."),
+    address: Optional[str] = typer.Option(None, help="Join an existing Ray cluster (e.g. auto, or ray://host:10001)."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete an existing store made from another spec and start over."),
+) -> None:
+    """Run a sweep; rerunning the same command resumes. Exit 1 if any block failed."""
+    from ldam_sweep.cluster.driver import run_sweep
 
     with user_errors():
-        model = load_model("digits-cnn", log=_log)
-        acc = model.metadata["train_metrics"]["test_accuracy"]
-        console.print(f"digits-cnn: test accuracy {acc:.3f}; layers: {', '.join(l.name for l in model.layers)}")
-        t0 = time.perf_counter()
-        result = sample(model, "fc2", range(10), chains=chains, steps=steps, seed=seed)
-        secs = time.perf_counter() - t0
-        ref = class_max_logits(model.net.cpu())
-        ratio = result.final_activation.mean(axis=1) / ref
-        labels = np.vectorize(lambda v: f"{v:.1f}")(result.final_activation)
-        path = save_grid(
-            out / "fc2_logits.png", result.final_samples, model.input.range,
-            row_labels=[f"class {u}" for u in result.units], cell_labels=labels,
-        )
-        console.print(
-            f"sampled 10 logits x {chains} chains x {steps} steps in {secs:.1f}s; "
-            f"final logit / best real digit: mean {ratio.mean():.2f} (min {ratio.min():.2f})"
-        )
-        console.print(f"wrote {path}")
+        summary = run_sweep(spec, store=store, address=address, fresh=fresh, console=err_console)
+        _print_summary(summary)
+        raise typer.Exit(_exit_code(summary))
+
+
+@app.command()
+def demo(
+    store: Optional[str] = typer.Option(None, help="Store path (default storage/demo.zarr)."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller demo (fewer steps and D updates) for a first look."),
+) -> None:
+    """Sweep the whole built-in digits-cnn (every layer, every unit) with a discriminator trained on
+    digits, then write pictures of the results."""
+    from ldam_sweep.cluster.demo import demo_job, write_demo_pictures
+    from ldam_sweep.cluster.driver import run_sweep
+
+    with user_errors():
+        job = demo_job(quick=quick)
+        summary = run_sweep(job, store=store, console=err_console)
+        _print_summary(summary)
+        for path in write_demo_pictures(summary.store):
+            console.print(f"wrote {path}", highlight=False)
+        console.print(f"store: {summary.store}  (try: ldam-sweep status {summary.store})", highlight=False)
+        raise typer.Exit(_exit_code(summary))
 
 
 @app.command("train-discriminator")

@@ -14,18 +14,25 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_demo_writes_a_grid_of_class_samples(tmp_path, model_cache):
-    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache)}
+def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
+    store = tmp_path / "demo.zarr"
     out = subprocess.run(
-        [sys.executable, "-m", "ldam_sweep.cli", "demo", "-o", str(tmp_path), "--chains", "3", "--steps", "60"],
+        [sys.executable, "-m", "ldam_sweep.cli", "demo", "--quick", "--store", str(store)],
         capture_output=True, text=True, env=env, cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    png = tmp_path / "fc2_logits.png"
-    assert f"wrote {png}" in out.stdout.replace("\n", "")
-    img = np.asarray(Image.open(png).convert("L"))
-    assert img.shape[0] > 10 * 28 * 3  # 10 class rows of upscaled 28 px tiles
-    assert img.std() > 30  # real pictures, not a blank canvas
+    assert f"store: {store}" in out.stdout.replace("\n", "")
+    import ldam_sweep as ls
+
+    st = ls.open_store(str(store))
+    layers = {d["name"]: d for d in st.layers()}
+    assert len(layers) == 9 and all(d["done"] == d["units"] and d["failed"] == 0 for d in layers.values())
+    assert sum(d["done"] for d in layers.values()) == 410
+    assert st.discriminator_info()["heldout_accuracy"] > 0.5
+    assert np.isfinite(st.trace("fc2", 3, kind="realism")).all()
+    img = np.asarray(Image.open(tmp_path / "demo-pictures" / "fc2.png").convert("L"))
+    assert img.shape[0] > 10 * 28 * 3 and img.std() > 30  # 10 class rows of real pictures
 
 
 def test_batching_benchmark_quick_mode(tmp_path):

@@ -132,7 +132,7 @@ class DiscriminatorSettings(BaseModel):
     batch: int = Field(64, ge=2, description="D batch: half chain samples, half real images")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     lam: float = Field(0.5, ge=0, le=1, description="lambda used by the chains while D trains")
-    reinit_every: int = Field(5, ge=1, description="re-initialise the chains every this many updates")
+    reinit_every: int = Field(5, ge=1, description="re-initialise a layer's chains after this many blocks of steps")
     eval_chains: int = Field(64, ge=2, description="fresh chains for the held-out accuracy")
     eval_steps: int = Field(100, ge=1, description="Langevin steps of the fresh evaluation chains")
     arch: str = Field("auto", description="auto | small | residual")
@@ -223,11 +223,13 @@ class _ChainGroup:
         self.unit_idx = torch.from_numpy(units).to(model.device)
         self.generation = 0
         self.draws = 0
+        self.advances = 0  # blocks of steps run since the last re-initialisation
         self.reinit()
 
     def reinit(self) -> None:
         self.generation += 1
         self.draws = 0
+        self.advances = 0
         self.keys = noise.chain_keys(self.seed, f"{self.tag}|{self.layer}|gen{self.generation}", self.units, 1).to(self.model.device)
         lo, hi = self.model.input.range
         self.x = lo + (hi - lo) * noise.uniform(self.keys, 0, self.model.input.shape)
@@ -240,6 +242,7 @@ class _ChainGroup:
                          box=self.model.input.range, snapshot_steps=[steps], lam=lam if log_d else 0.0,
                          log_d=log_d, draw_offset=self.draws)
         self.draws += steps
+        self.advances += 1
         self.x = out.snapshots[-1]
 
 
@@ -292,13 +295,12 @@ def train_discriminator(
     log: dict[str, list[float]] = {"loss": [], "accuracy": [], "real_accuracy": [], "fake_accuracy": [], "fake_log_d": []}
     half = s.batch // 2
     for update in range(s.updates):
-        if update and update % s.reinit_every == 0:
-            for g in groups:
-                g.reinit()
         d.eval()
         for p in d.parameters():
             p.requires_grad_(False)
-        g = groups[update % len(groups)]
+        g = groups[update % len(groups)]  # one layer's chains per update; the others keep their state
+        if g.advances >= s.reinit_every:  # counted per group, so every chain ages reinit_every blocks
+            g.reinit()
         g.advance(s.steps_per_update, s.method, options, s.lam, frozen_log_d if s.lam > 0 else None)
         for p in d.parameters():
             p.requires_grad_(True)

@@ -1,0 +1,1 @@
+"""The sweep on Ray: planning (layer, block) tasks, the resident worker actor, the driver loop."""

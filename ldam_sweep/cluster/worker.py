@@ -1,0 +1,105 @@
+"""The resident worker: loads the model and discriminator once, then samples and writes blocks.
+
+Plain Python (testable without Ray); the driver wraps it as a Ray actor. It never returns tensors:
+a block's arrays go straight into the store and only its manifest rows go back to the driver.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+
+# Test hook: blocks named here ("layer:block,layer:block") raise on every attempt (fault tests only).
+FAIL_BLOCKS_ENV = "LDAM_SWEEP_TEST_FAIL_BLOCKS"
+
+
+class SweepWorker:
+    """One per GPU (or CPU slot): model + discriminator resident, blocks in, manifest rows out."""
+
+    def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None) -> None:
+        import torch
+        import zarr
+
+        from ldam_sweep.model import load_model
+        from ldam_sweep.spec import parse_job
+        from ldam_sweep.store import BlockWriter
+
+        if num_threads:
+            torch.set_num_threads(max(1, int(num_threads)))
+            zarr.config.set({"threading.max_workers": max(1, int(num_threads))})
+        self.job = parse_job(job_doc)
+        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.model = load_model(self.job.model, device=self.device)
+        self.writer = BlockWriter(url)
+        self.url = url
+        self._discriminator = None
+        self.node = self._node_id()
+        self.max_batch: int | None = None  # learnt after an out-of-memory split
+
+    @staticmethod
+    def _node_id() -> str:
+        try:
+            import ray
+
+            return ray.get_runtime_context().get_node_id()[:12]
+        except Exception:
+            return "local"
+
+    def identity(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": str(self.device)}
+
+    def discriminator(self):
+        if self.job.discriminator is None:
+            return None
+        if self._discriminator is None:
+            from ldam_sweep.store import open_store
+
+            trained = open_store(self.url).discriminator()
+            if trained is None:
+                raise RuntimeError(f"store {self.url!r} holds no discriminator yet (stage 1 did not finish)")
+            self._discriminator = trained.module.to(self.device)
+        return self._discriminator
+
+    def _sample(self, layer: str, units: list[int]):
+        """Sample units in one batch; on out-of-memory, in halves (chains are per-unit reproducible,
+        so the parts give exactly what one batch would)."""
+        import torch
+
+        from ldam_sweep.sampling import sample
+        from ldam_sweep.sampling.parts import concat_results
+
+        s = self.job.sampler
+        kwargs = dict(chains=s.chains, steps=s.steps, method=s.method, seed=s.seed, lam=s.lam,
+                      discriminator=self.discriminator(), snapshot_every=s.snapshot_every,
+                      objective=self.writer.plan.layer(layer).objective, **s.options)
+        parts = [units] if not self.max_batch else [units[i : i + self.max_batch] for i in range(0, len(units), self.max_batch)]
+        results = []
+        while parts:
+            part = parts.pop(0)
+            try:
+                results.append(sample(self.model, layer, part, **kwargs))
+            except torch.OutOfMemoryError:
+                if len(part) == 1:
+                    raise
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                half = len(part) // 2
+                self.max_batch = half
+                parts[:0] = [part[:half], part[half:]]
+        return concat_results(results)
+
+    def run_block(self, layer: str, block: int, units: list[int], attempt: int) -> list[dict[str, Any]]:
+        """Sample the block's units as one batch, write its region, return its manifest rows."""
+        fail = {item.strip() for item in os.environ.get(FAIL_BLOCKS_ENV, "").split(",") if item.strip()}
+        if f"{layer}:{block}" in fail:
+            raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
+        t0 = time.perf_counter()
+        result = self._sample(layer, units)
+        seconds = time.perf_counter() - t0
+        return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds,
+                                 worker=f"{socket.gethostname()}:{os.getpid()}@{self.node}")
+
+

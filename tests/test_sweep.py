@@ -1,0 +1,228 @@
+"""The sweep on a real local Ray runtime: real processes killed, resumed, failing, on two nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import ldam_sweep as ls
+from ldam_sweep.store import verify_store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = {
+    "name": "kill-test",
+    "model": {"zoo": "digits-cnn"},
+    "layers": ["conv2"],
+    "sampler": {"steps": 400, "chains": 2, "seed": 3},
+    "resources": {"actors": 2, "block_size": 4, "commit_every": 1, "cpus_per_actor": 1, "max_attempts": 3},
+}
+
+
+@pytest.fixture
+def env(model_cache):
+    return {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
+
+
+def write_spec(tmp_path: Path, **changes) -> Path:
+    doc = json.loads(json.dumps(SPEC))
+    for key, value in changes.items():
+        doc[key] = value
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def cli(*args: str, env: dict, cwd: Path, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", *args], env=env, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def committed_blocks(url: str) -> int:
+    try:
+        return len({r["block"] for r in ls.open_store(url).units().to_pylist()})
+    except ls.StoreError:
+        return 0
+
+
+def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        got = committed_blocks(url)
+        if got >= n:
+            return got
+        if proc.poll() is not None:
+            raise AssertionError(f"driver ended early: {proc.communicate()}")
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} committed blocks after {timeout}s")
+
+
+def worker_pids() -> list[int]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::SweepWorker" in line]
+
+
+def test_worker_killed_mid_sweep_loses_nothing(tmp_path, env):
+    spec = write_spec(tmp_path)
+    url = str(tmp_path / "storage" / "kill-test.zarr")
+    proc = cli("run", str(spec), env=env, cwd=tmp_path)
+    before = wait_for_blocks(url, 1, proc)
+    pids = worker_pids()
+    assert len(pids) == 2, pids
+    os.kill(pids[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert before < 8  # the kill landed while blocks were still running
+    st = ls.open_store(url)
+    units = st.units()["unit"].to_pylist()
+    assert sorted(units) == list(range(32))  # every planned unit, each exactly once after de-duplication
+    assert max(st.units()["attempt"].to_pylist()) >= 2  # the killed worker's blocks were retried
+    assert verify_store(st) == (8, [])
+
+
+def _load_summary(out: str) -> dict:
+    line = [l for l in out.splitlines() if l.startswith("summary ")][-1]
+    return json.loads(line.removeprefix("summary "))
+
+
+def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
+    spec = write_spec(tmp_path)
+    url = str(tmp_path / "storage" / "kill-test.zarr")
+    proc = cli("run", str(spec), env=env, cwd=tmp_path)
+    wait_for_blocks(url, 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+    done_before = committed_blocks(url)
+    assert 2 <= done_before < 8
+    again = cli("run", str(spec), env=env, cwd=tmp_path)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"resume: {done_before} of 8 blocks already committed, {8 - done_before} to run" in err
+    summary = _load_summary(out)
+    assert summary["skipped_blocks"] == done_before and summary["done_blocks"] == 8 - done_before
+
+    ref_url = str(tmp_path / "reference.zarr")
+    ref = cli("run", str(spec), "--store", ref_url, env=env, cwd=tmp_path)
+    _, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err
+    a, b = ls.open_store(url), ls.open_store(ref_url)
+    assert verify_store(a) == (8, [])
+    for unit in range(32):
+        np.testing.assert_allclose(a.samples("conv2", unit), b.samples("conv2", unit), atol=1e-3)
+        np.testing.assert_allclose(a.trace("conv2", unit), b.trace("conv2", unit), rtol=1e-5, atol=1e-5)
+
+
+def test_block_that_always_fails_is_recorded_and_the_rest_completes(tmp_path, env):
+    spec = write_spec(tmp_path, sampler={"steps": 30, "chains": 2},
+                      resources={**SPEC["resources"], "max_attempts": 2})
+    url = str(tmp_path / "storage" / "kill-test.zarr")
+    proc = cli("run", str(spec), env={**env, "LDAM_SWEEP_TEST_FAIL_BLOCKS": "conv2:5"}, cwd=tmp_path)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    summary = _load_summary(out)
+    assert summary["failed_blocks"] == 1 and summary["done_blocks"] == 7
+    st = ls.open_store(url)
+    failed = st.units(status="failed")
+    assert failed["unit"].to_pylist() == [20, 21, 22, 23]
+    assert set(failed["attempt"].to_pylist()) == {2} and "injected failure" in failed["error"][0].as_py()
+    assert st.units().num_rows == 28
+    status = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "status", url], capture_output=True, text=True, env=env)
+    row = [l for l in status.stdout.splitlines() if "conv2" in l][0]
+    assert [c.strip() for c in row.split("│")][3:7] == ["32", "28", "4", "0"]
+    assert "injected failure" in status.stdout
+    # fixed: the same command retries only the failed block
+    again = cli("run", str(spec), env=env, cwd=tmp_path)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "resume: 7 of 8 blocks already committed, 1 to run" in err
+    assert ls.open_store(url).units().num_rows == 32
+
+
+def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
+    spec = write_spec(tmp_path)
+    url = str(tmp_path / "storage" / "kill-test.zarr")
+    proc = cli("run", str(spec), env=env, cwd=tmp_path)
+    wait_for_blocks(url, 1, proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    st = ls.open_store(url)
+    n = st.units().num_rows
+    assert n >= 4 and n % 4 == 0 and verify_store(st)[1] == []
+    assert _load_summary(out)["interrupted"] is True
+
+
+def test_tasks_run_on_two_ray_nodes(tmp_path, env, monkeypatch):
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv("LDAM_SWEEP_CACHE", env["LDAM_SWEEP_CACHE"])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        spec = write_spec(tmp_path, sampler={"steps": 30, "chains": 2})
+        url = str(tmp_path / "two-nodes.zarr")
+        proc = cli("run", str(spec), "--store", url, "--address", cluster.address, env=env, cwd=tmp_path)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    finally:
+        cluster.shutdown()
+    workers = ls.open_store(url).units()["worker"].to_pylist()
+    nodes = {w.split("@")[1] for w in workers}
+    assert len(nodes) == 2, workers  # one actor per 1-CPU node: both nodes ran blocks
+
+
+def test_bad_specs_fail_before_any_work(tmp_path, env):
+    cases = {
+        "unknown field": ({"bogus": 1}, "bogus: unknown field"),
+        "wrong type": ({"sampler": {"steps": "many"}}, "sampler.steps: Input should be a valid integer"),
+        "unknown layer": ({"layers": ["conv9"]}, "unknown layer 'conv9'"),
+        "units out of range": ({"units": {"conv2": "30-40"}}, "unit 32 is out of range for layer 'conv2': valid units are 0..31"),
+        "unwritable store": ({"store": "/proc/ldam/x.zarr"}, "is not writable"),
+    }
+    for name, (change, message) in cases.items():
+        spec = write_spec(tmp_path, **change)
+        proc = cli("run", str(spec), env=env, cwd=tmp_path)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, err)
+        assert message in err, (name, err)
+        assert "Traceback" not in err and "Ray instance" not in err, name
+    assert not (tmp_path / "storage").exists()
+
+
+def test_cluster_yaml_passes_rays_schema_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((ROOT / "cluster.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["provider"]["type"] == "aws"
+    gpu = [t for t in config["available_node_types"].values() if "g" in t["node_config"]["InstanceType"][:2]]
+    assert gpu and any("ldam-sweep" in c or "pip install" in c for c in config["setup_commands"])
+
+
+def test_shipped_job_specs_parse_and_demo_matches():
+    from ldam_sweep.cluster.demo import DEMO_DOC
+
+    for path in sorted((ROOT / "jobs").glob("*.yaml")):
+        ls.load_spec(path)
+    assert yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text()) == DEMO_DOC
+
+
+def test_split_batches_equal_one_batch(digits_model):
+    from ldam_sweep.sampling.parts import concat_results
+
+    whole = ls.sample(digits_model, "conv2", list(range(6)), chains=2, steps=20)
+    parts = concat_results([ls.sample(digits_model, "conv2", [0, 1, 2], chains=2, steps=20),
+                            ls.sample(digits_model, "conv2", [3, 4, 5], chains=2, steps=20)])
+    np.testing.assert_allclose(parts.samples, whole.samples, atol=1e-5)
+    assert parts.units.tolist() == list(range(6))
