@@ -215,7 +215,7 @@ class SamplerSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    method: Literal["ldam", "sgld"] = "ldam"
+    method: Literal["ldam", "sgld", "am"] = "ldam"
     steps: int = Field(300, ge=1, le=100_000)
     chains: int = Field(8, ge=1, le=4096)
     lam: float = Field(0.0, ge=0, le=1)

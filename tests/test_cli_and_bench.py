@@ -31,6 +31,14 @@ def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
     assert sum(d["done"] for d in layers.values()) == 410
     assert st.discriminator_info()["heldout_accuracy"] > 0.5
     assert np.isfinite(st.trace("fc2", 3, kind="realism")).all()
+    # every unit carries its scores; exemplars come from the digits
+    top = st.units(sort="pixel_diversity", limit=5)
+    assert top.num_rows == 5 and all(v is not None for v in top["pixel_diversity"].to_pylist())
+    fc2 = st.units("fc2")
+    assert all(v is not None and v > 0 for v in fc2["activation_ratio"].to_pylist())
+    assert all(v is not None for v in fc2["nearest_real"].to_pylist())
+    images, acts = st.exemplars("fc2", 3)
+    assert images.shape == (8, 1, 28, 28) and acts[0] == fc2["exemplar_max"][3].as_py()
     img = np.asarray(Image.open(tmp_path / "demo-pictures" / "fc2.png").convert("L"))
     assert img.shape[0] > 10 * 28 * 3 and img.std() > 30  # 10 class rows of real pictures
 

@@ -59,7 +59,8 @@ def sweep_store_plan(job: JobSpec, model: ModelHandle, spec_doc: dict[str, Any])
     return plan_store(
         model, layers, chains=job.sampler.chains, steps=job.sampler.steps,
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
-        block_size=job.resources.block_size, realism=job.discriminator is not None, exemplars_k=0,
+        block_size=job.resources.block_size, realism=job.discriminator is not None,
+        exemplars_k=job.exemplars if job.data is not None else 0,
         objectives=objectives, spec=spec_doc,
     )
 

@@ -38,15 +38,22 @@ class SweepWorker:
         self._discriminator = None
         self.node = self._node_id()
         self.max_batch: int | None = None  # learnt after an out-of-memory split
+        self.real_pool = None  # real images for exemplars and the nearest-real distance
+        if self.job.data is not None:
+            from ldam_sweep.data import real_images
+
+            self.real_pool = torch.from_numpy(real_images(self.job.data, self.model.input, "train"))
 
     @staticmethod
     def _node_id() -> str:
         try:
             import ray
 
-            return ray.get_runtime_context().get_node_id()[:12]
+            if ray.is_initialized():  # get_runtime_context() would otherwise start a local Ray
+                return ray.get_runtime_context().get_node_id()[:12]
         except Exception:
-            return "local"
+            pass
+        return "local"
 
     def identity(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": str(self.device)}
@@ -96,10 +103,20 @@ class SweepWorker:
         fail = {item.strip() for item in os.environ.get(FAIL_BLOCKS_ENV, "").split(",") if item.strip()}
         if f"{layer}:{block}" in fail:
             raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
+        from ldam_sweep.sampling.exemplars import top_exemplars
+        from ldam_sweep.sampling.scoring import score_result
+
         t0 = time.perf_counter()
         result = self._sample(layer, units)
+        exemplars = None
+        k = self.writer.plan.exemplars_k
+        if k and self.real_pool is not None:
+            objective = self.writer.plan.layer(layer).objective
+            exemplars = top_exemplars(self.model, layer, result.units, objective, self.real_pool, k)
+        scores = score_result(self.model, result, real_pool=self.real_pool,
+                              exemplar_max=None if exemplars is None else exemplars[1][:, 0])
         seconds = time.perf_counter() - t0
-        return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds,
-                                 worker=f"{socket.gethostname()}:{os.getpid()}@{self.node}")
+        return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds, exemplars=exemplars,
+                                 unit_columns=scores, worker=f"{socket.gethostname()}:{os.getpid()}@{self.node}")
 
 

@@ -148,6 +148,8 @@ def sample(
         raise SamplerError(f"steps must be a positive integer, got {steps!r}")
     options = parse_options(method, sampler_options)
     _check_discriminator(discriminator, lam)
+    if method == "am" and lam > 0:
+        raise SamplerError("method 'am' (plain activation maximisation) has no realism term: use lam=0")
     snap_steps = default_snapshot_steps(steps, snapshot_every)
 
     n_units = len(unit_arr)

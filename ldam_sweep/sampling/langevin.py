@@ -49,8 +49,18 @@ class SgldOptions(BaseModel):
     step_decay: float = Field(0.0, ge=0, le=1, description="gamma in eps_t = eps (1 + t)^-gamma")
 
 
-METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions}
-Method = Literal["ldam", "sgld"]
+class AmOptions(BaseModel):
+    """The peer libraries' deterministic activation maximisation: Adam ascent on the pixels, no
+    noise, no realism term (lam must be 0). A baseline for what sampling adds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(0.05, gt=0, description="Adam learning rate in pixel units (lucent's default)")
+    l2: float = Field(0.0, ge=0, description="c: weight of an L2 penalty c*||x||^2")
+
+
+METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions}
+Method = Literal["ldam", "sgld", "am"]
 
 
 @dataclass
@@ -100,6 +110,10 @@ def run_chains(
         v_a = torch.zeros_like(x)
         v_d = torch.zeros_like(x) if use_d else None
         m = torch.zeros_like(x)
+    if method == "am":
+        assert isinstance(options, AmOptions)
+        x.requires_grad_(True)
+        adam = torch.optim.Adam([x], lr=options.lr)  # element-wise state: chains stay independent
     for t in range(steps):
         x.requires_grad_(True)
         a = activation_fn(x)
@@ -112,6 +126,16 @@ def run_chains(
             else:
                 with torch.no_grad():
                     real_trace[t] = log_d(x.detach())  # type: ignore[index]
+        if method == "am":
+            loss = -(a.sum() - options.l2 * (x * x).sum())
+            adam.zero_grad(set_to_none=True)
+            loss.backward()
+            adam.step()
+            with torch.no_grad():
+                x.clamp_(lo, hi)
+            if t + 1 in snap_at:
+                snaps[snap_at[t + 1]] = x.detach()
+            continue
         xi = noise.normal(keys, draw_offset + t + 1, shape)
         if method == "ldam":
             g_a = torch.autograd.grad(a.sum(), x)[0] if lam < 1 else torch.zeros_like(x)
@@ -138,6 +162,7 @@ def run_chains(
             x = (x + 0.5 * eps_t * drift + (eps_t**0.5) * xi).clamp_(lo, hi)
         if t + 1 in snap_at:
             snaps[snap_at[t + 1]] = x
+    x = x.detach()
     with torch.no_grad():
         act_trace[steps] = activation_fn(x)
         if real_trace is not None:

@@ -151,10 +151,13 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
     root_meta = loc.join("zarr.json")
     if fs.exists(root_meta):
         attrs = _read_root_attrs(loc)
+        same = attrs.get("plan_hash") == plan.plan_hash()
         if fresh:
             fs.rm(loc.root, recursive=True)
-        elif attrs.get("plan_hash") == plan.plan_hash():
+        elif same and attrs.get("format") == FORMAT_NAME:
             return loc
+        elif same:
+            pass  # our own creation, interrupted before it finished: nothing was committed, redo it
         else:
             raise StoreError(
                 f"store {loc.url!r} was created from a different spec or model "
@@ -164,9 +167,9 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
             )
     elif fs.exists(loc.root) and fs.ls(loc.root) and not fresh:
         raise StoreError(f"{loc.url!r} exists and is not empty, but is not an ldam-sweep store; choose another path")
-    root = loc.open_group(mode="w")
-    root.attrs.update({
-        "format": FORMAT_NAME,
+    # The format marker is written last, in one atomic zarr.json write: a reader that sees it sees
+    # every group and array already in place.
+    root = zarr.open_group(loc.zarr_store(read_only=False), mode="w", attributes={
         "schema_version": SCHEMA_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "spec": plan.spec,
@@ -200,6 +203,7 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
                            fill_value=np.nan, dimension_names=["unit", "rank", "c", "y", "x"])
             g.create_array("exemplar_activation", shape=(lp.units, k), dtype="float32", chunks=(b, k),
                            fill_value=np.nan, dimension_names=["unit", "rank"])
+    root.attrs.update({"format": FORMAT_NAME})
     return loc
 
 

@@ -40,14 +40,16 @@ def verify_store(store: SweepStore) -> tuple[int, list[BlockProblem]]:
             expected = brows["checksum"][newest].as_py()
             with_exemplars = brows["exemplar_max"][newest].as_py() is not None
             units = brows["unit"].to_numpy()
+            diverged = brows["diverged_fraction"].to_numpy(zero_copy_only=False)
             try:
-                problems.extend(_check_block(store, lp, int(block), units, expected, with_exemplars))
+                problems.extend(_check_block(store, lp, int(block), units, expected, with_exemplars, diverged))
             except Exception as err:  # unreadable object, torn shard, missing array
                 problems.append(BlockProblem(lp.name, int(block), f"unreadable: {type(err).__name__}: {err}"))
     return checked, problems
 
 
-def _check_block(store: SweepStore, lp, block: int, units: np.ndarray, expected: str, with_exemplars: bool) -> list[BlockProblem]:
+def _check_block(store: SweepStore, lp, block: int, units: np.ndarray, expected: str, with_exemplars: bool,
+                 diverged: np.ndarray) -> list[BlockProblem]:
     plan = store.plan
     lo, hi = lp.block_bounds(block)
     names = ["samples", "activation"] + (["realism"] if plan.realism else [])
@@ -63,10 +65,16 @@ def _check_block(store: SweepStore, lp, block: int, units: np.ndarray, expected:
         if region[name].shape != shape:
             out.append(BlockProblem(lp.name, block, f"{name} has shape {region[name].shape}, expected {shape}"))
     idx = units - lo
+    # a chain may be non-finite only when it was flagged as diverged at commit time
+    nonfinite = np.zeros((len(idx), plan.chains), dtype=int)
     for name in ("samples", "activation"):
-        bad = ~np.isfinite(region[name][idx]).reshape(len(idx), -1).all(axis=1)
-        if bad.any():
-            out.append(BlockProblem(lp.name, block, f"{name} of committed units {units[bad].tolist()} are not finite"))
+        data = region[name][idx].reshape(len(idx), plan.chains, -1)
+        nonfinite += ~np.isfinite(data).all(axis=2)
+    flagged = np.round(np.nan_to_num(np.asarray(diverged, dtype=float)) * plan.chains).astype(int)
+    bad = (nonfinite > 0).sum(axis=1) != flagged
+    if bad.any():
+        out.append(BlockProblem(lp.name, block, f"committed units {units[bad].tolist()} have non-finite chains "
+                                f"that were not flagged as diverged"))
     got = block_checksum(region)
     if got != expected:
         out.append(BlockProblem(lp.name, block, f"checksum mismatch: manifest {expected}, stored data {got}"))

@@ -129,7 +129,7 @@ class BlockWriter:
         return block_rows(
             lp, block, result, checksum=checksum, attempt=attempt, seconds=seconds,
             worker=worker or f"{socket.gethostname()}:{os.getpid()}", spec_hash=self.spec_hash,
-            exemplar_max=None if exemplars is None else exemplars[1].max(axis=1), unit_columns=unit_columns,
+            exemplar_max=None if exemplars is None else np.nanmax(exemplars[1], axis=1), unit_columns=unit_columns,
         )
 
 

@@ -1,0 +1,163 @@
+"""Per-unit chain diagnostics and the manifest columns that hold every score.
+
+Conventions (all documented in docs/scores.md):
+- burn-in: the first half of the steps (``burn_in = steps // 2``) unless given;
+- a chain *diverged* when any of its samples or activations is non-finite: it is flagged (counted
+  in ``diverged_fraction``) and left out of every other score; the rest of the block is kept;
+- a chain is *stuck at the box* when >= 95% of its final pixels sit on the pixel-range bounds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ldam_sweep.sampling.diversity import feature_diversity, mode_count, pixel_diversity
+
+STUCK_PIXEL_FRACTION = 0.95
+BOUNDARY_TOL = 1e-3
+
+SCORE_COLUMNS = (
+    "pixel_diversity", "feature_diversity", "modes", "activation_ratio", "nearest_real", "movement",
+    "ess", "rhat", "diverged_fraction", "stuck_fraction",
+)
+
+
+def autocorr_ess(traces: torch.Tensor) -> torch.Tensor:
+    """(U, K, n) -> (U, K) effective sample size of each chain (Geyer's initial positive sequence)."""
+    x = traces.double()
+    n = x.shape[-1]
+    x = x - x.mean(-1, keepdim=True)
+    f = torch.fft.rfft(x, n=2 * n)
+    acov = torch.fft.irfft(f * f.conj(), n=2 * n)[..., :n] / n
+    var = acov[..., :1]
+    rho = torch.where(var > 0, acov / var.clamp_min(1e-300), torch.zeros_like(acov))
+    m = n // 2
+    pairs = rho[..., : 2 * m : 2] + rho[..., 1 : 2 * m : 2]  # P_t = rho_2t + rho_2t+1
+    keep = torch.cumprod((pairs > 0).double(), dim=-1)  # up to the first non-positive pair
+    tau = -1.0 + 2.0 * (pairs * keep).sum(-1)
+    ess = n / tau.clamp_min(1.0 / n)
+    const = (var.squeeze(-1) <= 0)
+    return torch.where(const, torch.full_like(ess, float("nan")), ess.clamp(max=float(n))).float()
+
+
+def split_rhat(traces: torch.Tensor) -> torch.Tensor:
+    """(U, K, n) -> (U,) split-R-hat across chains (1 = the chains agree; NaN if all constant)."""
+    x = traces.double()
+    half = x.shape[-1] // 2
+    if half < 2:
+        return torch.full(x.shape[:1], float("nan"))
+    halves = torch.cat([x[..., :half], x[..., half : 2 * half]], dim=1)  # (U, 2K, half)
+    means = halves.mean(-1)
+    w = halves.var(-1, unbiased=True).mean(-1)
+    b = half * means.var(-1, unbiased=True)
+    var_hat = (half - 1) / half * w + b / half
+    rhat = torch.sqrt(var_hat / w.clamp_min(1e-300))
+    return torch.where(w > 0, rhat, torch.full_like(rhat, float("nan"))).float()
+
+
+def unit_scores(
+    samples: np.ndarray,
+    activation: np.ndarray,
+    snapshot_steps: np.ndarray,
+    value_range: tuple[float, float],
+    *,
+    features: torch.Tensor | None = None,
+    realism: np.ndarray | None = None,
+    exemplar_max: np.ndarray | None = None,
+    real_pool: torch.Tensor | None = None,
+    burn_in: int | None = None,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """One dict of score columns per unit. ``samples`` (U, K, S, C, H, W), ``activation`` (U, K, T+1),
+    ``features`` (U, K, F) of the final samples, ``real_pool`` (N, C, H, W) for the nearest-real
+    distance, ``exemplar_max`` (U,) the unit's maximum over real data (for the activation ratio)."""
+    dev = torch.device(device)
+    s = torch.from_numpy(np.ascontiguousarray(samples)).to(dev)
+    act = torch.from_numpy(np.ascontiguousarray(activation)).to(dev)
+    u, k = act.shape[:2]
+    lo, hi = value_range
+    width = hi - lo
+    final = s[:, :, -1]
+    valid = torch.isfinite(s.flatten(2)).all(-1) & torch.isfinite(act).all(-1)  # (U, K)
+    n_valid = valid.sum(-1)
+    steps = act.shape[-1] - 1
+    burn = steps // 2 if burn_in is None else burn_in
+
+    fin = torch.where(valid.view(u, k, 1, 1, 1), final, torch.full_like(final, lo))
+    at_bound = ((fin - lo).abs() < BOUNDARY_TOL * width) | ((fin - hi).abs() < BOUNDARY_TOL * width)
+    stuck = (at_bound.flatten(2).float().mean(-1) >= STUCK_PIXEL_FRACTION) & valid
+
+    post = [i for i, t in enumerate(snapshot_steps.tolist()) if t > burn]
+    movement = torch.full((u,), float("nan"), device=dev)
+    if len(post) >= 2:
+        snaps = s[:, :, post].flatten(3).double()
+        step_rms = torch.sqrt(((snaps[:, :, 1:] - snaps[:, :, :-1]) ** 2).mean(-1)) / width  # (U, K, P-1)
+        per_chain = step_rms.mean(-1)
+        movement = _masked_mean(per_chain, valid)
+
+    trace = act[..., burn + 1 :] if steps - burn >= 4 else act
+    trace_v = torch.where(valid.unsqueeze(-1), trace, torch.zeros_like(trace))
+    ess = _masked_mean(autocorr_ess(trace_v), valid)
+    rhat = _rhat_valid(trace_v, valid)
+
+    final_act = torch.where(valid, act[..., -1], torch.zeros_like(act[..., -1]))
+    act_mean = _masked_mean(final_act, valid)
+    ratio = torch.full((u,), float("nan"), device=dev)
+    if exemplar_max is not None:
+        emax = torch.as_tensor(exemplar_max, device=dev, dtype=torch.float64)
+        ratio = torch.where(emax.abs() > 1e-12, act_mean.double() / emax, torch.full_like(emax, float("nan")))
+
+    nearest = torch.full((u,), float("nan"), device=dev)
+    if real_pool is not None:
+        a = fin.flatten(2).reshape(u * k, -1).double()
+        b = real_pool.to(dev).flatten(1).double()
+        d2 = (a * a).sum(1, keepdim=True) + (b * b).sum(1) - 2 * a @ b.T
+        dist = torch.sqrt(d2.min(1).values.clamp_min(0) / a.shape[1]) / width
+        nearest = _masked_mean(dist.view(u, k), valid)
+
+    px = pixel_diversity(final, value_range, valid)
+    fd = feature_diversity(features.to(dev), valid) if features is not None else torch.full((u,), float("nan"))
+    modes = mode_count(final, value_range, valid=valid)
+    real_mean = None
+    if realism is not None:
+        r = torch.from_numpy(np.ascontiguousarray(realism[..., -1])).to(dev)
+        real_mean = _masked_mean(torch.where(valid, r, torch.zeros_like(r)), valid)
+
+    out = []
+    for i in range(u):
+        row = {
+            "pixel_diversity": _f(px[i]), "feature_diversity": _f(fd[i]), "modes": int(modes[i]),
+            "activation_ratio": _f(ratio[i]), "nearest_real": _f(nearest[i]), "movement": _f(movement[i]),
+            "ess": _f(ess[i]), "rhat": _f(rhat[i]),
+            "diverged_fraction": float(1 - n_valid[i].item() / k), "stuck_fraction": float(stuck[i].sum().item() / k),
+        }
+        if real_mean is not None:
+            row["realism_final_mean"] = _f(real_mean[i])
+        out.append(row)
+    return out
+
+
+def _rhat_valid(trace: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """split-R-hat per unit over its valid chains (units with < 2 valid chains: NaN)."""
+    out = torch.full((trace.shape[0],), float("nan"), device=trace.device)
+    for n in torch.unique(valid.sum(-1)).tolist():  # units grouped by their number of valid chains
+        if n < 2:
+            continue
+        idx = (valid.sum(-1) == n).nonzero().squeeze(-1)
+        sel = trace[idx][valid[idx]].view(len(idx), n, -1)
+        out[idx] = split_rhat(sel).to(out.device)
+    return out
+
+
+def _masked_mean(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    x = torch.where(valid, x.to(torch.float64), torch.zeros_like(x, dtype=torch.float64))
+    n = valid.sum(-1)
+    return torch.where(n > 0, x.sum(-1) / n.clamp_min(1), torch.full_like(x[..., 0], float("nan")))
+
+
+def _f(v: torch.Tensor) -> float | None:
+    x = float(v)
+    return x if np.isfinite(x) else None

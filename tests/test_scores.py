@@ -1,0 +1,151 @@
+"""Diversity scores, chain diagnostics, exemplars and the am baseline, on the real digits model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ldam_sweep as ls
+from ldam_sweep.data import digits
+from ldam_sweep.sampling.diagnostics import autocorr_ess, split_rhat
+from ldam_sweep.sampling.diversity import feature_diversity, mode_count, pixel_diversity
+from ldam_sweep.sampling.exemplars import top_exemplars
+from ldam_sweep.sampling.scoring import score_result
+
+RANGE = (0.0, 1.0)
+
+
+def test_diversity_scores_on_known_configurations():
+    a, b = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
+    same = torch.stack([a, a, a]).unsqueeze(0)  # (U=1, K=3, C, H, W)
+    two = torch.stack([a, a, b, b]).unsqueeze(0)
+    assert float(pixel_diversity(same, RANGE)[0]) == 0.0 and int(mode_count(same, RANGE)[0]) == 1
+    assert float(pixel_diversity(two, RANGE)[0]) == pytest.approx(4 / 6)  # 4 of 6 pairs are 1.0 apart
+    assert int(mode_count(two, RANGE)[0]) == 2
+    chain = torch.stack([a, a + 0.06, a + 0.12, a + 0.5]).unsqueeze(0)  # 0.06 steps link 0-1-2 transitively
+    assert int(mode_count(chain, RANGE)[0]) == 2
+    feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
+    assert float(feature_diversity(feats)[0]) == pytest.approx(2 / 3)
+
+
+def test_ess_and_rhat_behave():
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(1, 4, 2000, generator=g)
+    walk = white.cumsum(-1)
+    assert float(autocorr_ess(white).mean()) > 1000
+    assert float(autocorr_ess(walk).mean()) < 100
+    assert float(split_rhat(white)[0]) == pytest.approx(1.0, abs=0.01)
+    shifted = white + torch.tensor([0.0, 0.0, 5.0, 5.0]).view(1, 4, 1)
+    assert float(split_rhat(shifted)[0]) > 2.0
+
+
+@pytest.fixture(scope="module")
+def digits_pool():
+    x, y = digits(28, "train")
+    return torch.from_numpy(x), y
+
+
+def test_exemplars_of_logit_units_are_digits_of_that_class(digits_model, digits_pool):
+    pool, labels = digits_pool
+    images, acts = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 8)
+    assert images.shape == (10, 8, 1, 28, 28) and acts.shape == (10, 8)
+    assert (np.diff(acts, axis=1) <= 0).all()  # sorted, best first
+    flat = pool.flatten(1).numpy()
+    hits = 0
+    for unit in range(10):
+        idx = [int(np.argmin(((flat - img.reshape(-1)) ** 2).sum(1))) for img in images[unit]]
+        hits += np.bincount(labels[idx], minlength=10).argmax() == unit
+    assert hits / 10 >= 0.9
+
+
+@pytest.fixture(scope="module")
+def pair(digits_model, digits_pool):
+    """LDAM (defaults) and the am baseline, 10 logits x 6 chains, all from the same start image."""
+    start = np.full((1, 28, 28), 0.5, dtype=np.float32)
+    out = {}
+    for method in ("ldam", "am"):
+        res = ls.sample(digits_model, "fc2", range(10), chains=6, steps=300, method=method, init=start, snapshot_every=25)
+        out[method] = res
+    return out
+
+
+def test_ldam_explores_where_am_collapses(pair, digits_model, digits_pool, real_max_logits):
+    pool, labels = digits_pool
+    _, ex = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 1)
+    scores = {m: score_result(digits_model, r, exemplar_max=ex[:, 0]) for m, r in pair.items()}
+    spread = {m: np.mean([s["pixel_diversity"] for s in sc.values()]) for m, sc in scores.items()}
+    move = {m: np.mean([s["movement"] for s in sc.values()]) for m, sc in scores.items()}
+    ratio = {m: np.mean([s["activation_ratio"] for s in sc.values()]) for m, sc in scores.items()}
+    # (a) same start: am is deterministic, so its chains coincide; LDAM's noise spreads them
+    assert spread["am"] < 1e-6 and spread["ldam"] > 0.05
+    assert all(s["modes"] == 1 for s in scores["am"].values())
+    # (b) LDAM keeps moving after burn-in more than am, which converges
+    assert move["ldam"] > 1.2 * move["am"], move
+    # and LDAM still excites every unit beyond the best real digit at lambda 0
+    assert ratio["ldam"] >= 1.0 and all(s["activation_ratio"] >= 1.0 for s in scores["ldam"].values())
+
+
+def test_scores_are_deterministic_and_invariant_to_chain_order(pair, digits_model, digits_pool):
+    pool, _ = digits_pool
+    res = pair["ldam"]
+    one = score_result(digits_model, res, real_pool=pool[:300])
+    again = score_result(digits_model, res, real_pool=pool[:300])
+    assert one == again
+    perm = np.random.default_rng(0).permutation(res.chains)
+    import dataclasses
+
+    shuffled = dataclasses.replace(res, samples=res.samples[:, perm], activation=res.activation[:, perm])
+    other = score_result(digits_model, shuffled, real_pool=pool[:300])
+    for unit in one:
+        for key, val in one[unit].items():
+            if val is None:
+                assert other[unit][key] is None
+            else:
+                assert other[unit][key] == pytest.approx(val, rel=1e-4, abs=1e-6), (unit, key)
+
+
+def test_a_diverged_chain_is_flagged_and_the_rest_stored(digits_model, tmp_path):
+    """log D is NaN for one batch element: that chain diverges; the block is still written and
+    verified, and the other chains equal a run without the fault."""
+    from ldam_sweep.sampling.chains import default_snapshot_steps
+    from ldam_sweep.store import BlockWriter, commit, create_store, verify_store
+    from ldam_sweep.store.layout import plan_store
+
+    def base(x):
+        return -((x - 0.3) ** 2).flatten(1).mean(1)
+
+    def poisoned(x):
+        scale = torch.ones(x.shape[0])
+        scale[1] = float("nan")  # unit 0, chain 1: NaN value and NaN gradient
+        return base(x) * scale
+
+    kw = dict(chains=3, steps=40, lam=0.5, snapshot_every=20)
+    good = ls.sample(digits_model, "fc2", [0, 1], discriminator=base, **kw)
+    res = ls.sample(digits_model, "fc2", [0, 1], discriminator=poisoned, **kw)
+    assert not np.isfinite(res.samples[0, 1]).all()
+    np.testing.assert_array_equal(res.samples[0, [0, 2]], good.samples[0, [0, 2]])
+    np.testing.assert_array_equal(res.samples[1], good.samples[1])
+    scores = score_result(digits_model, res)
+    assert scores[0]["diverged_fraction"] == pytest.approx(1 / 3) and scores[1]["diverged_fraction"] == 0.0
+    assert scores[0]["pixel_diversity"] is not None and np.isfinite(scores[0]["pixel_diversity"])
+    url = str(tmp_path / "s.zarr")
+    plan = plan_store(digits_model, {"fc2": [0, 1]}, chains=3, steps=40, snapshot_steps=default_snapshot_steps(40, 20),
+                      block_size=4, realism=True)
+    create_store(url, plan)
+    commit(url, BlockWriter(url).write("fc2", 0, res, unit_columns=scores))
+    st = ls.open_store(url)
+    assert st.units()["diverged_fraction"].to_pylist() == pytest.approx([1 / 3, 0.0])
+    assert verify_store(st) == (1, [])
+    np.testing.assert_allclose(st.samples("fc2", 1), good.samples[1], atol=2e-3)
+
+
+def test_am_is_the_peer_libraries_baseline(digits_model):
+    with pytest.raises(ls.SamplerError, match="no realism term"):
+        ls.sample(digits_model, "fc2", [0], method="am", lam=0.5, discriminator=lambda x: x.sum((1, 2, 3)))
+    with pytest.raises(ls.SamplerError, match="Allowed options for am: lr, l2"):
+        ls.sample(digits_model, "fc2", [0], method="am", noise=0.1)
+    a = ls.sample(digits_model, "fc2", [2], chains=2, steps=30, method="am", seed=1)
+    b = ls.sample(digits_model, "fc2", [2], chains=2, steps=30, method="am", seed=1)
+    np.testing.assert_array_equal(a.samples, b.samples)
+    assert (np.diff(a.activation[0].mean(0)) > -1e-3).mean() > 0.9  # ascent
