@@ -10,7 +10,6 @@ ratio is what matters. `--quick` runs a few steps (used by the test suite so thi
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import warnings
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 import ldam_sweep as ls
+from record import report
 
 
 def measure(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, repeats: int) -> dict:
@@ -75,13 +75,8 @@ def main() -> None:
         + (f", {torch.cuda.get_device_name(0)}" if model.device.type == "cuda" else ""),
         "torch": torch.__version__, **res,
     }
-    print(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains x {args.steps} steps on {record['device']}")
-    print(f"  one batch for the block : {res['block_chain_steps_per_s']:10.0f} chain-steps/s")
-    print(f"  one unit at a time      : {res['one_at_a_time_chain_steps_per_s']:10.0f} chain-steps/s")
-    print(f"  batching gain           : {res['batching_gain']:10.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains x {args.steps} steps on {record['device']}",
+           record, ("block_chain_steps_per_s", "one_at_a_time_chain_steps_per_s", "batching_gain"), args.out, fmt="10.2f")
 
 
 if __name__ == "__main__":

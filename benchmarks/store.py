@@ -10,7 +10,6 @@ go through the real writer, manifest and query code on local disk.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import ldam_sweep as ls
+from record import report
 from ldam_sweep.sampling.chains import ChainResult
 from ldam_sweep.store import BlockWriter, commit, create_store
 from ldam_sweep.store.layout import LayerPlan, StorePlan
@@ -127,13 +127,10 @@ def main() -> None:
         "read_unit_samples_ms": 1e3 * statistics.median(read_times),
         "read_unit_raw_zarr_ms": 1e3 * statistics.median(raw_times),
     }
-    print(f"store benchmark: {record['units']} units in {args.layers} layers, blocks of {args.block}")
-    for key in ("create_seconds", "write_block_ms", "write_MB_per_s", "manifest_files", "commit_ms_per_file",
-                "commit_rows_per_s", "units_sort_topk_s", "duckdb_topk_s", "read_unit_samples_ms", "read_unit_raw_zarr_ms"):
-        print(f"  {key:24s} {record[key]:10.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2))
-    print(f"wrote {args.out}")
+    report(f"store benchmark: {record['units']} units in {args.layers} layers, blocks of {args.block}", record,
+           ("create_seconds", "write_block_ms", "write_MB_per_s", "manifest_files", "commit_ms_per_file",
+            "commit_rows_per_s", "units_sort_topk_s", "duckdb_topk_s", "read_unit_samples_ms", "read_unit_raw_zarr_ms"),
+           args.out)
 
 
 if __name__ == "__main__":

@@ -119,9 +119,14 @@ def demo(
         job = demo_job(quick=quick)
         summary = run_sweep(job, store=store, console=err_console)
         _print_summary(summary)
+        from ldam_sweep.atlas.site import build_atlas
+
         for path in write_demo_pictures(summary.store):
             console.print(f"wrote {path}", highlight=False)
+        site = Path(summary.store).with_name(Path(summary.store).stem + "-atlas")
+        report = build_atlas(summary.store, site)
         console.print(f"store: {summary.store}  (try: ldam-sweep status {summary.store})", highlight=False)
+        console.print(f"atlas: {report.out / 'index.html'}  (open it in a browser)", highlight=False)
         raise typer.Exit(_exit_code(summary))
 
 
@@ -269,6 +274,21 @@ def verify(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
             err_console.print(f"{len(problems)} problem(s) in {checked} committed blocks")
             raise typer.Exit(1)
         console.print(f"ok: {checked} committed blocks verified")
+
+
+@app.command()
+def atlas(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for the static site."),
+    force: bool = typer.Option(False, "--force", help="Re-render every unit, not only changed ones."),
+) -> None:
+    """Build (or update) the static HTML atlas of a store; open OUTPUT/index.html in a browser."""
+    from ldam_sweep.atlas.site import build_atlas
+
+    with user_errors():
+        report = build_atlas(store, output, force=force)
+        console.print(f"atlas: {report.layers} layers, {report.units_rendered} units rendered, "
+                      f"{report.units_skipped} unchanged, {report.seconds:.1f}s -> {report.out / 'index.html'}", highlight=False)
 
 
 def main() -> None:

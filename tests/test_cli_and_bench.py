@@ -43,26 +43,32 @@ def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
     assert img.shape[0] > 10 * 28 * 3 and img.std() > 30  # 10 class rows of real pictures
 
 
-def test_batching_benchmark_quick_mode(tmp_path):
-    out_json = tmp_path / "batching.json"
+def run_quick(script: str, tmp_path: Path) -> dict:
+    """Run a benchmark script in its quick mode for real and return the JSON record it wrote."""
+    out_json = tmp_path / f"{script}.json"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "batching.py"), "--quick", "--out", str(out_json)],
-        capture_output=True, text=True, env={**os.environ},
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out_json), *(
+            ["--dir", str(tmp_path)] if script != "batching" else [])],
+        capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr
-    rec = json.loads(out_json.read_text())
+    return json.loads(out_json.read_text())
+
+
+def test_batching_benchmark_quick_mode(tmp_path):
+    rec = run_quick("batching", tmp_path)
     assert rec["units"] == 4 and rec["steps"] == 3
     assert rec["block_chain_steps_per_s"] > 0 and rec["one_at_a_time_chain_steps_per_s"] > 0
     assert rec["batching_gain"] == rec["one_at_a_time_seconds"] / rec["block_seconds"]
 
 
 def test_store_benchmark_quick_mode(tmp_path):
-    out_json = tmp_path / "store.json"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "store.py"), "--quick", "--out", str(out_json), "--dir", str(tmp_path)],
-        capture_output=True, text=True,
-    )
-    assert run.returncode == 0, run.stderr
-    rec = json.loads(out_json.read_text())
+    rec = run_quick("store", tmp_path)
     assert rec["units"] == 2000 and rec["manifest_files"] == 4
     assert rec["write_block_ms"] > 0 and rec["units_sort_topk_s"] > 0 and rec["read_unit_samples_ms"] > 0
+
+
+def test_atlas_benchmark_quick_mode(tmp_path):
+    rec = run_quick("atlas", tmp_path)
+    assert rec["units"] == 200 and rec["pages"] == 200 + 2 + 1  # unit pages, layer pages, index
+    assert rec["rebuild_unchanged_seconds"] < rec["atlas_seconds"]

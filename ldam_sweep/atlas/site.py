@@ -1,0 +1,288 @@
+"""The atlas: a static HTML site of a whole sweep that opens from file:// (no server, no CDN).
+
+    index.html                     model, layers with completion, job settings, discriminator
+    layers/<slug>.html             one thumbnail per unit (its best sample), sortable and
+                                   filterable by score, paginated in the browser
+    data/<slug>.js                 the layer's rows (a script, since file:// forbids fetch())
+    units/<slug>/<unit>.html       chains x snapshots, activation / realism traces (SVG),
+                                   dataset exemplars, every score, a Python snippet
+    img/<slug>/<unit>-*.png        nearest-neighbour upscaled PNGs
+
+Every name from the model or the spec is HTML-escaped (and JSON-escaped inside scripts). Rebuilds
+are incremental: a unit's page and images are re-rendered only when its manifest row changed
+(``atlas-state.json`` keeps each unit's checksum and commit time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ldam_sweep.atlas.grid import render_grid
+from ldam_sweep.store.query import SweepStore, open_store
+
+SCORES = (
+    ("activation_ratio", "activation ratio"), ("pixel_diversity", "pixel diversity"),
+    ("feature_diversity", "feature diversity"), ("realism_final_mean", "realism (log D)"),
+    ("nearest_real", "nearest real"), ("modes", "modes"), ("movement", "movement"), ("ess", "ESS"),
+    ("rhat", "split R-hat"), ("act_final_mean", "final activation"), ("exemplar_max", "exemplar max"),
+    ("diverged_fraction", "diverged"), ("stuck_fraction", "stuck at box"),
+)
+PAGE_SIZE = 200
+STATE_FILE = "atlas-state.json"
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+a{color:#0b5cad;text-decoration:none}a:hover{text-decoration:underline}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#eee}.bar{background:#ddd;width:120px;height:10px;display:inline-block}
+.bar>span{background:#3a7;height:10px;display:block}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.cell{background:#fff;border:1px solid #ddd;padding:4px;width:132px;font-size:11px}
+.cell img{width:128px;height:128px;image-rendering:pixelated;display:block}
+img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
+.controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}
+"""
+
+
+def slug(name: str) -> str:
+    """A file-name-safe, collision-free name for a layer."""
+    base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
+    return f"{base}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
+
+
+def _e(text: Any) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _page(title: str, body: str, depth: int) -> str:
+    up = "../" * depth
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
+            f"<link rel='stylesheet' href='{up}style.css'></head><body>"
+            f"<p class='muted'><a href='{up}index.html'>atlas index</a></p>{body}</body></html>")
+
+
+def _json_for_script(obj: Any) -> str:
+    """JSON that is safe inside a <script> element (no '</script>' or '<!--' can appear)."""
+    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def _svg_traces(trace: np.ndarray, title: str, width: int = 520, height: int = 180) -> str:
+    """(chains, steps + 1) -> an inline SVG line plot, one polyline per chain."""
+    t = np.asarray(trace, dtype=np.float64)
+    finite = t[np.isfinite(t)]
+    if finite.size == 0:
+        return f"<p class='muted'>{_e(title)}: no finite values</p>"
+    lo, hi = float(finite.min()), float(finite.max())
+    hi = hi if hi > lo else lo + 1.0
+    pad = 30
+    n = t.shape[1]
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    idx = np.unique(np.linspace(0, n - 1, min(n, 160)).round().astype(int))  # enough points for 520 px
+    xs = pad + (width - pad - 5) * idx / max(1, n - 1)
+    lines = []
+    for c, row in enumerate(t[:, idx]):
+        ys = 5 + (height - pad) * (1 - (row - lo) / (hi - lo))
+        ok = np.isfinite(ys)
+        pts = " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs[ok], ys[ok]))
+        lines.append(f"<polyline fill='none' stroke='{colors[c % len(colors)]}' stroke-width='1' points='{pts}'/>")
+    axis = (f"<text x='2' y='12' font-size='10'>{hi:.3g}</text><text x='2' y='{height - pad + 5}' font-size='10'>{lo:.3g}</text>"
+            f"<text x='{pad}' y='{height - 8}' font-size='10'>step 0</text>"
+            f"<text x='{width - 60}' y='{height - 8}' font-size='10'>step {n - 1}</text>")
+    return (f"<figure><figcaption>{_e(title)}</figcaption><svg xmlns='http://www.w3.org/2000/svg' width='{width}' "
+            f"height='{height}' role='img' aria-label='{_e(title)}'>{axis}{''.join(lines)}</svg></figure>")
+
+
+@dataclass
+class AtlasReport:
+    out: Path
+    units_rendered: int
+    units_skipped: int
+    layers: int
+    seconds: float
+
+
+def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False) -> AtlasReport:
+    """Write (or update) the atlas of a store into ``out``."""
+    t0 = time.perf_counter()
+    st = store if isinstance(store, SweepStore) else open_store(store)
+    out = Path(out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    (out / "style.css").write_text(CSS)
+    state_path = out / STATE_FILE
+    state: dict[str, str] = {} if force or not state_path.is_file() else json.loads(state_path.read_text())
+    rows = st.units(status=None)
+    layers_info = st.layers()
+    rendered = skipped = 0
+    for info in layers_info:
+        name = info["name"]
+        s = slug(name)
+        lrows = [r for r in rows.to_pylist() if r["layer"] == name]
+        entries = []
+        todo: dict[int, list[dict[str, Any]]] = {}
+        for r in lrows:
+            key = f"{name}\x00{r['unit']}"
+            stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}"
+            if r["status"] == "ok":
+                if state.get(key) != stamp or not (out / "units" / s / f"{r['unit']}.html").is_file():
+                    todo.setdefault(int(r["block"]), []).append(r)
+                else:
+                    skipped += 1
+            state[key] = stamp
+            entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
+                            **{k: (r.get(k) if not isinstance(r.get(k), float) or np.isfinite(r.get(k)) else None)
+                               for k, _ in SCORES}})
+        lp = st.layer_plan(name)
+        for block, brows in todo.items():  # read each block's arrays once, then render its units
+            lo, hi = lp.block_bounds(block)
+            arrays = {k: np.asarray(st._array(name, k)[lo:hi]) for k in _block_arrays(st)}
+            for r in brows:
+                _render_unit(st, info, r, {k: v[int(r["unit"]) - lo] for k, v in arrays.items()}, out)
+                rendered += 1
+        seen = {e["unit"] for e in entries}
+        planned = lp.selected if lp.selected is not None else range(lp.units)
+        entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORES}}
+                    for u in planned if int(u) not in seen]
+        (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
+        _write_layer_page(st, info, out)
+    _write_index(st, layers_info, out)
+    state_path.write_text(json.dumps(state))
+    return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
+                       seconds=time.perf_counter() - t0)
+
+
+def _block_arrays(st: SweepStore) -> list[str]:
+    names = ["samples", "activation"] + (["realism"] if st.plan.realism else [])
+    return names + (["exemplars", "exemplar_activation"] if st.plan.exemplars_k else [])
+
+
+def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:
+    """One unit's images and page, from its slices of the block's arrays (read once per block)."""
+    name, unit = info["name"], int(row["unit"])
+    s = slug(name)
+    img_dir = out / "img" / s
+    img_dir.mkdir(parents=True, exist_ok=True)
+    samples = data["samples"].astype(np.float32)  # (chains, snapshots, C, H, W)
+    act = data["activation"]
+    vr = st.plan.value_range
+    h = samples.shape[-2]
+    scale = max(1, 128 // h)
+    final_act = np.where(np.isfinite(act[:, -1]), act[:, -1], -np.inf)
+    best = int(np.argmax(final_act))
+    render_grid(samples[best : best + 1, -1:], vr, scale=scale, pad=0).save(img_dir / f"{unit}-best.png", compress_level=1)
+    steps = st.snapshot_steps()
+    labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
+    render_grid(samples, vr, scale=max(1, 96 // h), row_labels=[f"chain {c}" for c in range(len(samples))],
+                cell_labels=labels, col_labels=[f"t={t}" for t in steps]).save(img_dir / f"{unit}-chains.png", compress_level=1)
+    parts = [f"<h1>{_e(name)} · unit {unit}</h1>",
+             f"<p><a href='../../layers/{s}.html'>back to layer {_e(name)}</a></p>",
+             "<h2>Chains × snapshots</h2>",
+             f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
+    if "exemplars" in data:
+        ex, ex_act = data["exemplars"].astype(np.float32), data["exemplar_activation"]
+        if np.isfinite(ex).any():
+            render_grid(ex[None], vr, scale=max(1, 64 // h),
+                        cell_labels=np.vectorize(lambda v: f"{v:.3g}")(ex_act[None])).save(img_dir / f"{unit}-exemplars.png", compress_level=1)
+            parts += ["<h2>Dataset exemplars (top real images)</h2>",
+                      f"<img class='pix' alt='exemplars' src='../../img/{s}/{unit}-exemplars.png'>"]
+    parts.append("<h2>Traces</h2>" + _svg_traces(act, "activation per step (one line per chain)"))
+    if "realism" in data:
+        parts.append(_svg_traces(data["realism"], "realism log D per step"))
+    score_rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>" for k, label in SCORES)
+    meta = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>"
+                   for k in ("objective", "method", "lam", "chains", "steps", "attempt", "worker", "committed_at"))
+    parts.append(f"<h2>Scores</h2><table>{score_rows}{meta}</table>")
+    snippet = (f"import ldam_sweep as ls\nsamples = ls.open_store({st.loc.url!r}).samples({name!r}, {unit})"
+               "  # (chain, snapshot, C, H, W)")
+    parts.append(f"<h2>Load it from Python</h2><pre>{_e(snippet)}</pre>")
+    (out / "units" / s).mkdir(parents=True, exist_ok=True)
+    (out / "units" / s / f"{unit}.html").write_text(_page(f"{name} unit {unit}", "".join(parts), 2))
+
+
+LAYER_JS = """
+(function(){
+  const rows = window.ATLAS_LAYER, slug = document.body.dataset.slug, size = %d;
+  const sortSel = document.getElementById('sort'), filt = document.getElementById('filter'),
+        minIn = document.getElementById('min'), grid = document.getElementById('grid'),
+        pager = document.getElementById('pager'), count = document.getElementById('count');
+  let page = 0;
+  function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
+  function fmt(v){return (v === null || v === undefined) ? '–' : (typeof v === 'number' ? Number(v.toPrecision(4)) : esc(v));}
+  function view(){
+    const key = sortSel.value, f = filt.value, min = parseFloat(minIn.value);
+    let v = rows.filter(r => f === 'all' || r.status === f);
+    if (!isNaN(min) && key !== 'unit') v = v.filter(r => r[key] !== null && r[key] >= min);
+    v.sort((a, b) => key === 'unit' ? a.unit - b.unit : ((b[key] ?? -Infinity) - (a[key] ?? -Infinity)));
+    return v;
+  }
+  function render(){
+    const v = view(), pages = Math.max(1, Math.ceil(v.length / size));
+    page = Math.min(page, pages - 1);
+    count.textContent = v.length + ' of ' + rows.length + ' units';
+    grid.innerHTML = v.slice(page * size, (page + 1) * size).map(r => r.status === 'ok'
+      ? `<div class="cell"><a href="../units/${slug}/${r.unit}.html"><img alt="unit ${r.unit}" src="../img/${slug}/${r.unit}-best.png"></a>`
+        + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · div ${fmt(r.pixel_diversity)}<br>realism ${fmt(r.realism_final_mean)}</div>`
+      : `<div class="cell"><b>unit ${r.unit}</b><br>${r.status}${r.error ? ': ' + esc(r.error) : ''}</div>`).join('');
+    pager.innerHTML = Array.from({length: pages}, (_, i) => i === page ? `<b>${i + 1}</b>` : `<a href="#" data-p="${i}">${i + 1}</a>`).join(' ');
+  }
+  pager.addEventListener('click', e => { if (e.target.dataset.p) { e.preventDefault(); page = +e.target.dataset.p; render(); } });
+  [sortSel, filt, minIn].forEach(el => el.addEventListener('input', () => { page = 0; render(); }));
+  render();
+})();
+"""
+
+
+def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
+    name, s = info["name"], slug(info["name"])
+    options = "<option value='unit'>unit</option>" + "".join(
+        f"<option value='{k}'>{_e(label)}</option>" for k, label in SCORES)
+    body = (f"<h1>Layer {_e(name)}</h1>"
+            f"<p>{_e(info['module_type'])}, {_e(info['kind'])}, output {_e('×'.join(map(str, info['output_shape'])))}, "
+            f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done, {info['failed']} failed.</p>"
+            f"<div class='controls'><label>sort by <select id='sort'>{options}</select></label>"
+            "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
+            "<option value='failed'>failed</option><option value='pending'>pending</option></select></label>"
+            "<label>min value <input id='min' type='number' step='any' size='6'></label><span id='count'></span></div>"
+            "<div id='pager'></div><div class='grid' id='grid'></div>"
+            f"<script src='../data/{s}.js'></script><script>{LAYER_JS % PAGE_SIZE}</script>")
+    page = _page(f"layer {name}", body, 1).replace("<body>", f"<body data-slug='{_e(s)}'>", 1)
+    (out / "layers").mkdir(parents=True, exist_ok=True)
+    (out / "layers" / f"{s}.html").write_text(page)
+
+
+def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -> None:
+    attrs = st.attrs
+    spec = attrs.get("spec", {})
+    rows = []
+    for info in layers_info:
+        frac = info["done"] / info["planned"] if info["planned"] else 0
+        rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td>"
+                    f"<td>{_e(info['module_type'])}</td><td>{_e(info['kind'])}</td><td>{info['units']}</td>"
+                    f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['pending']}</td>"
+                    f"<td><span class='bar'><span style='width:{100 * frac:.0f}%'></span></span> {100 * frac:.0f}%</td></tr>")
+    d = st.discriminator_info()
+    d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
+              f"fresh chains {d['heldout_fake_accuracy']:.3f})" if d else "none (λ = 0)")
+    body = (f"<h1>ldam-sweep atlas: {_e(attrs['model']['name'])}</h1>"
+            f"<p>store <code>{_e(st.loc.url)}</code>, created {_e(attrs.get('created_at', ''))}, "
+            f"model fingerprint <code>{_e(attrs['model']['fingerprint'][:12])}</code></p>"
+            "<h2>Layers</h2><table><tr><th>layer</th><th>module</th><th>kind</th><th>units</th><th>done</th>"
+            f"<th>failed</th><th>pending</th><th>completion</th></tr>{''.join(rows)}</table>"
+            f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
+            f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
+    (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

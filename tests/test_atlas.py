@@ -1,0 +1,154 @@
+"""The atlas, driven in a real headless Chromium (Debian's package) through Playwright."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ldam_sweep as ls
+from ldam_sweep.atlas.site import build_atlas, slug
+from ldam_sweep.data import digits
+from ldam_sweep.sampling.chains import default_snapshot_steps
+from ldam_sweep.sampling.exemplars import top_exemplars
+from ldam_sweep.sampling.scoring import score_result
+from ldam_sweep.store import BlockWriter, commit, create_store
+from ldam_sweep.store.layout import plan_store
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="make test installs Debian's chromium; run it through make")
+
+EVIL = "<script>alert('pwned')</script>"
+FACTORY = f'''
+from collections import OrderedDict
+from torch import nn
+def build():
+    return nn.Sequential(OrderedDict([({EVIL!r}, nn.Conv2d(1, 4, 5, stride=2)), ("relu", nn.ReLU()),
+                                      ("flat", nn.Flatten()), ("out", nn.Linear(4 * 12 * 12, 10))]))
+'''
+
+
+def _sweep_block(url, model, layer, block, pool):
+    w = BlockWriter(url)
+    lp = w.plan.layer(layer)
+    res = ls.sample(model, layer, lp.block_units(block), chains=3, steps=30, snapshot_every=10)
+    ex = top_exemplars(model, layer, res.units, lp.objective, pool, 4)
+    scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0])
+    commit(url, w.write(layer, block, res, exemplars=ex, unit_columns=scores))
+
+
+@pytest.fixture(scope="module")
+def atlas_site(tmp_path_factory, digits_model):
+    import torch
+
+    tmp = tmp_path_factory.mktemp("atlas")
+    (tmp / "evil_model_for_test.py").write_text(FACTORY)
+    sys.path.insert(0, str(tmp))
+    try:
+        evil = ls.load_model({"factory": "evil_model_for_test:build", "input": {"channels": 1, "height": 28, "width": 28}}, device="cpu")
+    finally:
+        sys.path.remove(str(tmp))
+    pool = torch.from_numpy(digits(28, "train")[0])
+    stores = {}
+    for key, model, layers in (("digits", digits_model, {"fc2": None, "conv2": list(range(8))}), ("evil", evil, {EVIL: None})):
+        url = str(tmp / f"{key}.zarr")
+        plan = plan_store(model, layers, chains=3, steps=30, snapshot_steps=default_snapshot_steps(30, 10), block_size=4,
+                          exemplars_k=4, spec={"name": key, "note": EVIL})
+        create_store(url, plan)
+        for lp in plan.layers:
+            for b in lp.planned_blocks():
+                if (key, lp.name, b) != ("digits", "fc2", 2):  # leave one block pending
+                    _sweep_block(url, model, lp.name, b, pool)
+        stores[key] = url
+    report = build_atlas(stores["digits"], tmp / "site")
+    evil_report = build_atlas(stores["evil"], tmp / "evil-site")
+    return {"tmp": tmp, "stores": stores, "report": report, "evil": evil_report, "model": digits_model, "pool": pool}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+def _images_loaded(page) -> list[int]:
+    return page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
+
+
+def test_browse_index_layer_unit(atlas_site, browser):
+    site = atlas_site["tmp"] / "site"
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.goto((site / "index.html").as_uri())
+    rows = page.locator("table tr").all_inner_texts()
+    fc2 = [r for r in rows if r.startswith("fc2")][0].split("\t")
+    assert fc2[3:7] == ["10", "8", "0", "2"]  # units, done, failed, pending
+    conv2 = [r for r in rows if r.startswith("conv2")][0].split("\t")
+    assert conv2[4] == "8"
+    assert "zoo:digits-cnn" in page.inner_text("h1")
+    page.click("text=fc2")
+    page.wait_for_selector(".cell img")
+    assert page.inner_text("#count") == "10 of 10 units"
+    assert page.locator(".cell img").count() == 8  # two units are pending: no picture
+    assert all(w > 0 for w in _images_loaded(page))
+    # sort by activation ratio: the first cell is the unit with the highest ratio
+    st = ls.open_store(atlas_site["stores"]["digits"])
+    best = st.units("fc2", sort="activation_ratio", limit=1)["unit"][0].as_py()
+    page.select_option("#sort", "activation_ratio")
+    assert page.locator(".cell b").first.inner_text() == f"unit {best}"
+    page.fill("#min", "1e9")
+    assert page.inner_text("#count").startswith("0 of")
+    page.fill("#min", "")
+    page.locator(".cell a").first.click()
+    page.wait_for_selector("h2")
+    assert page.inner_text("h1") == f"fc2 · unit {best}"
+    text = page.inner_text("body")
+    assert "Dataset exemplars" in text and "activation ratio" in text and "ls.open_store(" in text
+    ratio = st.units("fc2", unit=best)["activation_ratio"][0].as_py()
+    assert f"{ratio:.4g}" in text
+    assert page.locator("svg polyline").count() == 3  # one trace per chain
+    loaded = _images_loaded(page)
+    assert len(loaded) == 2 and all(w > 0 for w in loaded)  # chains x snapshots, exemplars
+    page.screenshot(path=str(atlas_site["tmp"] / "unit.png"), full_page=True)
+    assert (atlas_site["tmp"] / "unit.png").stat().st_size > 10_000
+    assert all(u.startswith("file://") for u in requests)  # nothing fetched from the network
+
+
+def test_script_in_a_layer_name_is_text_not_code(atlas_site, browser):
+    site = atlas_site["tmp"] / "evil-site"
+    page = browser.new_page()
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto((site / "index.html").as_uri())
+    assert EVIL in page.inner_text("body")  # the layer name and the spec note, shown as text
+    page.click(f"text={EVIL}")
+    page.wait_for_selector(".cell img")
+    assert EVIL in page.inner_text("h1")
+    page.locator(".cell a").first.click()
+    page.wait_for_selector("h2")
+    assert EVIL in page.inner_text("h1")
+    assert dialogs == []
+    assert (site / "layers" / f"{slug(EVIL)}.html").is_file() and "<" not in slug(EVIL)
+
+
+def test_rebuild_renders_only_what_changed(atlas_site):
+    url = atlas_site["stores"]["digits"]
+    site = atlas_site["tmp"] / "site"
+    first = atlas_site["report"]
+    assert first.units_rendered == 16 and first.units_skipped == 0
+    again = build_atlas(url, site)
+    assert again.units_rendered == 0 and again.units_skipped == 16
+    _sweep_block(url, atlas_site["model"], "fc2", 2, atlas_site["pool"])
+    third = build_atlas(url, site)
+    assert third.units_rendered == 2 and third.units_skipped == 16
+    assert (site / "units" / slug("fc2") / "9.html").is_file()
