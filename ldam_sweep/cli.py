@@ -37,6 +37,9 @@ def user_errors() -> Iterator[None]:
     except LdamError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False, markup=True)
         raise typer.Exit(2) from None
+    except OSError as err:  # an output path that cannot be written, a full disk, ...
+        err_console.print(f"[red]error:[/red] {type(err).__name__}: {err}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
     finally:
         warnings.showwarning = old
 
@@ -289,6 +292,34 @@ def atlas(
         report = build_atlas(store, output, force=force)
         console.print(f"atlas: {report.layers} layers, {report.units_rendered} units rendered, "
                       f"{report.units_skipped} unchanged, {report.seconds:.1f}s -> {report.out / 'index.html'}", highlight=False)
+
+
+@app.command()
+def compare(
+    store_a: str = typer.Argument(..., help="First store (e.g. raw weights)."),
+    store_b: str = typer.Argument(..., help="Second store (e.g. averaged weights)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write an HTML report with side-by-side samples here."),
+) -> None:
+    """Unit-by-unit comparison of two sweeps of one architecture: paired score differences and the
+    distance between their samples, summarised per layer."""
+    from ldam_sweep.compare import compare_stores, write_report
+    from ldam_sweep.store import open_store
+
+    with user_errors():
+        a, b = open_store(store_a), open_store(store_b)
+        cmp = compare_stores(a, b)
+        table = Table(title=f"A = {a.attrs['model']['name']}  vs  B = {b.attrs['model']['name']}")
+        cols = [("layer", "layer"), ("paired", "units"), ("mean_sample_distance", "sample dist"),
+                ("mean_activation_ratio_delta", "Δ act ratio"), ("mean_realism_final_mean_delta", "Δ log D"),
+                ("mean_nearest_real_delta", "Δ nearest real"), ("mean_pixel_diversity_delta", "Δ diversity")]
+        for _, label in cols:
+            table.add_column(label, justify="left" if label == "layer" else "right")
+        for r in cmp.layers:
+            table.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else ("–" if r.get(k) is None else str(r[k]))
+                            for k, _ in cols])
+        console.print(table)
+        if output is not None:
+            console.print(f"wrote {write_report(cmp, a, b, str(output))}", highlight=False)
 
 
 def main() -> None:

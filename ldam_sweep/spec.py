@@ -178,13 +178,15 @@ def read_yaml(path: str | Path) -> Any:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise SpecError(f"spec file {str(p)!r} is not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SpecError(f"spec file {str(p)!r} cannot be read as YAML text: {err}") from None
 
 
 def load_model_spec(ref: str | Path) -> ModelSpec:
     """A ModelSpec from a YAML file (a job spec with a ``model:`` section, or a bare model spec)
     or from a shorthand name such as ``digits-cnn`` or ``torchvision:resnet18``."""
     p = Path(ref)
-    if p.suffix.lower() in (".yaml", ".yml") or p.is_file():
+    if p.suffix.lower() in (".yaml", ".yml"):
         doc = read_yaml(p)
         if not isinstance(doc, dict):
             raise SpecError(f"spec file {str(p)!r} must hold a mapping, got {type(doc).__name__}")
@@ -292,6 +294,8 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        if self.sampler.method == "am" and self.sampler.lam > 0:
+            raise ValueError("sampler.method 'am' (plain activation maximisation) has no realism term: use lam 0")
         if self.sampler.lam > 0 and self.discriminator is None:
             raise ValueError(f"sampler.lam={self.sampler.lam} weights the realism term, so a discriminator section is needed")
         if self.discriminator is not None and self.discriminator.train is not None and self.data is None:

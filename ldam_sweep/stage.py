@@ -47,4 +47,7 @@ def job_discriminator(
     settings = DiscriminatorSettings(**(job.discriminator.train or {}))
     train = real_images(job.data, model.input, "train")
     heldout = real_images(job.data, model.input, "test")
-    return train_discriminator(model, job_targets(job, model), train, heldout, settings, progress=progress)
+    conv = job.objective.get("conv")
+    objectives = {layer.name: conv for layer in model.layers if layer.kind == "conv" and conv}
+    return train_discriminator(model, job_targets(job, model), train, heldout, settings, progress=progress,
+                               objectives=objectives)

@@ -170,6 +170,18 @@ def factory_digits_like(tmp_path_factory):
         sys.path.remove(str(mod_dir))
 
 
+def test_training_chains_are_distinct_and_cover_every_layer(digits_model):
+    from ldam_sweep.sampling.discriminator import _ChainGroup, _spread
+
+    groups = _spread([("fc2", np.arange(10))], 32)
+    assert [(l, len(u)) for l, u in groups] == [("fc2", 32)]
+    g = _ChainGroup(digits_model, "fc2", groups[0][1], "logit", 0, "train")
+    flat = g.x.flatten(1)
+    assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 0.1  # chains on one unit are not copies
+    many = _spread([("conv2", np.arange(32)), ("fc1", np.arange(128)), ("fc2", np.arange(10))], 16)
+    assert {l for l, _ in many} == {"conv2", "fc1", "fc2"}
+
+
 def test_image_folder_resizes_crops_and_converts_channels(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -228,6 +228,15 @@ def test_verify_names_the_corrupted_block(store, digits_model):
     assert checked == 2 and [(p.block, p.problem.split(":")[0]) for p in problems] == [(0, "unreadable"), (1, "checksum mismatch")]
 
 
+def test_resources_and_store_path_do_not_change_the_sweep_identity(digits_model):
+    base = {"job": "x", "resources": {"actors": 1, "block_size": 4, "max_attempts": 3}, "store": "a.zarr"}
+    same = {"job": "x", "resources": {"actors": 8, "block_size": 4, "max_attempts": 5}, "store": "s3://b/a.zarr"}
+    other = {"job": "x", "resources": {"actors": 1, "block_size": 8}, "store": "a.zarr"}
+    h = lambda spec: make_plan(digits_model, spec=spec).plan_hash()  # noqa: E731
+    assert h(base) == h(same) and h(base) != h(other)
+    assert make_plan(digits_model, spec=same).spec == same  # the store keeps the spec exactly as submitted
+
+
 def test_other_spec_is_refused_and_nothing_is_deleted(store, digits_model):
     url, plan = store
     write_and_commit(url, digits_model, plan, "fc2", [0])
@@ -256,6 +265,15 @@ def test_clear_errors_for_wrong_paths_layers_and_units(store, tmp_path, digits_m
     (tmp_path / "busy" / "thesis.tex").write_text("x")
     with pytest.raises(StoreError, match="exists and is not empty"):
         create_store(str(tmp_path / "busy"), plan)
+    with pytest.raises(StoreError, match="--fresh only ever deletes ldam-sweep stores"):
+        create_store(str(tmp_path / "busy"), plan, fresh=True)
+    assert (tmp_path / "busy" / "thesis.tex").read_text() == "x"  # never deleted
+    with pytest.raises(StoreError, match="not an ldam-sweep store; nothing was changed"):
+        create_store(str(tmp_path / "plain.zarr"), plan, fresh=True)
+    with pytest.raises(StoreError, match="mistyped URL"):
+        create_store("s3:/bucket/x.zarr", plan)
+    with pytest.raises(StoreError, match="cannot reach store 'nosuchproto://b/x'"):
+        ls.open_store("nosuchproto://b/x")
     st = ls.open_store(url)
     with pytest.raises(StoreError, match="layer 'fc3' is not in store.*Did you mean 'fc2'"):
         st.samples("fc3", 0)

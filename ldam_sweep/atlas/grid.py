@@ -67,5 +67,5 @@ def render_grid(
 def save_grid(path: str | Path, *args, **kwargs) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    render_grid(*args, **kwargs).save(p)
+    render_grid(*args, **kwargs).save(p, format="PNG")
     return p

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from ldam_sweep.cluster.plan import BlockTask, block_tasks, check_writable, store_url, sweep_store_plan
 from ldam_sweep.cluster.progress import SweepProgress
+from ldam_sweep.errors import LdamError
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
 from ldam_sweep.store.layout import StoreError, write_discriminator
@@ -142,17 +143,21 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"namespace": "ldam-sweep", "log_to_driver": False}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    try:
+        if address:
+            ray.init(address=address, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        raise LdamError(f"cannot start or join Ray (address {address or 'local'!r}): {err}. "
+                        "Committed work is kept; fix the address and rerun.") from None
     return True
 
 
 def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask], spec_hash: str,
               summary: SweepSummary, console: Console, address: str | None, num_cpus: int | None) -> None:
     import ray
-    from ray.exceptions import ActorDiedError, RayActorError, RayTaskError
+    from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
     from ldam_sweep.cluster.worker import SweepWorker
 
@@ -165,7 +170,22 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask]
         num_cpus=res.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
     )
     actors = [actor_cls.remote(doc, url, max(1, int(res.cpus_per_actor))) for _ in range(res.actors)]
-    capacity = {i: PER_ACTOR_IN_FLIGHT for i in range(len(actors))}
+    # Tasks go only to actors that have started (model loaded): an actor the cluster cannot place
+    # (more GPUs or CPUs asked than exist, or nodes still being added) never holds work hostage.
+    starting = {a.identity.remote(): i for i, a in enumerate(actors)}
+    capacity: dict[int, int] = {}
+
+    def admit(timeout: float) -> None:
+        if not starting:
+            return
+        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=timeout)
+        for ref in ready:
+            i = starting.pop(ref)
+            try:
+                ray.get(ref)
+                capacity[i] = PER_ACTOR_IN_FLIGHT
+            except RayError as err:
+                console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False)
     limit = res.max_in_flight or PER_ACTOR_IN_FLIGHT * len(actors)
     queue = collections.deque(todo)
     attempts: dict[tuple[str, int], int] = collections.Counter()
@@ -196,6 +216,11 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask]
 
     try:
         while queue or inflight:
+            admit(0)
+            while not capacity and not inflight and starting:
+                console.print(f"waiting for workers to start ({len(starting)} asked: {res.cpus_per_actor} CPU, "
+                              f"{gpus} GPU each) ...", highlight=False)
+                admit(60.0)
             for i in list(capacity):
                 while queue and capacity[i] > 0 and len(inflight) < limit:
                     task = queue.popleft()
@@ -204,7 +229,8 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask]
                     inflight[ref] = (task, i)
                     capacity[i] -= 1
             if not inflight:
-                raise RuntimeError("no live workers left to run the remaining blocks")
+                raise LdamError(f"no worker could start or every worker died for good; {len(queue)} blocks were not run. "
+                                "What was committed stays committed: rerun the same command to resume.")
             ready, _ = ray.wait(list(inflight), num_returns=1, timeout=30.0)
             for ref in ready:
                 task, i = inflight.pop(ref)
@@ -219,6 +245,9 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask]
                     if isinstance(err, ActorDiedError) and not _restartable(err):
                         capacity.pop(i, None)
                     retry_or_fail(task, f"worker died: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                    continue
+                except RayError as err:  # lost objects, crashed worker processes, Ray's memory monitor
+                    retry_or_fail(task, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
                     continue
                 buffer.extend(rows)
                 buffered_blocks += 1

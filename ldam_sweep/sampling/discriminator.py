@@ -230,7 +230,9 @@ class _ChainGroup:
         self.generation += 1
         self.draws = 0
         self.advances = 0
-        self.keys = noise.chain_keys(self.seed, f"{self.tag}|{self.layer}|gen{self.generation}", self.units, 1).to(self.model.device)
+        # keyed by chain position, not unit: two chains on one unit must not be copies of each other
+        slots = np.arange(len(self.units))
+        self.keys = noise.chain_keys(self.seed, f"{self.tag}|{self.layer}|gen{self.generation}", slots, 1).to(self.model.device)
         lo, hi = self.model.input.range
         self.x = lo + (hi - lo) * noise.uniform(self.keys, 0, self.model.input.shape)
 
@@ -247,16 +249,18 @@ class _ChainGroup:
 
 
 def _spread(targets: list[tuple[str, np.ndarray]], n: int) -> list[tuple[str, np.ndarray]]:
-    """n chains spread round-robin over the targets' (layer, unit) pairs, grouped by layer."""
-    pairs = [(layer, int(u)) for layer, units in targets for u in units]
-    if not pairs:
+    """n chains over the targets: round-robin over the layers (each layer gets its share, whatever
+    its unit count), and within a layer evenly over its units, wrapping when it has fewer units."""
+    targets = [(layer, np.asarray(units)) for layer, units in targets if len(units)]
+    if not targets:
         raise LdamError("discriminator training needs at least one target unit")
-    by_layer: dict[str, list[int]] = {}
-    stride = max(1, len(pairs) // n)
-    for i in range(n):
-        layer, unit = pairs[(i * stride) % len(pairs)]
-        by_layer.setdefault(layer, []).append(unit)
-    return [(layer, np.asarray(units, dtype=np.int64)) for layer, units in by_layer.items()]
+    counts = [n // len(targets) + (1 if i < n % len(targets) else 0) for i in range(len(targets))]
+    out = []
+    for (layer, units), k in zip(targets, counts):
+        if k:
+            pick = (np.arange(k) * len(units) // k) if k <= len(units) else np.arange(k) % len(units)
+            out.append((layer, units[pick].astype(np.int64)))
+    return out
 
 
 def train_discriminator(
@@ -267,6 +271,7 @@ def train_discriminator(
     settings: DiscriminatorSettings | dict[str, Any] | None = None,
     *,
     progress: Callable[[int, dict[str, float]], None] | None = None,
+    objectives: dict[str, str] | None = None,
 ) -> TrainedDiscriminator:
     """Stage 1: train D against persistent chains on ``targets`` [(layer, units), ...].
 
@@ -283,7 +288,7 @@ def train_discriminator(
     opt = torch.optim.Adam(d.parameters(), lr=s.lr, betas=(0.5, 0.999))
     real = torch.from_numpy(np.ascontiguousarray(real_train, dtype=np.float32)).to(dev)
 
-    objective = {layer.name: layer.default_objective for layer in model.layers}
+    objective = {layer.name: (objectives or {}).get(layer.name, layer.default_objective) for layer in model.layers}
     groups = [
         _ChainGroup(model, model.layer(layer).name, units, objective[model.layer(layer).name], s.seed, "train")
         for layer, units in _spread([(layer, model.check_units(layer, units)) for layer, units in targets], s.chains)

@@ -52,8 +52,8 @@ def _bits(keys: torch.Tensor, draw: int, n: int, lane: int) -> torch.Tensor:
 
 
 def _unit_interval(bits: torch.Tensor) -> torch.Tensor:
-    """Top 24 bits to float32 in the open interval (0, 1)."""
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    """Top 23 bits to float32 in the open interval (0, 1): (k + 0.5) / 2**23 is exact in float32."""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def uniform(keys: torch.Tensor, draw: int, shape: tuple[int, ...]) -> torch.Tensor:

@@ -119,11 +119,21 @@ class StorePlan:
             model_fingerprint=d["model_fingerprint"], spec=d["spec"],
         )
 
+    def identity_spec(self) -> dict[str, Any]:
+        """The spec without what may change between runs of one sweep: where the store is and
+        how many actors / attempts / commits (the block size stays: it fixes the store's grid)."""
+        spec = dict(self.spec)
+        spec.pop("store", None)
+        if isinstance(spec.get("resources"), dict):
+            spec["resources"] = {k: v for k, v in spec["resources"].items() if k == "block_size"}
+        return spec
+
     def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.spec, sort_keys=True, default=str).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.identity_spec(), sort_keys=True, default=str).encode()).hexdigest()
 
     def plan_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()
+        d = {**self.to_json(), "spec": json.loads(json.dumps(self.identity_spec(), default=str))}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -152,6 +162,10 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
     if fs.exists(root_meta):
         attrs = _read_root_attrs(loc)
         same = attrs.get("plan_hash") == plan.plan_hash()
+        ours = attrs.get("format") == FORMAT_NAME or "plan_hash" in attrs
+        if not ours:
+            raise StoreError(f"{loc.url!r} is a Zarr group but not an ldam-sweep store; nothing was changed "
+                             "(--fresh only ever deletes ldam-sweep stores). Choose another path.")
         if fresh:
             fs.rm(loc.root, recursive=True)
         elif same and attrs.get("format") == FORMAT_NAME:
@@ -165,8 +179,9 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
                 f"model {str(attrs.get('model', {}).get('fingerprint'))[:12]} vs {plan.model_fingerprint[:12]}). "
                 "Nothing was changed. Use another store path, or pass --fresh to delete it and start over."
             )
-    elif fs.exists(loc.root) and fs.ls(loc.root) and not fresh:
-        raise StoreError(f"{loc.url!r} exists and is not empty, but is not an ldam-sweep store; choose another path")
+    elif fs.exists(loc.root) and fs.ls(loc.root):
+        raise StoreError(f"{loc.url!r} exists and is not empty, but is not an ldam-sweep store; nothing was changed "
+                         "(--fresh only ever deletes ldam-sweep stores). Choose another path.")
     # The format marker is written last, in one atomic zarr.json write: a reader that sees it sees
     # every group and array already in place.
     root = zarr.open_group(loc.zarr_store(read_only=False), mode="w", attributes={

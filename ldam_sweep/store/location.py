@@ -42,6 +42,11 @@ class StoreLocation:
     @classmethod
     def parse(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "StoreLocation":
         text = str(url)
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", text):
+            from ldam_sweep.store.layout import StoreError
+
+            raise StoreError(f"store URL {text!r} looks like a mistyped URL (one slash after the colon); "
+                             "write e.g. s3://bucket/prefix")
         if "://" not in text or text.startswith("file://"):
             text = str(Path(text.removeprefix("file://")).expanduser().resolve())
         return cls(text.rstrip("/"), dict(storage_options or {}))
@@ -55,7 +60,12 @@ class StoreLocation:
         if self.is_local:
             return fsspec.filesystem("file")
         protocol = self.url.split("://", 1)[0]
-        return fsspec.filesystem(protocol, **self.storage_options)
+        try:
+            return fsspec.filesystem(protocol, **self.storage_options)
+        except (ValueError, ImportError) as err:
+            from ldam_sweep.store.layout import StoreError
+
+            raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
 
     @property
     def root(self) -> str:

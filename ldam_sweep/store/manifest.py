@@ -83,8 +83,16 @@ def publish(loc: StoreLocation, rows: Iterable[dict[str, Any]]) -> list[str]:
         if loc.is_local:
             os.makedirs(folder, exist_ok=True)
             tmp = f"{folder}/.{name}.tmp"
-            pq.write_table(table, tmp)
+            with open(tmp, "wb") as f:
+                pq.write_table(table, f)
+                f.flush()
+                os.fsync(f.fileno())  # the bytes are on disk before the name appears
             os.replace(tmp, final)  # atomic within one directory
+            dir_fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # and so is the rename
+            finally:
+                os.close(dir_fd)
         else:
             with fs.open(final, "wb") as f:  # one PUT: the object appears whole or not at all
                 pq.write_table(table, f)
@@ -102,7 +110,13 @@ def read(loc: StoreLocation, layer: str | None = None) -> pa.Table:
     ds = pds.dataset(root, format="parquet", partitioning=PARTITIONING, schema=SCHEMA,
                      filesystem=None if loc.is_local else fs)
     flt = (pds.field("layer") == layer) if layer is not None else None
-    return ds.to_table(filter=flt)
+    try:
+        return ds.to_table(filter=flt)
+    except (pa.ArrowInvalid, OSError) as err:
+        from ldam_sweep.store.layout import StoreError
+
+        raise StoreError(f"the manifest of {loc.url!r} has an unreadable file: {err}. Move that part file "
+                         "aside (its blocks will be redone on the next run).") from None
 
 
 def latest_per_unit(table: pa.Table) -> pa.Table:
