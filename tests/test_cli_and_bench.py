@@ -48,7 +48,7 @@ def run_quick(script: str, tmp_path: Path) -> dict:
     out_json = tmp_path / f"{script}.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out_json), *(
-            ["--dir", str(tmp_path)] if script != "batching" else [])],
+            ["--dir", str(tmp_path)] if script in ("store", "atlas") else [])],
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr
@@ -72,3 +72,10 @@ def test_atlas_benchmark_quick_mode(tmp_path):
     rec = run_quick("atlas", tmp_path)
     assert rec["units"] == 200 and rec["pages"] == 200 + 2 + 1  # unit pages, layer pages, index
     assert rec["rebuild_unchanged_seconds"] < rec["atlas_seconds"]
+
+
+def test_hardware_limit_benchmark_quick_mode(tmp_path):
+    rec = run_quick("hardware_limit", tmp_path)
+    assert rec["units"] == 4 and rec["chains"] == 4
+    assert rec["ratio_lam0"] == rec["sampler_lam0_chain_steps_per_s"] / rec["bare_images_per_s"]
+    assert rec["bare_images_per_s"] > 0 and rec["ratio_lam05"] > 0

@@ -1,0 +1,96 @@
+"""Sampler vs the hardware's limit: chain-steps/s of ``ls.sample`` divided by images/s of a bare
+forward + input-gradient backward of the same truncated model at the same batch size (no noise,
+no update, no traces). Both measured here, in this run. lambda = 0, and lambda = 0.5 with a
+discriminator (whose forward/backward the bare loop does not pay: that ratio shows D's cost).
+
+    python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
+    python benchmarks/hardware_limit.py --device cuda --model torchvision:resnet18 --size 224 --layer layer3
+    python benchmarks/hardware_limit.py --quick               # seconds; run by the test suite
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import ldam_sweep as ls
+from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
+from ldam_sweep.sampling.objectives import unit_objective
+from record import report
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int) -> float:
+    idx = torch.tensor(units, device=model.device).repeat_interleave(chains)
+    objective = model.layer(layer).default_objective
+    x = torch.rand(len(idx), *model.input.shape, device=model.device, requires_grad=True)
+    torch.autograd.grad(unit_objective(model.activations(x, layer), idx, objective).sum(), x)  # warm-up
+    _sync(model.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        a = unit_objective(model.activations(x, layer), idx, objective)
+        torch.autograd.grad(a.sum(), x)
+    _sync(model.device)
+    return len(idx) * steps / (time.perf_counter() - t0)
+
+
+def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, **kw) -> float:
+    ls.sample(model, layer, units, chains=chains, steps=2, **kw)  # warm-up
+    _sync(model.device)
+    t0 = time.perf_counter()
+    ls.sample(model, layer, units, chains=chains, steps=steps, **kw)
+    _sync(model.device)
+    return len(units) * chains * steps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="digits-cnn")
+    ap.add_argument("--size", type=int, default=None)
+    ap.add_argument("--layer", default="conv2")
+    ap.add_argument("--units", type=int, default=32)
+    ap.add_argument("--chains", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hardware_limit.json"))
+    args = ap.parse_args()
+    if args.quick:
+        args.units, args.chains, args.steps = 4, 4, 3
+    spec: dict | str = args.model
+    if args.model.startswith("torchvision:"):
+        spec = {"torchvision": args.model.split(":", 1)[1]}
+        if args.size:
+            spec["input"] = {"channels": 3, "height": args.size, "width": args.size,
+                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ls.RandomWeightsWarning)
+        model = ls.load_model(spec, device=args.device)
+    units = list(range(min(args.units, model.layer(args.layer).units)))
+    d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
+    bare = bare_images_per_s(model, args.layer, units, args.chains, args.steps)
+    lam0 = sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps)
+    lam5 = sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5, discriminator=d)
+    record = {
+        "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
+        "steps": args.steps, "device": str(model.device), "machine": platform.machine()
+        + (f", {torch.cuda.get_device_name(0)}" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads"),
+        "bare_images_per_s": bare, "sampler_lam0_chain_steps_per_s": lam0, "sampler_lam05_chain_steps_per_s": lam5,
+        "ratio_lam0": lam0 / bare, "ratio_lam05": lam5 / bare,
+    }
+    report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains on {record['device']}", record,
+           ("bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
+            "ratio_lam05"), args.out, fmt="10.3f")
+
+
+if __name__ == "__main__":
+    main()
