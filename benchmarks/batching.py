@@ -12,13 +12,12 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
 
 import ldam_sweep as ls
-from record import report
+from record import load_bench_model, report
 
 
 def measure(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, repeats: int) -> dict:
@@ -57,15 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.units, args.steps, args.repeats = 4, 3, 1
-    spec: dict | str = args.model
-    if args.model.startswith("torchvision:"):
-        spec = {"torchvision": args.model.split(":", 1)[1]}
-        if args.size:
-            spec["input"] = {"channels": 3, "height": args.size, "width": args.size,
-                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ls.RandomWeightsWarning)
-        model = ls.load_model(spec, device=args.device)
+    model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     res = measure(model, args.layer, units, args.chains, args.steps, args.repeats)
     record = {

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 import ldam_sweep as ls
 from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
 from ldam_sweep.sampling.objectives import unit_objective
-from record import report
+from record import load_bench_model, report
 
 
 def _sync(dev: torch.device) -> None:
@@ -66,15 +65,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.units, args.chains, args.steps = 4, 4, 3
-    spec: dict | str = args.model
-    if args.model.startswith("torchvision:"):
-        spec = {"torchvision": args.model.split(":", 1)[1]}
-        if args.size:
-            spec["input"] = {"channels": 3, "height": args.size, "width": args.size,
-                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ls.RandomWeightsWarning)
-        model = ls.load_model(spec, device=args.device)
+    model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
     bare = bare_images_per_s(model, args.layer, units, args.chains, args.steps)

@@ -14,3 +14,21 @@ def report(title: str, record: dict, keys: list[str] | tuple[str, ...], out: str
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2))
     print(f"wrote {path}")
+
+
+def load_bench_model(model: str, size: int | None, device: str | None):
+    """The model a benchmark names: a zoo name, or ``torchvision:NAME`` (random weights, ImageNet
+    normalisation, ``size`` px when given)."""
+    import warnings
+
+    import ldam_sweep as ls
+
+    spec: dict | str = model
+    if model.startswith("torchvision:"):
+        spec = {"torchvision": model.split(":", 1)[1]}
+        if size:
+            spec["input"] = {"channels": 3, "height": size, "width": size,
+                             "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ls.RandomWeightsWarning)
+        return ls.load_model(spec, device=device)
