@@ -79,3 +79,19 @@ def test_hardware_limit_benchmark_quick_mode(tmp_path):
     assert rec["units"] == 4 and rec["chains"] == 4
     assert rec["ratio_lam0"] == rec["sampler_lam0_chain_steps_per_s"] / rec["bare_images_per_s"]
     assert rec["bare_images_per_s"] > 0 and rec["ratio_lam05"] > 0
+
+
+def test_peers_benchmark_quick_mode(tmp_path):
+    rec = run_quick("peers", tmp_path)
+    assert rec["units"] == 4 and rec["images_per_unit"] == 2 and rec["peer"].startswith("torch-lucent")
+    assert set(rec["lucent_fastest_units_per_s_by_layout"]) == {"contiguous_format", "channels_last"}
+    assert rec["lucent_fastest_units_per_s"] == max(rec["lucent_fastest_units_per_s_by_layout"].values())
+    assert rec["ratio_vs_lucent_defaults"] == rec["ours_units_per_s"] / rec["lucent_defaults_units_per_s"]
+
+
+def test_end_to_end_benchmark_quick_mode(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    rec = run_quick("end_to_end", tmp_path)
+    assert rec["units"] == 4 and rec["actors"] == 2
+    assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]
+    assert rec["efficiency"] == rec["in_process_seconds"] / rec["sweep_wall_seconds"]

@@ -35,6 +35,7 @@ class ModelHandle:
         device: torch.device | str = "cpu",
         metadata: dict | None = None,
         scripted: bool = False,
+        memory_format: str = "contiguous",
     ) -> None:
         self.name = name
         self.input = input_spec
@@ -44,6 +45,14 @@ class ModelHandle:
         self.net = net.to(self.device).eval()
         for p in self.net.parameters():
             p.requires_grad_(False)
+        if memory_format not in ("auto", "contiguous", "channels_last"):
+            raise ModelError(f"memory_format must be auto, contiguous or channels_last, got {memory_format!r}")
+        if memory_format == "auto":
+            memory_format = "channels_last" if any(isinstance(m, nn.Conv2d) for m in self.net.modules()) else "contiguous"
+        self.memory_format = memory_format
+        self._format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        if memory_format == "channels_last" and not scripted:
+            self.net.to(memory_format=torch.channels_last)
         c = input_spec.channels
         self._mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
         self._std = torch.tensor(input_spec.std, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
@@ -109,7 +118,9 @@ class ModelHandle:
 
     # -- forward -----------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self._mean) / self._std
+        """``(x - mean) / std``, laid out in the handle's memory format (channels_last convs run
+        1.2-2x faster on CPU; see benchmarks/README.md)."""
+        return ((x - self._mean) / self._std).contiguous(memory_format=self._format)
 
     def check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or tuple(x.shape[1:]) != self.input.shape:

@@ -61,7 +61,8 @@ def load_model(
         input_spec = spec.input
     if spec.weights is not None:
         metadata["weights"] = str(spec.weights)
-    return ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted)
+    return ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted,
+                       memory_format=spec.memory_format)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
