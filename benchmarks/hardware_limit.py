@@ -1,6 +1,6 @@
 """Sampler vs the hardware's limit: chain-steps/s of ``ls.sample`` divided by images/s of a bare
 forward + input-gradient backward of the same truncated model at the same batch size (no noise,
-no update, no traces). Both measured here, in this run. lambda = 0, and lambda = 0.5 with a
+no update, no traces). Both measured here, in this run, interleaved; medians of the repeats. lambda = 0, and lambda = 0.5 with a
 discriminator (whose forward/backward the bare loop does not pay: that ratio shows D's cost).
 
     python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -59,24 +60,30 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=32)
     ap.add_argument("--chains", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported")
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hardware_limit.json"))
     args = ap.parse_args()
     if args.quick:
-        args.units, args.chains, args.steps = 4, 4, 3
+        args.units, args.chains, args.steps, args.repeats = 4, 4, 3, 1
     model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
-    bare = bare_images_per_s(model, args.layer, units, args.chains, args.steps)
-    lam0 = sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps)
-    lam5 = sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5, discriminator=d)
+    runs = []
+    for _ in range(args.repeats):  # interleaved: the three in each repeat see the same machine state
+        runs.append((bare_images_per_s(model, args.layer, units, args.chains, args.steps),
+                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps),
+                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
+                                               discriminator=d)))
+    bare, lam0, lam5 = (statistics.median(col) for col in zip(*runs))
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
-        "steps": args.steps, "device": str(model.device), "machine": platform.machine()
+        "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
         + (f", {torch.cuda.get_device_name(0)}" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads"),
         "bare_images_per_s": bare, "sampler_lam0_chain_steps_per_s": lam0, "sampler_lam05_chain_steps_per_s": lam5,
-        "ratio_lam0": lam0 / bare, "ratio_lam05": lam5 / bare,
+        "ratio_lam0": statistics.median(r[1] / r[0] for r in runs),
+        "ratio_lam05": statistics.median(r[2] / r[0] for r in runs),
     }
     report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains on {record['device']}", record,
            ("bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",

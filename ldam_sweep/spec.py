@@ -57,6 +57,8 @@ class ModelSpec(BaseModel):
     ``input`` overrides the source's default input spec (e.g. a 64 px torchvision model).
     ``memory_format``: ``auto`` (channels_last when the model has a Conv2d), ``contiguous`` or
     ``channels_last``. Values agree across formats up to float rounding; a store records which.
+    ``precision: bf16`` runs the model under ``torch.autocast(bfloat16)`` (tensor cores on a GPU);
+    the chains' state, noise and update stay float32.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -71,6 +73,9 @@ class ModelSpec(BaseModel):
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
         "auto", description="layout of conv weights and activations; auto: channels_last when the model has a Conv2d "
         "(1.2-2x faster forward+backward on CPU in benchmarks/README.md)")
+    precision: Literal["float32", "bf16"] = Field(
+        "float32", description="bf16: the model's forward/backward under torch.autocast(bfloat16); chain state, "
+        "noise, update and traces stay float32")
 
     @field_validator("factory")
     @classmethod

@@ -256,3 +256,24 @@ def test_cli_train_discriminator_and_store_roundtrip(tmp_path, model_cache, digi
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(st.discriminator().module(x), trained.module(x))
+
+
+def test_residual_d_halves_resolution_first_above_32px_and_old_configs_keep_stride_1():
+    from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
+
+    cfg = discriminator_config(ls.InputSpec(channels=3, height=64, width=64))
+    assert cfg["arch"] == "residual" and cfg["stem_stride"] == 2
+    new = Discriminator(cfg)
+    old = Discriminator({k: v for k, v in cfg.items() if k != "stem_stride"})  # a checkpoint from before the key
+    assert new.net.features[0].stride == (2, 2) and old.net.features[0].stride == (1, 1)
+    x = torch.rand(4, 3, 64, 64)
+    assert new(x).shape == old(x).shape == (4,)
+    assert "stem_stride" not in discriminator_config(ls.InputSpec(channels=3, height=32, width=32))
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(d):
+        with FlopCounterMode(display=False) as fc:
+            d(x)
+        return fc.get_total_flops()
+
+    assert flops(new) < 0.3 * flops(old)  # the full-resolution residual block was most of D's cost

@@ -298,3 +298,49 @@ def test_cli_layers_table_and_clean_errors(model_cache):
     assert bad.returncode == 2
     assert "error: unknown torchvision model 'resnet-18'" in bad.stderr and "resnet18" in bad.stderr
     assert "Traceback" not in bad.stderr + bad.stdout
+
+
+def test_memory_format_auto_picks_channels_last_for_conv_nets_and_agrees_with_contiguous(digits_model):
+    assert digits_model.memory_format == "channels_last"  # auto, the model has Conv2d layers
+    assert digits_model.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
+    flat = ls.load_model("digits-cnn", device="cpu")
+    mlp = ls.ModelHandle(nn.Sequential(nn.Flatten(), nn.Linear(16, 4)), ls.InputSpec(channels=1, height=4, width=4),
+                         name="mlp", memory_format="auto")
+    assert mlp.memory_format == "contiguous"
+    contiguous = ls.load_model({"zoo": "digits-cnn", "memory_format": "contiguous"}, device="cpu")
+    assert contiguous.memory_format == "contiguous" and contiguous.net.conv2.weight.is_contiguous()
+    assert contiguous.fingerprint == flat.fingerprint  # the layout is not part of the weights' identity
+    x = torch.rand(16, 1, 28, 28, requires_grad=True)
+    for layer in ("conv1", "conv2", "fc1", "fc2"):
+        a, b = digits_model.activations(x, layer), contiguous.activations(x, layer)
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), layer
+        ga = torch.autograd.grad(a.sum(), x)[0]
+        gb = torch.autograd.grad(b.sum(), x)[0]
+        assert torch.allclose(ga, gb, atol=1e-5, rtol=1e-4), layer
+    with pytest.raises(ls.SpecError, match=r"memory_format: .*'channels_last'"):
+        ls.load_model({"zoo": "digits-cnn", "memory_format": "nhwc"})
+
+
+def test_bf16_precision_runs_the_model_in_bfloat16_and_keeps_the_chains_float32(digits_model):
+    bf = ls.load_model({"zoo": "digits-cnn", "precision": "bf16"}, device="cpu")
+    x = torch.rand(32, 1, 28, 28, requires_grad=True)
+    inner = []
+    h = bf.net.conv2.register_forward_hook(lambda _m, _i, out: inner.append(out.dtype))
+    try:
+        a = bf.activations(x, "fc2")
+    finally:
+        h.remove()
+    assert inner == [torch.bfloat16] and a.dtype == torch.float32
+    ref = digits_model.activations(x, "fc2")
+    assert not torch.equal(a, ref)  # really computed in bf16 ...
+    assert (a - ref).abs().max() < 0.05 * ref.abs().max()  # ... and close to float32
+    g = torch.autograd.grad(a.sum(), x)[0]
+    assert g.dtype == torch.float32
+    r32 = ls.sample(digits_model, "fc2", [3], chains=4, steps=60, seed=1)
+    r16 = ls.sample(bf, "fc2", [3], chains=4, steps=60, seed=1)
+    assert r16.samples.dtype == np.float32 and r16.activation.dtype == np.float32
+    start = r32.activation[..., 0].mean()
+    # both climb the same way: bf16 reaches within 10% of float32's gain in activation
+    assert abs(r16.final_activation.mean() - r32.final_activation.mean()) < 0.1 * (r32.final_activation.mean() - start)
+    with pytest.raises(ls.SpecError, match=r"precision: .*'bf16'"):
+        ls.load_model({"zoo": "digits-cnn", "precision": "fp8"})

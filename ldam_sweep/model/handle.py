@@ -36,6 +36,7 @@ class ModelHandle:
         metadata: dict | None = None,
         scripted: bool = False,
         memory_format: str = "contiguous",
+        precision: str = "float32",
     ) -> None:
         self.name = name
         self.input = input_spec
@@ -53,6 +54,9 @@ class ModelHandle:
         self._format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
         if memory_format == "channels_last" and not scripted:
             self.net.to(memory_format=torch.channels_last)
+        if precision not in ("float32", "bf16"):
+            raise ModelError(f"precision must be float32 or bf16, got {precision!r}")
+        self.precision = precision
         c = input_spec.channels
         self._mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
         self._std = torch.tensor(input_spec.std, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
@@ -138,7 +142,7 @@ class ModelHandle:
         info = self.layer(layer)
         z = self.normalize(x)
         if info.kind == "logit" and (self.scripted or info.name not in self._modules):
-            return self.net(z)
+            return self.forward(x)
         captured: list[torch.Tensor] = []
 
         def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
@@ -147,18 +151,23 @@ class ModelHandle:
 
         handle = self._modules[info.name].register_forward_hook(hook)
         try:
-            self.net(z)
+            with self._autocast():
+                self.net(z)
         except _StopForward:
             pass
         finally:
             handle.remove()
         if not captured:
             raise ModelError(f"layer {info.name!r} did not run during the forward pass")
-        return captured[0]
+        return captured[0].float()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole model on pixel-space images (normalisation included)."""
-        return self.net(self.normalize(x))
+        """The whole model on pixel-space images (normalisation included); float32 out."""
+        with self._autocast():
+            return self.net(self.normalize(x)).float()
 
     # -- identity ----------------------------------------------------------------------------
     @cached_property

@@ -62,7 +62,7 @@ def load_model(
     if spec.weights is not None:
         metadata["weights"] = str(spec.weights)
     return ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted,
-                       memory_format=spec.memory_format)
+                       memory_format=spec.memory_format, precision=spec.precision)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -69,12 +69,23 @@ class _ResBlock(nn.Module):
 
 class ResidualDiscriminator(nn.Module):
     """For larger inputs: a stem conv, then (residual block + strided conv) stages down to <= 4 px,
-    global average pooling and a linear head. No batch norm: D sees mixed real/fake batches."""
+    global average pooling and a linear head. No batch norm: D sees mixed real/fake batches.
 
-    def __init__(self, channels: int, height: int, width: int, base: int = 32, max_channels: int = 256) -> None:
+    ``stem_stride`` 2 (inputs above 32 px) halves the resolution before the first residual block:
+    at 64 px that makes D ~5x cheaper (the full-resolution block dominated its cost, and D's
+    forward/backward runs every step at lambda > 0; benchmarks/README.md). Checkpoints saved
+    without the key were built with stride 1 and load as such."""
+
+    def __init__(self, channels: int, height: int, width: int, base: int = 32, max_channels: int = 256,
+                 stem_stride: int = 1) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Conv2d(channels, base, 3, padding=1)]
-        ch, side = base, max(height, width)
+        side = max(height, width)
+        if stem_stride == 2:
+            layers: list[nn.Module] = [nn.Conv2d(channels, base, 4, stride=2, padding=1)]
+            side = (side + 1) // 2
+        else:
+            layers = [nn.Conv2d(channels, base, 3, padding=1)]
+        ch = base
         while side > 4:
             nxt = min(ch * 2, max_channels)
             layers += [_ResBlock(ch), nn.LeakyReLU(0.2), nn.Conv2d(ch, nxt, 4, stride=2, padding=1)]
@@ -98,7 +109,7 @@ class Discriminator(nn.Module):
         if arch == "small":
             self.net: nn.Module = SmallDiscriminator(c, h, w)
         elif arch == "residual":
-            self.net = ResidualDiscriminator(c, h, w)
+            self.net = ResidualDiscriminator(c, h, w, stem_stride=int(config.get("stem_stride", 1)))
         else:
             raise DiscriminatorError(f"unknown discriminator arch {arch!r}; allowed: small, residual")
 
@@ -118,7 +129,10 @@ def discriminator_config(input_spec: Any, arch: str = "auto") -> dict[str, Any]:
     c, h, w = input_spec.shape
     if arch == "auto":
         arch = "small" if max(h, w) <= SMALL_MAX_SIDE else "residual"
-    return {"arch": arch, "channels": c, "height": h, "width": w, "range": list(input_spec.range)}
+    config = {"arch": arch, "channels": c, "height": h, "width": w, "range": list(input_spec.range)}
+    if arch == "residual" and max(h, w) > 32:
+        config["stem_stride"] = 2
+    return config
 
 
 class DiscriminatorSettings(BaseModel):
