@@ -16,16 +16,16 @@ def report(title: str, record: dict, keys: list[str] | tuple[str, ...], out: str
     print(f"wrote {path}")
 
 
-def load_bench_model(model: str, size: int | None, device: str | None):
+def load_bench_model(model: str, size: int | None, device: str | None, **options):
     """The model a benchmark names: a zoo name, or ``torchvision:NAME`` (random weights, ImageNet
-    normalisation, ``size`` px when given)."""
+    normalisation, ``size`` px when given); ``options``: more model-spec fields (memory_format, precision)."""
     import warnings
 
     import ldam_sweep as ls
 
-    spec: dict | str = model
+    spec: dict = {"zoo": model, **options}
     if model.startswith("torchvision:"):
-        spec = {"torchvision": model.split(":", 1)[1]}
+        spec = {"torchvision": model.split(":", 1)[1], **options}
         if size:
             spec["input"] = {"channels": 3, "height": size, "width": size,
                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}

@@ -107,7 +107,7 @@ def main() -> None:
     record["machine"] = platform.machine() + (f", {torch.cuda.get_device_name(0)}" if digits.device.type == "cuda"
                                               else f", {torch.get_num_threads()} threads")
 
-    blocks = [1, 4] if q else [1, 4, 16, 32, 64, 128]
+    blocks = [1, 4] if q else [1, 4, 16, 32, 64, 128] + ([256, 512] if digits.device.type == "cuda" else [])
     rows = []
     for model, layer, chains in ((digits, "conv2", 8), (resnet, "layer2", 4)):
         for u in blocks:

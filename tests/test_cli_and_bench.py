@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,3 +96,31 @@ def test_end_to_end_benchmark_quick_mode(tmp_path, monkeypatch):
     assert rec["units"] == 4 and rec["actors"] == 2
     assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]
     assert rec["efficiency"] == rec["in_process_seconds"] / rec["sweep_wall_seconds"]
+
+
+def test_variants_benchmark_quick_mode(tmp_path):
+    rec = run_quick("variants", tmp_path)
+    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
+    fp32 = rec["rows"][0]
+    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["gflop_per_image_step"] > 0
+    assert fp32["sampler_tflops"] == pytest.approx(fp32["gflop_per_image_step"] * fp32["sampler_chain_steps_per_s"] / 1e3)
+
+
+def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
+    """benchmarks/gpu.sh is the one command for a GPU session: its argument lists must stay valid."""
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "--quick", "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    names = {p.stem: json.loads(p.read_text())["benchmark"] for p in tmp_path.glob("*.json")}
+    assert sorted(set(names.values())) == ["batching", "hardware_limit", "peers", "scaling", "variants"]
+    assert len(names) == 7
+
+
+def test_scaling_benchmark_quick_mode(tmp_path):
+    rec = run_quick("scaling", tmp_path)
+    assert [r["units"] for r in rec["units_per_block"]] == [1, 4, 1, 4]
+    depth = {r["layer"]: r for r in rec["layer_depth"]}
+    assert set(depth) == {"layer1", "layer2"}
+    for r in depth.values():
+        assert r["truncation_gain"] == pytest.approx(r["whole_network_ms_per_image_step"] / r["truncated_ms_per_image_step"])
+    assert [r["size"] for r in rec["input_size"]] == [32, 48]
