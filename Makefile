@@ -23,8 +23,9 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# The CPU benchmarks behind benchmarks/README.md (~20 min on 2 cores); on a GPU: bash benchmarks/gpu.sh
 bench: $(STAMP)
-	$(BIN)/python benchmarks/batching.py
+	for b in hardware_limit peers end_to_end scaling batching store; do $(BIN)/python benchmarks/$$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

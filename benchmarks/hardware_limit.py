@@ -21,12 +21,8 @@ import torch
 import ldam_sweep as ls
 from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
 from ldam_sweep.sampling.objectives import unit_objective
-from record import load_bench_model, report
+from record import load_bench_model, report, sync
 
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int) -> float:
@@ -34,21 +30,21 @@ def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chain
     objective = model.layer(layer).default_objective
     x = torch.rand(len(idx), *model.input.shape, device=model.device, requires_grad=True)
     torch.autograd.grad(unit_objective(model.activations(x, layer), idx, objective).sum(), x)  # warm-up
-    _sync(model.device)
+    sync(model.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         a = unit_objective(model.activations(x, layer), idx, objective)
         torch.autograd.grad(a.sum(), x)
-    _sync(model.device)
+    sync(model.device)
     return len(idx) * steps / (time.perf_counter() - t0)
 
 
 def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, **kw) -> float:
     ls.sample(model, layer, units, chains=chains, steps=2, **kw)  # warm-up
-    _sync(model.device)
+    sync(model.device)
     t0 = time.perf_counter()
     ls.sample(model, layer, units, chains=chains, steps=steps, **kw)
-    _sync(model.device)
+    sync(model.device)
     return len(units) * chains * steps / (time.perf_counter() - t0)
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import ldam_sweep as ls
-from record import load_bench_model, report
+from record import load_bench_model, report, sync
 
 
 def import_lucent():
@@ -53,10 +53,6 @@ def import_lucent():
     return objectives, param, render
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
 
 def _unhook(net: torch.nn.Module) -> None:
     for m in net.modules():
@@ -65,11 +61,11 @@ def _unhook(net: torch.nn.Module) -> None:
 
 def time_ours(model: ls.ModelHandle, layer: str, units: list[int], images: int, steps: int, block: int) -> float:
     ls.sample(model, layer, units[:block], chains=images, steps=2)  # warm-up
-    _sync(model.device)
+    sync(model.device)
     t0 = time.perf_counter()
     for i in range(0, len(units), block):
         ls.sample(model, layer, units[i : i + block], chains=images, steps=steps)
-    _sync(model.device)
+    sync(model.device)
     return time.perf_counter() - t0
 
 
@@ -96,11 +92,11 @@ def time_lucent(lucent, net: torch.nn.Module, layer: str, units: list[int], imag
 
     step = 1 if block is None else block
     one(units[:step])  # warm-up
-    _sync(next(net.parameters()).device)
+    sync(next(net.parameters()).device)
     t0 = time.perf_counter()
     for i in range(0, len(units), step):
         one(units[i : i + step])
-    _sync(next(net.parameters()).device)
+    sync(next(net.parameters()).device)
     return time.perf_counter() - t0
 
 

@@ -32,3 +32,11 @@ def load_bench_model(model: str, size: int | None, device: str | None, **options
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ls.RandomWeightsWarning)
         return ls.load_model(spec, device=device)
+
+
+def sync(device) -> None:
+    """Wait for queued GPU work before reading a clock (no-op on CPU)."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()

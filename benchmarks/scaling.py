@@ -25,12 +25,8 @@ import torch
 
 import ldam_sweep as ls
 from ldam_sweep.sampling.objectives import unit_objective
-from record import load_bench_model
+from record import load_bench_model, sync
 
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 REPEATS = 2  # best of; --quick sets 1
@@ -43,10 +39,10 @@ def chain_steps_per_s(model: ls.ModelHandle, layer: str, units: int, chains: int
     ls.sample(model, layer, us, chains=chains, steps=1)  # warm-up at this batch size
     best = float("inf")
     for _ in range(REPEATS):
-        _sync(model.device)
+        sync(model.device)
         t0 = time.perf_counter()
         ls.sample(model, layer, us, chains=chains, steps=steps)
-        _sync(model.device)
+        sync(model.device)
         best = min(best, time.perf_counter() - t0)
     return len(us) * chains * steps / best
 
@@ -71,11 +67,11 @@ def bare_s_per_image_step(model: ls.ModelHandle, layer: str, batch: int, steps: 
     try:
         torch.autograd.grad(unit_objective(act(), idx, info.default_objective).sum(), x)  # warm-up
         for _ in range(REPEATS):
-            _sync(model.device)
+            sync(model.device)
             t0 = time.perf_counter()
             for _ in range(steps):
                 torch.autograd.grad(unit_objective(act(), idx, info.default_objective).sum(), x)
-            _sync(model.device)
+            sync(model.device)
             best = min(best, time.perf_counter() - t0)
     finally:
         handle.remove()
