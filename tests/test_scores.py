@@ -75,13 +75,17 @@ def test_ldam_explores_where_am_collapses(pair, digits_model, digits_pool, real_
     _, ex = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 1)
     scores = {m: score_result(digits_model, r, exemplar_max=ex[:, 0]) for m, r in pair.items()}
     spread = {m: np.mean([s["pixel_diversity"] for s in sc.values()]) for m, sc in scores.items()}
-    move = {m: np.mean([s["movement"] for s in sc.values()]) for m, sc in scores.items()}
     ratio = {m: np.mean([s["activation_ratio"] for s in sc.values()]) for m, sc in scores.items()}
     # (a) same start: am is deterministic, so its chains coincide; LDAM's noise spreads them
     assert spread["am"] < 1e-6 and spread["ldam"] > 0.05
     assert all(s["modes"] == 1 for s in scores["am"].values())
-    # (b) LDAM keeps moving after burn-in more than am, which converges
-    assert move["ldam"] > 1.2 * move["am"], move
+    # (b) LDAM keeps moving after burn-in more than am, which converges. Measured from independent
+    # starts, as docs/scripts/exploration.py does: from one shared start am's 10 trajectories depend
+    # on float rounding (0.0096 vs 0.0131 between memory layouts), from 60 independent ones they do not.
+    free = {m: ls.sample(digits_model, "fc2", range(10), chains=6, steps=300, method=m, snapshot_every=25)
+            for m in ("ldam", "am")}
+    move = {m: np.mean([s["movement"] for s in score_result(digits_model, r).values()]) for m, r in free.items()}
+    assert move["ldam"] > 1.8 * move["am"], move
     # and LDAM still excites every unit beyond the best real digit at lambda 0
     assert ratio["ldam"] >= 1.0 and all(s["activation_ratio"] >= 1.0 for s in scores["ldam"].values())
 
