@@ -112,13 +112,16 @@ class Discriminator(nn.Module):
             self.net = ResidualDiscriminator(c, h, w, stem_stride=int(config.get("stem_stride", 1)))
         else:
             raise DiscriminatorError(f"unknown discriminator arch {arch!r}; allowed: small, residual")
+        # NHWC: 1.2-1.3x faster forward+backward on CPU (benchmarks/README.md), the GPU's conv layout
+        self.net.to(memory_format=torch.channels_last)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.config["channels"], self.config["height"], self.config["width"])
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0)
+        z = (x - self.lo) * (2.0 / (self.hi - self.lo)) - 1.0
+        return self.net(z.contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.logsigmoid(self.logits(x))
