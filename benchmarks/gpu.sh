@@ -14,10 +14,10 @@ if [ "$DEVICE" = cuda ]; then
   $PY -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0), torch.__version__)"
 fi
 $PY benchmarks/variants.py --device $DEVICE $QUICK --out "$OUT/variants.json"
-$PY benchmarks/hardware_limit.py --device $DEVICE $QUICK --units 128 --chains 8 --out "$OUT/hardware_limit_digits_conv2.json"
+$PY benchmarks/hardware_limit.py --device $DEVICE $QUICK --units 32 --chains 32 --out "$OUT/hardware_limit_digits_conv2.json"
 $PY benchmarks/hardware_limit.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 224 --layer layer3 --units 32 \
     --chains 8 --steps 20 --out "$OUT/hardware_limit_resnet18_224_layer3.json"
-$PY benchmarks/batching.py --device $DEVICE $QUICK --units 64 --out "$OUT/batching_digits_conv2.json"
+$PY benchmarks/batching.py --device $DEVICE $QUICK --units 32 --out "$OUT/batching_digits_conv2.json"
 $PY benchmarks/batching.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 64 --layer layer2 --steps 10 --units 32 \
     --chains 4 --repeats 1 --out "$OUT/batching_resnet18_64_layer2.json"
 $PY benchmarks/peers.py --device $DEVICE $QUICK --units 128 --a-units 8 --block 64 --out "$OUT/peers.json"

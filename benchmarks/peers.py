@@ -120,8 +120,8 @@ def main() -> None:
     model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     a_units = units[: max(1, min(args.a_units, len(units)))]
-    net = model.net
-    for p in net.parameters():  # lucent (a) runs as users run it: weights trainable
+    net = model.net.to(memory_format=torch.contiguous_format)  # lucent (a) as users run it: default layout,
+    for p in net.parameters():  # and weights trainable
         p.requires_grad_(True)
     t_a = time_lucent(lucent, net, args.layer, a_units, args.images, args.steps, args.size, None)
     for p in net.parameters():

@@ -62,7 +62,8 @@ def bare_s_per_image_step(model: ls.ModelHandle, layer: str, batch: int, steps: 
         model.forward(x)
         return captured[0].float()
 
-    handle = dict(model.net.named_modules())[info.name].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    handle = None if truncated else dict(model.net.named_modules())[info.name].register_forward_hook(
+        lambda _m, _i, out: captured.append(out))
     best = float("inf")
     try:
         torch.autograd.grad(unit_objective(act(), idx, info.default_objective).sum(), x)  # warm-up
@@ -74,7 +75,8 @@ def bare_s_per_image_step(model: ls.ModelHandle, layer: str, batch: int, steps: 
             sync(model.device)
             best = min(best, time.perf_counter() - t0)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
     return best / (steps * batch)
 
 

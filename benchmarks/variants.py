@@ -56,8 +56,10 @@ def main() -> None:
         args.size, args.layers, args.units, args.chains, args.steps = 32, "layer1", 2, 2, 2
     layers = args.layers.split(",")
     rows = []
+    dev = torch.device("cpu")
     for name, options in VARIANTS.items():
         model = load_bench_model(args.model, args.size, args.device, **options)
+        dev = model.device
         for layer in layers:
             units = list(range(min(args.units, model.layer(layer).units)))
             t0 = time.perf_counter()
@@ -74,7 +76,6 @@ def main() -> None:
     base = {r["layer"]: r["sampler_chain_steps_per_s"] for r in rows if r["variant"] == "fp32"}
     for r in rows:
         r["speedup_vs_fp32"] = r["sampler_chain_steps_per_s"] / base[r["layer"]]
-    dev = torch.device(args.device) if args.device else torch.device("cpu")
     record = {
         "benchmark": "variants", "model": args.model, "size": args.size, "units": args.units, "chains": args.chains,
         "steps": args.steps, "device": str(dev), "machine": platform.machine()

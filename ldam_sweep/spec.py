@@ -56,7 +56,9 @@ class ModelSpec(BaseModel):
     - ``torchscript: model.pt``, needs ``input``.
     ``input`` overrides the source's default input spec (e.g. a 64 px torchvision model).
     ``memory_format``: ``auto`` (channels_last when the model has a Conv2d), ``contiguous`` or
-    ``channels_last``. Values agree across formats up to float rounding; a store records which.
+    ``channels_last``; ``auto`` falls back to contiguous for a model that cannot run NHWC (``.view()``
+    on conv outputs). Values agree across layouts up to float rounding, so the layout is not part of
+    a sweep's identity (a resume may change it, as it may change hardware).
     ``precision: bf16`` runs the model under ``torch.autocast(bfloat16)`` (tensor cores on a GPU);
     the chains' state, noise and update stay float32.
     """
@@ -72,7 +74,7 @@ class ModelSpec(BaseModel):
     input: InputSpec | None = None
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
         "auto", description="layout of conv weights and activations; auto: channels_last when the model has a Conv2d "
-        "(1.2-2x faster forward+backward on CPU in benchmarks/README.md)")
+        "and runs with it (up to 2x faster at large batches on CPU, a wash at small ones: benchmarks/README.md)")
     precision: Literal["float32", "bf16"] = Field(
         "float32", description="bf16: the model's forward/backward under torch.autocast(bfloat16); chain state, "
         "noise, update and traces stay float32")

@@ -344,3 +344,29 @@ def test_bf16_precision_runs_the_model_in_bfloat16_and_keeps_the_chains_float32(
     assert abs(r16.final_activation.mean() - r32.final_activation.mean()) < 0.1 * (r32.final_activation.mean() - start)
     with pytest.raises(ls.SpecError, match=r"precision: .*'bf16'"):
         ls.load_model({"zoo": "digits-cnn", "precision": "fp8"})
+
+
+def test_auto_layout_falls_back_for_models_that_view_conv_outputs(tmp_path):
+    """A LeNet-style model calling .view() on a conv output cannot run NHWC: auto falls back to
+    contiguous, an explicit channels_last says what to change, TorchScript refuses channels_last."""
+
+    class LeNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.conv2, self.fc = nn.Conv2d(3, 6, 5), nn.Conv2d(6, 16, 5), nn.Linear(16 * 5 * 5, 10)
+
+        def forward(self, x):
+            x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+            x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+            return self.fc(x.view(-1, 16 * 5 * 5))
+
+    spec = ls.InputSpec(channels=3, height=32, width=32)
+    h = ls.ModelHandle(LeNet(), spec, name="lenet")
+    assert h.memory_format == "contiguous" and [layer.name for layer in h.layers] == ["conv1", "conv2", "fc"]
+    assert h.activations(torch.rand(4, 3, 32, 32), "fc").shape == (4, 10)
+    with pytest.raises(ls.ModelError, match="memory_format: contiguous"):
+        ls.ModelHandle(LeNet(), spec, name="lenet", memory_format="channels_last")
+    scripted = torch.jit.script(LeNet())
+    assert ls.ModelHandle(scripted, spec, name="ts", scripted=True).memory_format == "contiguous"
+    with pytest.raises(ls.ModelError, match="not supported for TorchScript"):
+        ls.ModelHandle(scripted, spec, name="ts", scripted=True, memory_format="channels_last")

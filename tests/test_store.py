@@ -235,6 +235,13 @@ def test_resources_and_store_path_do_not_change_the_sweep_identity(digits_model)
     h = lambda spec: make_plan(digits_model, spec=spec).plan_hash()  # noqa: E731
     assert h(base) == h(same) and h(base) != h(other)
     assert make_plan(digits_model, spec=same).spec == same  # the store keeps the spec exactly as submitted
+    # the memory layout is rounding-level (like hardware) and float32 is the old default: specs written
+    # before these fields existed keep their identity; bf16 changes the numerics and a new identity
+    old = {"job": "x", "model": {"zoo": "digits-cnn"}}
+    new = {"job": "x", "model": {"zoo": "digits-cnn", "memory_format": "auto", "precision": "float32"}}
+    flat = {"job": "x", "model": {"zoo": "digits-cnn", "memory_format": "contiguous", "precision": "float32"}}
+    bf16 = {"job": "x", "model": {"zoo": "digits-cnn", "memory_format": "auto", "precision": "bf16"}}
+    assert h(old) == h(new) == h(flat) != h(bf16)
 
 
 def test_other_spec_is_refused_and_nothing_is_deleted(store, digits_model):

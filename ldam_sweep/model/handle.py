@@ -35,7 +35,7 @@ class ModelHandle:
         device: torch.device | str = "cpu",
         metadata: dict | None = None,
         scripted: bool = False,
-        memory_format: str = "contiguous",
+        memory_format: str = "auto",
         precision: str = "float32",
     ) -> None:
         self.name = name
@@ -48,12 +48,12 @@ class ModelHandle:
             p.requires_grad_(False)
         if memory_format not in ("auto", "contiguous", "channels_last"):
             raise ModelError(f"memory_format must be auto, contiguous or channels_last, got {memory_format!r}")
-        if memory_format == "auto":
-            memory_format = "channels_last" if any(isinstance(m, nn.Conv2d) for m in self.net.modules()) else "contiguous"
-        self.memory_format = memory_format
-        self._format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
-        if memory_format == "channels_last" and not scripted:
-            self.net.to(memory_format=torch.channels_last)
+        if memory_format == "channels_last" and scripted:
+            raise ModelError("memory_format channels_last is not supported for TorchScript models (their weights "
+                             "cannot be re-laid out); use auto or contiguous")
+        has_conv = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+        self._set_format("channels_last" if memory_format == "channels_last" or (memory_format == "auto" and has_conv)
+                         else "contiguous")
         if precision not in ("float32", "bf16"):
             raise ModelError(f"precision must be float32 or bf16, got {precision!r}")
         self.precision = precision
@@ -61,11 +61,24 @@ class ModelHandle:
         self._mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
         self._std = torch.tensor(input_spec.std, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
         self._modules = dict(self.net.named_modules())
-        self.layers: list[LayerInfo] = self._discover()
+        try:
+            self.layers: list[LayerInfo] = self._discover()
+        except ModelError:
+            # auto: a model that calls .view() on conv outputs (LeNet-style) cannot run NHWC; fall back
+            if memory_format != "auto" or self.memory_format == "contiguous":
+                raise
+            self._set_format("contiguous")
+            self.layers = self._discover()
         self._by_name = {layer.name: layer for layer in self.layers}
         for layer in self.layers:
             for alias in layer.aliases:
                 self._by_name.setdefault(alias, layer)
+
+    def _set_format(self, memory_format: str) -> None:
+        self.memory_format = memory_format
+        self._format = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        if not self.scripted:
+            self.net.to(memory_format=self._format)
 
     # -- discovery ---------------------------------------------------------------------------
     def _discover(self) -> list[LayerInfo]:
@@ -82,10 +95,12 @@ class ModelHandle:
         except ModelError:
             raise
         except Exception as err:
+            hint = (" If the model calls .view() on conv outputs, set memory_format: contiguous (it runs with "
+                    "channels_last now)." if self.memory_format == "channels_last" else "")
             raise ModelError(
                 f"model {self.name!r} failed on an input of shape (1, {', '.join(map(str, self.input.shape))}) "
                 f"from its input spec: {type(err).__name__}: {err}. Check the input section "
-                "(channels, height, width) against what the model expects."
+                f"(channels, height, width) against what the model expects.{hint}"
             ) from None
         if not layers:
             raise ModelError(f"model {self.name!r} has no layer with a (B, C, H, W) or (B, F) float output")
@@ -140,9 +155,9 @@ class ModelHandle:
         removed in ``finally`` whatever happens.
         """
         info = self.layer(layer)
-        z = self.normalize(x)
         if info.kind == "logit" and (self.scripted or info.name not in self._modules):
             return self.forward(x)
+        z = self.normalize(x)
         captured: list[torch.Tensor] = []
 
         def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:

@@ -79,6 +79,8 @@ class ResidualDiscriminator(nn.Module):
     def __init__(self, channels: int, height: int, width: int, base: int = 32, max_channels: int = 256,
                  stem_stride: int = 1) -> None:
         super().__init__()
+        if stem_stride not in (1, 2):
+            raise DiscriminatorError(f"residual discriminator stem_stride must be 1 or 2, got {stem_stride!r}")
         side = max(height, width)
         if stem_stride == 2:
             layers: list[nn.Module] = [nn.Conv2d(channels, base, 4, stride=2, padding=1)]

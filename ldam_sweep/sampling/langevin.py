@@ -138,8 +138,8 @@ def run_chains(
             continue
         xi = noise.normal(keys, draw_offset + t + 1, shape)
         if method == "ldam":
-            g_a = torch.autograd.grad(a.sum(), x)[0] if lam < 1 else torch.zeros_like(x)
-            g_d = torch.autograd.grad(logd.sum(), x)[0] if use_d else None  # type: ignore[union-attr]
+            g_a = torch.autograd.grad(a.sum(), x)[0].contiguous() if lam < 1 else torch.zeros_like(x)
+            g_d = torch.autograd.grad(logd.sum(), x)[0].contiguous() if use_d else None  # type: ignore[union-attr]
             x = x.detach()
             rho = options.rms_decay
             v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
@@ -155,7 +155,7 @@ def run_chains(
         else:
             assert isinstance(options, SgldOptions)
             energy = a if not use_d else (1 - lam) * a + lam * logd  # type: ignore[operator]
-            g = torch.autograd.grad(energy.sum(), x)[0]
+            g = torch.autograd.grad(energy.sum(), x)[0].contiguous()
             x = x.detach()
             eps_t = options.step_size * (1.0 + t) ** (-options.step_decay)
             drift = (g - 2.0 * options.l2 * x) / options.temperature

@@ -126,6 +126,14 @@ class StorePlan:
         spec.pop("store", None)
         if isinstance(spec.get("resources"), dict):
             spec["resources"] = {k: v for k, v in spec["resources"].items() if k == "block_size"}
+        if isinstance(spec.get("model"), dict):
+            # the memory layout changes results by float rounding only, like running on other hardware
+            # (which a resume allows); float32 is left out so specs written before the field existed
+            # keep their identity. bf16 changes the method's numerics and stays in.
+            model = {k: v for k, v in spec["model"].items() if k != "memory_format"}
+            if model.get("precision") == "float32":
+                model.pop("precision")
+            spec["model"] = model
         return spec
 
     def spec_hash(self) -> str:
