@@ -27,8 +27,6 @@ import ldam_sweep as ls
 from ldam_sweep.sampling.objectives import unit_objective
 from record import load_bench_model, sync
 
-
-
 REPEATS = 2  # best of; --quick sets 1
 
 

@@ -135,7 +135,7 @@ def discriminator_config(input_spec: Any, arch: str = "auto") -> dict[str, Any]:
     if arch == "auto":
         arch = "small" if max(h, w) <= SMALL_MAX_SIDE else "residual"
     config = {"arch": arch, "channels": c, "height": h, "width": w, "range": list(input_spec.range)}
-    if arch == "residual" and max(h, w) > 32:
+    if arch == "residual" and max(h, w) > SMALL_MAX_SIDE:
         config["stem_stride"] = 2
     return config
 
