@@ -143,7 +143,7 @@ def train_discriminator_cmd(
 
     from ldam_sweep.errors import SpecError
     from ldam_sweep.model import load_model
-    from ldam_sweep.sampling.discriminator import DiscriminatorSettings
+    from ldam_sweep.settings import DiscriminatorSettings
     from ldam_sweep.spec import load_spec
     from ldam_sweep.stage import job_discriminator
 

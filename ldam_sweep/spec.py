@@ -239,7 +239,7 @@ class SamplerSpec(BaseModel):
     @model_validator(mode="after")
     def _options(self) -> "SamplerSpec":
         from ldam_sweep.errors import SamplerError
-        from ldam_sweep.sampling.chains import parse_options
+        from ldam_sweep.settings import parse_options
 
         try:
             parse_options(self.method, self.options)
@@ -265,7 +265,7 @@ class DiscriminatorSpec(BaseModel):
         if (self.file is None) == (self.train is None):
             raise ValueError("give exactly one of file (a trained discriminator) or train (settings, may be {})")
         if self.train is not None:
-            from ldam_sweep.sampling.discriminator import DiscriminatorSettings
+            from ldam_sweep.settings import DiscriminatorSettings
 
             try:
                 DiscriminatorSettings(**self.train)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ldam_sweep.model.handle import ModelHandle
-from ldam_sweep.sampling.chains import default_snapshot_steps
+from ldam_sweep.settings import default_snapshot_steps
 from ldam_sweep.spec import JobSpec
 from ldam_sweep.stage import job_targets
 from ldam_sweep.store.layout import StoreError, StorePlan, plan_store

@@ -11,13 +11,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 
 from ldam_sweep.errors import SamplerError
 from ldam_sweep.model.handle import ModelHandle
 from ldam_sweep.sampling import noise
-from ldam_sweep.sampling.langevin import METHODS, ChainTensors, run_chains
-from ldam_sweep.sampling.objectives import check_objective, unit_objective
+from ldam_sweep.objectives import check_objective, unit_objective
+from ldam_sweep.sampling.langevin import ChainTensors, run_chains
+from ldam_sweep.settings import default_snapshot_steps, parse_options  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -51,34 +51,6 @@ class ChainResult:
     def final_samples(self) -> np.ndarray:
         """(U, chains, C, H, W) each chain's final state."""
         return self.samples[:, :, -1]
-
-
-def default_snapshot_steps(steps: int, snapshot_every: int | None) -> list[int]:
-    """t = k, 2k, ... and always the final step; default k gives 4 snapshots."""
-    k = snapshot_every if snapshot_every is not None else max(1, steps // 4)
-    if not isinstance(k, int) or k < 1:
-        raise SamplerError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
-    ts = list(range(k, steps + 1, k))
-    if not ts or ts[-1] != steps:
-        ts.append(steps)
-    return ts
-
-
-def parse_options(method: str, options: dict[str, Any]):
-    """Validated sampler options for ``method``; SamplerError names the bad option and the allowed ones."""
-    if method not in METHODS:
-        raise SamplerError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-    cls = METHODS[method]
-    try:
-        return cls(**options)
-    except ValidationError as err:
-        allowed = ", ".join(cls.model_fields)
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: {'unknown option' if e['type'] == 'extra_forbidden' else e['msg']}"
-            f" (got {e.get('input')!r})"
-            for e in err.errors()
-        )
-        raise SamplerError(f"invalid {method} options: {problems}. Allowed options for {method}: {allowed}") from None
 
 
 def initial_images(

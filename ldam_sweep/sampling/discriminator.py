@@ -26,9 +26,9 @@ from torch import nn
 from ldam_sweep.errors import LdamError
 from ldam_sweep.model.handle import ModelHandle
 from ldam_sweep.sampling import noise
-from ldam_sweep.sampling.chains import parse_options
 from ldam_sweep.sampling.langevin import run_chains
-from ldam_sweep.sampling.objectives import unit_objective
+from ldam_sweep.objectives import unit_objective
+from ldam_sweep.settings import DiscriminatorSettings, parse_options
 
 SMALL_MAX_SIDE = 32
 FORMAT = "ldam-sweep-discriminator-v1"
@@ -138,26 +138,6 @@ def discriminator_config(input_spec: Any, arch: str = "auto") -> dict[str, Any]:
     if arch == "residual" and max(h, w) > SMALL_MAX_SIDE:
         config["stem_stride"] = 2
     return config
-
-
-class DiscriminatorSettings(BaseModel):
-    """Stage-1 training settings. Defaults: what worked on the digits demo (LDAM.md)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    updates: int = Field(200, ge=1, description="D updates (each after a block of Langevin steps)")
-    steps_per_update: int = Field(20, ge=1, description="Langevin steps of the chains between D updates")
-    chains: int = Field(64, ge=2, description="persistent chains, spread over the target units")
-    batch: int = Field(64, ge=2, description="D batch: half chain samples, half real images")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    lam: float = Field(0.5, ge=0, le=1, description="lambda used by the chains while D trains")
-    reinit_every: int = Field(5, ge=1, description="re-initialise a layer's chains after this many blocks of steps")
-    eval_chains: int = Field(64, ge=2, description="fresh chains for the held-out accuracy")
-    eval_steps: int = Field(100, ge=1, description="Langevin steps of the fresh evaluation chains")
-    arch: str = Field("auto", description="auto | small | residual")
-    method: str = "ldam"
-    sampler: dict[str, Any] = Field(default_factory=dict, description="options of the chains' update rule")
-    seed: int = 0
 
 
 @dataclass

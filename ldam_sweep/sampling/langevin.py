@@ -16,51 +16,13 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 from ldam_sweep.sampling import noise
+from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, Method, SgldOptions  # noqa: F401 (re-exported)
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 LogDFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-class LdamOptions(BaseModel):
-    """Reference-form settings; the defaults are the ones that worked on the digits demo."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    step_size: float = Field(0.01, gt=0, description="eta: step size in pixel units")
-    noise: float = Field(0.1, ge=0, description="sigma: initial noise scale of each noise block")
-    noise_block: int = Field(100, ge=1, description="steps after which the noise schedule restarts")
-    l2: float = Field(0.1, ge=0, description="c: weight of the L2 prior c*||x||^2")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the update")
-    rms_decay: float = Field(0.9, ge=0, lt=1, description="decay of the per-pixel squared-gradient average")
-    eps: float = Field(1e-8, gt=0, description="added under the RMS square root")
-
-
-class SgldOptions(BaseModel):
-    """Exact Langevin settings: eps_t = step_size * (1 + t) ** -step_decay, target exp(E / T)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    step_size: float = Field(1e-3, gt=0, description="eps: Langevin step size")
-    temperature: float = Field(0.01, gt=0, description="T: temperature of the target")
-    l2: float = Field(0.1, ge=0, description="c: weight of the L2 prior c*||x||^2")
-    step_decay: float = Field(0.0, ge=0, le=1, description="gamma in eps_t = eps (1 + t)^-gamma")
-
-
-class AmOptions(BaseModel):
-    """The peer libraries' deterministic activation maximisation: Adam ascent on the pixels, no
-    noise, no realism term (lam must be 0). A baseline for what sampling adds."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    lr: float = Field(0.05, gt=0, description="Adam learning rate in pixel units (lucent's default)")
-    l2: float = Field(0.0, ge=0, description="c: weight of an L2 penalty c*||x||^2")
-
-
-METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions}
-Method = Literal["ldam", "sgld", "am"]
 
 
 @dataclass

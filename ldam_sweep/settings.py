@@ -1,0 +1,100 @@
+"""Settings users give for sampling and for stage 1, as pydantic models (no torch imported here).
+
+The job spec validates against these, so checking a spec never loads the sampler. ``METHODS`` is
+the table of update rules' settings; the rules themselves live in ``sampling/langevin.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ldam_sweep.errors import SamplerError
+
+
+class LdamOptions(BaseModel):
+    """Reference-form settings; the defaults are the ones that worked on the digits demo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_size: float = Field(0.01, gt=0, description="eta: step size in pixel units")
+    noise: float = Field(0.1, ge=0, description="sigma: initial noise scale of each noise block")
+    noise_block: int = Field(100, ge=1, description="steps after which the noise schedule restarts")
+    l2: float = Field(0.1, ge=0, description="c: weight of the L2 prior c*||x||^2")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the update")
+    rms_decay: float = Field(0.9, ge=0, lt=1, description="decay of the per-pixel squared-gradient average")
+    eps: float = Field(1e-8, gt=0, description="added under the RMS square root")
+
+
+class SgldOptions(BaseModel):
+    """Exact Langevin settings: eps_t = step_size * (1 + t) ** -step_decay, target exp(E / T)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    step_size: float = Field(1e-3, gt=0, description="eps: Langevin step size")
+    temperature: float = Field(0.01, gt=0, description="T: temperature of the target")
+    l2: float = Field(0.1, ge=0, description="c: weight of the L2 prior c*||x||^2")
+    step_decay: float = Field(0.0, ge=0, le=1, description="gamma in eps_t = eps (1 + t)^-gamma")
+
+
+class AmOptions(BaseModel):
+    """The peer libraries' deterministic activation maximisation: Adam ascent on the pixels, no
+    noise, no realism term (lam must be 0). A baseline for what sampling adds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lr: float = Field(0.05, gt=0, description="Adam learning rate in pixel units (lucent's default)")
+    l2: float = Field(0.0, ge=0, description="c: weight of an L2 penalty c*||x||^2")
+
+
+METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions}
+Method = Literal["ldam", "sgld", "am"]
+
+
+def parse_options(method: str, options: dict[str, Any]):
+    """Validated sampler options for ``method``; SamplerError names the bad option and the allowed ones."""
+    if method not in METHODS:
+        raise SamplerError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    try:
+        return cls(**options)
+    except ValidationError as err:
+        allowed = ", ".join(cls.model_fields)
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: {'unknown option' if e['type'] == 'extra_forbidden' else e['msg']}"
+            f" (got {e.get('input')!r})"
+            for e in err.errors()
+        )
+        raise SamplerError(f"invalid {method} options: {problems}. Allowed options for {method}: {allowed}") from None
+
+
+class DiscriminatorSettings(BaseModel):
+    """Stage-1 training settings. Defaults: what worked on the digits demo (LDAM.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    updates: int = Field(200, ge=1, description="D updates (each after a block of Langevin steps)")
+    steps_per_update: int = Field(20, ge=1, description="Langevin steps of the chains between D updates")
+    chains: int = Field(64, ge=2, description="persistent chains, spread over the target units")
+    batch: int = Field(64, ge=2, description="D batch: half chain samples, half real images")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    lam: float = Field(0.5, ge=0, le=1, description="lambda used by the chains while D trains")
+    reinit_every: int = Field(5, ge=1, description="re-initialise a layer's chains after this many blocks of steps")
+    eval_chains: int = Field(64, ge=2, description="fresh chains for the held-out accuracy")
+    eval_steps: int = Field(100, ge=1, description="Langevin steps of the fresh evaluation chains")
+    arch: str = Field("auto", description="auto | small | residual")
+    method: str = "ldam"
+    sampler: dict[str, Any] = Field(default_factory=dict, description="options of the chains' update rule")
+    seed: int = 0
+
+
+def default_snapshot_steps(steps: int, snapshot_every: int | None) -> list[int]:
+    """t = k, 2k, ... and always the final step; default k gives 4 snapshots."""
+    k = snapshot_every if snapshot_every is not None else max(1, steps // 4)
+    if not isinstance(k, int) or k < 1:
+        raise SamplerError(f"snapshot_every must be a positive integer, got {snapshot_every!r}")
+    ts = list(range(k, steps + 1, k))
+    if not ts or ts[-1] != steps:
+        ts.append(steps)
+    return ts
