@@ -31,7 +31,7 @@ import torch
 import yaml
 
 import ldam_sweep as ls
-from ldam_sweep.cluster.plan import block_tasks, sweep_store_plan
+from ldam_sweep.planning import block_tasks, sweep_store_plan
 from ldam_sweep.spec import parse_job
 from record import report
 

@@ -114,8 +114,8 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A smaller demo (fewer steps and D updates) for a first look."),
 ) -> None:
     """Sweep the whole built-in digits-cnn (every layer, every unit) with a discriminator trained on
-    digits, then write pictures of the results."""
-    from ldam_sweep.cluster.demo import demo_job, write_demo_pictures
+    digits, then build its HTML atlas."""
+    from ldam_sweep.cluster.demo import demo_job
     from ldam_sweep.cluster.driver import run_sweep
 
     with user_errors():
@@ -124,8 +124,6 @@ def demo(
         _print_summary(summary)
         from ldam_sweep.atlas.site import build_atlas
 
-        for path in write_demo_pictures(summary.store):
-            console.print(f"wrote {path}", highlight=False)
         site = Path(summary.store).with_name(Path(summary.store).stem + "-atlas")
         report = build_atlas(summary.store, site)
         console.print(f"store: {summary.store}  (try: ldam-sweep status {summary.store})", highlight=False)
@@ -212,7 +210,7 @@ def query(
     from ldam_sweep.store import open_store
 
     with user_errors():
-        from ldam_sweep.store.layout import StoreError
+        from ldam_sweep.errors import StoreError
 
         if status_ not in ("ok", "failed", "all"):
             raise StoreError(f"--status must be ok, failed or all, got {status_!r}")

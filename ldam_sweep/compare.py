@@ -13,15 +13,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ldam_sweep.errors import LdamError
+from ldam_sweep.atlas.format import escape, fmt_number
+from ldam_sweep.errors import CompareError
 from ldam_sweep.store.query import SweepStore, open_store
 
 PAIRED = ("activation_ratio", "act_final_mean", "realism_final_mean", "nearest_real", "pixel_diversity", "feature_diversity")
-SAMPLER_KEYS = ("sampler",)
-
-
-class CompareError(LdamError):
-    """The two stores cannot be compared (other architecture or other sampler settings)."""
 
 
 def check_comparable(a: SweepStore, b: SweepStore) -> None:
@@ -94,18 +90,16 @@ def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparis
 
 def write_report(cmp: Comparison, a: SweepStore, b: SweepStore, out_dir: str, top: int = 12) -> str:
     """An HTML page with the per-layer summary and side-by-side samples of the units that changed most."""
-    import html
     from pathlib import Path
 
     from ldam_sweep.atlas.grid import render_grid
 
     out = Path(out_dir)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    e = lambda x: html.escape(str(x), quote=True)  # noqa: E731
     cols = ["layer", "paired", "mean_sample_distance", "mean_activation_ratio_delta", "mean_abs_activation_ratio_delta",
             "mean_realism_final_mean_delta", "mean_nearest_real_delta", "mean_pixel_diversity_delta"]
-    head = "".join(f"<th>{e(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>" for r in cmp.layers)
+    head = "".join(f"<th>{escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{escape(fmt_number(r.get(c)))}</td>" for c in cols) + "</tr>" for r in cmp.layers)
     rows = sorted((r for r in cmp.units.to_pylist() if r.get("sample_distance") is not None),
                   key=lambda r: -r["sample_distance"])[:top]
     figs = []
@@ -116,18 +110,13 @@ def write_report(cmp: Comparison, a: SweepStore, b: SweepStore, out_dir: str, to
         name = f"img/{i}.png"
         render_grid(np.stack([sa, sb]), a.plan.value_range, scale=max(1, 64 // h),
                     row_labels=["A", "B"]).save(out / name)
-        figs.append(f"<figure><figcaption>{e(r['layer'])} unit {r['unit']}: sample distance {r['sample_distance']:.3f}, "
-                    f"activation ratio {_fmt(r.get('activation_ratio_a'))} → {_fmt(r.get('activation_ratio_b'))}</figcaption>"
+        figs.append(f"<figure><figcaption>{escape(r['layer'])} unit {r['unit']}: sample distance {r['sample_distance']:.3f}, "
+                    f"activation ratio {fmt_number(r.get('activation_ratio_a'))} → {fmt_number(r.get('activation_ratio_b'))}</figcaption>"
                     f"<img style='image-rendering:pixelated' src='{name}' alt='unit {r['unit']}'></figure>")
-    page = (f"<!doctype html><meta charset='utf-8'><title>compare</title><h1>A: {e(a.attrs['model']['name'])} "
-            f"({e(a.loc.url)})<br>B: {e(b.attrs['model']['name'])} ({e(b.loc.url)})</h1>"
+    page = (f"<!doctype html><meta charset='utf-8'><title>compare</title><h1>A: {escape(a.attrs['model']['name'])} "
+            f"({escape(a.loc.url)})<br>B: {escape(b.attrs['model']['name'])} ({escape(b.loc.url)})</h1>"
             f"<h2>Per layer</h2><table border='1' cellpadding='4'><tr>{head}</tr>{body}</table>"
             f"<h2>Units that changed most (final samples, chain by chain; same seeds)</h2>{''.join(figs)}")
     (out / "index.html").write_text(page)
     return str(out / "index.html")
 
-
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "–"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)

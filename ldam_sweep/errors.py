@@ -30,6 +30,14 @@ class DataError(LdamError, ValueError):
     """A real-data source is unusable (missing file, unreadable image, wrong shape or range)."""
 
 
+class StoreError(LdamError):
+    """A store cannot be created, written or read as asked (not a store, other spec, missing unit)."""
+
+
+class CompareError(LdamError):
+    """The two stores cannot be compared (other architecture or other sampler settings)."""
+
+
 def did_you_mean(value: str, allowed: list[str], limit: int = 3) -> str:
     """A short ' Did you mean ...?' hint for a misspelt name, or '' when nothing is close."""
     import difflib

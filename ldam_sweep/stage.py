@@ -1,38 +1,20 @@
 """Stage 1 of a sweep, shared by the CLI and the driver: the real data and the discriminator a job
-spec asks for (trained on the spot, or loaded from a file)."""
+spec asks for (trained on the spot, or loaded from a file), and its record as the store keeps it."""
 
 from __future__ import annotations
 
-from typing import Callable
-
-import numpy as np
+from typing import Any, Callable
 
 from ldam_sweep.data import real_images
 from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.planning import job_objectives, job_targets
 from ldam_sweep.sampling.discriminator import (
     DiscriminatorSettings,
     TrainedDiscriminator,
     load_discriminator,
     train_discriminator,
 )
-from ldam_sweep.spec import JobSpec, parse_units
-
-
-def job_targets(job: JobSpec, model: ModelHandle) -> list[tuple[str, np.ndarray]]:
-    """(layer, selected units) for every layer the job sweeps, checked against the model."""
-    names = [layer.name for layer in model.layers] if job.layers == "all" else [model.layer(n).name for n in job.layers]
-    for key in job.units:
-        if model.layer(key).name not in names:
-            from ldam_sweep.errors import SpecError
-
-            raise SpecError(f"units.{key}: layer {key!r} is not among the swept layers ({', '.join(names)})")
-    by_canonical = {model.layer(k).name: v for k, v in job.units.items()}
-    out = []
-    for name in names:
-        sel = parse_units(by_canonical.get(name, "all"), where=f"units.{name}")
-        units = np.arange(model.layer(name).units) if sel is None else model.check_units(name, sel)
-        out.append((name, units))
-    return out
+from ldam_sweep.spec import JobSpec
 
 
 def job_discriminator(
@@ -47,7 +29,15 @@ def job_discriminator(
     settings = DiscriminatorSettings(**(job.discriminator.train or {}))
     train = real_images(job.data, model.input, "train")
     heldout = real_images(job.data, model.input, "test")
-    conv = job.objective.get("conv")
-    objectives = {layer.name: conv for layer in model.layers if layer.kind == "conv" and conv}
     return train_discriminator(model, job_targets(job, model), train, heldout, settings, progress=progress,
-                               objectives=objectives)
+                               objectives=job_objectives(job, model))
+
+
+def discriminator_record(trained: TrainedDiscriminator) -> dict[str, Any]:
+    """The training record the store keeps beside the discriminator's bytes (``discriminator/`` attrs)."""
+    return {
+        "config": trained.module.config, "settings": trained.settings, "log": trained.log,
+        "heldout_accuracy": trained.heldout_accuracy, "heldout_real_accuracy": trained.heldout_real_accuracy,
+        "heldout_fake_accuracy": trained.heldout_fake_accuracy, "model_fingerprint": trained.model_fingerprint,
+        "seconds": trained.seconds, "digest": trained.digest(),
+    }

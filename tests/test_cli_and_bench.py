@@ -40,8 +40,10 @@ def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
     assert all(v is not None for v in fc2["nearest_real"].to_pylist())
     images, acts = st.exemplars("fc2", 3)
     assert images.shape == (8, 1, 28, 28) and acts[0] == fc2["exemplar_max"][3].as_py()
-    img = np.asarray(Image.open(tmp_path / "demo-pictures" / "fc2.png").convert("L"))
-    assert img.shape[0] > 10 * 28 * 3 and img.std() > 30  # 10 class rows of real pictures
+    from ldam_sweep.atlas.site import slug
+
+    img = np.asarray(Image.open(tmp_path / "demo-atlas" / "img" / slug("fc2") / "3-chains.png").convert("L"))
+    assert img.shape[0] > 4 * 28 * 3 and img.std() > 30  # 4 chain rows of real pictures
 
 
 def run_quick(script: str, tmp_path: Path) -> dict:

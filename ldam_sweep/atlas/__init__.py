@@ -1,1 +1,1 @@
-"""Pictures of results: PNG grids now, the static HTML atlas later."""
+"""Pictures of results: PNG grids and the static HTML atlas of a whole sweep."""

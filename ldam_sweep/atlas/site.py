@@ -16,7 +16,6 @@ are incremental: a unit's page and images are re-rendered only when its manifest
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import re
 import time
@@ -26,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from ldam_sweep.atlas.format import escape as _e
+from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.grid import render_grid
 from ldam_sweep.store.query import SweepStore, open_store
 
@@ -56,18 +57,6 @@ def slug(name: str) -> str:
     """A file-name-safe, collision-free name for a layer."""
     base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
     return f"{base}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
-
-
-def _e(text: Any) -> str:
-    return html.escape(str(text), quote=True)
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
 
 
 def _page(title: str, body: str, depth: int) -> str:
@@ -149,8 +138,8 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
                                for k, _ in SCORES}})
         lp = st.layer_plan(name)
         for block, brows in todo.items():  # read each block's arrays once, then render its units
-            lo, hi = lp.block_bounds(block)
-            arrays = {k: np.asarray(st._array(name, k)[lo:hi]) for k in _block_arrays(st)}
+            lo, _ = lp.block_bounds(block)
+            arrays = st.read_block(name, block)
             for r in brows:
                 _render_unit(st, info, r, {k: v[int(r["unit"]) - lo] for k, v in arrays.items()}, out)
                 rendered += 1
@@ -164,11 +153,6 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
-
-
-def _block_arrays(st: SweepStore) -> list[str]:
-    names = ["samples", "activation"] + (["realism"] if st.plan.realism else [])
-    return names + (["exemplars", "exemplar_activation"] if st.plan.exemplars_k else [])
 
 
 def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:

@@ -1,1 +1,1 @@
-"""The sweep on Ray: planning (layer, block) tasks, the resident worker actor, the driver loop."""
+"""The sweep on Ray: the resident worker actor and the driver loop (planning is ldam_sweep.planning)."""

@@ -5,10 +5,7 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ldam_sweep.spec import JobSpec, parse_job
 
@@ -33,23 +30,3 @@ def demo_job(quick: bool = False) -> JobSpec:
         doc["discriminator"]["train"]["updates"] = 30
     return parse_job(doc)
 
-
-def write_demo_pictures(url: str) -> list[Path]:
-    """PNG grids of the final samples of every committed unit of the logits layer and of a few
-    units per other layer (until the HTML atlas exists)."""
-    from ldam_sweep.atlas.grid import save_grid
-    from ldam_sweep.store import open_store
-
-    st = open_store(url)
-    out_dir = Path(st.loc.url).parent / f"{Path(st.loc.url).stem}-pictures"
-    paths = []
-    for lp in st.plan.layers:
-        units = st.units(lp.name, sort="unit", descending=False)["unit"].to_pylist()[:16]
-        if not units:
-            continue
-        finals = np.stack([st.samples(lp.name, u)[:, -1] for u in units])
-        acts = np.stack([st.trace(lp.name, u)[:, -1] for u in units])
-        paths.append(save_grid(out_dir / f"{lp.name}.png", finals, st.plan.value_range,
-                               row_labels=[f"{lp.name}:{u}" for u in units],
-                               cell_labels=np.vectorize(lambda v: f"{v:.3g}")(acts)))
-    return paths

@@ -19,12 +19,13 @@ from typing import Any
 
 from rich.console import Console
 
-from ldam_sweep.cluster.plan import BlockTask, block_tasks, check_writable, store_url, sweep_store_plan
 from ldam_sweep.cluster.progress import SweepProgress
-from ldam_sweep.errors import LdamError
+from ldam_sweep.errors import LdamError, StoreError
+from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, store_url, sweep_store_plan
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
-from ldam_sweep.store.layout import StoreError, write_discriminator
+from ldam_sweep.store.layout import write_discriminator
+from ldam_sweep.store.location import check_writable
 
 PER_ACTOR_IN_FLIGHT = 2
 
@@ -100,7 +101,7 @@ def run_sweep(
                            discriminator_accuracy=d_acc)
     if not todo:
         return summary
-    _dispatch(job, doc, loc.url, todo, plan.spec_hash(), summary, console, address, num_cpus)
+    _dispatch(job, doc, loc.url, plan, todo, summary, console, address, num_cpus)
     return summary
 
 
@@ -114,7 +115,7 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
                       highlight=False)
         return float(info["heldout_accuracy"])
     from ldam_sweep.model.loading import default_device
-    from ldam_sweep.stage import job_discriminator
+    from ldam_sweep.stage import discriminator_record, job_discriminator
 
     model.to(default_device())
     t0 = time.perf_counter()
@@ -130,7 +131,7 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     trained = job_discriminator(job, model, progress=report)
     model.to("cpu")
     assert trained is not None
-    write_discriminator(url, trained)
+    write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
     console.print(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} "
                   f"(real {trained.heldout_real_accuracy:.3f}, fresh chains {trained.heldout_fake_accuracy:.3f}) "
                   f"in {time.perf_counter() - t0:.0f}s", highlight=False)
@@ -154,8 +155,96 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
-def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask], spec_hash: str,
+class WorkerPool:
+    """The resident actors: admission of the started ones, and submission with at most
+    PER_ACTOR_IN_FLIGHT blocks per actor (``limit`` in all). Tasks go only to actors that have
+    started (model loaded): an actor the cluster cannot place (more GPUs or CPUs asked than exist,
+    or nodes still being added) never holds work hostage."""
+
+    def __init__(self, actors: list[Any], limit: int, console: Console) -> None:
+        self.actors = actors
+        self.limit = limit
+        self.console = console
+        self.starting = {a.identity.remote(): i for i, a in enumerate(actors)}
+        self.capacity: dict[int, int] = {}  # started actor -> free slots
+        self.inflight: dict[Any, tuple[BlockTask, int]] = {}  # ref -> (task, actor)
+
+    def admit(self, timeout: float) -> None:
+        """Give slots to the actors that have started by now (waiting up to ``timeout`` s)."""
+        import ray
+        from ray.exceptions import RayError
+
+        if not self.starting:
+            return
+        ready, _ = ray.wait(list(self.starting), num_returns=len(self.starting), timeout=timeout)
+        for ref in ready:
+            i = self.starting.pop(ref)
+            try:
+                ray.get(ref)
+                self.capacity[i] = PER_ACTOR_IN_FLIGHT
+            except RayError as err:
+                self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False)
+
+    def submit(self, queue: collections.deque[BlockTask], attempts: collections.Counter) -> None:
+        """Send queued tasks to started actors with free slots."""
+        for i in list(self.capacity):
+            while queue and self.capacity[i] > 0 and len(self.inflight) < self.limit:
+                task = queue.popleft()
+                attempts[task.key] += 1
+                ref = self.actors[i].run_block.remote(task.layer, task.block, list(task.units), attempts[task.key])
+                self.inflight[ref] = (task, i)
+                self.capacity[i] -= 1
+
+    def next_done(self, timeout: float) -> list[tuple[Any, BlockTask, int]]:
+        """(ref, task, actor) of the blocks that finished (at most one), their slots freed."""
+        import ray
+
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        out = []
+        for ref in ready:
+            task, i = self.inflight.pop(ref)
+            if i in self.capacity:
+                self.capacity[i] += 1
+            out.append((ref, task, i))
+        return out
+
+    def retire(self, i: int) -> None:
+        """An actor that died for good gets no more work."""
+        self.capacity.pop(i, None)
+
+    def kill(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+
+
+class CommitBuffer:
+    """Manifest rows of finished blocks, committed every ``commit_every`` blocks (and at the end)."""
+
+    def __init__(self, url: str, commit_every: int) -> None:
+        self.url = url
+        self.commit_every = commit_every
+        self.rows: list[dict[str, Any]] = []
+        self.blocks = 0
+
+    def add(self, rows: list[dict[str, Any]]) -> None:
+        self.rows.extend(rows)
+        self.blocks += 1
+
+    def due(self) -> bool:
+        return self.blocks >= self.commit_every
+
+    def flush(self) -> None:
+        if self.rows:
+            commit(self.url, self.rows)
+            self.rows, self.blocks = [], 0
+
+
+def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo: list[BlockTask],
               summary: SweepSummary, console: Console, address: str | None, num_cpus: int | None) -> None:
+    """Run ``todo`` on resident actors: retry a failing block up to ``max_attempts``, then record
+    it as failed; on Ctrl-C commit what finished and stop."""
     import ray
     from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
@@ -170,72 +259,36 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask]
         num_cpus=res.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
     )
     actors = [actor_cls.remote(doc, url, max(1, int(res.cpus_per_actor))) for _ in range(res.actors)]
-    # Tasks go only to actors that have started (model loaded): an actor the cluster cannot place
-    # (more GPUs or CPUs asked than exist, or nodes still being added) never holds work hostage.
-    starting = {a.identity.remote(): i for i, a in enumerate(actors)}
-    capacity: dict[int, int] = {}
-
-    def admit(timeout: float) -> None:
-        if not starting:
-            return
-        ready, _ = ray.wait(list(starting), num_returns=len(starting), timeout=timeout)
-        for ref in ready:
-            i = starting.pop(ref)
-            try:
-                ray.get(ref)
-                capacity[i] = PER_ACTOR_IN_FLIGHT
-            except RayError as err:
-                console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False)
-    limit = res.max_in_flight or PER_ACTOR_IN_FLIGHT * len(actors)
+    pool = WorkerPool(actors, res.max_in_flight or PER_ACTOR_IN_FLIGHT * len(actors), console)
+    buffer = CommitBuffer(url, res.commit_every)
     queue = collections.deque(todo)
-    attempts: dict[tuple[str, int], int] = collections.Counter()
-    inflight: dict[Any, tuple[BlockTask, int]] = {}
-    buffer: list[dict[str, Any]] = []
-    buffered_blocks = 0
+    attempts: collections.Counter = collections.Counter()
     progress = SweepProgress(sum(len(t.units) for t in todo), console)
-    lp_by_name = {lp.name: lp for lp in open_store(url).plan.layers}
+    spec_hash = plan.spec_hash()
     t0 = time.perf_counter()
     workers: set[str] = set()
 
-    def flush() -> None:
-        nonlocal buffer, buffered_blocks
-        if buffer:
-            commit(url, buffer)
-            buffer, buffered_blocks = [], 0
-
     def retry_or_fail(task: BlockTask, error: str) -> None:
-        nonlocal buffered_blocks
         if attempts[task.key] < res.max_attempts:
             queue.append(task)
             return
-        buffer.extend(failed_rows(lp_by_name[task.layer], task.block, error, attempt=attempts[task.key], spec_hash=spec_hash))
-        buffered_blocks += 1
+        buffer.add(failed_rows(plan.layer(task.layer), task.block, error, attempt=attempts[task.key], spec_hash=spec_hash))
         summary.failed_blocks += 1
         summary.units_failed += len(task.units)
         progress.update(failed=len(task.units))
 
     try:
-        while queue or inflight:
-            admit(0)
-            while not capacity and not inflight and starting:
-                console.print(f"waiting for workers to start ({len(starting)} asked: {res.cpus_per_actor} CPU, "
+        while queue or pool.inflight:
+            pool.admit(0)
+            while not pool.capacity and not pool.inflight and pool.starting:
+                console.print(f"waiting for workers to start ({len(pool.starting)} asked: {res.cpus_per_actor} CPU, "
                               f"{gpus} GPU each) ...", highlight=False)
-                admit(60.0)
-            for i in list(capacity):
-                while queue and capacity[i] > 0 and len(inflight) < limit:
-                    task = queue.popleft()
-                    attempts[task.key] += 1
-                    ref = actors[i].run_block.remote(task.layer, task.block, list(task.units), attempts[task.key])
-                    inflight[ref] = (task, i)
-                    capacity[i] -= 1
-            if not inflight:
+                pool.admit(60.0)
+            pool.submit(queue, attempts)
+            if not pool.inflight:
                 raise LdamError(f"no worker could start or every worker died for good; {len(queue)} blocks were not run. "
                                 "What was committed stays committed: rerun the same command to resume.")
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=30.0)
-            for ref in ready:
-                task, i = inflight.pop(ref)
-                if i in capacity:
-                    capacity[i] += 1
+            for ref, task, i in pool.next_done(timeout=30.0):
                 try:
                     rows = ray.get(ref)
                 except RayTaskError as err:  # an exception inside run_block
@@ -243,30 +296,28 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, todo: list[BlockTask]
                     continue
                 except RayActorError as err:  # the worker process died (killed, OOM-killed, node lost)
                     if isinstance(err, ActorDiedError) and not _restartable(err):
-                        capacity.pop(i, None)
+                        pool.retire(i)
                     retry_or_fail(task, f"worker died: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
                     continue
                 except RayError as err:  # lost objects, crashed worker processes, Ray's memory monitor
                     retry_or_fail(task, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
                     continue
-                buffer.extend(rows)
-                buffered_blocks += 1
+                buffer.add(rows)
                 workers.add(rows[0]["worker"])
                 summary.done_blocks += 1
                 summary.units_done += len(rows)
                 progress.update(done=len(rows))
-            if buffered_blocks >= res.commit_every or (buffer and not inflight):
-                flush()
+            if buffer.due() or (buffer.rows and not pool.inflight):
+                buffer.flush()
     except KeyboardInterrupt:
         summary.interrupted = True
         console.print("interrupted: committing finished blocks and stopping workers", highlight=False)
     finally:
-        flush()
+        buffer.flush()
         progress.close()
         summary.seconds = time.perf_counter() - t0
         summary.workers = sorted(workers)
-        for a in actors:
-            ray.kill(a)
+        pool.kill()
         if started:
             ray.shutdown()
 

@@ -24,6 +24,7 @@ class SweepWorker:
         import zarr
 
         from ldam_sweep.model import load_model
+        from ldam_sweep.model.loading import default_device
         from ldam_sweep.spec import parse_job
         from ldam_sweep.store import BlockWriter
 
@@ -31,7 +32,7 @@ class SweepWorker:
             torch.set_num_threads(max(1, int(num_threads)))
             zarr.config.set({"threading.max_workers": max(1, int(num_threads))})
         self.job = parse_job(job_doc)
-        self.device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.model = load_model(self.job.model, device=self.device)
         self.writer = BlockWriter(url)
         self.url = url
@@ -62,12 +63,13 @@ class SweepWorker:
         if self.job.discriminator is None:
             return None
         if self._discriminator is None:
+            from ldam_sweep.sampling.discriminator import load_discriminator
             from ldam_sweep.store import open_store
 
-            trained = open_store(self.url).discriminator()
-            if trained is None:
+            blob = open_store(self.url).discriminator_bytes()
+            if blob is None:
                 raise RuntimeError(f"store {self.url!r} holds no discriminator yet (stage 1 did not finish)")
-            self._discriminator = trained.module.to(self.device)
+            self._discriminator = load_discriminator(blob, self.model).module.to(self.device)
         return self._discriminator
 
     def _sample(self, layer: str, units: list[int]):
@@ -105,6 +107,7 @@ class SweepWorker:
             raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
         from ldam_sweep.sampling.exemplars import top_exemplars
         from ldam_sweep.sampling.scoring import score_result
+        from ldam_sweep.store.writer import default_worker_id
 
         t0 = time.perf_counter()
         result = self._sample(layer, units)
@@ -117,6 +120,6 @@ class SweepWorker:
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0])
         seconds = time.perf_counter() - t0
         return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds, exemplars=exemplars,
-                                 unit_columns=scores, worker=f"{socket.gethostname()}:{os.getpid()}@{self.node}")
+                                 unit_columns=scores, worker=f"{default_worker_id()}@{self.node}")
 
 

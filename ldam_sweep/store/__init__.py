@@ -1,6 +1,12 @@
-"""The store: Zarr arrays for tensors, a Parquet manifest as the commit log, and the query API."""
+"""The store: Zarr arrays for tensors, a Parquet manifest as the commit log, and the query API.
 
-from ldam_sweep.store.layout import LayerPlan, StoreError, StorePlan, create_store
+The store stands below the sampler: it imports no torch. Its plan (shapes, arrays, identity)
+comes from ``ldam_sweep.planning``.
+"""
+
+from ldam_sweep.errors import StoreError
+from ldam_sweep.planning import LayerPlan, StorePlan
+from ldam_sweep.store.layout import create_store
 from ldam_sweep.store.query import SweepStore, open_store
 from ldam_sweep.store.verify import verify_store
 from ldam_sweep.store.writer import BlockWriter, commit, failed_rows, write_block

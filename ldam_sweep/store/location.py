@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 import fsspec
 import zarr
 from zarr.storage import FsspecStore, LocalStore
+
+from ldam_sweep.errors import StoreError
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -43,8 +46,6 @@ class StoreLocation:
     def parse(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "StoreLocation":
         text = str(url)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", text):
-            from ldam_sweep.store.layout import StoreError
-
             raise StoreError(f"store URL {text!r} looks like a mistyped URL (one slash after the colon); "
                              "write e.g. s3://bucket/prefix")
         if "://" not in text or text.startswith("file://"):
@@ -63,8 +64,6 @@ class StoreLocation:
         try:
             return fsspec.filesystem(protocol, **self.storage_options)
         except (ValueError, ImportError) as err:
-            from ldam_sweep.store.layout import StoreError
-
             raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
 
     @property
@@ -82,3 +81,21 @@ class StoreLocation:
 
     def open_group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]
+
+
+def check_writable(url: str) -> None:
+    """Fail before any work when the store cannot be written (local paths: the nearest existing
+    parent must be a writable directory)."""
+    loc = StoreLocation.parse(url)
+    if not loc.is_local:
+        return
+    p = Path(loc.url)
+    while not p.exists():
+        p = p.parent
+    try:
+        if not p.is_dir():
+            raise NotADirectoryError(f"{str(p)!r} is not a directory")
+        with tempfile.TemporaryFile(dir=p):  # a real write: os.access says yes to root on /proc
+            pass
+    except OSError as err:
+        raise StoreError(f"store {url!r} is not writable: cannot create files in {str(p)!r} ({err})") from None

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
+from ldam_sweep.errors import StoreError
 from ldam_sweep.store.location import StoreLocation, encode_name
 
 MANIFEST_DIR = "manifest"
@@ -113,8 +114,6 @@ def read(loc: StoreLocation, layer: str | None = None) -> pa.Table:
     try:
         return ds.to_table(filter=flt)
     except (pa.ArrowInvalid, OSError) as err:
-        from ldam_sweep.store.layout import StoreError
-
         raise StoreError(f"the manifest of {loc.url!r} has an unreadable file: {err}. Move that part file "
                          "aside (its blocks will be redone on the next run).") from None
 

@@ -3,15 +3,16 @@ a block that is written but not committed (a crashed attempt) is never visible."
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ldam_sweep.errors import did_you_mean
+from ldam_sweep.errors import StoreError, did_you_mean
+from ldam_sweep.planning import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
-from ldam_sweep.store.layout import FORMAT_NAME, LayerPlan, StoreError, StorePlan, layer_path
+from ldam_sweep.store.layout import FORMAT_NAME, layer_path
 from ldam_sweep.store.location import StoreLocation
 
 TRACE_KINDS = ("activation", "realism")
@@ -152,6 +153,14 @@ class SweepStore:
         except KeyError:
             raise StoreError(f"store {self.loc.url!r} has no {name!r} array for layer {layer!r}") from None
 
+    def read_block(self, layer: str, block: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """The block's region (units ``block_bounds(block)``) of each named array as stored, every
+        array of the layer by default. Reads committed or not: check the manifest first."""
+        lp = self.layer_plan(layer)
+        lo, hi = lp.block_bounds(block)
+        names = list(self.plan.arrays(lp)) if names is None else list(names)
+        return {name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in names}
+
     def samples(self, layer: str, unit: int) -> np.ndarray:
         """(chain, snapshot, C, H, W) float32 samples of a committed unit."""
         self._committed(layer, unit)
@@ -180,13 +189,12 @@ class SweepStore:
             return None
         return dict(self.root["discriminator"].attrs)
 
-    def discriminator(self):
-        """The frozen discriminator the sweep used (a TrainedDiscriminator), or None."""
+    def discriminator_bytes(self) -> bytes | None:
+        """The frozen discriminator the sweep used, as its saved file's bytes, or None. Load it with
+        ``ldam_sweep.sampling.discriminator.load_discriminator(blob, model)``."""
         if "discriminator" not in self.root:
             return None
-        from ldam_sweep.sampling.discriminator import load_discriminator
-
-        return load_discriminator(bytes(np.asarray(self.root["discriminator/file"][:])))
+        return bytes(np.asarray(self.root["discriminator/file"][:]))
 
     def snapshot_steps(self) -> np.ndarray:
         return np.asarray(self.plan.snapshot_steps)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow.compute as pc
 
+from ldam_sweep.planning import LayerPlan
 from ldam_sweep.store.query import SweepStore
 from ldam_sweep.store.writer import block_checksum
 
@@ -48,20 +49,18 @@ def verify_store(store: SweepStore) -> tuple[int, list[BlockProblem]]:
     return checked, problems
 
 
-def _check_block(store: SweepStore, lp, block: int, units: np.ndarray, expected: str, with_exemplars: bool,
+def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray, expected: str, with_exemplars: bool,
                  diverged: np.ndarray) -> list[BlockProblem]:
     plan = store.plan
     lo, hi = lp.block_bounds(block)
     names = ["samples", "activation"] + (["realism"] if plan.realism else [])
     if with_exemplars:
         names += ["exemplars", "exemplar_activation"]
-    region = {name: np.asarray(store._array(lp.name, name)[lo:hi]) for name in names}
+    region = store.read_block(lp.name, block, names)
     out = []
-    want = {
-        "samples": (hi - lo, plan.chains, len(plan.snapshot_steps), *plan.image_shape),
-        "activation": (hi - lo, plan.chains, plan.steps + 1),
-    }
-    for name, shape in want.items():
+    specs = plan.arrays(lp)
+    for name in ("samples", "activation"):
+        shape = specs[name].block_shape(hi - lo)
         if region[name].shape != shape:
             out.append(BlockProblem(lp.name, block, f"{name} has shape {region[name].shape}, expected {shape}"))
     idx = units - lo

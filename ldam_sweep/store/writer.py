@@ -13,37 +13,55 @@ import os
 import signal
 import socket
 import uuid
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from ldam_sweep.sampling.chains import ChainResult
-from ldam_sweep.store.layout import LayerPlan, StoreError, StorePlan, layer_path
+from ldam_sweep.errors import StoreError
+from ldam_sweep.planning import ARRAY_NAMES, LayerPlan, StorePlan
+from ldam_sweep.store.layout import layer_path
 from ldam_sweep.store.location import StoreLocation
+from ldam_sweep.version import __version__
 
 # Test hook: the writer SIGKILLs its own process after writing the named array (fault tests only).
 KILL_AFTER_ENV = "LDAM_SWEEP_TEST_KILL_AFTER"
 
-BLOCK_ARRAYS = ("samples", "activation", "realism", "exemplars", "exemplar_activation")
+
+class BlockResult(Protocol):
+    """What the writer needs of a sampled block (a ``ChainResult`` fits): plain arrays and the
+    sampler settings that go into the manifest. The store needs no sampler (and no torch)."""
+
+    layer: str
+    units: Sequence[int]
+    samples: np.ndarray  # (unit, chain, snapshot, C, H, W)
+    activation: np.ndarray  # (unit, chain, steps + 1)
+    realism: np.ndarray | None
+    objective: str
+    method: str
+    lam: float
+    chains: int
+    steps: int
+
+    @property
+    def final_activation(self) -> np.ndarray: ...
+
+
+def default_worker_id() -> str:
+    """host:pid of this process, the manifest's ``worker`` column (Ray actors add @node)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def block_checksum(region: dict[str, np.ndarray]) -> str:
     """blake2b over the block's arrays as stored (dtype, shape, bytes), in a fixed order."""
     h = hashlib.blake2b(digest_size=16)
-    for name in BLOCK_ARRAYS:
+    for name in ARRAY_NAMES:
         if name in region:
             arr = np.ascontiguousarray(region[name])
             h.update(f"{name}|{arr.dtype.str}|{arr.shape}|".encode())
             h.update(arr.tobytes())
     return h.hexdigest()
-
-
-def _code_version() -> str:
-    from ldam_sweep import __version__
-
-    return __version__
 
 
 class BlockWriter:
@@ -64,7 +82,7 @@ class BlockWriter:
             self._groups[layer] = self.root[layer_path(layer)]  # type: ignore[assignment]
         return self._groups[layer]
 
-    def region(self, lp: LayerPlan, block: int, result: ChainResult,
+    def region(self, lp: LayerPlan, block: int, result: BlockResult,
                exemplars: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
         """The block's full region of every array, NaN where a unit is not sampled."""
         plan = self.plan
@@ -79,23 +97,18 @@ class BlockWriter:
         if result.samples.shape != expect or result.activation.shape != (len(units), plan.chains, plan.steps + 1):
             raise StoreError(f"result shapes {result.samples.shape}, {result.activation.shape} do not fit the store plan {expect}")
         idx = np.asarray(units) - lo
-        n = hi - lo
-        out: dict[str, np.ndarray] = {}
-        out["samples"] = np.full((n, *expect[1:]), np.nan, dtype=np.float16)
-        out["samples"][idx] = result.samples.astype(np.float16)
-        out["activation"] = np.full((n, plan.chains, plan.steps + 1), np.nan, dtype=np.float32)
-        out["activation"][idx] = result.activation
+        values: dict[str, Any] = {"samples": result.samples, "activation": result.activation}
         if plan.realism:
             if result.realism is None:
                 raise StoreError(f"the store keeps realism traces but the result for block {block} of {lp.name!r} has none")
-            out["realism"] = np.full_like(out["activation"], np.nan)
-            out["realism"][idx] = result.realism
+            values["realism"] = result.realism
         if plan.exemplars_k and exemplars is not None:
-            images, acts = exemplars
-            out["exemplars"] = np.full((n, plan.exemplars_k, *plan.image_shape), np.nan, dtype=np.float16)
-            out["exemplars"][idx] = images.astype(np.float16)
-            out["exemplar_activation"] = np.full((n, plan.exemplars_k), np.nan, dtype=np.float32)
-            out["exemplar_activation"][idx] = acts
+            values["exemplars"], values["exemplar_activation"] = exemplars
+        out: dict[str, np.ndarray] = {}
+        for name, spec in plan.arrays(lp).items():
+            if name in values:
+                out[name] = np.full(spec.block_shape(hi - lo), np.nan, dtype=spec.dtype)
+                out[name][idx] = np.asarray(values[name]).astype(spec.dtype)
         for arr in out.values():  # one NaN bit pattern: zarr reads every NaN back as the canonical one
             arr[np.isnan(arr)] = np.nan
         return out
@@ -104,7 +117,7 @@ class BlockWriter:
         self,
         layer: str,
         block: int,
-        result: ChainResult,
+        result: BlockResult,
         *,
         attempt: int = 1,
         seconds: float = float("nan"),
@@ -120,23 +133,23 @@ class BlockWriter:
         group = self.group(layer)
         store = group.store_path.store
         kill_after = os.environ.get(KILL_AFTER_ENV)
+        specs = self.plan.arrays(lp)
         for name, data in region.items():
             arr = group[name]
-            key = f"{arr.path}/c/" + "/".join([str(block)] + ["0"] * (arr.ndim - 1))
-            sync(store.delete(key))
+            sync(store.delete(f"{arr.path}/{specs[name].block_key(block)}"))
             arr[lo:hi] = data
             if kill_after == name:
                 os.kill(os.getpid(), signal.SIGKILL)
         checksum = block_checksum(region)
         return block_rows(
             lp, block, result, checksum=checksum, attempt=attempt, seconds=seconds,
-            worker=worker or f"{socket.gethostname()}:{os.getpid()}", spec_hash=self.spec_hash,
+            worker=worker or default_worker_id(), spec_hash=self.spec_hash,
             exemplar_max=None if exemplars is None else np.nanmax(exemplars[1], axis=1), unit_columns=unit_columns,
         )
 
 
 def block_rows(
-    lp: LayerPlan, block: int, result: ChainResult, *, checksum: str, attempt: int, seconds: float, worker: str,
+    lp: LayerPlan, block: int, result: BlockResult, *, checksum: str, attempt: int, seconds: float, worker: str,
     spec_hash: str, exemplar_max: np.ndarray | None = None, unit_columns: dict[int, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """One 'ok' manifest row per unit of the block, with its activation and realism statistics."""
@@ -156,7 +169,7 @@ def block_rows(
                 "realism_final_mean": None if result.realism is None else float(np.nanmean(result.realism[i, :, -1])),
                 "exemplar_max": None if exemplar_max is None else float(exemplar_max[i]),
                 "seconds": per_unit_seconds, "worker": worker, "attempt_id": attempt_id, "checksum": checksum,
-                "spec_hash": spec_hash, "code_version": _code_version(),
+                "spec_hash": spec_hash, "code_version": __version__,
             }
             row.update((unit_columns or {}).get(int(unit), {}))
             rows.append(row)
@@ -167,12 +180,12 @@ def failed_rows(lp: LayerPlan, block: int, error: str, *, attempt: int, spec_has
     """'failed' rows for every unit of a block that ran out of attempts (the sweep goes on)."""
     return [
         {"layer": lp.name, "unit": int(u), "block": int(block), "status": "failed", "attempt": int(attempt),
-         "error": error[-2000:], "spec_hash": spec_hash, "worker": worker, "code_version": _code_version()}
+         "error": error[-2000:], "spec_hash": spec_hash, "worker": worker, "code_version": __version__}
         for u in lp.block_units(block)
     ]
 
 
-def write_block(url: str, layer: str, block: int, result: ChainResult, **kwargs: Any) -> list[dict[str, Any]]:
+def write_block(url: str, layer: str, block: int, result: BlockResult, **kwargs: Any) -> list[dict[str, Any]]:
     """One-shot ``BlockWriter(url).write(...)``."""
     return BlockWriter(url).write(layer, block, result, **kwargs)
 
