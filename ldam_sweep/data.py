@@ -158,7 +158,7 @@ def real_images(source: Any, input_spec: Any, split: Split = "train") -> np.ndar
     if source.source == "digits":
         if h != w or c not in (1, 3):
             raise DataError(f"digits need a square 1- or 3-channel input, the model takes {input_spec.shape}")
-        imgs, _ = digits(h, "all" if split == "all" else split)
+        imgs, _ = digits(h, split)
         imgs = np.repeat(imgs, c, axis=1) if c == 3 else imgs
         imgs = lo + (hi - lo) * imgs
         out = imgs[: source.limit] if source.limit else imgs
