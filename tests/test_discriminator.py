@@ -243,19 +243,21 @@ def test_cli_train_discriminator_and_store_roundtrip(tmp_path, model_cache, digi
     trained = load_discriminator(tmp_path / "d.pt", digits_model)
     assert trained.settings["updates"] == 6
 
-    from ldam_sweep.sampling.chains import default_snapshot_steps
+    from ldam_sweep.planning import plan_store
+    from ldam_sweep.settings import default_snapshot_steps
+    from ldam_sweep.stage import discriminator_record
     from ldam_sweep.store import create_store
-    from ldam_sweep.store.layout import plan_store, write_discriminator
+    from ldam_sweep.store.layout import write_discriminator
 
     url = str(tmp_path / "s.zarr")
     create_store(url, plan_store(digits_model, {"fc2": None}, chains=2, steps=4, snapshot_steps=default_snapshot_steps(4, None),
                                  block_size=4, realism=True))
-    write_discriminator(url, trained)
+    write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
     st = ls.open_store(url)
     assert st.discriminator_info()["heldout_accuracy"] == trained.heldout_accuracy
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
-        assert torch.equal(st.discriminator().module(x), trained.module(x))
+        assert torch.equal(load_discriminator(st.discriminator_bytes(), digits_model).module(x), trained.module(x))
 
 
 def test_residual_d_halves_resolution_first_above_32px_and_old_configs_keep_stride_1():
