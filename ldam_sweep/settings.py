@@ -6,7 +6,7 @@ the table of update rules' settings; the rules themselves live in ``sampling/lan
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,7 +49,6 @@ class AmOptions(BaseModel):
 
 
 METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions}
-Method = Literal["ldam", "sgld", "am"]
 
 
 def parse_options(method: str, options: dict[str, Any]):
