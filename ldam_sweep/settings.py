@@ -1,7 +1,8 @@
 """Settings users give for sampling and for stage 1, as pydantic models (no torch imported here).
 
 The job spec validates against these, so checking a spec never loads the sampler. ``METHODS`` is
-the table of update rules' settings; the rules themselves live in ``sampling/langevin.py``.
+the table of update rules' settings; the rules themselves (``RULES``, same names) live in
+``sampling/langevin.py``.
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ LogDFn = Callable[[torch.Tensor], torch.Tensor]
 @dataclass
 class Step:
     """What an update rule sees at step t. B = units * chains; element ``u * chains + c`` is
-    chain c of unit u. Gradients and noise are computed when first asked for, at most once."""
+    chain c of unit u. Gradients and noise are computed only when asked for; a rule asks for
+    either ``grads()`` or ``energy_grad()`` (a backward pass frees the graph)."""
 
     t: int
     x: torch.Tensor  # (B, C, H, W) x_t, requires grad
