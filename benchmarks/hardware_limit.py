@@ -20,7 +20,7 @@ import torch
 
 import ldam_sweep as ls
 from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
-from ldam_sweep.sampling.objectives import unit_objective
+from ldam_sweep.objectives import unit_objective
 from record import load_bench_model, report, sync
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import ldam_sweep as ls
-from ldam_sweep.sampling.objectives import unit_objective
+from ldam_sweep.objectives import unit_objective
 from record import load_bench_model, sync
 
 REPEATS = 2  # best of; --quick sets 1

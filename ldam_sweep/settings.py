@@ -1,12 +1,13 @@
 """Settings users give for sampling and for stage 1, as pydantic models (no torch imported here).
 
 The job spec validates against these, so checking a spec never loads the sampler. ``METHODS`` is
-the table of update rules' settings; the rules themselves live in ``sampling/langevin.py``.
+the table of update rules' settings; the rules themselves (``RULES``, same names) live in
+``sampling/langevin.py``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -49,7 +50,6 @@ class AmOptions(BaseModel):
 
 
 METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions}
-Method = Literal["ldam", "sgld", "am"]
 
 
 def parse_options(method: str, options: dict[str, Any]):

@@ -12,6 +12,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ldam_sweep.errors import SpecError
+from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives
+from ldam_sweep.settings import METHODS
 
 
 class InputSpec(BaseModel):
@@ -229,12 +231,19 @@ class SamplerSpec(BaseModel):
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
-    method: Literal["ldam", "sgld", "am"] = "ldam"
+    method: str = Field("ldam", description="update rule: one of settings.METHODS")
     steps: int = Field(300, ge=1, le=100_000)
     chains: int = Field(8, ge=1, le=4096)
     lam: float = Field(0.0, ge=0, le=1)
     seed: int = 0
     snapshot_every: int | None = Field(None, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        return method
 
     @model_validator(mode="after")
     def _options(self) -> "SamplerSpec":
@@ -296,13 +305,24 @@ class JobSpec(BaseModel):
     model: ModelSpec
     layers: Literal["all"] | list[str] = "all"
     units: dict[str, UnitsSel] = Field(default_factory=dict, description="per layer: all, [i, j, ...] or 'a-b'")
-    objective: dict[Literal["conv"], Literal["channel", "neuron"]] = Field(default_factory=dict)
+    objective: dict[str, str] = Field(default_factory=dict, description="per layer kind: the objective its layers use")
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     discriminator: DiscriminatorSpec | None = None
     data: DataSpec | None = None
     exemplars: int = Field(8, ge=0, le=256, description="top-k real images per unit (needs data)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     store: str | None = None
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, objective: dict[str, str]) -> dict[str, str]:
+        for kind, name in objective.items():
+            if kind not in DEFAULT_BY_KIND:
+                raise ValueError(f"unknown layer kind {kind!r}; allowed kinds: {', '.join(DEFAULT_BY_KIND)}")
+            allowed = allowed_objectives(kind)
+            if name not in allowed:
+                raise ValueError(f"objective {name!r} does not apply to {kind} layers; allowed for {kind}: {', '.join(allowed)}")
+        return objective
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":

@@ -8,7 +8,7 @@ import torch
 
 import ldam_sweep as ls
 from ldam_sweep.sampling import noise
-from ldam_sweep.sampling.objectives import unit_objective
+from ldam_sweep.objectives import DEFAULT_BY_KIND, OBJECTIVES, unit_objective, units_objective
 
 
 def _mix32_reference(x: int) -> int:
@@ -72,6 +72,45 @@ def test_objectives_are_one_gather_equal_to_a_per_element_loop():
     assert torch.equal(unit_objective(conv, units, "neuron"), ref_neuron)
     assert torch.equal(unit_objective(lin, units, "unit"), ref_unit)
     assert torch.equal(unit_objective(lin, units, "logit"), ref_unit)
+
+
+def test_every_objective_of_the_table_scores_a_unit_alike_for_sampling_and_exemplars():
+    """The sampler's one-gather objective and the exemplar ranking give the same floats for every
+    table entry and layer kind, and every kind's default is an entry that applies to it."""
+    torch.manual_seed(0)
+    outputs = {"conv": torch.randn(6, 5, 7, 6).contiguous(memory_format=torch.channels_last),
+               "linear": torch.randn(6, 9), "logit": torch.randn(6, 9)}
+    units = torch.tensor([4, 0, 2, 2, 1, 3])
+    for name, obj in OBJECTIVES.items():
+        for kind in obj.kinds:
+            acts = outputs[kind]
+            ranked = torch.stack([units_objective(acts[i : i + 1], units[i : i + 1], name)[0, 0] for i in range(6)])
+            assert torch.equal(unit_objective(acts, units, name), ranked), (name, kind)
+    assert set(DEFAULT_BY_KIND) == set(outputs)
+    assert all(kind in OBJECTIVES[name].kinds for kind, name in DEFAULT_BY_KIND.items())
+
+
+def test_update_rules_and_method_settings_name_the_same_methods():
+    from ldam_sweep.sampling.langevin import RULES
+    from ldam_sweep.settings import METHODS
+
+    assert list(RULES) == list(METHODS)
+    for name, rule in RULES.items():
+        assert rule.options_type is METHODS[name]
+
+
+def test_job_spec_methods_and_objectives_come_from_the_tables():
+    from ldam_sweep.spec import parse_job
+
+    job = parse_job({"model": {"zoo": "digits-cnn"}, "sampler": {"method": "am"},
+                     "objective": {"conv": "neuron", "logit": "unit"}})
+    assert job.sampler.method == "am" and job.objective == {"conv": "neuron", "logit": "unit"}
+    with pytest.raises(ls.SpecError, match=r"sampler.method: unknown method 'mala'; allowed: ldam, sgld, am"):
+        parse_job({"model": {"zoo": "digits-cnn"}, "sampler": {"method": "mala"}})
+    with pytest.raises(ls.SpecError, match=r"objective 'unit' does not apply to conv layers; allowed for conv: channel, neuron"):
+        parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"conv": "unit"}})
+    with pytest.raises(ls.SpecError, match=r"unknown layer kind 'pool'; allowed kinds: conv, linear, logit"):
+        parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"pool": "channel"}})
 
 
 def test_ldam_logits_exceed_the_best_real_digit(digits_model, real_max_logits):

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ldam_sweep.objectives import DEFAULT_BY_KIND
+
 SKIPPED_TYPES: tuple[type, ...] = (
     nn.Flatten,
     nn.Unflatten,
@@ -43,7 +45,8 @@ class LayerInfo:
 
     @property
     def default_objective(self) -> str:
-        return {"conv": "channel", "linear": "unit", "logit": "logit"}[self.kind]
+        """The objective of this layer's kind unless a job asks for another (the objective table)."""
+        return DEFAULT_BY_KIND[self.kind]
 
     def as_dict(self) -> dict:
         return {

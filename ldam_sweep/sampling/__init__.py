@@ -1,4 +1,4 @@
-"""Sampling: objectives, per-chain noise, the two Langevin update rules, and ``sample``."""
+"""Sampling: per-chain noise, the update rules (``ldam``, ``sgld``, ``am``), and ``sample``."""
 
 from ldam_sweep.sampling.chains import ChainResult, sample
 from ldam_sweep.sampling.langevin import LdamOptions, SgldOptions

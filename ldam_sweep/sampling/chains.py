@@ -6,7 +6,7 @@ the layer) and one backward per step serve the whole block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -14,8 +14,8 @@ import torch
 
 from ldam_sweep.errors import SamplerError
 from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.objectives import DEFAULT_BY_KIND, check_objective, unit_objective
 from ldam_sweep.sampling import noise
-from ldam_sweep.objectives import check_objective, unit_objective
 from ldam_sweep.sampling.langevin import ChainTensors, run_chains
 from ldam_sweep.settings import default_snapshot_steps, parse_options  # noqa: F401 (re-exported)
 
@@ -36,7 +36,6 @@ class ChainResult:
     samples: np.ndarray  # (U, chains, S, C, H, W) float32
     activation: np.ndarray  # (U, chains, steps + 1) float32: a(x_t), t = 0 (start) .. steps (final)
     realism: np.ndarray | None = None  # (U, chains, steps + 1) log D(x_t), when a discriminator is given
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def chains(self) -> int:
@@ -113,7 +112,7 @@ def sample(
     """
     info = model.layer(layer)
     unit_arr = model.check_units(info.name, units)
-    objective = check_objective(objective or info.default_objective, info.kind, info.name)
+    objective = check_objective(objective or DEFAULT_BY_KIND[info.kind], info.kind, info.name)
     if not isinstance(chains, int) or chains < 1:
         raise SamplerError(f"chains must be a positive integer, got {chains!r}")
     if not isinstance(steps, int) or steps < 1:
@@ -134,8 +133,8 @@ def sample(
 
     log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
     out: ChainTensors = run_chains(
-        activation_fn, x0, keys, steps=steps, method=method, options=options,  # type: ignore[arg-type]
-        box=model.input.range, snapshot_steps=snap_steps, lam=lam, log_d=log_d,
+        activation_fn, x0, keys, steps=steps, method=method, options=options,
+        box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
     )
     shape = model.input.shape
     samples = out.snapshots.detach().cpu().numpy()  # (S, B, C, H, W)

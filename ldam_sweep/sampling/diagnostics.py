@@ -1,4 +1,4 @@
-"""Per-unit chain diagnostics and the manifest columns that hold every score.
+"""Per-unit chain diagnostics and the score columns of each unit's manifest row.
 
 Conventions (all documented in docs/scores.md):
 - burn-in: the first half of the steps (``burn_in = steps // 2``) unless given;
@@ -18,11 +18,6 @@ from ldam_sweep.sampling.diversity import feature_diversity, mode_count, pixel_d
 
 STUCK_PIXEL_FRACTION = 0.95
 BOUNDARY_TOL = 1e-3
-
-SCORE_COLUMNS = (
-    "pixel_diversity", "feature_diversity", "modes", "activation_ratio", "nearest_real", "movement",
-    "ess", "rhat", "diverged_fraction", "stuck_fraction",
-)
 
 
 def autocorr_ess(traces: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import io
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,9 +25,9 @@ from torch import nn
 
 from ldam_sweep.errors import LdamError
 from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.objectives import objective_for, unit_objective
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import run_chains
-from ldam_sweep.objectives import unit_objective
 from ldam_sweep.settings import DiscriminatorSettings, parse_options
 
 SMALL_MAX_SIDE = 32
@@ -152,7 +152,6 @@ class TrainedDiscriminator:
     heldout_fake_accuracy: float
     model_fingerprint: str
     seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -239,8 +238,8 @@ class _ChainGroup:
         def act(x: torch.Tensor) -> torch.Tensor:
             return unit_objective(self.model.activations(x, self.layer), self.unit_idx, self.objective)
 
-        out = run_chains(act, self.x, self.keys, steps=steps, method=method, options=options,  # type: ignore[arg-type]
-                         box=self.model.input.range, snapshot_steps=[steps], lam=lam if log_d else 0.0,
+        out = run_chains(act, self.x, self.keys, steps=steps, method=method, options=options,
+                         box=self.model.input.range, snapshot_steps=[steps], chains=1, lam=lam if log_d else 0.0,
                          log_d=log_d, draw_offset=self.draws)
         self.draws += steps
         self.advances += 1
@@ -287,11 +286,11 @@ def train_discriminator(
     opt = torch.optim.Adam(d.parameters(), lr=s.lr, betas=(0.5, 0.999))
     real = torch.from_numpy(np.ascontiguousarray(real_train, dtype=np.float32)).to(dev)
 
-    objective = {layer.name: (objectives or {}).get(layer.name, layer.default_objective) for layer in model.layers}
-    groups = [
-        _ChainGroup(model, model.layer(layer).name, units, objective[model.layer(layer).name], s.seed, "train")
-        for layer, units in _spread([(layer, model.check_units(layer, units)) for layer, units in targets], s.chains)
-    ]
+    groups = []
+    for layer, units in _spread([(layer, model.check_units(layer, units)) for layer, units in targets], s.chains):
+        info = model.layer(layer)
+        objective = objective_for(info.name, info.kind, objectives)
+        groups.append(_ChainGroup(model, info.name, units, objective, s.seed, "train"))
 
     def frozen_log_d(x: torch.Tensor) -> torch.Tensor:
         return d(x)

@@ -6,15 +6,7 @@ import numpy as np
 import torch
 
 from ldam_sweep.model.handle import ModelHandle
-
-
-def units_objective(acts: torch.Tensor, units: torch.Tensor, objective: str) -> torch.Tensor:
-    """(N, ...) layer output -> (N, U): every image's activation for each of the given units."""
-    if objective == "channel":
-        return acts[:, units].mean(dim=(2, 3))
-    if objective == "neuron":
-        return acts[:, units, acts.shape[2] // 2, acts.shape[3] // 2]
-    return acts[:, units]
+from ldam_sweep.objectives import units_objective
 
 
 @torch.no_grad()

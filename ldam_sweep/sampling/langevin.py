@@ -1,4 +1,7 @@
-"""The two LDAM update rules, run for a whole batch of chains at once (pure tensor code).
+"""The update rules, run for a whole batch of chains at once (pure tensor code).
+
+One class per rule, named in ``RULES`` (the same names as ``settings.METHODS``, which holds their
+settings):
 
 ``ldam`` (reference form, BIDMach ``viz/Synthesis.scala``): per-term RMS-normalised gradients of
 the activation and of log D, annealed noise restarting every ``noise_block`` steps, an L2 prior,
@@ -7,22 +10,162 @@ momentum, clipping to the pixel box.
 ``sgld`` (exact form): ``x <- clip(x + (eps/2) grad log pi(x) + sqrt(eps) xi)`` with
 ``grad log pi = ((1 - lam) grad a + lam grad log D - 2 c x) / T`` and an optional decaying eps.
 
+``am`` (the peer libraries' baseline): Adam ascent on the pixels, no noise, no realism term.
+
+``run_chains`` only advances: each step it evaluates a(x_t) (and log D(x_t)), records them, hands
+the rule a ``Step`` and takes x_{t+1} back. A rule asks the ``Step`` for what it needs (gradients,
+noise), so a new sampler is one class here, one entry in ``RULES`` and its settings in
+``settings.METHODS``. Batch layout: element ``u * chains + c`` is chain c of unit u.
+
 Traces and snapshots stay on the device until the loop ends: no host synchronisation per step.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
 
 import torch
 from pydantic import BaseModel
 
+from ldam_sweep.errors import SamplerError
 from ldam_sweep.sampling import noise
-from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, Method, SgldOptions  # noqa: F401 (re-exported)
+from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions  # noqa: F401 (re-exported)
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 LogDFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Step:
+    """What an update rule sees at step t. B = units * chains; element ``u * chains + c`` is
+    chain c of unit u. Gradients and noise are computed only when asked for; a rule asks for
+    either ``grads()`` or ``energy_grad()`` (a backward pass frees the graph)."""
+
+    t: int
+    x: torch.Tensor  # (B, C, H, W) x_t, requires grad
+    activation: torch.Tensor  # (B,) a(x_t) on the autograd graph
+    log_d: torch.Tensor | None  # (B,) log D(x_t) on the graph when D is in the update (lam > 0)
+    lam: float
+    box: tuple[float, float]
+    chains: int  # chains per unit
+    unit_context: torch.Tensor | None  # (U, ...) per-unit data for a rule (e.g. a kernel width)
+    keys: torch.Tensor  # (B, 2) per-chain noise keys
+    draw: int  # this step's noise draw (draw 0 is the initial image)
+    _grads: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
+
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(grad a, grad log D) with respect to x_t, separately. grad a is zeros at lam = 1 (its
+        weight) without a backward pass; grad log D is None when D is not in the update. The
+        caller owns the tensors (it may update them in place)."""
+        if self._grads is None:
+            g_a = (torch.autograd.grad(self.activation.sum(), self.x)[0].contiguous() if self.lam < 1
+                   else torch.zeros_like(self.x))
+            g_d = (torch.autograd.grad(self.log_d.sum(), self.x)[0].contiguous() if self.log_d is not None
+                   else None)
+            self._grads = (g_a, g_d)
+        return self._grads
+
+    def energy_grad(self) -> torch.Tensor:
+        """grad of the energy (1 - lam) a + lam log D (a alone without D), in one backward pass."""
+        energy = self.activation if self.log_d is None else (1 - self.lam) * self.activation + self.lam * self.log_d
+        return torch.autograd.grad(energy.sum(), self.x)[0].contiguous()
+
+    def noise(self) -> torch.Tensor:
+        """(B, C, H, W) standard normal noise of this step, one stream per chain (``noise.normal``)."""
+        return noise.normal(self.keys, self.draw, tuple(self.x.shape[1:]))
+
+
+class UpdateRule:
+    """One sampler: ``init(x_0)`` allocates its state and returns the x it iterates on,
+    ``step(s)`` returns x_{t+1} (detached, or the rule's own leaf tensor)."""
+
+    options_type: ClassVar[type[BaseModel]]
+
+    def __init__(self, options: BaseModel) -> None:
+        if not isinstance(options, self.options_type):
+            raise TypeError(f"{type(self).__name__} takes {self.options_type.__name__}, got {type(options).__name__}")
+        self.options = options
+
+    def init(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def step(self, s: Step) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LdamRule(UpdateRule):
+    """Reference form: RMS-normalised activation and log D gradients, annealed noise, momentum."""
+
+    options_type = LdamOptions
+    options: LdamOptions
+
+    def init(self, x: torch.Tensor) -> torch.Tensor:
+        self.v_a = torch.zeros_like(x)
+        self.v_d: torch.Tensor | None = None  # allocated on the first step that has a log D gradient
+        self.m = torch.zeros_like(x)
+        return x
+
+    def step(self, s: Step) -> torch.Tensor:
+        o = self.options
+        xi = s.noise()
+        g_a, g_d = s.grads()
+        x = s.x.detach()
+        rho = o.rms_decay
+        self.v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
+        step = g_a.div_(torch.sqrt(self.v_a + o.eps)).mul_(1 - s.lam)
+        if g_d is not None:
+            if self.v_d is None:
+                self.v_d = torch.zeros_like(x)
+            self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
+            step.add_(g_d.div_(torch.sqrt(self.v_d + o.eps)), alpha=s.lam)
+        tb = s.t % o.noise_block
+        step.add_(xi, alpha=o.noise / (1.0 + tb * tb))
+        step.add_(x, alpha=-2.0 * o.l2)
+        self.m.mul_(o.momentum).add_(step, alpha=1 - o.momentum)
+        return (x + o.step_size * self.m).clamp_(*s.box)
+
+
+class SgldRule(UpdateRule):
+    """Exact form: a Langevin step on the tempered energy with an L2 prior."""
+
+    options_type = SgldOptions
+    options: SgldOptions
+
+    def step(self, s: Step) -> torch.Tensor:
+        o = self.options
+        xi = s.noise()
+        g = s.energy_grad()
+        x = s.x.detach()
+        eps_t = o.step_size * (1.0 + s.t) ** (-o.step_decay)
+        drift = (g - 2.0 * o.l2 * x) / o.temperature
+        return (x + 0.5 * eps_t * drift + (eps_t**0.5) * xi).clamp_(*s.box)
+
+
+class AmRule(UpdateRule):
+    """Deterministic activation maximisation: Adam on the pixels (element-wise state, so the
+    chains stay independent), clipped to the box."""
+
+    options_type = AmOptions
+    options: AmOptions
+
+    def init(self, x: torch.Tensor) -> torch.Tensor:
+        x.requires_grad_(True)
+        self.adam = torch.optim.Adam([x], lr=self.options.lr)
+        return x
+
+    def step(self, s: Step) -> torch.Tensor:
+        x = s.x
+        loss = -(s.activation.sum() - self.options.l2 * (x * x).sum())
+        self.adam.zero_grad(set_to_none=True)
+        loss.backward()
+        self.adam.step()
+        with torch.no_grad():
+            x.clamp_(*s.box)
+        return x
+
+
+RULES: dict[str, type[UpdateRule]] = {"ldam": LdamRule, "sgld": SgldRule, "am": AmRule}
 
 
 @dataclass
@@ -40,93 +183,54 @@ def run_chains(
     keys: torch.Tensor,
     *,
     steps: int,
-    method: Method,
+    method: str,
     options: BaseModel,
     box: tuple[float, float],
     snapshot_steps: list[int],
+    chains: int,
     lam: float = 0.0,
     log_d: LogDFn | None = None,
     draw_offset: int = 0,
+    unit_context: torch.Tensor | None = None,
 ) -> ChainTensors:
-    """Run ``steps`` Langevin steps on the batch ``x0`` (B, C, H, W).
+    """Run ``steps`` steps of the rule ``RULES[method]`` on the batch ``x0`` (B, C, H, W).
 
     ``activation_fn(x) -> (B,)`` is each chain's own unit activation; ``log_d(x) -> (B,)`` the
     realism term, used in the update when ``lam > 0`` and recorded whenever given. ``keys`` (B, 2)
     are the per-chain noise keys (see ``noise``). ``snapshot_steps``: values of t in 1..steps at
-    which x_t is kept.
+    which x_t is kept. ``chains``: chains per unit (element ``u * chains + c`` is chain c of unit
+    u); ``unit_context`` (U, ...): per-unit data handed to the rule.
     """
-    lo, hi = box
     b = x0.shape[0]
-    shape = tuple(x0.shape[1:])
     dev = x0.device
     keys = keys.to(dev)
     snap_at = {t: i for i, t in enumerate(snapshot_steps)}
     snaps = torch.empty((len(snapshot_steps), *x0.shape), dtype=torch.float32, device=dev)
     act_trace = torch.empty((steps + 1, b), dtype=torch.float32, device=dev)
-    real_trace = torch.empty((steps + 1, b), dtype=torch.float32, device=dev) if log_d is not None else None
-    use_d = log_d is not None and lam > 0
-    x = x0.detach().to(torch.float32).clone()
-
-    if method == "ldam":
-        assert isinstance(options, LdamOptions)
-        v_a = torch.zeros_like(x)
-        v_d = torch.zeros_like(x) if use_d else None
-        m = torch.zeros_like(x)
-    if method == "am":
-        assert isinstance(options, AmOptions)
-        x.requires_grad_(True)
-        adam = torch.optim.Adam([x], lr=options.lr)  # element-wise state: chains stay independent
+    real_trace = torch.empty((steps + 1, b), dtype=torch.float32, device=dev)
+    if method not in RULES:
+        raise SamplerError(f"unknown method {method!r}; allowed: {', '.join(RULES)}")
+    rule = RULES[method](options)
+    x = rule.init(x0.detach().to(torch.float32).clone())
     for t in range(steps):
         x.requires_grad_(True)
         a = activation_fn(x)
         act_trace[t] = a.detach()
         logd = None
         if log_d is not None:
-            if use_d:
+            if lam > 0:
                 logd = log_d(x)
-                real_trace[t] = logd.detach()  # type: ignore[index]
+                real_trace[t] = logd.detach()
             else:
                 with torch.no_grad():
-                    real_trace[t] = log_d(x.detach())  # type: ignore[index]
-        if method == "am":
-            loss = -(a.sum() - options.l2 * (x * x).sum())
-            adam.zero_grad(set_to_none=True)
-            loss.backward()
-            adam.step()
-            with torch.no_grad():
-                x.clamp_(lo, hi)
-            if t + 1 in snap_at:
-                snaps[snap_at[t + 1]] = x.detach()
-            continue
-        xi = noise.normal(keys, draw_offset + t + 1, shape)
-        if method == "ldam":
-            g_a = torch.autograd.grad(a.sum(), x)[0].contiguous() if lam < 1 else torch.zeros_like(x)
-            g_d = torch.autograd.grad(logd.sum(), x)[0].contiguous() if use_d else None  # type: ignore[union-attr]
-            x = x.detach()
-            rho = options.rms_decay
-            v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
-            step = g_a.div_(torch.sqrt(v_a + options.eps)).mul_(1 - lam)
-            if g_d is not None:
-                v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)  # type: ignore[union-attr]
-                step.add_(g_d.div_(torch.sqrt(v_d + options.eps)), alpha=lam)  # type: ignore[operator]
-            tb = t % options.noise_block
-            step.add_(xi, alpha=options.noise / (1.0 + tb * tb))
-            step.add_(x, alpha=-2.0 * options.l2)
-            m.mul_(options.momentum).add_(step, alpha=1 - options.momentum)
-            x = (x + options.step_size * m).clamp_(lo, hi)
-        else:
-            assert isinstance(options, SgldOptions)
-            energy = a if not use_d else (1 - lam) * a + lam * logd  # type: ignore[operator]
-            g = torch.autograd.grad(energy.sum(), x)[0].contiguous()
-            x = x.detach()
-            eps_t = options.step_size * (1.0 + t) ** (-options.step_decay)
-            drift = (g - 2.0 * options.l2 * x) / options.temperature
-            x = (x + 0.5 * eps_t * drift + (eps_t**0.5) * xi).clamp_(lo, hi)
+                    real_trace[t] = log_d(x.detach())
+        x = rule.step(Step(t=t, x=x, activation=a, log_d=logd, lam=lam, box=box, chains=chains,
+                           unit_context=unit_context, keys=keys, draw=draw_offset + t + 1))
         if t + 1 in snap_at:
-            snaps[snap_at[t + 1]] = x
+            snaps[snap_at[t + 1]] = x.detach()
     x = x.detach()
     with torch.no_grad():
         act_trace[steps] = activation_fn(x)
-        if real_trace is not None:
-            real_trace[steps] = log_d(x)  # type: ignore[misc]
-    return ChainTensors(snapshots=snaps, activation=act_trace, realism=real_trace)
+        if log_d is not None:
+            real_trace[steps] = log_d(x)
+    return ChainTensors(snapshots=snaps, activation=act_trace, realism=real_trace if log_d is not None else None)
