@@ -59,7 +59,12 @@ def committed_blocks(url: str) -> int:
         return 0
 
 
-def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+# Waits below end on events (a commit, a file); this only bounds how long a broken run can hang, and
+# is generous because a busy 2-core box takes minutes to start Ray and the actors.
+PATIENCE = 600
+
+
+def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = PATIENCE) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:
         got = committed_blocks(url)
@@ -71,7 +76,7 @@ def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = 1
     raise AssertionError(f"no {n} committed blocks after {timeout}s")
 
 
-def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> Path:
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = PATIENCE) -> Path:
     """Poll for a file a worker's test hook writes (an event), failing early if the driver ended."""
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -101,7 +106,7 @@ def test_worker_killed_mid_sweep_loses_nothing(tmp_path, env):
         os.kill(pid, signal.SIGKILL)
     finally:
         (signals / "release-conv2-0").touch()  # the retry of block 0 runs through
-    out, err = proc.communicate(timeout=300)
+    out, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err
     assert len(list(signals.glob("worker-*"))) >= 2  # the sweep's two actors (plus Ray's restart, if it came up in time)
     st = ls.open_store(url)
@@ -179,7 +184,7 @@ def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
         wait_for_file(signals / "held-conv2-0", proc)
         wait_for_blocks(url, 1, proc)  # the other actor has committed a block; block 0 is provably pending
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=PATIENCE)
     finally:
         (signals / "release-conv2-0").touch()  # a worker the driver failed to stop does not linger
     assert proc.returncode == 130, err
@@ -190,7 +195,7 @@ def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
     assert blocks and 0 not in blocks and units.num_rows == 4 * len(blocks)
     assert verify_store(st) == (len(blocks), [])
     again = cli("run", str(spec), env=env, cwd=tmp_path)
-    out, err = again.communicate(timeout=300)
+    out, err = again.communicate(timeout=PATIENCE)
     assert again.returncode == 0, err
     assert f"resume: {len(blocks)} of 8 blocks already committed, {8 - len(blocks)} to run" in err
     st = ls.open_store(url)
