@@ -126,14 +126,19 @@ def _load_summary(out: str) -> dict:
 def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
-    proc = cli("run", str(spec), env=env, cwd=tmp_path)
-    wait_for_blocks(url, 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    signals = tmp_path / "signals"
+    proc = cli("run", str(spec), env={**env, **hold(signals, "conv2:0")}, cwd=tmp_path)
+    try:
+        wait_for_file(signals / "held-conv2-0", proc)
+        wait_for_blocks(url, 2, proc)  # block 0 is held: the driver dies with blocks provably pending
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        (signals / "release-conv2-0").touch()
     done_before = committed_blocks(url)
     assert 2 <= done_before < 8
     again = cli("run", str(spec), env=env, cwd=tmp_path)
-    out, err = again.communicate(timeout=300)
+    out, err = again.communicate(timeout=PATIENCE)
     assert again.returncode == 0, err
     assert f"resume: {done_before} of 8 blocks already committed, {8 - done_before} to run" in err
     summary = _load_summary(out)
