@@ -104,6 +104,9 @@ def test_worker_killed_mid_sweep_loses_nothing(tmp_path, env):
         pid = int(wait_for_file(signals / "held-conv2-0", proc).read_text())
         assert signals.joinpath(f"worker-{pid}").exists()
         os.kill(pid, signal.SIGKILL)
+    except BaseException:  # a failed or timed-out test does not leave its sweep running
+        proc.kill()
+        raise
     finally:
         (signals / "release-conv2-0").touch()  # the retry of block 0 runs through
     out, err = proc.communicate(timeout=PATIENCE)
@@ -133,6 +136,9 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
         wait_for_blocks(url, 2, proc)  # block 0 is held: the driver dies with blocks provably pending
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=30)
+    except BaseException:  # a failed or timed-out test does not leave its sweep running
+        proc.kill()
+        raise
     finally:
         (signals / "release-conv2-0").touch()
     done_before = committed_blocks(url)
@@ -190,6 +196,9 @@ def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
         wait_for_blocks(url, 1, proc)  # the other actor has committed a block; block 0 is provably pending
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=PATIENCE)
+    except BaseException:  # a failed or timed-out test does not leave its sweep running
+        proc.kill()
+        raise
     finally:
         (signals / "release-conv2-0").touch()  # a worker the driver failed to stop does not linger
     assert proc.returncode == 130, err
