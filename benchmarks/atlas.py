@@ -71,7 +71,8 @@ def main() -> None:
     record = {
         "benchmark": "atlas", "units": args.units, "layers": args.layers, "machine": platform.machine(),
         "store_build_seconds": t_store, "atlas_seconds": first.seconds, "atlas_ms_per_unit": 1e3 * first.seconds / args.units,
-        "rebuild_unchanged_seconds": second.seconds, "pages": len(html_sizes), "largest_html_kb": max(html_sizes) / 1e3,
+        "rebuild_unchanged_seconds": second.seconds, "units_rendered": first.units_rendered,
+        "rebuild_units_rendered": second.units_rendered, "pages": len(html_sizes), "largest_html_kb": max(html_sizes) / 1e3,
         "largest_layer_data_kb": max(data_sizes) / 1e3, "site_mb": total / 1e6,
     }
     report(f"atlas benchmark: {args.units} units in {args.layers} layers", record,

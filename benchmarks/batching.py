@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import ldam_sweep as ls
-from record import load_bench_model, report
+from record import chain_steps_done, load_bench_model, report
 
 
 def measure(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, repeats: int) -> dict:
@@ -25,16 +25,17 @@ def measure(model: ls.ModelHandle, layer: str, units: list[int], chains: int, st
     best_block = best_single = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        ls.sample(model, layer, units, chains=chains, steps=steps)
+        block = ls.sample(model, layer, units, chains=chains, steps=steps)
         best_block = min(best_block, time.perf_counter() - t0)
         t0 = time.perf_counter()
-        for u in units:
-            ls.sample(model, layer, [u], chains=chains, steps=steps)
+        singles = [ls.sample(model, layer, [u], chains=chains, steps=steps) for u in units]
         best_single = min(best_single, time.perf_counter() - t0)
-    chain_steps = len(units) * chains * steps
+    block_work, single_work = chain_steps_done(block), sum(chain_steps_done(r) for r in singles)
     return {
-        "block_chain_steps_per_s": chain_steps / best_block,
-        "one_at_a_time_chain_steps_per_s": chain_steps / best_single,
+        "block_chain_steps": block_work,
+        "one_at_a_time_chain_steps": single_work,
+        "block_chain_steps_per_s": block_work / best_block,
+        "one_at_a_time_chain_steps_per_s": single_work / best_single,
         "batching_gain": best_single / best_block,
         "block_seconds": best_block,
         "one_at_a_time_seconds": best_single,

@@ -105,7 +105,8 @@ def main() -> None:
     if summary["units_done"] != n_units:
         raise SystemExit(f"sweep did {summary['units_done']} units, the in-process run {n_units}")
     record = {
-        "benchmark": "end_to_end", "model": args.model, "layers": args.layers, "units": n_units, "steps": args.steps,
+        "benchmark": "end_to_end", "model": args.model, "layers": args.layers, "units": n_units, "sweep_units_done": summary["units_done"],
+        "steps": args.steps,
         "chains": args.chains, "block": args.block, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "in_process_seconds": inproc, "sweep_wall_seconds": wall, "sweep_dispatch_seconds": summary["seconds"],

@@ -21,31 +21,37 @@ import torch
 import ldam_sweep as ls
 from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
 from ldam_sweep.objectives import unit_objective
-from record import load_bench_model, report, sync
+from record import chain_steps_done, load_bench_model, report, sync
 
 
 
-def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int) -> float:
+def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int) -> tuple[float, int]:
+    """Images per second of a bare truncated forward + input-gradient backward, and the image-steps run."""
     idx = torch.tensor(units, device=model.device).repeat_interleave(chains)
     objective = model.layer(layer).default_objective
     x = torch.rand(len(idx), *model.input.shape, device=model.device, requires_grad=True)
     torch.autograd.grad(unit_objective(model.activations(x, layer), idx, objective).sum(), x)  # warm-up
     sync(model.device)
+    done = 0
     t0 = time.perf_counter()
     for _ in range(steps):
         a = unit_objective(model.activations(x, layer), idx, objective)
         torch.autograd.grad(a.sum(), x)
+        done += a.numel()
     sync(model.device)
-    return len(idx) * steps / (time.perf_counter() - t0)
+    return done / (time.perf_counter() - t0), done
 
 
-def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, **kw) -> float:
+def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int,
+                              **kw) -> tuple[float, int]:
+    """Chain-steps per second of ``ls.sample`` on one block, and the chain-steps it ran."""
     ls.sample(model, layer, units, chains=chains, steps=2, **kw)  # warm-up
     sync(model.device)
     t0 = time.perf_counter()
-    ls.sample(model, layer, units, chains=chains, steps=steps, **kw)
+    result = ls.sample(model, layer, units, chains=chains, steps=steps, **kw)
     sync(model.device)
-    return len(units) * chains * steps / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return chain_steps_done(result) / seconds, chain_steps_done(result)
 
 
 def main() -> None:
@@ -72,11 +78,15 @@ def main() -> None:
                      sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps),
                      sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
                                                discriminator=d)))
+    work = {k: {n for _, n in col} for k, col in zip(("bare", "lam0", "lam05"), zip(*runs))}
+    runs = [tuple(rate for rate, _ in run) for run in runs]
     bare, lam0, lam5 = (statistics.median(col) for col in zip(*runs))
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
         "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
         + (f", {torch.cuda.get_device_name(0)}" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads"),
+        "bare_image_steps": sorted(work["bare"]), "sampler_lam0_chain_steps": sorted(work["lam0"]),
+        "sampler_lam05_chain_steps": sorted(work["lam05"]),
         "bare_images_per_s": bare, "sampler_lam0_chain_steps_per_s": lam0, "sampler_lam05_chain_steps_per_s": lam5,
         "ratio_lam0": statistics.median(r[1] / r[0] for r in runs),
         "ratio_lam05": statistics.median(r[2] / r[0] for r in runs),

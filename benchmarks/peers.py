@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 import ldam_sweep as ls
-from record import load_bench_model, report, sync
+from record import chain_steps_done, load_bench_model, report, sync
 
 
 def import_lucent():
@@ -59,45 +59,46 @@ def _unhook(net: torch.nn.Module) -> None:
         m._forward_hooks.clear()
 
 
-def time_ours(model: ls.ModelHandle, layer: str, units: list[int], images: int, steps: int, block: int) -> float:
+def time_ours(model: ls.ModelHandle, layer: str, units: list[int], images: int, steps: int, block: int) -> tuple[float, int]:
+    """Seconds for every unit, and the image-steps really run."""
     ls.sample(model, layer, units[:block], chains=images, steps=2)  # warm-up
     sync(model.device)
     t0 = time.perf_counter()
-    for i in range(0, len(units), block):
-        ls.sample(model, layer, units[i : i + block], chains=images, steps=steps)
+    results = [ls.sample(model, layer, units[i : i + block], chains=images, steps=steps) for i in range(0, len(units), block)]
     sync(model.device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, sum(chain_steps_done(r) for r in results)
 
 
 def time_lucent(lucent, net: torch.nn.Module, layer: str, units: list[int], images: int, steps: int, size: int,
-                block: int | None) -> float:
-    """block None: lucent (a), one render_vis per unit with its defaults; else lucent (b)."""
+                block: int | None) -> tuple[float, int]:
+    """block None: lucent (a), one render_vis per unit with its defaults; else lucent (b).
+    Returns the seconds and the image-steps rendered (images returned x steps)."""
     objectives, param, render = lucent
     lname = layer.replace(".", "_")
 
-    def one(part: list[int]) -> None:
+    def one(part: list[int]) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if block is None:
-                render.render_vis(net, f"{lname}:{part[0]}", param_f=lambda: param.image(size, batch=images),
+                out = render.render_vis(net, f"{lname}:{part[0]}", param_f=lambda: param.image(size, batch=images),
                                   thresholds=(steps,), show_image=False, progress=False)
             else:
                 obj = objectives.Objective.sum(
                     [objectives.channel(lname, u, batch=i * images + c) for i, u in enumerate(part) for c in range(images)])
-                render.render_vis(net, obj, param_f=lambda: param.image(size, batch=len(part) * images, fft=False,
+                out = render.render_vis(net, obj, param_f=lambda: param.image(size, batch=len(part) * images, fft=False,
                                                                         decorrelate=False),
                                   transforms=[], fixed_image_size=size, thresholds=(steps,), show_image=False,
                                   progress=False)
         _unhook(net)
+        return len(out[-1]) * steps
 
     step = 1 if block is None else block
     one(units[:step])  # warm-up
     sync(next(net.parameters()).device)
     t0 = time.perf_counter()
-    for i in range(0, len(units), step):
-        one(units[i : i + step])
+    done = sum(one(units[i : i + step]) for i in range(0, len(units), step))
     sync(next(net.parameters()).device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, done
 
 
 def main() -> None:
@@ -123,22 +124,25 @@ def main() -> None:
     net = model.net.to(memory_format=torch.contiguous_format)  # lucent (a) as users run it: default layout,
     for p in net.parameters():  # and weights trainable
         p.requires_grad_(True)
-    t_a = time_lucent(lucent, net, args.layer, a_units, args.images, args.steps, args.size, None)
+    t_a, work_a = time_lucent(lucent, net, args.layer, a_units, args.images, args.steps, args.size, None)
     for p in net.parameters():
         p.requires_grad_(False)
-    t_b = {}  # lucent (b) in both memory layouts; its best counts
+    t_b, work_b = {}, {}  # lucent (b) in both memory layouts; its best counts
     for fmt in (torch.contiguous_format, torch.channels_last):
         net.to(memory_format=fmt)
-        t_b[str(fmt).split(".")[-1]] = time_lucent(lucent, net, args.layer, units, args.images, args.steps, args.size,
-                                                   args.block)
+        layout = str(fmt).split(".")[-1]
+        t_b[layout], work_b[layout] = time_lucent(lucent, net, args.layer, units, args.images, args.steps, args.size,
+                                                  args.block)
     net.to(memory_format=model._format)
-    t_ours = time_ours(model, args.layer, units, args.images, args.steps, args.block)
+    t_ours, work_ours = time_ours(model, args.layer, units, args.images, args.steps, args.block)
     ours, a, b = len(units) / t_ours, len(a_units) / t_a, len(units) / min(t_b.values())
     record = {
         "benchmark": "peers", "peer": "torch-lucent 0.1.8", "model": model.name, "size": args.size, "layer": args.layer,
         "units": len(units), "a_units": len(a_units), "images_per_unit": args.images, "steps": args.steps,
         "block": args.block, "device": str(model.device), "machine": platform.machine()
         + (f", {torch.cuda.get_device_name(0)}" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads"),
+        "ours_image_steps": work_ours, "lucent_defaults_image_steps": work_a,
+        "lucent_fastest_image_steps_by_layout": work_b,
         "ours_units_per_s": ours, "lucent_defaults_units_per_s": a, "lucent_fastest_units_per_s": b,
         "lucent_fastest_units_per_s_by_layout": {k: len(units) / v for k, v in t_b.items()},
         "ours_memory_format": model.memory_format, "ratio_vs_lucent_defaults": ours / a, "ratio_vs_lucent_fastest": ours / b,

@@ -34,6 +34,13 @@ def load_bench_model(model: str, size: int | None, device: str | None, **options
         return ls.load_model(spec, device=device)
 
 
+def chain_steps_done(result) -> int:
+    """Chain-steps a sampler result really holds (units x chains x steps, read from its trace), so a
+    record's rates and work counts come from what ran, not from the arguments."""
+    units, chains, trace = result.activation.shape
+    return units * chains * (trace - 1)
+
+
 def sync(device) -> None:
     """Wait for queued GPU work before reading a clock (no-op on CPU)."""
     import torch

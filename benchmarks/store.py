@@ -100,6 +100,7 @@ def main() -> None:
             st.sql("SELECT layer, unit, act_final_mean FROM units ORDER BY act_final_mean DESC LIMIT 20")
             sql_times.append(time.perf_counter() - t0)
         assert top.num_rows == 20
+        manifest_rows = st.units().num_rows
 
         # 4. one unit's samples (manifest check + one inner chunk of a shard)
         read_times = []
@@ -121,7 +122,7 @@ def main() -> None:
         "create_seconds": t_create,
         "write_blocks": args.write_blocks, "write_block_ms": 1e3 * t_write / args.write_blocks,
         "write_MB_per_s": bytes_per_block * args.write_blocks / t_write / 1e6,
-        "manifest_files": n_files, "commit_ms_per_file": 1e3 * t_commit / n_files,
+        "manifest_files": n_files, "manifest_rows": manifest_rows, "commit_ms_per_file": 1e3 * t_commit / n_files,
         "commit_rows_per_s": len(all_rows) / t_commit,
         "units_sort_topk_s": statistics.median(q_times), "duckdb_topk_s": statistics.median(sql_times),
         "read_unit_samples_ms": 1e3 * statistics.median(read_times),

@@ -63,10 +63,12 @@ def main() -> None:
         for layer in layers:
             units = list(range(min(args.units, model.layer(layer).units)))
             t0 = time.perf_counter()
-            bare = bare_images_per_s(model, layer, units, args.chains, args.steps)
-            rate = sampler_chain_steps_per_s(model, layer, units, args.chains, args.steps)
+            bare, bare_work = bare_images_per_s(model, layer, units, args.chains, args.steps)
+            rate, work = sampler_chain_steps_per_s(model, layer, units, args.chains, args.steps)
             flops = flops_per_image_step(model, layer)
             rows.append({"variant": name, "layer": layer, "batch": len(units) * args.chains,
+                         "memory_format": model.memory_format, "precision": model.precision,
+                         "sampler_chain_steps": work, "bare_image_steps": bare_work,
                          "sampler_chain_steps_per_s": rate, "bare_images_per_s": bare, "ratio": rate / bare,
                          "gflop_per_image_step": flops / 1e9, "sampler_tflops": flops * rate / 1e12,
                          "bare_tflops": flops * bare / 1e12, "seconds": time.perf_counter() - t0})

@@ -70,7 +70,7 @@ def parse_options(method: str, options: dict[str, Any]):
 
 
 class DiscriminatorSettings(BaseModel):
-    """Stage-1 training settings. Defaults: what worked on the digits demo (LDAM.md)."""
+    """Stage-1 training settings. Defaults: what worked on the digits demo (docs/method.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,58 +56,83 @@ def run_quick(script: str, tmp_path: Path) -> dict:
         capture_output=True, text=True,
     )
     assert run.returncode == 0, run.stderr
-    return json.loads(out_json.read_text())
+    rec = json.loads(out_json.read_text())
+    assert_measured(rec)
+    return rec
+
+
+def assert_measured(value, key: str = "record") -> None:
+    """Every number in a record is finite, and every rate (``*_per_s``) and FLOP count is > 0: a
+    benchmark that timed nothing or divided by zero fails here."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            assert_measured(v, k)
+    elif isinstance(value, list):
+        for v in value:
+            assert_measured(v, key)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        assert math.isfinite(value), (key, value)
+        if key.endswith(("_per_s", "tflops", "gflop_per_image_step")):
+            assert value > 0, (key, value)
 
 
 def test_batching_benchmark_quick_mode(tmp_path):
     rec = run_quick("batching", tmp_path)
     assert rec["units"] == 4 and rec["steps"] == 3
-    assert rec["block_chain_steps_per_s"] > 0 and rec["one_at_a_time_chain_steps_per_s"] > 0
-    assert rec["batching_gain"] == rec["one_at_a_time_seconds"] / rec["block_seconds"]
+    # both ways of batching really ran every unit's chains for every step: the comparison is fair
+    assert rec["block_chain_steps"] == rec["one_at_a_time_chain_steps"] == 4 * rec["chains"] * 3
 
 
 def test_store_benchmark_quick_mode(tmp_path):
     rec = run_quick("store", tmp_path)
-    assert rec["units"] == 2000 and rec["manifest_files"] == 4
+    assert rec["units"] == 2000 and rec["manifest_files"] == 4 and rec["write_blocks"] == 4
+    assert rec["manifest_rows"] == 2000  # every committed row is readable back from the store
     assert rec["write_block_ms"] > 0 and rec["units_sort_topk_s"] > 0 and rec["read_unit_samples_ms"] > 0
 
 
 def test_atlas_benchmark_quick_mode(tmp_path):
     rec = run_quick("atlas", tmp_path)
     assert rec["units"] == 200 and rec["pages"] == 200 + 2 + 1  # unit pages, layer pages, index
-    assert rec["rebuild_unchanged_seconds"] < rec["atlas_seconds"]
+    assert rec["units_rendered"] == 200 and rec["rebuild_units_rendered"] == 0  # the rebuild re-rendered nothing
 
 
 def test_hardware_limit_benchmark_quick_mode(tmp_path):
     rec = run_quick("hardware_limit", tmp_path)
-    assert rec["units"] == 4 and rec["chains"] == 4
-    assert rec["ratio_lam0"] == rec["sampler_lam0_chain_steps_per_s"] / rec["bare_images_per_s"]  # one repeat
-    assert rec["bare_images_per_s"] > 0 and rec["ratio_lam05"] > 0
+    assert rec["units"] == 4 and rec["chains"] == 4 and rec["steps"] == 3
+    work = 4 * 4 * 3  # the bare forward+backward and both sampler runs did the same image-steps
+    assert rec["bare_image_steps"] == rec["sampler_lam0_chain_steps"] == rec["sampler_lam05_chain_steps"] == [work]
 
 
 def test_peers_benchmark_quick_mode(tmp_path):
     pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
     rec = run_quick("peers", tmp_path)
     assert rec["units"] == 4 and rec["images_per_unit"] == 2 and rec["peer"].startswith("torch-lucent")
-    assert set(rec["lucent_fastest_units_per_s_by_layout"]) == {"contiguous_format", "channels_last"}
-    assert rec["lucent_fastest_units_per_s"] == max(rec["lucent_fastest_units_per_s_by_layout"].values())
-    assert rec["ratio_vs_lucent_defaults"] == rec["ours_units_per_s"] / rec["lucent_defaults_units_per_s"]
+    # ours and lucent (b) rendered the same images for the same steps, in both layouts; lucent (a) its units
+    work = 4 * 2 * rec["steps"]
+    assert rec["ours_image_steps"] == work
+    assert rec["lucent_fastest_image_steps_by_layout"] == {"contiguous_format": work, "channels_last": work}
+    assert rec["lucent_defaults_image_steps"] == rec["a_units"] * 2 * rec["steps"]
 
 
 def test_end_to_end_benchmark_quick_mode(tmp_path, monkeypatch):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     rec = run_quick("end_to_end", tmp_path)
     assert rec["units"] == 4 and rec["actors"] == 2
-    assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]
-    assert rec["efficiency"] == rec["in_process_seconds"] / rec["sweep_wall_seconds"]
+    assert rec["sweep_units_done"] == 4  # the sweep ran the same units as the in-process loop
+    assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]  # dispatch is part of the process's life
+    assert rec["in_process_seconds"] > 0 and rec["worker_busy_seconds"] > 0
 
 
 def test_variants_benchmark_quick_mode(tmp_path):
     rec = run_quick("variants", tmp_path)
-    assert [r["variant"] for r in rec["rows"]] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
-    fp32 = rec["rows"][0]
-    assert fp32["speedup_vs_fp32"] == 1.0 and fp32["gflop_per_image_step"] > 0
-    assert fp32["sampler_tflops"] == pytest.approx(fp32["gflop_per_image_step"] * fp32["sampler_chain_steps_per_s"] / 1e3)
+    rows = rec["rows"]
+    assert [r["variant"] for r in rows] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
+    # the variants really differ in layout / precision, and really ran the same work
+    assert [(r["memory_format"], r["precision"]) for r in rows] == [
+        ("contiguous", "float32"), ("channels_last", "float32"), ("channels_last", "bf16")]
+    work = 2 * 2 * 2  # units x chains x steps of the quick mode
+    assert all(r["sampler_chain_steps"] == r["bare_image_steps"] == work for r in rows)
+    assert len({r["gflop_per_image_step"] for r in rows}) == 1  # the same network at the same size
 
 
 def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
@@ -117,16 +143,19 @@ def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
            "CUDA_VISIBLE_DEVICES": ""}
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    names = {p.stem: json.loads(p.read_text())["benchmark"] for p in tmp_path.glob("*.json")}
-    assert sorted(set(names.values())) == ["batching", "hardware_limit", "peers", "scaling", "variants"]
-    assert len(names) == 7
+    records = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
+    assert sorted({r["benchmark"] for r in records.values()}) == ["batching", "hardware_limit", "peers", "scaling", "variants"]
+    assert len(records) == 7
+    for rec in records.values():
+        assert_measured(rec)
 
 
 def test_scaling_benchmark_quick_mode(tmp_path):
     rec = run_quick("scaling", tmp_path)
     assert [r["units"] for r in rec["units_per_block"]] == [1, 4, 1, 4]
+    assert [r["chains"] for r in rec["chains_per_unit"]] == [1, 8]
     depth = {r["layer"]: r for r in rec["layer_depth"]}
     assert set(depth) == {"layer1", "layer2"}
     for r in depth.values():
-        assert r["truncation_gain"] == pytest.approx(r["whole_network_ms_per_image_step"] / r["truncated_ms_per_image_step"])
+        assert r["truncated_ms_per_image_step"] > 0 and r["whole_network_ms_per_image_step"] > 0
     assert [r["size"] for r in rec["input_size"]] == [32, 48]

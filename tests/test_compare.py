@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 import ldam_sweep as ls
+from ldam_sweep.cli import app
 from ldam_sweep.compare import CompareError, compare_stores
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.sampling.scoring import score_result
@@ -73,12 +71,10 @@ def test_mismatched_settings_name_what_differs(stores):
 
 
 def test_cli_compare_report(stores, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "compare", stores["raw"], stores["ema"], "-o", str(tmp_path / "r")],
-                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"})
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["compare", stores["raw"], stores["ema"], "-o", str(tmp_path / "r")], env={"COLUMNS": "200"})
+    assert out.exit_code == 0, out.stderr
     assert "fc2" in out.stdout and "conv2" in out.stdout
     page = (tmp_path / "r" / "index.html").read_text()
     assert page.count("<figure>") == 12 and (tmp_path / "r" / "img" / "0.png").stat().st_size > 500
-    bad = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "compare", stores["raw"], stores["other"]],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "cannot be compared" in bad.stderr and "Traceback" not in bad.stderr
+    bad = CliRunner().invoke(app, ["compare", stores["raw"], stores["other"]], env={"COLUMNS": "200"})
+    assert bad.exit_code == 2 and "cannot be compared" in bad.stderr and "Traceback" not in bad.stderr

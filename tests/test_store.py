@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import zarr
+from typer.testing import CliRunner
 
 import ldam_sweep as ls
+from ldam_sweep.cli import app
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.store import BlockWriter, StoreError, commit, create_store, failed_rows, verify_store
 from ldam_sweep.store.layout import plan_store
@@ -148,17 +150,25 @@ def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
     assert got["rows"] == 8 and got["layers"] == ["fc2"] and got["duck"] == [["fc2", 8]]
 
 
+# argv: store, blocks, and optionally a folder: the writer then puts <folder>/ready-<pid> there once
+# its blocks are sampled and waits (at most 10 min) for <folder>/start before it writes them.
 WRITER_SCRIPT = textwrap.dedent("""
-    import sys, time
+    import os, sys, time
+    from pathlib import Path
     import ldam_sweep as ls
     from ldam_sweep.store import BlockWriter, commit
-    url, blocks, start_at = sys.argv[1], [int(b) for b in sys.argv[2].split(",")], float(sys.argv[3])
+    url, blocks = sys.argv[1], [int(b) for b in sys.argv[2].split(",")]
     model = ls.load_model("digits-cnn", device="cpu")
     w = BlockWriter(url)
     lp = w.plan.layer("conv2")
     results = [(b, ls.sample(model, "conv2", lp.block_units(b), chains=%d, steps=%d, snapshot_every=6)) for b in blocks]
-    while time.time() < start_at:
-        time.sleep(0.005)
+    if len(sys.argv) > 3:
+        folder = Path(sys.argv[3])
+        (folder / f"ready-{os.getpid()}").touch()
+        deadline = time.monotonic() + 600
+        while not (folder / "start").exists():
+            assert time.monotonic() < deadline, "no start file after 600 s"
+            time.sleep(0.005)
     rows = []
     for b, r in results:
         rows += w.write("conv2", b, r)
@@ -166,17 +176,24 @@ WRITER_SCRIPT = textwrap.dedent("""
 """ % (CHAINS, STEPS))
 
 
-def test_processes_writing_blocks_of_one_layer_at_once_lose_nothing(store, digits_model, model_cache):
+def test_processes_writing_blocks_of_one_layer_at_once_lose_nothing(store, digits_model, model_cache, tmp_path):
     import time
 
     url, plan = store
     env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache)}
-    start_at = time.time() + 12  # every process writes at the same moment
+    gate = tmp_path / "gate"
+    gate.mkdir()
     procs = [
-        subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, url, blocks, str(start_at)], env=env,
+        subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, url, blocks, str(gate)], env=env,
                          stderr=subprocess.PIPE, text=True)
         for blocks in ("0,2", "1,3")
     ]
+    t0 = time.time()  # both sampled and waiting, then both released at once: the writes overlap
+    while len(list(gate.glob("ready-*"))) < 2:
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        assert time.time() - t0 < 600, "the writers did not get ready in 600 s"  # a bound for failing, not a wait
+        time.sleep(0.05)
+    (gate / "start").touch()
     for p in procs:
         _, err = p.communicate(timeout=120)
         assert p.returncode == 0, err
@@ -194,8 +211,7 @@ def test_processes_writing_blocks_of_one_layer_at_once_lose_nothing(store, digit
 def test_killed_writer_leaves_nothing_visible_and_the_rewrite_is_correct(store, digits_model, model_cache):
     url, plan = store
     env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), KILL_AFTER_ENV: "samples"}
-    script = WRITER_SCRIPT.replace("time.time() < start_at", "False")
-    proc = subprocess.run([sys.executable, "-c", script, url, "1", "0"], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", WRITER_SCRIPT, url, "1"], env=env, capture_output=True, text=True)
     assert proc.returncode == -9  # SIGKILL after the samples shard, before traces and commit
     assert (Path(url) / "layers/conv2/samples/c/1/0/0/0/0/0").exists()
     st = ls.open_store(url)
@@ -219,8 +235,8 @@ def test_verify_names_the_corrupted_block(store, digits_model):
     root = zarr.open_group(url, mode="r+")
     act = root["layers/fc2/activation"]
     act[5, 0, 3] = act[5, 0, 3] + 1.0  # silent bit rot in block 1
-    cli = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], capture_output=True, text=True)
-    assert cli.returncode == 1
+    cli = CliRunner().invoke(app, ["verify", url], env={"COLUMNS": "200"})
+    assert cli.exit_code == 1
     assert "layer 'fc2' block 1: checksum mismatch" in cli.stderr and "block 0" not in cli.stderr
     shard = Path(url) / "layers/fc2/samples/c/0/0/0/0/0/0"
     shard.write_bytes(b"garbage")
@@ -298,10 +314,9 @@ def test_clear_errors_for_wrong_paths_layers_and_units(store, tmp_path, digits_m
 def test_cli_status_query_show(store, digits_model, tmp_path):
     url, plan = store
     write_and_commit(url, digits_model, plan, "fc2", [0, 1])
-    env = {**os.environ, "COLUMNS": "200"}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "ldam_sweep.cli", *a], capture_output=True, text=True, env=env)  # noqa: E731
+    run = lambda *a: CliRunner().invoke(app, list(a), env={"COLUMNS": "200"})  # noqa: E731
     out = run("status", url)
-    assert out.returncode == 0 and "fc2" in out.stdout and "total" in out.stdout
+    assert out.exit_code == 0 and "fc2" in out.stdout and "total" in out.stdout
     line = [l for l in out.stdout.splitlines() if "fc2" in l][0]
     cells = [c.strip() for c in line.split("│")]
     assert cells[3:6] == ["10", "8", "0"] and cells[6] == "2"  # planned, done, failed, pending
@@ -309,10 +324,10 @@ def test_cli_status_query_show(store, digits_model, tmp_path):
     rows = json.loads(out.stdout)
     assert len(rows) == 2 and rows[0]["act_final_mean"] >= rows[1]["act_final_mean"]
     out = run("query", url, "--sort", "bogus")
-    assert out.returncode == 2 and "cannot sort by 'bogus'" in out.stderr and "Traceback" not in out.stderr
+    assert out.exit_code == 2 and "cannot sort by 'bogus'" in out.stderr and "Traceback" not in out.stderr
     png = tmp_path / "u.png"
     out = run("show", url, "fc2", "3", "-o", str(png))
-    assert out.returncode == 0, out.stderr
+    assert out.exit_code == 0, out.stderr
     from PIL import Image
 
     assert Image.open(png).size[1] > CHAINS * 28

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import yaml
+from typer.testing import CliRunner
 
 import ldam_sweep as ls
+from ldam_sweep.cli import app
+from ldam_sweep.cluster.worker import HOLD_BLOCKS_ENV, SIGNAL_DIR_ENV
 from ldam_sweep.store import verify_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +59,12 @@ def committed_blocks(url: str) -> int:
         return 0
 
 
-def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+# Waits below end on events (a commit, a file); this only bounds how long a broken run can hang, and
+# is generous because a busy 2-core box takes minutes to start Ray and the actors.
+PATIENCE = 600
+
+
+def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = PATIENCE) -> int:
     t0 = time.time()
     while time.time() - t0 < timeout:
         got = committed_blocks(url)
@@ -67,26 +76,48 @@ def wait_for_blocks(url: str, n: int, proc: subprocess.Popen, timeout: float = 1
     raise AssertionError(f"no {n} committed blocks after {timeout}s")
 
 
-def worker_pids() -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [int(line.split()[0]) for line in out.splitlines() if "ray::SweepWorker" in line]
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = PATIENCE) -> Path:
+    """Poll for a file a worker's test hook writes (an event), failing early if the driver ended."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if path.exists():
+            return path
+        if proc.poll() is not None:
+            raise AssertionError(f"driver ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {path} after {timeout}s")
+
+
+def hold(signals: Path, *blocks: str) -> dict:
+    """Environment that makes the sweep's workers announce themselves and hold the named blocks."""
+    signals.mkdir(exist_ok=True)
+    return {SIGNAL_DIR_ENV: str(signals), HOLD_BLOCKS_ENV: ",".join(blocks)}
 
 
 def test_worker_killed_mid_sweep_loses_nothing(tmp_path, env):
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
-    proc = cli("run", str(spec), env=env, cwd=tmp_path)
-    before = wait_for_blocks(url, 1, proc)
-    pids = worker_pids()
-    assert len(pids) == 2, pids
-    os.kill(pids[0], signal.SIGKILL)
-    out, err = proc.communicate(timeout=300)
+    signals = tmp_path / "signals"
+    proc = cli("run", str(spec), env={**env, **hold(signals, "conv2:0")}, cwd=tmp_path)
+    try:
+        # block 0 is provably running in this sweep's own actor (not some other Ray's) when it dies
+        pid = int(wait_for_file(signals / "held-conv2-0", proc).read_text())
+        assert signals.joinpath(f"worker-{pid}").exists()
+        os.kill(pid, signal.SIGKILL)
+    except BaseException:  # a failed or timed-out test does not leave its sweep running
+        proc.kill()
+        raise
+    finally:
+        (signals / "release-conv2-0").touch()  # the retry of block 0 runs through
+    out, err = proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, err
-    assert before < 8  # the kill landed while blocks were still running
+    assert len(list(signals.glob("worker-*"))) >= 2  # the sweep's two actors (plus Ray's restart, if it came up in time)
     st = ls.open_store(url)
-    units = st.units()["unit"].to_pylist()
-    assert sorted(units) == list(range(32))  # every planned unit, each exactly once after de-duplication
-    assert max(st.units()["attempt"].to_pylist()) >= 2  # the killed worker's blocks were retried
+    units = st.units()
+    assert sorted(units["unit"].to_pylist()) == list(range(32))  # every planned unit, each exactly once after de-duplication
+    block0 = [r for r in units.to_pylist() if r["block"] == 0]
+    assert block0[0]["attempt"] >= 2  # the killed worker's block was retried, by another process
+    assert not block0[0]["worker"].split("@")[0].endswith(f":{pid}")
     assert verify_store(st) == (8, [])
 
 
@@ -98,14 +129,22 @@ def _load_summary(out: str) -> dict:
 def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
-    proc = cli("run", str(spec), env=env, cwd=tmp_path)
-    wait_for_blocks(url, 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
+    signals = tmp_path / "signals"
+    proc = cli("run", str(spec), env={**env, **hold(signals, "conv2:0")}, cwd=tmp_path)
+    try:
+        wait_for_file(signals / "held-conv2-0", proc)
+        wait_for_blocks(url, 2, proc)  # block 0 is held: the driver dies with blocks provably pending
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=30)
+    except BaseException:  # a failed or timed-out test does not leave its sweep running
+        proc.kill()
+        raise
+    finally:
+        (signals / "release-conv2-0").touch()
     done_before = committed_blocks(url)
     assert 2 <= done_before < 8
     again = cli("run", str(spec), env=env, cwd=tmp_path)
-    out, err = again.communicate(timeout=300)
+    out, err = again.communicate(timeout=PATIENCE)
     assert again.returncode == 0, err
     assert f"resume: {done_before} of 8 blocks already committed, {8 - done_before} to run" in err
     summary = _load_summary(out)
@@ -136,7 +175,7 @@ def test_block_that_always_fails_is_recorded_and_the_rest_completes(tmp_path, en
     assert failed["unit"].to_pylist() == [20, 21, 22, 23]
     assert set(failed["attempt"].to_pylist()) == {2} and "injected failure" in failed["error"][0].as_py()
     assert st.units().num_rows == 28
-    status = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "status", url], capture_output=True, text=True, env=env)
+    status = CliRunner().invoke(app, ["status", url], env={"COLUMNS": "200"})
     row = [l for l in status.stdout.splitlines() if "conv2" in l][0]
     assert [c.strip() for c in row.split("│")][3:7] == ["32", "28", "4", "0"]
     assert "injected failure" in status.stdout
@@ -150,15 +189,31 @@ def test_block_that_always_fails_is_recorded_and_the_rest_completes(tmp_path, en
 def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
-    proc = cli("run", str(spec), env=env, cwd=tmp_path)
-    wait_for_blocks(url, 1, proc)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    signals = tmp_path / "signals"
+    proc = cli("run", str(spec), env={**env, **hold(signals, "conv2:0")}, cwd=tmp_path)
+    try:
+        wait_for_file(signals / "held-conv2-0", proc)
+        wait_for_blocks(url, 1, proc)  # the other actor has committed a block; block 0 is provably pending
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=PATIENCE)
+    except BaseException:  # a failed or timed-out test does not leave its sweep running
+        proc.kill()
+        raise
+    finally:
+        (signals / "release-conv2-0").touch()  # a worker the driver failed to stop does not linger
     assert proc.returncode == 130, err
-    st = ls.open_store(url)
-    n = st.units().num_rows
-    assert n >= 4 and n % 4 == 0 and verify_store(st)[1] == []
     assert _load_summary(out)["interrupted"] is True
+    st = ls.open_store(url)
+    units = st.units()
+    blocks = set(units["block"].to_pylist())
+    assert blocks and 0 not in blocks and units.num_rows == 4 * len(blocks)
+    assert verify_store(st) == (len(blocks), [])
+    again = cli("run", str(spec), env=env, cwd=tmp_path)
+    out, err = again.communicate(timeout=PATIENCE)
+    assert again.returncode == 0, err
+    assert f"resume: {len(blocks)} of 8 blocks already committed, {8 - len(blocks)} to run" in err
+    st = ls.open_store(url)
+    assert sorted(st.units()["unit"].to_pylist()) == list(range(32)) and verify_store(st) == (8, [])
 
 
 def test_tasks_run_on_two_ray_nodes(tmp_path, env, monkeypatch):
@@ -182,7 +237,7 @@ def test_tasks_run_on_two_ray_nodes(tmp_path, env, monkeypatch):
     assert len(nodes) == 2, workers  # one actor per 1-CPU node: both nodes ran blocks
 
 
-def test_bad_specs_fail_before_any_work(tmp_path, env):
+def test_bad_specs_fail_before_any_work(tmp_path, monkeypatch):
     cases = {
         "unknown field": ({"bogus": 1}, "bogus: unknown field"),
         "wrong type": ({"sampler": {"steps": "many"}}, "sampler.steps: Input should be a valid integer"),
@@ -190,14 +245,15 @@ def test_bad_specs_fail_before_any_work(tmp_path, env):
         "units out of range": ({"units": {"conv2": "30-40"}}, "unit 32 is out of range for layer 'conv2': valid units are 0..31"),
         "unwritable store": ({"store": "/proc/ldam/x.zarr"}, "is not writable"),
     }
+    monkeypatch.chdir(tmp_path)  # where the spec's default store would go
     for name, (change, message) in cases.items():
         spec = write_spec(tmp_path, **change)
-        proc = cli("run", str(spec), env=env, cwd=tmp_path)
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, (name, err)
-        assert message in err, (name, err)
-        assert "Traceback" not in err and "Ray instance" not in err, name
+        got = CliRunner().invoke(app, ["run", str(spec)], env={"COLUMNS": "200"})
+        assert got.exit_code == 2, (name, got.stderr, got.exception)
+        assert message in got.stderr, (name, got.stderr)
+        assert "Ray instance" not in got.stderr, name
     assert not (tmp_path / "storage").exists()
+    assert not ray.is_initialized()  # refused before Ray started
 
 
 def test_cluster_yaml_passes_rays_schema_validation():

@@ -9,11 +9,39 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 
-# Test hook: blocks named here ("layer:block,layer:block") raise on every attempt (fault tests only).
+# Test hooks (fault tests only). Blocks named in FAIL_BLOCKS_ENV ("layer:block,layer:block") raise on
+# every attempt. With SIGNAL_DIR_ENV set, each worker writes <dir>/worker-<pid> when it starts, and a
+# block named in HOLD_BLOCKS_ENV writes <dir>/held-<layer>-<block> (holding the worker's pid) and waits
+# for <dir>/release-<layer>-<block> before it runs: tests act on events, not on timing.
 FAIL_BLOCKS_ENV = "LDAM_SWEEP_TEST_FAIL_BLOCKS"
+HOLD_BLOCKS_ENV = "LDAM_SWEEP_TEST_HOLD_BLOCKS"
+SIGNAL_DIR_ENV = "LDAM_SWEEP_TEST_SIGNAL_DIR"
+HOLD_LIMIT_S = 600.0
+
+
+def _named_blocks(env: str) -> set[str]:
+    return {item.strip() for item in os.environ.get(env, "").split(",") if item.strip()}
+
+
+def _hold_if_asked(layer: str, block: int) -> None:
+    """Test hook: announce that this block is running and wait (at most HOLD_LIMIT_S) for its release."""
+    folder = os.environ.get(SIGNAL_DIR_ENV)
+    if not folder or f"{layer}:{block}" not in _named_blocks(HOLD_BLOCKS_ENV):
+        return
+    held = Path(folder) / f"held-{layer}-{block}"
+    tmp = held.with_name(f".{held.name}.{os.getpid()}")
+    tmp.write_text(str(os.getpid()))
+    os.replace(tmp, held)  # atomic: a reader never sees an empty pid
+    release = Path(folder) / f"release-{layer}-{block}"
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while not release.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"block {layer}:{block} held for {HOLD_LIMIT_S:.0f}s without {release} ({HOLD_BLOCKS_ENV})")
+        time.sleep(0.05)
 
 
 class SweepWorker:
@@ -31,6 +59,8 @@ class SweepWorker:
         if num_threads:
             torch.set_num_threads(max(1, int(num_threads)))
             zarr.config.set({"threading.max_workers": max(1, int(num_threads))})
+        if os.environ.get(SIGNAL_DIR_ENV):
+            (Path(os.environ[SIGNAL_DIR_ENV]) / f"worker-{os.getpid()}").touch()
         self.job = parse_job(job_doc)
         self.device = default_device()
         self.model = load_model(self.job.model, device=self.device)
@@ -102,9 +132,9 @@ class SweepWorker:
 
     def run_block(self, layer: str, block: int, units: list[int], attempt: int) -> list[dict[str, Any]]:
         """Sample the block's units as one batch, write its region, return its manifest rows."""
-        fail = {item.strip() for item in os.environ.get(FAIL_BLOCKS_ENV, "").split(",") if item.strip()}
-        if f"{layer}:{block}" in fail:
+        if f"{layer}:{block}" in _named_blocks(FAIL_BLOCKS_ENV):
             raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
+        _hold_if_asked(layer, block)
         from ldam_sweep.sampling.exemplars import top_exemplars
         from ldam_sweep.sampling.scoring import score_result
         from ldam_sweep.store.writer import default_worker_id
