@@ -383,6 +383,52 @@ def compare(
             console.print(f"wrote {write_report(cmp, a, b, str(output))}", highlight=False)
 
 
+@app.command()
+def find(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    images: list[str] = typer.Argument(..., help="Image files (PNG/JPEG/...) or folders of them."),
+    layer: Optional[str] = typer.Option(None, help="Only this layer (default: every swept layer)."),
+    top: int = typer.Option(10, help="How many units to list per image."),
+    atlas_dir: Optional[Path] = typer.Option(None, "--atlas", help="An atlas of the store, to link unit pages "
+                                             "(default: <store name>-atlas beside a local store, if built)."),
+    model: Optional[str] = typer.Option(None, help="Load this model instead of the one in the store's spec "
+                                        "(a YAML file or a name, as for `layers`)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Which units respond to these images: swept units ranked by the image's activation divided by the
+    unit's reference (its top dataset exemplar, else its chains' final mean activation)."""
+    from ldam_sweep.find import find_units
+    from ldam_sweep.store import open_store
+
+    with user_errors():
+        st = open_store(store)
+        handle = None
+        if model is not None:
+            from ldam_sweep.model import load_model
+            from ldam_sweep.spec import load_model_spec
+
+            handle = load_model(load_model_spec(model), log=_log)
+        result = find_units(st, images, layer=layer, top=top, model=handle, atlas=atlas_dir)
+        for note in result.notes:
+            err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        if json_out:
+            print_json("find", store=st.loc.url, layer=layer, top=top, notes=result.notes,
+                       seconds={"load": result.load_seconds, "compute": result.compute_seconds},
+                       results=[{"image": name, "hits": [{k: v for k, v in h.items() if k not in ("image", "name")}
+                                                          for h in result.for_image(i)]}
+                                for i, name in enumerate(result.names)])
+            return
+        for i, name in enumerate(result.names):
+            table = Table(title=name)
+            for col in ("rank", "layer", "unit", "ratio", "activation", "reference", "reference of", "atlas page"):
+                table.add_column(col, justify="left" if col in ("layer", "reference of", "atlas page") else "right")
+            for h in result.for_image(i):
+                table.add_row(str(h["rank"]), h["layer"], str(h["unit"]), f"{h['ratio']:.3g}", f"{h['activation']:.4g}",
+                              f"{h['reference']:.4g}", h["reference_column"], h["atlas_page"] or "")
+            console.print(table)
+        _log(f"model loaded in {result.load_seconds:.2f}s; {len(result.names)} image(s) ranked in {result.compute_seconds:.3f}s")
+
+
 def main() -> None:
     app()
 
