@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -48,21 +49,57 @@ def _log(msg: str) -> None:
     err_console.print(f"[dim]{msg}[/dim]", highlight=False)
 
 
+JSON_HELP = "Print one JSON object on stdout instead of tables (see README: JSON output)."
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with only JSON types: NaN/inf -> null, numpy scalars -> numbers, tuples -> lists,
+    datetimes -> ISO 8601 text, paths -> text (strict parsers reject NaN, so it never appears)."""
+    import datetime as dt
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def print_json(command: str, **fields: Any) -> None:
+    """The one JSON convention of every command: a single object ``{"command": ..., ...}`` on stdout."""
+    import json
+
+    sys.stdout.write(json.dumps({"command": command, **json_safe(fields)}, indent=1, allow_nan=False) + "\n")
+    sys.stdout.flush()
+
+
 @app.command()
 def layers(
     spec: str = typer.Argument(..., help="A spec YAML file (with a model: section), or a model name such as digits-cnn or torchvision:resnet18."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """List the model's layers: name, module type, unit kind, unit count, output shape."""
-    import json
-
     from ldam_sweep.model import load_model
     from ldam_sweep.spec import load_model_spec
 
     with user_errors():
         model = load_model(load_model_spec(spec), device="cpu", log=_log)
         if json_out:
-            print(json.dumps([layer.as_dict() for layer in model.layers], indent=2))
+            print_json("layers", model=model.name, input=list(model.input.shape),
+                       total_units=sum(layer.units for layer in model.layers),
+                       layers=[layer.as_dict() for layer in model.layers])
             return
         table = Table(title=f"{model.name}: input {model.input.shape}, {len(model.layers)} layers")
         for col in ("layer", "module", "kind", "units", "output shape", "aliases"):
@@ -166,12 +203,22 @@ def train_discriminator_cmd(
 
 
 @app.command()
-def status(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
+def status(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
     """Done / failed / pending units per layer."""
     from ldam_sweep.store import open_store
 
     with user_errors():
         st = open_store(store)
+        if json_out:
+            layer_rows = st.layers()
+            failed = st.units(status="failed")
+            print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
+                       totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "pending")},
+                       errors=sorted({e for e in failed["error"].to_pylist() if e}))
+            return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
         for col in ("layer", "kind", "planned", "done", "failed", "pending", "blocks"):
             table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
@@ -202,11 +249,9 @@ def query(
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
     limit: Optional[int] = typer.Option(None, help="Show the first K rows after sorting."),
     columns: Optional[str] = typer.Option(None, help="Comma-separated columns to show (default: a summary set)."),
-    json_out: bool = typer.Option(False, "--json", help="Print JSON records (all columns)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Every manifest column."),
 ) -> None:
     """List committed units from the manifest, filtered and sorted by any column."""
-    import json
-
     from ldam_sweep.store import open_store
 
     with user_errors():
@@ -218,11 +263,7 @@ def query(
         table = st.units(layer, unit=unit, status=None if status_ == "all" else status_, sort=sort,
                          descending=not ascending, limit=limit)
         if json_out:
-            records = table.to_pylist()
-            for r in records:
-                if r.get("committed_at") is not None:
-                    r["committed_at"] = r["committed_at"].isoformat()
-            print(json.dumps(records, indent=1, default=str))
+            print_json("query", store=st.loc.url, count=table.num_rows, units=table.to_pylist())
             return
         cols = [c.strip() for c in columns.split(",")] if columns else list(QUERY_COLUMNS)
         unknown = [c for c in cols if c not in table.column_names]
@@ -243,6 +284,7 @@ def show(
     layer: str = typer.Argument(...),
     unit: int = typer.Argument(...),
     output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a PNG of one unit: chains (rows) x snapshots (columns), labelled with activations."""
     import numpy as np
@@ -258,17 +300,31 @@ def show(
         labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
         path = save_grid(output, samples, st.plan.value_range, row_labels=[f"chain {c}" for c in range(len(samples))],
                          cell_labels=labels)
+        if json_out:
+            print_json("show", store=st.loc.url, layer=layer, unit=unit, paths=[str(path)], chains=samples.shape[0],
+                       snapshot_steps=steps.tolist())
+            return
         console.print(f"wrote {path}: {layer} unit {unit}, {samples.shape[0]} chains x snapshots at steps {steps.tolist()}")
 
 
 @app.command()
-def verify(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
+def verify(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Every planned block: ok, corrupt, failed or missing."),
+) -> None:
     """Check every committed block: readable, right shape, finite, checksum matches. Exit 1 on problems."""
     from ldam_sweep.store import open_store, verify_store
+    from ldam_sweep.store.verify import block_states
 
     with user_errors():
         st = open_store(store)
         checked, problems = verify_store(st)
+        if json_out:
+            blocks = block_states(st, problems)
+            print_json("verify", store=st.loc.url, ok=not problems, checked=checked,
+                       counts={s: sum(b["state"] == s for b in blocks) for s in ("ok", "corrupt", "failed", "missing")},
+                       problems=[str(p) for p in problems], blocks=blocks)
+            raise typer.Exit(1 if problems else 0)
         for p in problems:
             err_console.print(f"[red]problem:[/red] {p}", highlight=False)
         if problems:
@@ -297,6 +353,7 @@ def compare(
     store_a: str = typer.Argument(..., help="First store (e.g. raw weights)."),
     store_b: str = typer.Argument(..., help="Second store (e.g. averaged weights)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Also write an HTML report with side-by-side samples here."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " The per-layer table and every paired unit."),
 ) -> None:
     """Unit-by-unit comparison of two sweeps of one architecture: paired score differences and the
     distance between their samples, summarised per layer."""
@@ -306,6 +363,12 @@ def compare(
     with user_errors():
         a, b = open_store(store_a), open_store(store_b)
         cmp = compare_stores(a, b)
+        if json_out:
+            report = write_report(cmp, a, b, str(output)) if output is not None else None
+            print_json("compare", a={"store": a.loc.url, "model": a.attrs["model"]["name"]},
+                       b={"store": b.loc.url, "model": b.attrs["model"]["name"]},
+                       layers=cmp.layers, units=cmp.units.to_pylist(), report=report)
+            return
         table = Table(title=f"A = {a.attrs['model']['name']}  vs  B = {b.attrs['model']['name']}")
         cols = [("layer", "layer"), ("paired", "units"), ("mean_sample_distance", "sample dist"),
                 ("mean_activation_ratio_delta", "Δ act ratio"), ("mean_realism_final_mean_delta", "Δ log D"),
@@ -318,6 +381,52 @@ def compare(
         console.print(table)
         if output is not None:
             console.print(f"wrote {write_report(cmp, a, b, str(output))}", highlight=False)
+
+
+@app.command()
+def find(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    images: list[str] = typer.Argument(..., help="Image files (PNG/JPEG/...) or folders of them."),
+    layer: Optional[str] = typer.Option(None, help="Only this layer (default: every swept layer)."),
+    top: int = typer.Option(10, help="How many units to list per image."),
+    atlas_dir: Optional[Path] = typer.Option(None, "--atlas", help="An atlas of the store, to link unit pages "
+                                             "(default: <store name>-atlas beside a local store, if built)."),
+    model: Optional[str] = typer.Option(None, help="Load this model instead of the one in the store's spec "
+                                        "(a YAML file or a name, as for `layers`)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Which units respond to these images: swept units ranked by the image's activation divided by the
+    unit's reference (its top dataset exemplar, else its chains' final mean activation)."""
+    from ldam_sweep.find import find_units
+    from ldam_sweep.store import open_store
+
+    with user_errors():
+        st = open_store(store)
+        handle = None
+        if model is not None:
+            from ldam_sweep.model import load_model
+            from ldam_sweep.spec import load_model_spec
+
+            handle = load_model(load_model_spec(model), log=_log)
+        result = find_units(st, images, layer=layer, top=top, model=handle, atlas=atlas_dir)
+        for note in result.notes:
+            err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        if json_out:
+            print_json("find", store=st.loc.url, layer=layer, top=top, notes=result.notes,
+                       seconds={"load": result.load_seconds, "compute": result.compute_seconds},
+                       results=[{"image": name, "hits": [{k: v for k, v in h.items() if k not in ("image", "name")}
+                                                          for h in result.for_image(i)]}
+                                for i, name in enumerate(result.names)])
+            return
+        for i, name in enumerate(result.names):
+            table = Table(title=name)
+            for col in ("rank", "layer", "unit", "ratio", "activation", "reference", "reference of", "atlas page"):
+                table.add_column(col, justify="left" if col in ("layer", "reference of", "atlas page") else "right")
+            for h in result.for_image(i):
+                table.add_row(str(h["rank"]), h["layer"], str(h["unit"]), f"{h['ratio']:.3g}", f"{h['activation']:.4g}",
+                              f"{h['reference']:.4g}", h["reference_column"], h["atlas_page"] or "")
+            console.print(table)
+        _log(f"model loaded in {result.load_seconds:.2f}s; {len(result.names)} image(s) ranked in {result.compute_seconds:.3f}s")
 
 
 def main() -> None:

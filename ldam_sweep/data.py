@@ -89,22 +89,33 @@ def _to_pixels(img: "Image.Image", input_spec: Any) -> np.ndarray:
 def image_folder(path: str | Path, input_spec: Any, limit: int | None = None) -> np.ndarray:
     """Every PNG/JPEG/BMP/WebP under ``path`` (recursive, sorted), resized and centre-cropped to the
     model input and converted to its channel count."""
-    from PIL import Image, UnidentifiedImageError
+    root = Path(path)
+    out = [load_image(f, input_spec) for f in image_files(root)[:limit]]
+    return fit_images(np.stack(out), input_spec, what=f"image folder {str(root)!r}")
 
+
+def image_files(path: str | Path) -> list[Path]:
+    """The image files under a folder (recursive, sorted by path), as ``image_folder`` reads them."""
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"image folder {str(root)!r} does not exist or is not a directory")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"image folder {str(root)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}, searched recursively)")
-    out = []
-    for f in files[:limit]:
-        try:
-            with Image.open(f) as img:
-                out.append(_to_pixels(img, input_spec))
-        except (UnidentifiedImageError, OSError) as err:
-            raise DataError(f"image file {str(f)!r} cannot be read: {err}") from None
-    return fit_images(np.stack(out), input_spec, what=f"image folder {str(root)!r}")
+    return files
+
+
+def load_image(path: str | Path, input_spec: Any) -> np.ndarray:
+    """One image file as (C, H, W) in the model's pixel range: resized, centre-cropped, channel-converted."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return _to_pixels(img, input_spec)
+    except FileNotFoundError:
+        raise DataError(f"image file {str(path)!r} does not exist") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise DataError(f"image file {str(path)!r} cannot be read: {err}") from None
 
 
 def npy_images(path: str | Path, input_spec: Any) -> np.ndarray:

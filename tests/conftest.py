@@ -33,3 +33,40 @@ def real_max_logits(digits_model):
     from ldam_sweep.model.zoo import class_max_logits
 
     return class_max_logits(digits_model.net)
+
+
+@pytest.fixture(scope="session")
+def exemplar_store(tmp_path_factory, digits_model):
+    """A small in-process sweep of digits-cnn with dataset exemplars (k = 8 from the train digits),
+    the way the worker stores one: fc1 and fc2 whole, conv2 block 0 done and block 1 failed,
+    relu1 planned but not run (missing). 2 chains x 20 steps: the scores are real, the samples rough."""
+    import torch
+
+    import ldam_sweep as ls
+    from ldam_sweep.data import digits
+    from ldam_sweep.sampling.chains import default_snapshot_steps
+    from ldam_sweep.sampling.exemplars import top_exemplars
+    from ldam_sweep.sampling.scoring import score_result
+    from ldam_sweep.store import BlockWriter, commit, create_store, failed_rows
+    from ldam_sweep.store.layout import plan_store
+
+    url = str(tmp_path_factory.mktemp("exemplars") / "sweep.zarr")
+    sampler = {"method": "ldam", "steps": 20, "chains": 2, "seed": 0}
+    plan = plan_store(digits_model, {"relu1": [0, 1, 2, 3], "conv2": list(range(16)), "fc1": None, "fc2": None},
+                      chains=2, steps=20, snapshot_steps=default_snapshot_steps(20, 10), block_size=8, exemplars_k=8,
+                      spec={"model": {"zoo": "digits-cnn"}, "sampler": sampler, "data": {"source": "digits"}})
+    create_store(url, plan)
+    pool = torch.from_numpy(digits(28, "train")[0])
+    writer = BlockWriter(url)
+    for lp in plan.layers:
+        if lp.name == "relu1":
+            continue
+        for b in lp.planned_blocks():
+            if lp.name == "conv2" and b == 1:
+                commit(url, failed_rows(lp, b, "RuntimeError: injected", attempt=3, spec_hash=plan.spec_hash()))
+                continue
+            res = ls.sample(digits_model, lp.name, lp.block_units(b), chains=2, steps=20, seed=0, snapshot_every=10)
+            ex = top_exemplars(digits_model, lp.name, res.units, lp.objective, pool, 8)
+            scores = score_result(digits_model, res, real_pool=pool, exemplar_max=ex[1][:, 0])
+            commit(url, writer.write(lp.name, b, res, exemplars=ex, unit_columns=scores))
+    return url

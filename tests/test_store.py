@@ -321,7 +321,7 @@ def test_cli_status_query_show(store, digits_model, tmp_path):
     cells = [c.strip() for c in line.split("│")]
     assert cells[3:6] == ["10", "8", "0"] and cells[6] == "2"  # planned, done, failed, pending
     out = run("query", url, "--layer", "fc2", "--sort", "act_final_mean", "--limit", "2", "--json")
-    rows = json.loads(out.stdout)
+    rows = json.loads(out.stdout)["units"]
     assert len(rows) == 2 and rows[0]["act_final_mean"] >= rows[1]["act_final_mean"]
     out = run("query", url, "--sort", "bogus")
     assert out.exit_code == 2 and "cannot sort by 'bogus'" in out.stderr and "Traceback" not in out.stderr

@@ -15,9 +15,7 @@ are incremental: a unit's page and images are re-rendered only when its manifest
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ import numpy as np
 
 from ldam_sweep.atlas.format import escape as _e
 from ldam_sweep.atlas.format import fmt_number as _fmt
+from ldam_sweep.atlas.format import slug, unit_page
 from ldam_sweep.atlas.grid import render_grid
 from ldam_sweep.store.query import SweepStore, open_store
 
@@ -51,12 +50,6 @@ th{background:#eee}.bar{background:#ddd;width:120px;height:10px;display:inline-b
 img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
 .controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}
 """
-
-
-def slug(name: str) -> str:
-    """A file-name-safe, collision-free name for a layer."""
-    base = re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:60]
-    return f"{base}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def _page(title: str, body: str, depth: int) -> str:
@@ -128,7 +121,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
             key = f"{name}\x00{r['unit']}"
             stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}"
             if r["status"] == "ok":
-                if state.get(key) != stamp or not (out / "units" / s / f"{r['unit']}.html").is_file():
+                if state.get(key) != stamp or not unit_page(out, name, r["unit"]).is_file():
                     todo.setdefault(int(r["block"]), []).append(r)
                 else:
                     skipped += 1
@@ -194,8 +187,9 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     snippet = (f"import ldam_sweep as ls\nsamples = ls.open_store({st.loc.url!r}).samples({name!r}, {unit})"
                "  # (chain, snapshot, C, H, W)")
     parts.append(f"<h2>Load it from Python</h2><pre>{_e(snippet)}</pre>")
-    (out / "units" / s).mkdir(parents=True, exist_ok=True)
-    (out / "units" / s / f"{unit}.html").write_text(_page(f"{name} unit {unit}", "".join(parts), 2))
+    page = unit_page(out, name, unit)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text(_page(f"{name} unit {unit}", "".join(parts), 2))
 
 
 LAYER_JS = """

@@ -176,6 +176,37 @@ class ModelHandle:
             raise ModelError(f"layer {info.name!r} did not run during the forward pass")
         return captured[0].float()
 
+    def activations_at(self, x: torch.Tensor, layers: "list[str] | tuple[str, ...]") -> dict[str, torch.Tensor]:
+        """Several layers' outputs from one forward pass, stopped once the last of them has run
+        (``activations`` for one layer). Outputs are copied, so a later in-place op cannot change them."""
+        names = list(dict.fromkeys(self.layer(n).name for n in layers))
+        whole = [n for n in names if self.layer(n).kind == "logit" and (self.scripted or n not in self._modules)]
+        hooked = [n for n in names if n not in whole]
+        captured: dict[str, torch.Tensor] = {}
+
+        def hook_for(name: str):
+            def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
+                captured[name] = out.detach().clone()
+                if not whole and len(captured) == len(hooked):
+                    raise _StopForward
+            return hook
+
+        handles = [self._modules[n].register_forward_hook(hook_for(n)) for n in hooked]
+        try:
+            with self._autocast():
+                output = self.net(self.normalize(x))
+            for n in whole:
+                captured[n] = output
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = [n for n in names if n not in captured]
+        if missing:
+            raise ModelError(f"layer(s) {missing} did not run during the forward pass")
+        return {n: captured[n].float() for n in names}
+
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 

@@ -3,7 +3,8 @@ a block that is written but not committed (a crashed attempt) is never visible."
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import time
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +15,10 @@ from ldam_sweep.planning import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
 from ldam_sweep.store.location import StoreLocation
+from ldam_sweep.store.unitview import UnitView
+
+if TYPE_CHECKING:
+    from ldam_sweep.find import FindResult
 
 TRACE_KINDS = ("activation", "realism")
 
@@ -36,6 +41,7 @@ class SweepStore:
             raise StoreError(f"{self.loc.url!r} is a Zarr group but not an ldam-sweep store (no format={FORMAT_NAME!r} attribute)")
         self.plan = StorePlan.from_json(self.attrs["plan"])
         self._latest: pa.Table | None = None
+        self._model: Any = None  # the store's model, loaded by the first find()
 
     def refresh(self) -> "SweepStore":
         """Forget the cached manifest: the next query sees commits made since it was read."""
@@ -198,6 +204,40 @@ class SweepStore:
 
     def snapshot_steps(self) -> np.ndarray:
         return np.asarray(self.plan.snapshot_steps)
+
+    def unit(self, layer: str, unit: int) -> UnitView:
+        """One committed unit as an object that shows itself in a notebook (a PNG grid of chains x
+        snapshots): samples, activation and realism traces, exemplars and its manifest row's scores."""
+        lp = self._committed(layer, unit)
+        row = self.units(layer, unit=unit).to_pylist()[0]
+        has = set(self.plan.arrays(lp))
+        with_exemplars = "exemplars" in has and row.get("exemplar_max") is not None
+        ex = self.exemplars(layer, unit) if with_exemplars else (None, None)
+        return UnitView(
+            layer=lp.name, unit=int(unit), samples=self.samples(layer, unit), activation=self.trace(layer, unit),
+            realism=self.trace(layer, unit, "realism") if "realism" in has else None,
+            exemplars=ex[0], exemplar_activation=ex[1], scores=row,
+            snapshot_steps=self.snapshot_steps(), value_range=tuple(self.plan.value_range),  # type: ignore[arg-type]
+        )
+
+    def find(self, images: Any, layer: str | None = None, top: int = 10, *, model: Any = None,
+             atlas: str | None = None) -> "FindResult":
+        """Which units respond to these images: the ``top`` units per image by activation ÷ the unit's
+        reference (top exemplar, else final chain mean). ``images``: (N, C, H, W) / (C, H, W) arrays
+        in the model's pixel range, image files, folders. Loads the store's model on first use
+        (torch; cached on this object); ``model`` overrides it. See ``ldam_sweep.find``."""
+        from ldam_sweep.find import find_units, store_model
+
+        load_seconds = 0.0
+        if model is None:
+            if self._model is None:
+                t0 = time.perf_counter()
+                self._model = store_model(self)
+                load_seconds = time.perf_counter() - t0
+            model = self._model
+        result = find_units(self, images, layer=layer, top=top, model=model, atlas=atlas)
+        result.load_seconds = load_seconds
+        return result
 
     def __repr__(self) -> str:
         return f"SweepStore({self.loc.url!r}, layers={len(self.plan.layers)})"

@@ -4,6 +4,7 @@ the checksum recorded at commit time matches what is stored now."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
@@ -77,4 +78,27 @@ def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray
     got = block_checksum(region)
     if got != expected:
         out.append(BlockProblem(lp.name, block, f"checksum mismatch: manifest {expected}, stored data {got}"))
+    return out
+
+
+def block_states(store: SweepStore, problems: list[BlockProblem]) -> list[dict[str, Any]]:
+    """Every planned block with its state: ``ok`` (committed, no problem), ``corrupt`` (committed,
+    ``verify_store`` found a problem), ``failed`` (recorded as failed, no data committed) or
+    ``missing`` (planned, nothing committed yet); for ``verify --json``."""
+    rows = store.units(status=None)
+    status = {(r["layer"], r["unit"]): r["status"] for r in rows.select(["layer", "unit", "status"]).to_pylist()}
+    found: dict[tuple[str, int], list[str]] = {}
+    for p in problems:
+        found.setdefault((p.layer, p.block), []).append(p.problem)
+    out = []
+    for lp in store.plan.layers:
+        for block in lp.planned_blocks():
+            units = lp.block_units(block)
+            states = {status.get((lp.name, u)) for u in units}
+            if "ok" in states:
+                state = "corrupt" if (lp.name, block) in found else "ok"
+            else:
+                state = "failed" if "failed" in states else "missing"
+            out.append({"layer": lp.name, "block": int(block), "units": len(units), "state": state,
+                        "problems": found.get((lp.name, block), [])})
     return out

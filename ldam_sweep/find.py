@@ -1,0 +1,188 @@
+"""Which units respond to *this* image? ``ldam-sweep find`` and ``SweepStore.find``.
+
+The images go through the store's model once (batched, stopped at the deepest layer asked), each
+swept unit's activation is computed with the layer's stored objective, and units are ranked by
+activation ÷ reference: the unit's top dataset exemplar (``exemplar_max``) where the sweep stored
+exemplars, else its chains' final mean activation (``act_final_mean``). A ratio near 1 means the
+image excites the unit as much as the best real image (or the sampled images) did.
+
+This module stands above the store: it takes an open store and imports the model code lazily.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ldam_sweep.atlas.format import unit_page
+from ldam_sweep.errors import DataError, StoreError
+
+if TYPE_CHECKING:
+    from ldam_sweep.model.handle import ModelHandle
+    from ldam_sweep.store.query import SweepStore
+
+HIT_SCHEMA = pa.schema([
+    ("image", pa.int32()), ("name", pa.string()), ("rank", pa.int32()), ("layer", pa.string()), ("unit", pa.int32()),
+    ("ratio", pa.float64()), ("activation", pa.float64()), ("reference", pa.float64()),
+    ("reference_column", pa.string()), ("atlas_page", pa.string()),
+])
+
+Images = Any  # an array (N, C, H, W) / (C, H, W), an image file, a folder of them, or a list of files / arrays
+
+
+@dataclass
+class FindResult:
+    """``hits``: one row per (image, rank), columns of ``HIT_SCHEMA``; ``notes``: units left out and
+    why; timings of loading the model and of the forward pass + ranking."""
+
+    hits: pa.Table
+    names: list[str]
+    notes: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+    compute_seconds: float = 0.0
+
+    def for_image(self, i: int) -> list[dict[str, Any]]:
+        """The hits of image ``i``, best first."""
+        return self.hits.filter(pc.equal(self.hits["image"], i)).to_pylist()
+
+
+def store_model(store: "SweepStore", device: Any = None) -> "ModelHandle":
+    """The model the store was swept with, from its job spec (``model:``, else the plan's model
+    name), checked against the stored fingerprint."""
+    from ldam_sweep.model import load_model
+
+    spec = store.spec().get("model") or store.plan.model_name
+    model = load_model(spec, device=device)
+    want = store.attrs["model"]["fingerprint"]
+    if model.fingerprint != want:
+        raise StoreError(f"the model of store {store.loc.url!r} ({spec!r}) now loads with fingerprint "
+                         f"{model.fingerprint[:12]}, but the sweep used {want[:12]}: its weights changed. Pass the "
+                         "sweep's model explicitly (model=..., or --model SPEC).")
+    return model
+
+
+def query_images(images: Images, input_spec: Any) -> tuple[np.ndarray, list[str]]:
+    """(N, C, H, W) float32 images in the model's pixel range and a name for each: files and folders
+    are converted as the ``folder`` data source does (resized, centre-cropped, channel-converted);
+    arrays must already be in the model's pixel range."""
+    from ldam_sweep.data import fit_images, image_files, load_image
+
+    items = list(images) if isinstance(images, (list, tuple)) else [images]
+    if not items:
+        raise DataError("find: no images given")
+    arrays, names = [], []
+    for i, item in enumerate(items):
+        if isinstance(item, (str, Path)):
+            p = Path(item)
+            files = image_files(p) if p.is_dir() else [p]
+            arrays += [load_image(f, input_spec)[None] for f in files]
+            names += [str(f) for f in files]
+            continue
+        arr = np.asarray(item, dtype=np.float32)
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise DataError(f"find: image array {i} has shape {arr.shape}; give (N, C, H, W) or (C, H, W), "
+                            f"(C, H, W) = {tuple(input_spec.shape)}")
+        arrays.append(arr)
+        names += [f"array {i}[{j}]" for j in range(len(arr))] if len(items) > 1 else [f"image {j}" for j in range(len(arr))]
+    return fit_images(np.concatenate(arrays), input_spec, what="find images"), names
+
+
+def unit_activations(model: "ModelHandle", x: np.ndarray, targets: dict[str, tuple[np.ndarray, str]],
+                     batch: int = 256) -> dict[str, np.ndarray]:
+    """For each layer of ``targets`` (layer -> (units, objective)): (N, U) activations of the images
+    ``x`` for those units, from one forward pass per batch stopped at the deepest of the layers."""
+    import torch
+
+    from ldam_sweep.objectives import units_objective
+
+    idx = {name: torch.as_tensor(units, dtype=torch.long) for name, (units, _) in targets.items()}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            acts = model.activations_at(torch.from_numpy(x[i : i + batch]).to(model.device), list(targets))
+            for name, (_, objective) in targets.items():
+                parts[name].append(units_objective(acts[name], idx[name], objective).cpu().numpy())
+    return {name: np.concatenate(p).astype(np.float64) for name, p in parts.items()}
+
+
+def default_atlas(store: "SweepStore") -> Path | None:
+    """The atlas ``ldam-sweep demo`` builds beside a local store (``<name>-atlas``), if it exists."""
+    if not store.loc.is_local:
+        return None
+    root = Path(store.loc.root)
+    site = root.with_name(root.stem + "-atlas")
+    return site if (site / "index.html").is_file() else None
+
+
+def find_units(store: "SweepStore", images: Images, *, layer: str | None = None, top: int = 10,
+               model: "ModelHandle | None" = None, atlas: str | Path | None = None, batch: int = 256) -> FindResult:
+    """Rank the store's committed units by how much ``images`` excite them relative to each unit's
+    reference activation (see the module docstring); the ``top`` best per image."""
+    if top < 1:
+        raise StoreError(f"find: top must be >= 1, got {top}")
+    t0 = time.perf_counter()
+    if model is None:
+        model = store_model(store)
+    load_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    x, names = query_images(images, model.input)
+    layers = [store.layer_plan(layer)] if layer is not None else list(store.plan.layers)
+    committed = store.units(layer, status="ok")
+    notes: list[str] = []
+    targets: dict[str, tuple[np.ndarray, str]] = {}
+    refs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (reference, uses exemplar)
+    for lp in layers:
+        rows = committed.filter(pc.equal(committed["layer"], lp.name))
+        if rows.num_rows == 0:
+            notes.append(f"layer {lp.name!r}: no committed units")
+            continue
+        exemplar = rows["exemplar_max"].to_numpy(zero_copy_only=False).astype(np.float64)
+        final = rows["act_final_mean"].to_numpy(zero_copy_only=False).astype(np.float64)
+        has_exemplar = np.isfinite(exemplar)
+        ref = np.where(has_exemplar, exemplar, final)
+        usable = np.isfinite(ref) & (ref > 0)
+        if (~usable).any():
+            notes.append(f"layer {lp.name!r}: {int((~usable).sum())} of {rows.num_rows} units skipped "
+                         "(reference activation not positive)")
+        if usable.any():
+            targets[lp.name] = (rows["unit"].to_numpy()[usable].astype(np.int64), lp.objective)
+            refs[lp.name] = (ref[usable], has_exemplar[usable])
+    acts = unit_activations(model, x, targets, batch=batch) if targets else {}
+    site = Path(atlas) if atlas is not None else default_atlas(store)
+    if site is not None and not (site / "index.html").is_file():
+        notes.append(f"atlas {str(site)!r} has no index.html: no page links")
+        site = None
+    if acts:
+        layer_col = np.concatenate([np.full(len(targets[n][0]), n, dtype=object) for n in acts])
+        unit_col = np.concatenate([targets[n][0] for n in acts])
+        ref_col = np.concatenate([refs[n][0] for n in acts])
+        exemplar_col = np.concatenate([refs[n][1] for n in acts])
+        act = np.concatenate([acts[n] for n in acts], axis=1)  # (N, all units)
+        ratio = act / ref_col
+        k = min(top, ratio.shape[1])
+    rows_out: list[dict[str, Any]] = []
+    for i, name in enumerate(names):
+        if not acts:
+            break
+        r = np.where(np.isfinite(ratio[i]), ratio[i], -np.inf)
+        best = np.argpartition(-r, k - 1)[:k] if k < len(r) else np.arange(len(r))
+        best = best[np.lexsort((unit_col[best], -r[best]))]  # ratio descending, ties by unit
+        for rank, j in enumerate(best, start=1):
+            page = unit_page(site, layer_col[j], unit_col[j]) if site is not None else None
+            rows_out.append({
+                "image": i, "name": name, "rank": rank, "layer": layer_col[j], "unit": int(unit_col[j]),
+                "ratio": float(ratio[i, j]), "activation": float(act[i, j]), "reference": float(ref_col[j]),
+                "reference_column": "exemplar_max" if exemplar_col[j] else "act_final_mean",
+                "atlas_page": str(page) if page is not None and page.is_file() else None,
+            })
+    hits = pa.Table.from_pylist(rows_out, schema=HIT_SCHEMA)
+    return FindResult(hits=hits, names=names, notes=notes, load_seconds=load_seconds,
+                      compute_seconds=time.perf_counter() - t0)

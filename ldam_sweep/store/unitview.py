@@ -1,0 +1,75 @@
+"""One unit of a sweep as a notebook-friendly object: ``st.unit("fc2", 3)`` shows its chains x
+snapshots as a picture (``_repr_png_``), and ``.to_xarray()`` gives labelled arrays."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ldam_sweep.errors import StoreError
+
+if TYPE_CHECKING:
+    import xarray
+    from PIL import Image
+
+
+@dataclass
+class UnitView:
+    """A committed unit's arrays and manifest row, read once."""
+
+    layer: str
+    unit: int
+    samples: np.ndarray  # (chain, snapshot, C, H, W) float32, pixel space
+    activation: np.ndarray  # (chain, steps + 1)
+    realism: np.ndarray | None  # (chain, steps + 1) log D, when the sweep had a discriminator
+    exemplars: np.ndarray | None  # (k, C, H, W) top real images, when the sweep had data
+    exemplar_activation: np.ndarray | None  # (k,)
+    scores: dict[str, Any]  # the unit's manifest row (every score column)
+    snapshot_steps: np.ndarray  # the step of each snapshot
+    value_range: tuple[float, float]
+
+    def image(self) -> "Image.Image":
+        """Chains (rows) x snapshots (columns), each cell labelled with its activation: what
+        ``ldam-sweep show`` writes, with the snapshot steps as column headers."""
+        from ldam_sweep.atlas.grid import render_grid
+
+        labels = np.vectorize(lambda v: f"{v:.3g}")(self.activation[:, self.snapshot_steps])
+        return render_grid(self.samples, self.value_range, row_labels=[f"chain {c}" for c in range(len(self.samples))],
+                           cell_labels=labels, col_labels=[f"t={t}" for t in self.snapshot_steps])
+
+    def _repr_png_(self) -> bytes:
+        """Jupyter / IPython display hook."""
+        buf = io.BytesIO()
+        self.image().save(buf, format="PNG")
+        return buf.getvalue()
+
+    def to_xarray(self) -> "xarray.Dataset":
+        """The unit as an ``xarray.Dataset`` with named dims (chain, snapshot, step, c, y, x, rank)
+        and the manifest row as attrs. Needs the optional extra: ``pip install 'ldam-sweep[xarray]'``."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise StoreError("UnitView.to_xarray needs xarray, an optional extra: pip install 'ldam-sweep[xarray]'") from None
+        steps = np.arange(self.activation.shape[1])
+        data: dict[str, Any] = {
+            "samples": (("chain", "snapshot", "c", "y", "x"), self.samples),
+            "activation": (("chain", "step"), self.activation),
+        }
+        if self.realism is not None:
+            data["realism"] = (("chain", "step"), self.realism)
+        if self.exemplars is not None:
+            data["exemplars"] = (("rank", "c", "y", "x"), self.exemplars)
+            data["exemplar_activation"] = (("rank",), self.exemplar_activation)
+        attrs = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in self.scores.items() if v is not None}
+        return xr.Dataset(data, coords={"snapshot": np.asarray(self.snapshot_steps), "step": steps},
+                          attrs={**attrs, "value_range": list(self.value_range)})
+
+    def __repr__(self) -> str:
+        ratio = self.scores.get("activation_ratio")
+        extra = f", activation ratio {ratio:.3g}" if isinstance(ratio, float) else ""
+        return (f"UnitView({self.layer!r}, unit {self.unit}: {self.samples.shape[0]} chains x "
+                f"{self.samples.shape[1]} snapshots of {tuple(self.samples.shape[2:])}, final activation "
+                f"{np.nanmean(self.activation[:, -1]):.4g}{extra})")
