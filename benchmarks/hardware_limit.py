@@ -2,6 +2,8 @@
 forward + input-gradient backward of the same truncated model at the same batch size (no noise,
 no update, no traces). Both measured here, in this run, interleaved; medians of the repeats. lambda = 0, and lambda = 0.5 with a
 discriminator (whose forward/backward the bare loop does not pay: that ratio shows D's cost).
+A call's time is a fixed cost (set-up, the results' transfer to the host) plus a cost per step:
+timing steps = S and 2S gives fixed = 2 t(S) - t(2S) and the steady-state ratio (per step only).
 
     python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
     python benchmarks/hardware_limit.py --device cuda --model torchvision:resnet18 --size 224 --layer layer3
@@ -39,13 +41,18 @@ def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chain
     return len(idx) * steps / (time.perf_counter() - t0)
 
 
-def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, **kw) -> float:
+def sampler_seconds(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, **kw) -> float:
+    """Wall time of one ``ls.sample`` call, host transfer of the results included."""
     ls.sample(model, layer, units, chains=chains, steps=2, **kw)  # warm-up
     sync(model.device)
     t0 = time.perf_counter()
     ls.sample(model, layer, units, chains=chains, steps=steps, **kw)
     sync(model.device)
-    return len(units) * chains * steps / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int, **kw) -> float:
+    return len(units) * chains * steps / sampler_seconds(model, layer, units, chains, steps, **kw)
 
 
 def main() -> None:
@@ -67,12 +74,17 @@ def main() -> None:
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
     runs = []
-    for _ in range(args.repeats):  # interleaved: the three in each repeat see the same machine state
+    for _ in range(args.repeats):  # interleaved: the runs in each repeat see the same machine state
+        t1 = sampler_seconds(model, args.layer, units, args.chains, args.steps)
+        t2 = sampler_seconds(model, args.layer, units, args.chains, 2 * args.steps)
         runs.append((bare_images_per_s(model, args.layer, units, args.chains, args.steps),
-                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps),
+                     len(units) * args.chains * args.steps / t1,
                      sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
-                                               discriminator=d)))
-    bare, lam0, lam5 = (statistics.median(col) for col in zip(*runs))
+                                               discriminator=d),
+                     2 * t1 - t2, t2 - t1))
+    bare, lam0, lam5, fixed, per_s_steps = (statistics.median(col) for col in zip(*runs))
+    # per call = fixed + steps * per step: t(S) and t(2S) separate the two
+    steady = statistics.median(len(units) * args.chains * args.steps / max(r[4], 1e-12) / r[0] for r in runs)
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
         "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
@@ -80,10 +92,13 @@ def main() -> None:
         "bare_images_per_s": bare, "sampler_lam0_chain_steps_per_s": lam0, "sampler_lam05_chain_steps_per_s": lam5,
         "ratio_lam0": statistics.median(r[1] / r[0] for r in runs),
         "ratio_lam05": statistics.median(r[2] / r[0] for r in runs),
+        "sampler_fixed_seconds_per_call": fixed, "sampler_seconds_per_step": per_s_steps / args.steps,
+        "ratio_lam0_steady": steady,
     }
     report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains on {record['device']}", record,
            ("bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
-            "ratio_lam05"), args.out, fmt="10.3f")
+            "ratio_lam05", "ratio_lam0_steady", "sampler_fixed_seconds_per_call", "sampler_seconds_per_step"),
+           args.out, fmt="10.4f")
 
 
 if __name__ == "__main__":

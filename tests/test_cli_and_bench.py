@@ -82,6 +82,7 @@ def test_hardware_limit_benchmark_quick_mode(tmp_path):
     assert rec["units"] == 4 and rec["chains"] == 4
     assert rec["ratio_lam0"] == rec["sampler_lam0_chain_steps_per_s"] / rec["bare_images_per_s"]  # one repeat
     assert rec["bare_images_per_s"] > 0 and rec["ratio_lam05"] > 0
+    assert rec["sampler_seconds_per_step"] > 0 and "sampler_fixed_seconds_per_call" in rec and rec["ratio_lam0_steady"] > 0
 
 
 def test_peers_benchmark_quick_mode(tmp_path):
@@ -101,6 +102,13 @@ def test_end_to_end_benchmark_quick_mode(tmp_path, monkeypatch):
     assert rec["efficiency"] == rec["in_process_seconds"] / rec["sweep_wall_seconds"]
 
 
+def test_pipeline_benchmark_quick_mode(tmp_path):
+    rec = run_quick("pipeline", tmp_path)
+    assert rec["blocks"] == 3 and rec["write_delay_s"] > 0
+    assert rec["pipelined_over_max"] == rec["pipelined_seconds"] / max(rec["sample_only_seconds"], rec["write_only_seconds"])
+    assert rec["sum_of_sample_write"] == rec["sample_only_seconds"] + rec["write_only_seconds"]
+
+
 def test_variants_benchmark_quick_mode(tmp_path):
     rec = run_quick("variants", tmp_path)
     assert [r["variant"] for r in rec["rows"]] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
@@ -118,8 +126,10 @@ def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     names = {p.stem: json.loads(p.read_text())["benchmark"] for p in tmp_path.glob("*.json")}
-    assert sorted(set(names.values())) == ["batching", "hardware_limit", "peers", "scaling", "variants"]
-    assert len(names) == 7
+    assert sorted(set(names.values())) == ["batching", "end_to_end", "hardware_limit", "peers", "pipeline", "scaling",
+                                           "variants"]
+    assert len(names) == 13
+    assert names["end_to_end_resnet18_224_layer3_auto"] == "end_to_end"
 
 
 def test_scaling_benchmark_quick_mode(tmp_path):

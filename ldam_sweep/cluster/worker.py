@@ -133,14 +133,14 @@ class SweepWorker:
         grid = lp.block_size
         if self.job.resources.block_size != "auto":
             return grid
+        cap = -(-lp.planned_units() // grid) * grid
         if self.device.type != "cuda":
-            return max(grid, CPU_BATCH_UNITS // grid * grid)
+            return max(grid, min(CPU_BATCH_UNITS // grid * grid, cap))
         per_unit = self._probe_bytes_per_unit(lp)
         free, _ = torch.cuda.mem_get_info(self.device)
         share = self.job.resources.gpus_per_actor
         share = float(share) if share != "auto" and float(share) < 1 else 1.0  # actors sharing one GPU
         fit = int(free * GPU_MEMORY_HEADROOM * share // per_unit) // grid * grid
-        cap = -(-lp.planned_units() // grid) * grid
         return max(grid, min(fit, cap))
 
     def _probe_bytes_per_unit(self, lp: Any) -> float:
