@@ -6,7 +6,7 @@ This module holds the model part of a job spec; the sweep's job spec builds on i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -289,8 +289,8 @@ class ResourcesSpec(BaseModel):
     actors: int = Field(1, ge=1, le=4096)
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(1, gt=0)
-    block_size: int | Literal["auto"] = Field(
-        "auto", ge=1, le=65536, description="units per storage block; auto: 32, batches sized by each actor")
+    block_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
+        "auto", description="units per storage block; auto: 32, batches sized by each actor")
     deterministic: bool = Field(True, description="deterministic kernels and no TF32 in the workers")
     max_in_flight: int | None = Field(None, ge=1, description="tasks in flight (default 2 per actor)")
     max_attempts: int = Field(3, ge=1, le=100, description="attempts per block before it is recorded as failed")

@@ -136,7 +136,13 @@ class SweepWorker:
         cap = -(-lp.planned_units() // grid) * grid
         if self.device.type != "cuda":
             return max(grid, min(CPU_BATCH_UNITS // grid * grid, cap))
-        per_unit = self._probe_bytes_per_unit(lp)
+        if cap <= grid:  # the layer is one block
+            return grid
+        try:
+            per_unit = self._probe_bytes_per_unit(lp)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return grid
         free, _ = torch.cuda.mem_get_info(self.device)
         share = self.job.resources.gpus_per_actor
         share = float(share) if share != "auto" and float(share) < 1 else 1.0  # actors sharing one GPU
@@ -146,17 +152,17 @@ class SweepWorker:
     def _probe_bytes_per_unit(self, lp: Any) -> float:
         """Peak device bytes one more unit costs: a few steps at PROBE_UNITS and twice that (the
         difference leaves out fixed costs), plus the snapshots the real run keeps (float32 on the
-        device, and their float16 copy on the way out), which a short probe does not."""
+        device, and their float16 copy on the way out), which a short probe does not; or the
+        scores' use of the snapshots, when that is larger."""
         import numpy as np
         import torch
 
         from ldam_sweep.sampling import sample
         from ldam_sweep.settings import default_snapshot_steps
 
-        units = lp.block_units(lp.planned_blocks()[0])
         peaks = []
         for n in (PROBE_UNITS, 2 * PROBE_UNITS):
-            probe = [units[i % len(units)] for i in range(n)]
+            probe = list(range(n))  # the layer has more units than one block (> 2 * PROBE_UNITS)
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
@@ -169,7 +175,9 @@ class SweepWorker:
         s = self.job.sampler
         snaps, probed = len(default_snapshot_steps(s.steps, s.snapshot_every)), len(default_snapshot_steps(PROBE_STEPS, None))
         image = int(np.prod(self.model.input.shape))
-        return per_unit + s.chains * image * (4 * max(0, snaps - probed) + 2 * snaps)
+        sampling = per_unit + s.chains * image * (4 * max(0, snaps - probed) + 2 * snaps)
+        scoring = s.chains * image * 16 * snaps  # float16 in, float32 copy, float64 differences for movement
+        return max(sampling, scoring)
 
     def _sample(self, layer: str, units: list[int]):
         """Sample units in one batch; on out-of-memory, in halves (chains are per-unit reproducible,
