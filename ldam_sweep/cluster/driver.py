@@ -194,7 +194,9 @@ class WorkerPool:
         """Send queued blocks, packed into batches, to started actors with free slots."""
         for i in list(self.capacity):
             while queue and self.capacity[i] > 0 and len(self.inflight) < self.limit:
-                batch = pack_batch(queue, self.batch_units[i].get(queue[0].layer, 1))
+                # a retried block goes alone, so a block that keeps failing cannot fail its batch-mates
+                retry = attempts[queue[0].key] > 0
+                batch = pack_batch(queue, 0 if retry else self.batch_units[i].get(queue[0].layer, 1))
                 for task in batch:
                     attempts[task.key] += 1
                 ref = self.actors[i].run_batch.remote(batch[0].layer, [(t.block, list(t.units)) for t in batch],
