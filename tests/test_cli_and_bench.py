@@ -82,7 +82,10 @@ def test_hardware_limit_benchmark_quick_mode(tmp_path):
     assert rec["units"] == 4 and rec["chains"] == 4
     assert rec["ratio_lam0"] == rec["sampler_lam0_chain_steps_per_s"] / rec["bare_images_per_s"]  # one repeat
     assert rec["bare_images_per_s"] > 0 and rec["ratio_lam05"] > 0
-    assert rec["sampler_seconds_per_step"] > 0 and "sampler_fixed_seconds_per_call" in rec and rec["ratio_lam0_steady"] > 0
+    # one repeat: fixed + steps x per step is the timed call, t(S) = units x chains x steps / rate
+    t_call = rec["units"] * rec["chains"] * rec["steps"] / rec["sampler_lam0_chain_steps_per_s"]
+    assert rec["sampler_fixed_seconds_per_call"] + rec["steps"] * rec["sampler_seconds_per_step"] == pytest.approx(t_call)
+    assert "ratio_lam0_steady" in rec
 
 
 def test_peers_benchmark_quick_mode(tmp_path):
