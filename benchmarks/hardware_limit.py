@@ -84,7 +84,9 @@ def main() -> None:
                      2 * t1 - t2, t2 - t1))
     bare, lam0, lam5, fixed, per_s_steps = (statistics.median(col) for col in zip(*runs))
     # per call = fixed + steps * per step: t(S) and t(2S) separate the two
-    steady = statistics.median(len(units) * args.chains * args.steps / max(r[4], 1e-12) / r[0] for r in runs)
+    # (NaN when the box's noise exceeds the extra steps' time: t(2S) <= t(S))
+    steady = statistics.median(len(units) * args.chains * args.steps / r[4] / r[0] if r[4] > 0 else float("nan")
+                               for r in runs)
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
         "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
