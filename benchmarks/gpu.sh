@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every benchmark's GPU run as one command (issue 8, item 5), JSON into $OUT:
-#   make install && bash benchmarks/gpu.sh            # ~6 min on an H100
+#   make install && bash benchmarks/gpu.sh            # ~6 min on an H100 before the end-to-end runs (not yet timed)
 # Needs the bench extra (torch-lucent) for peers.py: `make install` includes it.
 # DEVICE=cpu QUICK=--quick bash benchmarks/gpu.sh: the same commands in seconds (run by the tests).
 set -euo pipefail
@@ -22,4 +22,17 @@ $PY benchmarks/batching.py --device $DEVICE $QUICK --model torchvision:resnet18 
     --chains 4 --repeats 1 --out "$OUT/batching_resnet18_64_layer2.json"
 $PY benchmarks/peers.py --device $DEVICE $QUICK --units 128 --a-units 8 --block 64 --out "$OUT/peers.json"
 $PY benchmarks/scaling.py --device $DEVICE $QUICK --out "$OUT/scaling.json"
+# the GPU-first sweep issue: `ldam-sweep run` vs the in-process sampler, ResNet-18 random weights @224,
+# layer3 units 0-127, 8 chains x 100 steps, lambda 0, 1 actor; block_size auto (batches sized to the GPU) vs 32
+for BLOCK in auto 32; do
+  $PY benchmarks/end_to_end.py --device $DEVICE $QUICK --model torchvision:resnet18 --input 224 --layers layer3 \
+      --units 0-127 --steps 100 --chains 8 --actors 1 --block $BLOCK --out "$OUT/end_to_end_resnet18_224_layer3_$BLOCK.json"
+  $PY benchmarks/end_to_end.py --device $DEVICE $QUICK --steps 300 --actors 1 --block $BLOCK \
+      --out "$OUT/end_to_end_digits_$BLOCK.json"
+done
+$PY benchmarks/end_to_end.py --device $DEVICE $QUICK --model torchvision:resnet18 --input 224 --layers layer3 \
+    --units 0-127 --steps 100 --chains 8 --actors 1 --block auto --nondeterministic \
+    --out "$OUT/end_to_end_resnet18_224_layer3_auto_nondeterministic.json"
+$PY benchmarks/pipeline.py $QUICK --model torchvision:resnet18 --input 224 --layer layer3 --blocks 4 --block 32 \
+    --steps 100 --out "$OUT/pipeline_resnet18_224_layer3.json"
 echo "all GPU results in $OUT"

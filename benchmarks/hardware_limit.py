@@ -2,6 +2,8 @@
 forward + input-gradient backward of the same truncated model at the same batch size (no noise,
 no update, no traces). Both measured here, in this run, interleaved; medians of the repeats. lambda = 0, and lambda = 0.5 with a
 discriminator (whose forward/backward the bare loop does not pay: that ratio shows D's cost).
+A call's time is a fixed cost (set-up, the results' transfer to the host) plus a cost per step:
+timing steps = S and 2S gives fixed = 2 t(S) - t(2S) and the steady-state ratio (per step only).
 
     python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
     python benchmarks/hardware_limit.py --device cuda --model torchvision:resnet18 --size 224 --layer layer3
@@ -42,16 +44,23 @@ def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chain
     return done / (time.perf_counter() - t0), done
 
 
-def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int,
-                              **kw) -> tuple[float, int]:
-    """Chain-steps per second of ``ls.sample`` on one block, and the chain-steps it ran."""
+def sampler_seconds(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int,
+                    **kw) -> tuple[float, int]:
+    """Wall time of one ``ls.sample`` call (host transfer of the results included), and the
+    chain-steps it ran."""
     ls.sample(model, layer, units, chains=chains, steps=2, **kw)  # warm-up
     sync(model.device)
     t0 = time.perf_counter()
     result = ls.sample(model, layer, units, chains=chains, steps=steps, **kw)
     sync(model.device)
-    seconds = time.perf_counter() - t0
-    return chain_steps_done(result) / seconds, chain_steps_done(result)
+    return time.perf_counter() - t0, chain_steps_done(result)
+
+
+def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int,
+                              **kw) -> tuple[float, int]:
+    """Chain-steps per second of ``ls.sample`` on one block, and the chain-steps it ran."""
+    seconds, work = sampler_seconds(model, layer, units, chains, steps, **kw)
+    return work / seconds, work
 
 
 def main() -> None:
@@ -73,14 +82,21 @@ def main() -> None:
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
     runs = []
-    for _ in range(args.repeats):  # interleaved: the three in each repeat see the same machine state
+    for _ in range(args.repeats):  # interleaved: the runs in each repeat see the same machine state
+        t1, work1 = sampler_seconds(model, args.layer, units, args.chains, args.steps)
+        t2, _ = sampler_seconds(model, args.layer, units, args.chains, 2 * args.steps)
         runs.append((bare_images_per_s(model, args.layer, units, args.chains, args.steps),
-                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps),
+                     (work1 / t1, work1),
                      sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
-                                               discriminator=d)))
+                                               discriminator=d),
+                     (2 * t1 - t2, 0), (t2 - t1, 0)))
     work = {k: {n for _, n in col} for k, col in zip(("bare", "lam0", "lam05"), zip(*runs))}
     runs = [tuple(rate for rate, _ in run) for run in runs]
-    bare, lam0, lam5 = (statistics.median(col) for col in zip(*runs))
+    bare, lam0, lam5, fixed, per_s_steps = (statistics.median(col) for col in zip(*runs))
+    # per call = fixed + steps * per step: t(S) and t(2S) separate the two
+    # (NaN when the box's noise exceeds the extra steps' time: t(2S) <= t(S))
+    steady = statistics.median(len(units) * args.chains * args.steps / r[4] / r[0] if r[4] > 0 else float("nan")
+                               for r in runs)
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
         "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
@@ -90,10 +106,13 @@ def main() -> None:
         "bare_images_per_s": bare, "sampler_lam0_chain_steps_per_s": lam0, "sampler_lam05_chain_steps_per_s": lam5,
         "ratio_lam0": statistics.median(r[1] / r[0] for r in runs),
         "ratio_lam05": statistics.median(r[2] / r[0] for r in runs),
+        "sampler_fixed_seconds_per_call": fixed, "sampler_seconds_per_step": per_s_steps / args.steps,
+        "ratio_lam0_steady": steady,
     }
     report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains on {record['device']}", record,
            ("bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
-            "ratio_lam05"), args.out, fmt="10.3f")
+            "ratio_lam05", "ratio_lam0_steady", "sampler_fixed_seconds_per_call", "sampler_seconds_per_step"),
+           args.out, fmt="10.4f")
 
 
 if __name__ == "__main__":

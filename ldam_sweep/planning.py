@@ -7,6 +7,7 @@ reads its plan from here; this module imports no store code and no torch.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import numpy as np
 from ldam_sweep.errors import SpecError, StoreError
 from ldam_sweep.objectives import objective_for
 from ldam_sweep.settings import default_snapshot_steps
-from ldam_sweep.spec import JobSpec, parse_units
+from ldam_sweep.spec import AUTO_GRID_UNITS, JobSpec, parse_units
 
 if TYPE_CHECKING:
     from ldam_sweep.model.handle import ModelHandle
@@ -155,7 +156,10 @@ class StorePlan:
         spec = dict(self.spec)
         spec.pop("store", None)
         if isinstance(spec.get("resources"), dict):
-            spec["resources"] = {k: v for k, v in spec["resources"].items() if k == "block_size"}
+            # block_size auto is a grid of 32 units: the same store as an explicit 32 (and as the
+            # default before auto existed); how actors batch the blocks is not the sweep's identity
+            spec["resources"] = {k: (AUTO_GRID_UNITS if v == "auto" else v)
+                                 for k, v in spec["resources"].items() if k == "block_size"}
         if isinstance(spec.get("model"), dict):
             # the memory layout changes results by float rounding only, like running on other hardware
             # (which a resume allows); float32 is left out so specs written before the field existed
@@ -233,7 +237,7 @@ def sweep_store_plan(job: JobSpec, model: ModelHandle, spec_doc: dict[str, Any])
     return plan_store(
         model, layers, chains=job.sampler.chains, steps=job.sampler.steps,
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
-        block_size=job.resources.block_size, realism=job.discriminator is not None,
+        block_size=job.resources.grid_units, realism=job.discriminator is not None,
         exemplars_k=job.exemplars if job.data is not None else 0,
         objective=job.objective, spec=spec_doc,
     )
@@ -254,6 +258,17 @@ class BlockTask:
 
 def block_tasks(plan: StorePlan) -> list[BlockTask]:
     return [BlockTask(lp.name, b, tuple(lp.block_units(b))) for lp in plan.layers for b in lp.planned_blocks()]
+
+
+def pack_batch(queue: collections.deque[BlockTask], batch_units: int) -> list[BlockTask]:
+    """Take the next batch off the front of ``queue``: its first task and the following tasks of
+    the same layer while their units fit in ``batch_units`` (always at least one task)."""
+    batch = [queue.popleft()]
+    size = len(batch[0].units)
+    while queue and queue[0].layer == batch[0].layer and size + len(queue[0].units) <= batch_units:
+        size += len(queue[0].units)
+        batch.append(queue.popleft())
+    return batch
 
 
 def store_url(job: JobSpec, override: str | None) -> str:

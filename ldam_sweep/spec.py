@@ -6,7 +6,7 @@ This module holds the model part of a job spec; the sweep's job spec builds on i
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -283,16 +283,32 @@ class DiscriminatorSpec(BaseModel):
         return self
 
 
+AUTO_GRID_UNITS = 32  # the store grid that ``block_size: auto`` stands for
+
+
 class ResourcesSpec(BaseModel):
+    """Where and how the sweep runs. ``block_size`` is the store's grid (units per storage block,
+    part of the sweep's identity). ``auto`` (default): a grid of 32 units, and each actor picks how
+    many units it samples per batch (whole blocks; on a GPU as many as fit its free memory).
+    An integer: batches of exactly one block. ``deterministic``: deterministic kernels, no TF32
+    (GPU results reproducible on the same hardware); false trades that for speed."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     actors: int = Field(1, ge=1, le=4096)
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(1, gt=0)
-    block_size: int = Field(32, ge=1, le=65536, description="units per task (one batch)")
+    block_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
+        "auto", description="units per storage block; auto: 32, batches sized by each actor")
+    deterministic: bool = Field(True, description="deterministic kernels and no TF32 in the workers")
     max_in_flight: int | None = Field(None, ge=1, description="tasks in flight (default 2 per actor)")
     max_attempts: int = Field(3, ge=1, le=100, description="attempts per block before it is recorded as failed")
     commit_every: int = Field(8, ge=1, description="blocks per manifest commit")
+
+    @property
+    def grid_units(self) -> int:
+        """Units per storage block (``auto``: 32)."""
+        return AUTO_GRID_UNITS if self.block_size == "auto" else int(self.block_size)
 
 
 class JobSpec(BaseModel):

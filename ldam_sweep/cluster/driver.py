@@ -21,12 +21,15 @@ from rich.console import Console
 
 from ldam_sweep.cluster.progress import SweepProgress
 from ldam_sweep.errors import LdamError, StoreError
-from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, store_url, sweep_store_plan
+from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, pack_batch, store_url, sweep_store_plan
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
 from ldam_sweep.store.layout import write_discriminator
 from ldam_sweep.store.location import check_writable
 
+# Tasks (batches) in flight per actor, and the threads of its actor: one batch samples while the
+# other is written, so the device idles only when writing is slower than sampling. It also bounds
+# the worker's host memory (at most this many batches per actor exist at once).
 PER_ACTOR_IN_FLIGHT = 2
 
 
@@ -157,9 +160,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
 
 class WorkerPool:
     """The resident actors: admission of the started ones, and submission with at most
-    PER_ACTOR_IN_FLIGHT blocks per actor (``limit`` in all). Tasks go only to actors that have
-    started (model loaded): an actor the cluster cannot place (more GPUs or CPUs asked than exist,
-    or nodes still being added) never holds work hostage."""
+    PER_ACTOR_IN_FLIGHT batches per actor (``limit`` in all). A batch is as many whole blocks of one
+    layer as the actor said it samples at once (its ``batch_units``). Tasks go only to actors that
+    have started (model loaded): an actor the cluster cannot place (more GPUs or CPUs asked than
+    exist, or nodes still being added) never holds work hostage."""
 
     def __init__(self, actors: list[Any], limit: int, console: Console) -> None:
         self.actors = actors
@@ -167,7 +171,8 @@ class WorkerPool:
         self.console = console
         self.starting = {a.identity.remote(): i for i, a in enumerate(actors)}
         self.capacity: dict[int, int] = {}  # started actor -> free slots
-        self.inflight: dict[Any, tuple[BlockTask, int]] = {}  # ref -> (task, actor)
+        self.batch_units: dict[int, dict[str, int]] = {}  # started actor -> units per batch, by layer
+        self.inflight: dict[Any, tuple[list[BlockTask], int]] = {}  # ref -> (blocks, actor)
 
     def admit(self, timeout: float) -> None:
         """Give slots to the actors that have started by now (waiting up to ``timeout`` s)."""
@@ -180,32 +185,36 @@ class WorkerPool:
         for ref in ready:
             i = self.starting.pop(ref)
             try:
-                ray.get(ref)
+                self.batch_units[i] = ray.get(ref)["batch_units"]
                 self.capacity[i] = PER_ACTOR_IN_FLIGHT
             except RayError as err:
                 self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False)
 
     def submit(self, queue: collections.deque[BlockTask], attempts: collections.Counter) -> None:
-        """Send queued tasks to started actors with free slots."""
+        """Send queued blocks, packed into batches, to started actors with free slots."""
         for i in list(self.capacity):
             while queue and self.capacity[i] > 0 and len(self.inflight) < self.limit:
-                task = queue.popleft()
-                attempts[task.key] += 1
-                ref = self.actors[i].run_block.remote(task.layer, task.block, list(task.units), attempts[task.key])
-                self.inflight[ref] = (task, i)
+                # a retried block goes alone, so a block that keeps failing cannot fail its batch-mates
+                retry = attempts[queue[0].key] > 0
+                batch = pack_batch(queue, 0 if retry else self.batch_units[i].get(queue[0].layer, 1))
+                for task in batch:
+                    attempts[task.key] += 1
+                ref = self.actors[i].run_batch.remote(batch[0].layer, [(t.block, list(t.units)) for t in batch],
+                                                      [attempts[t.key] for t in batch])
+                self.inflight[ref] = (batch, i)
                 self.capacity[i] -= 1
 
-    def next_done(self, timeout: float) -> list[tuple[Any, BlockTask, int]]:
-        """(ref, task, actor) of the blocks that finished (at most one), their slots freed."""
+    def next_done(self, timeout: float) -> list[tuple[Any, list[BlockTask], int]]:
+        """(ref, blocks, actor) of the batches that finished (at most one), their slots freed."""
         import ray
 
         ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
         out = []
         for ref in ready:
-            task, i = self.inflight.pop(ref)
+            batch, i = self.inflight.pop(ref)
             if i in self.capacity:
                 self.capacity[i] += 1
-            out.append((ref, task, i))
+            out.append((ref, batch, i))
         return out
 
     def retire(self, i: int) -> None:
@@ -257,6 +266,7 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
     actor_cls = ray.remote(SweepWorker).options(
         num_cpus=res.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
+        max_concurrency=PER_ACTOR_IN_FLIGHT,  # threaded: one batch samples while another is written
     )
     actors = [actor_cls.remote(doc, url, max(1, int(res.cpus_per_actor))) for _ in range(res.actors)]
     pool = WorkerPool(actors, res.max_in_flight or PER_ACTOR_IN_FLIGHT * len(actors), console)
@@ -288,25 +298,27 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
             if not pool.inflight:
                 raise LdamError(f"no worker could start or every worker died for good; {len(queue)} blocks were not run. "
                                 "What was committed stays committed: rerun the same command to resume.")
-            for ref, task, i in pool.next_done(timeout=30.0):
+            for ref, batch, i in pool.next_done(timeout=30.0):
                 try:
-                    rows = ray.get(ref)
-                except RayTaskError as err:  # an exception inside run_block
-                    retry_or_fail(task, _error_text(err))
-                    continue
+                    per_block = ray.get(ref)
+                except RayTaskError as err:  # an exception inside run_batch
+                    error = _error_text(err)
                 except RayActorError as err:  # the worker process died (killed, OOM-killed, node lost)
                     if isinstance(err, ActorDiedError) and not _restartable(err):
                         pool.retire(i)
-                    retry_or_fail(task, f"worker died: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-                    continue
+                    error = f"worker died: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
                 except RayError as err:  # lost objects, crashed worker processes, Ray's memory monitor
-                    retry_or_fail(task, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
+                    error = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                else:
+                    for rows in per_block:
+                        buffer.add(rows)
+                        workers.add(rows[0]["worker"])
+                        summary.done_blocks += 1
+                        summary.units_done += len(rows)
+                        progress.update(done=len(rows))
                     continue
-                buffer.add(rows)
-                workers.add(rows[0]["worker"])
-                summary.done_blocks += 1
-                summary.units_done += len(rows)
-                progress.update(done=len(rows))
+                for task in batch:
+                    retry_or_fail(task, error)
             if buffer.due() or (buffer.rows and not pool.inflight):
                 buffer.flush()
     except KeyboardInterrupt:

@@ -1,17 +1,26 @@
-"""The resident worker: loads the model and discriminator once, then samples and writes blocks.
+"""The resident worker: loads the model and discriminator once, then samples and writes batches of blocks.
 
-Plain Python (testable without Ray); the driver wraps it as a Ray actor. It never returns tensors:
-a block's arrays go straight into the store and only its manifest rows go back to the driver.
+Plain Python (testable without Ray); the driver wraps it as a threaded Ray actor. It never returns
+tensors: a block's arrays go straight into the store and only its manifest rows go back to the driver.
+
+Pipeline: ``run_batch`` has a device phase (sampling, exemplars and scores: tensor math on the
+model's device) under a lock, and a host phase (float16 encoding, checksums, Zarr writes) outside
+it. With two tasks in flight per actor, batch k+1 samples while batch k is written. Host memory is
+bounded by the driver's in-flight limit: at most that many batches per actor exist at once.
+Nothing is committed here; the driver commits rows that came back, so a worker dying mid-pipeline
+loses only uncommitted work, which is rerun.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
 
 # Test hooks (fault tests only). Blocks named in FAIL_BLOCKS_ENV ("layer:block,layer:block") raise on
 # every attempt. With SIGNAL_DIR_ENV set, each worker writes <dir>/worker-<pid> when it starts, and a
@@ -21,6 +30,30 @@ FAIL_BLOCKS_ENV = "LDAM_SWEEP_TEST_FAIL_BLOCKS"
 HOLD_BLOCKS_ENV = "LDAM_SWEEP_TEST_HOLD_BLOCKS"
 SIGNAL_DIR_ENV = "LDAM_SWEEP_TEST_SIGNAL_DIR"
 HOLD_LIMIT_S = 600.0
+# Test hook: a folder. The worker touches <dir>/sampling-<layer>-<block> when it starts sampling a
+# block and, before writing a block, waits until another batch's block has started sampling: a
+# worker that sampled and wrote strictly one after the other would fail instead of committing.
+WRITE_GATE_ENV = "LDAM_SWEEP_TEST_WRITE_GATE"
+WRITE_GATE_TIMEOUT_S = 300.0
+
+CPU_BATCH_UNITS = 32  # benchmarks/README.md: digits conv2 peaks at 16-32 units per batch, resnet18 is flat 4-64
+GPU_MEMORY_HEADROOM = 0.7  # share of the free GPU memory a batch may plan to use
+PROBE_UNITS = 2  # the memory probe samples PROBE_UNITS and 2 * PROBE_UNITS units for PROBE_STEPS steps
+PROBE_STEPS = 2
+
+
+def set_determinism(deterministic: bool) -> None:
+    """Deterministic kernels, no TF32 (``True``), or cuDNN autotuning and TF32 for speed (``False``).
+    ``CUBLAS_WORKSPACE_CONFIG`` must be in the environment before CUDA starts for cuBLAS to comply."""
+    import torch
+
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cuda.matmul.allow_tf32 = not deterministic
+    torch.backends.cudnn.allow_tf32 = not deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def _named_blocks(env: str) -> set[str]:
@@ -45,28 +78,35 @@ def _hold_if_asked(layer: str, block: int) -> None:
 
 
 class SweepWorker:
-    """One per GPU (or CPU slot): model + discriminator resident, blocks in, manifest rows out."""
+    """One per GPU (or CPU slot): model + discriminator resident, batches of blocks in, manifest rows out."""
 
     def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None) -> None:
+        from ldam_sweep.spec import parse_job
+
+        self.job = parse_job(job_doc)
+        set_determinism(self.job.resources.deterministic)  # before CUDA starts
+
         import torch
         import zarr
 
         from ldam_sweep.model import load_model
         from ldam_sweep.model.loading import default_device
-        from ldam_sweep.spec import parse_job
         from ldam_sweep.store import BlockWriter
 
+        threads = max(1, int(num_threads or 1))
         if num_threads:
-            torch.set_num_threads(max(1, int(num_threads)))
-            zarr.config.set({"threading.max_workers": max(1, int(num_threads))})
+            # torch's pool serves the device phase, zarr's the host phase: at most one of each busy
+            torch.set_num_threads(threads)
+            zarr.config.set({"threading.max_workers": threads})
         if os.environ.get(SIGNAL_DIR_ENV):
             (Path(os.environ[SIGNAL_DIR_ENV]) / f"worker-{os.getpid()}").touch()
-        self.job = parse_job(job_doc)
         self.device = default_device()
         self.model = load_model(self.job.model, device=self.device)
         self.writer = BlockWriter(url)
         self.url = url
         self._discriminator = None
+        self._device_lock = threading.Lock()  # one batch on the device at a time
+        self._block_writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-writer")
         self.node = self._node_id()
         self.max_batch: int | None = None  # learnt after an out-of-memory split
         self.real_pool = None  # real images for exemplars and the nearest-real distance
@@ -74,6 +114,7 @@ class SweepWorker:
             from ldam_sweep.data import real_images
 
             self.real_pool = torch.from_numpy(real_images(self.job.data, self.model.input, "train"))
+        self.batch_units = {lp.name: self._choose_batch_units(lp) for lp in self.writer.plan.layers}
 
     @staticmethod
     def _node_id() -> str:
@@ -87,7 +128,9 @@ class SweepWorker:
         return "local"
 
     def identity(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": str(self.device)}
+        """Who this worker is, and how many units it samples per batch in each layer."""
+        return {"pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": str(self.device),
+                "batch_units": dict(self.batch_units)}
 
     def discriminator(self):
         if self.job.discriminator is None:
@@ -102,6 +145,69 @@ class SweepWorker:
             self._discriminator = load_discriminator(blob, self.model).module.to(self.device)
         return self._discriminator
 
+    def _sample_kwargs(self, layer: str, steps: int | None = None) -> dict[str, Any]:
+        import torch
+
+        s = self.job.sampler
+        return dict(chains=s.chains, steps=steps or s.steps, method=s.method, seed=s.seed, lam=s.lam,
+                    discriminator=self.discriminator(), snapshot_every=None if steps else s.snapshot_every,
+                    objective=self.writer.plan.layer(layer).objective, snapshot_dtype=torch.float16, **s.options)
+
+    def _choose_batch_units(self, lp: Any) -> int:
+        """Units per batch for a layer: one block with an explicit block size; with ``auto``,
+        CPU_BATCH_UNITS on a CPU, and on a GPU the largest multiple of the grid whose probed
+        memory fits the free memory with headroom (capped at the layer's planned units)."""
+        import torch
+
+        grid = lp.block_size
+        if self.job.resources.block_size != "auto":
+            return grid
+        cap = -(-lp.planned_units() // grid) * grid
+        if self.device.type != "cuda":
+            return max(grid, min(CPU_BATCH_UNITS // grid * grid, cap))
+        if cap <= grid:  # the layer is one block
+            return grid
+        try:
+            per_unit = self._probe_bytes_per_unit(lp)
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            return grid
+        free, _ = torch.cuda.mem_get_info(self.device)
+        share = self.job.resources.gpus_per_actor
+        share = float(share) if share != "auto" and float(share) < 1 else 1.0  # actors sharing one GPU
+        fit = int(free * GPU_MEMORY_HEADROOM * share // per_unit) // grid * grid
+        return max(grid, min(fit, cap))
+
+    def _probe_bytes_per_unit(self, lp: Any) -> float:
+        """Peak device bytes one more unit costs: a few steps at PROBE_UNITS and twice that (the
+        difference leaves out fixed costs), plus the snapshots the real run keeps (float32 on the
+        device, and their float16 copy on the way out), which a short probe does not; or the
+        scores' use of the snapshots, when that is larger."""
+        import numpy as np
+        import torch
+
+        from ldam_sweep.sampling import sample
+        from ldam_sweep.settings import default_snapshot_steps
+
+        peaks = []
+        for n in (PROBE_UNITS, 2 * PROBE_UNITS):
+            probe = list(range(n))  # the layer has more units than one block (> 2 * PROBE_UNITS)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+            sample(self.model, lp.name, probe, **self._sample_kwargs(lp.name, steps=PROBE_STEPS))
+            peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
+        torch.cuda.empty_cache()
+        per_unit = (peaks[1] - peaks[0]) / PROBE_UNITS
+        if per_unit <= 0:
+            per_unit = peaks[1] / (2 * PROBE_UNITS)
+        s = self.job.sampler
+        snaps, probed = len(default_snapshot_steps(s.steps, s.snapshot_every)), len(default_snapshot_steps(PROBE_STEPS, None))
+        image = int(np.prod(self.model.input.shape))
+        sampling = per_unit + s.chains * image * (4 * max(0, snaps - probed) + 2 * snaps)
+        scoring = s.chains * image * 16 * snaps  # float16 in, float32 copy, float64 differences for movement
+        return max(sampling, scoring)
+
     def _sample(self, layer: str, units: list[int]):
         """Sample units in one batch; on out-of-memory, in halves (chains are per-unit reproducible,
         so the parts give exactly what one batch would)."""
@@ -110,10 +216,7 @@ class SweepWorker:
         from ldam_sweep.sampling import sample
         from ldam_sweep.sampling.parts import concat_results
 
-        s = self.job.sampler
-        kwargs = dict(chains=s.chains, steps=s.steps, method=s.method, seed=s.seed, lam=s.lam,
-                      discriminator=self.discriminator(), snapshot_every=s.snapshot_every,
-                      objective=self.writer.plan.layer(layer).objective, **s.options)
+        kwargs = self._sample_kwargs(layer)
         parts = [units] if not self.max_batch else [units[i : i + self.max_batch] for i in range(0, len(units), self.max_batch)]
         results = []
         while parts:
@@ -130,16 +233,11 @@ class SweepWorker:
                 parts[:0] = [part[:half], part[half:]]
         return concat_results(results)
 
-    def run_block(self, layer: str, block: int, units: list[int], attempt: int) -> list[dict[str, Any]]:
-        """Sample the block's units as one batch, write its region, return its manifest rows."""
-        if f"{layer}:{block}" in _named_blocks(FAIL_BLOCKS_ENV):
-            raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
-        _hold_if_asked(layer, block)
+    def _device_phase(self, layer: str, units: list[int]):
+        """Sampling, exemplars and scores of the batch (tensor math on the model's device)."""
         from ldam_sweep.sampling.exemplars import top_exemplars
         from ldam_sweep.sampling.scoring import score_result
-        from ldam_sweep.store.writer import default_worker_id
 
-        t0 = time.perf_counter()
         result = self._sample(layer, units)
         exemplars = None
         k = self.writer.plan.exemplars_k
@@ -148,8 +246,54 @@ class SweepWorker:
             exemplars = top_exemplars(self.model, layer, result.units, objective, self.real_pool, k)
         scores = score_result(self.model, result, real_pool=self.real_pool,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0])
-        seconds = time.perf_counter() - t0
-        return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds, exemplars=exemplars,
-                                 unit_columns=scores, worker=f"{default_worker_id()}@{self.node}")
+        return result, exemplars, scores
+
+    def run_batch(self, layer: str, blocks: list[tuple[int, list[int]]], attempts: list[int]) -> list[list[dict[str, Any]]]:
+        """Sample the blocks' units (one layer) as one batch, write each block's region, return each
+        block's manifest rows. The device phase holds the device lock; the writes do not."""
+        fail = _named_blocks(FAIL_BLOCKS_ENV)
+        for block, _ in blocks:
+            if f"{layer}:{block}" in fail:
+                raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
+            _hold_if_asked(layer, block)
+        from ldam_sweep.store.writer import default_worker_id
+
+        gate = os.environ.get(WRITE_GATE_ENV)
+        units = [u for _, block_units in blocks for u in block_units]
+        with self._device_lock:
+            if gate:
+                for block, _ in blocks:
+                    (Path(gate) / f"sampling-{layer}-{block}").touch()
+            t0 = time.perf_counter()
+            result, exemplars, scores = self._device_phase(layer, units)
+            seconds = time.perf_counter() - t0
+        batch = min(len(units), self.max_batch or len(units))
+        worker = f"{default_worker_id()}@{self.node}"
+
+        def write(i: int) -> list[dict[str, Any]]:
+            block, block_units = blocks[i]
+            lo = sum(len(b) for _, b in blocks[:i])
+            part = slice(lo, lo + len(block_units))
+            if gate:
+                _wait_for_other_sampling(Path(gate), {f"sampling-{layer}-{b}" for b, _ in blocks})
+            sub = dataclasses.replace(result, units=result.units[part], samples=result.samples[part],
+                                      activation=result.activation[part],
+                                      realism=None if result.realism is None else result.realism[part])
+            columns = {u: {**scores[u], "batch_units": batch} for u in block_units}
+            return self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
+                                     exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),
+                                     unit_columns=columns, worker=worker)
+
+        if len(blocks) == 1:
+            return [write(0)]
+        return list(self._block_writers.map(write, range(len(blocks))))
 
 
+def _wait_for_other_sampling(gate: Path, own: set[str]) -> None:
+    """The write-gate test hook: wait until a block outside this batch has started sampling."""
+    deadline = time.monotonic() + WRITE_GATE_TIMEOUT_S
+    while not any(p.name not in own for p in gate.glob("sampling-*")):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{WRITE_GATE_ENV}: no other block started sampling within {WRITE_GATE_TIMEOUT_S:.0f}s "
+                               f"while {sorted(own)} waited to be written: sampling and writing did not overlap")
+        time.sleep(0.05)

@@ -70,7 +70,7 @@ def unit_scores(
     ``features`` (U, K, F) of the final samples, ``real_pool`` (N, C, H, W) for the nearest-real
     distance, ``exemplar_max`` (U,) the unit's maximum over real data (for the activation ratio)."""
     dev = torch.device(device)
-    s = torch.from_numpy(np.ascontiguousarray(samples)).to(dev)
+    s = torch.from_numpy(np.ascontiguousarray(samples)).to(dev).float()  # float16 samples: widened on the device
     act = torch.from_numpy(np.ascontiguousarray(activation)).to(dev)
     u, k = act.shape[:2]
     lo, hi = value_range

@@ -18,7 +18,8 @@ def final_features(model: ModelHandle, result: ChainResult, layer: str | None = 
     final sample; used by the feature-space diversity."""
     final = torch.from_numpy(np.ascontiguousarray(result.final_samples)).flatten(0, 1)
     name = layer or result.layer
-    parts = [model.activations(final[i : i + batch].to(model.device), name).flatten(1).float() for i in range(0, len(final), batch)]
+    parts = [model.activations(final[i : i + batch].to(model.device).float(), name).flatten(1).float()
+             for i in range(0, len(final), batch)]
     return torch.cat(parts).view(len(result.units), result.chains, -1)
 
 

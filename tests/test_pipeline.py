@@ -1,0 +1,180 @@
+"""The worker's pipeline (sampling overlapped with writing), batches of several blocks, the
+``batch_units`` manifest column, and reproducibility of stored units."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import ldam_sweep as ls
+from ldam_sweep.cluster.worker import WRITE_GATE_ENV, SweepWorker, set_determinism
+from ldam_sweep.planning import BlockTask, pack_batch, sweep_store_plan
+from ldam_sweep.spec import parse_job
+from ldam_sweep.store import commit, create_store, manifest, verify_store
+
+SPEC = {
+    "name": "pipeline",
+    "model": {"zoo": "digits-cnn"},
+    "layers": ["fc1"],
+    "units": {"fc1": "0-23"},
+    "sampler": {"steps": 10, "chains": 2, "seed": 5},
+    "resources": {"actors": 1, "block_size": 8, "cpus_per_actor": 1, "commit_every": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, model_cache):
+    """A real local-Ray sweep of 3 blocks on 1 actor with the write gate set: a block is written
+    only after another block has started sampling."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    gate = tmp / "gate"
+    gate.mkdir()
+    url = str(tmp / "pipeline.zarr")
+    with pytest.MonkeyPatch.context() as mp:  # Ray's processes inherit the environment at ray.init
+        mp.setenv(WRITE_GATE_ENV, str(gate))
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        summary = ls.run_sweep(SPEC, store=url, num_cpus=2)
+    return summary, url, gate
+
+
+def test_sampling_and_writing_overlap_and_every_block_commits(swept):
+    summary, url, gate = swept
+    assert (summary.done_blocks, summary.failed_blocks, summary.units_done) == (3, 0, 24)
+    # block 0 could be written only once block 1 had started sampling (else it fails after 300 s)
+    assert sorted(p.name for p in gate.iterdir()) == [f"sampling-fc1-{b}" for b in range(3)]
+    st = ls.open_store(url)
+    assert verify_store(st) == (3, [])
+    units = st.units()
+    assert units["unit"].to_pylist() == list(range(24))
+    assert set(units["batch_units"].to_pylist()) == {8}  # an explicit block size: one block per batch
+    assert set(units["attempt"].to_pylist()) == {1}
+
+
+def test_a_unit_resampled_alone_gives_the_stored_samples(swept, digits_model):
+    _, url, _ = swept
+    st = ls.open_store(url)
+    s = SPEC["sampler"]
+    for unit in (3, 13, 23):
+        res = ls.sample(digits_model, "fc1", [unit], chains=s["chains"], steps=s["steps"], seed=s["seed"])
+        # the store keeps float16: equal within its rounding (half a float16 step is < 2.5e-4 in [0, 1])
+        np.testing.assert_allclose(st.samples("fc1", unit), res.samples[0], rtol=0, atol=2.5e-4)
+        np.testing.assert_allclose(st.trace("fc1", unit), res.activation[0], rtol=1e-5, atol=1e-5)
+
+
+def test_batch_size_never_changes_a_units_samples(digits_model):
+    """Noise and starts are per chain; what may differ is float rounding where the batch changes a
+    kernel's blocking (a linear layer's GEMM: activations by 1 ulp on this CPU, samples exact)."""
+    kw = dict(chains=3, steps=30, seed=2)
+    for layer in ("conv2", "fc1"):
+        alone = ls.sample(digits_model, layer, [5], **kw)
+        for n in (8, 32):
+            batch = ls.sample(digits_model, layer, list(range(n)), **kw)
+            np.testing.assert_allclose(batch.samples[5], alone.samples[0], rtol=0, atol=1e-6)
+            np.testing.assert_allclose(batch.activation[5], alone.activation[0], rtol=1e-6, atol=1e-6)
+
+
+def test_snapshots_can_leave_the_device_as_float16(digits_model):
+    a = ls.sample(digits_model, "conv2", [1, 2], chains=2, steps=10)
+    b = ls.sample(digits_model, "conv2", [1, 2], chains=2, steps=10, snapshot_dtype=torch.float16)
+    assert a.samples.dtype == np.float32 and b.samples.dtype == np.float16 and b.samples.flags.c_contiguous
+    np.testing.assert_array_equal(b.samples, a.samples.astype(np.float16))
+    np.testing.assert_array_equal(b.activation, a.activation)
+
+
+def _store(tmp_path, name, doc, model):
+    job = parse_job(doc)
+    url = str(tmp_path / f"{name}.zarr")
+    create_store(url, sweep_store_plan(job, model, job.model_dump(mode="json", exclude_none=True)))
+    return url
+
+
+def test_a_batch_of_several_blocks_stores_what_one_block_tasks_store(tmp_path, digits_model):
+    doc = {**SPEC, "data": {"source": "digits", "limit": 64}, "exemplars": 3}
+    batched, single = _store(tmp_path, "batched", doc, digits_model), _store(tmp_path, "single", doc, digits_model)
+    blocks = [(b, list(range(8 * b, 8 * b + 8))) for b in range(3)]
+    rows_batched = SweepWorker(doc, batched, num_threads=1).run_batch("fc1", blocks, [1, 1, 1])
+    worker = SweepWorker(doc, single, num_threads=1)
+    rows_single = [worker.run_batch("fc1", [block], [1])[0] for block in blocks]
+    assert {r["batch_units"] for rows in rows_batched for r in rows} == {24}
+    assert {r["batch_units"] for rows in rows_single for r in rows} == {8}
+    for a, b in zip(rows_batched, rows_single):
+        assert [r["unit"] for r in a] == [r["unit"] for r in b]
+        for ra, rb in zip(a, b):
+            for key in ("act_final_mean", "pixel_diversity", "feature_diversity", "nearest_real", "exemplar_max"):
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+    for rows in (rows_batched, rows_single):
+        commit(batched if rows is rows_batched else single, [r for block in rows for r in block])
+    a, b = ls.open_store(batched), ls.open_store(single)
+    assert verify_store(a) == verify_store(b) == (3, [])
+    for unit in (0, 9, 23):
+        np.testing.assert_array_equal(a.samples("fc1", unit), b.samples("fc1", unit))  # float16: equal here
+        np.testing.assert_allclose(a.trace("fc1", unit), b.trace("fc1", unit), rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(a.exemplars("fc1", unit)[0], b.exemplars("fc1", unit)[0])
+
+
+def test_auto_block_size_is_a_grid_of_32_batched_per_actor(tmp_path, digits_model):
+    doc = {**SPEC, "layers": ["fc1", "fc2"], "units": {}, "resources": {"actors": 1}}
+    job = parse_job(doc)
+    assert job.resources.block_size == "auto" and job.resources.grid_units == 32
+    url = _store(tmp_path, "auto", doc, digits_model)
+    plan = ls.open_store(url).plan
+    assert [(lp.name, lp.block_size, lp.n_blocks) for lp in plan.layers] == [("fc1", 32, 4), ("fc2", 10, 1)]
+    worker = SweepWorker(doc, url, num_threads=1)
+    assert worker.identity()["batch_units"] == {"fc1": 32, "fc2": 10}  # on a CPU: 32 units (whole blocks)
+    explicit = SweepWorker({**doc, "resources": {"block_size": 4}}, _store(tmp_path, "four", {**doc, "resources": {"block_size": 4}}, digits_model))
+    assert explicit.identity()["batch_units"] == {"fc1": 4, "fc2": 4}  # an explicit size: one block per batch
+
+
+def test_auto_has_the_identity_of_32_and_deterministic_is_not_identity(digits_model):
+    def spec_hash(resources):
+        job = parse_job({**SPEC, "resources": resources})
+        return sweep_store_plan(job, digits_model, job.model_dump(mode="json", exclude_none=True)).spec_hash()
+
+    assert spec_hash({"block_size": "auto"}) == spec_hash({"block_size": 32}) == spec_hash({"block_size": 32, "deterministic": False})
+    assert spec_hash({"block_size": 32}) != spec_hash({"block_size": 16})
+
+
+def test_pack_batch_takes_whole_blocks_of_one_layer():
+    queue = collections.deque([BlockTask("a", 0, tuple(range(8))), BlockTask("a", 1, tuple(range(8, 16))),
+                               BlockTask("a", 2, (16, 17)), BlockTask("b", 0, (0, 1)), BlockTask("b", 1, (2,))])
+    assert [t.key for t in pack_batch(queue, 16)] == [("a", 0), ("a", 1)]
+    assert [t.key for t in pack_batch(queue, 16)] == [("a", 2)]  # never across layers
+    assert [t.key for t in pack_batch(queue, 1)] == [("b", 0)]  # at least one block, even if larger
+    assert [t.key for t in pack_batch(queue, 64)] == [("b", 1)] and not queue
+
+
+def test_manifest_files_written_before_batch_units_read_back_as_null(tmp_path, digits_model):
+    url = _store(tmp_path, "old", SPEC, digits_model)
+    loc = ls.open_store(url).loc
+    old_schema = pa.schema([f for f in manifest.FILE_SCHEMA if f.name != "batch_units"])
+    folder = tmp_path / "old.zarr" / manifest.MANIFEST_DIR / "layer=fc1"
+    folder.mkdir(parents=True)
+    old_row = {"unit": 0, "block": 0, "status": "failed", "attempt": 1, "error": "old", "spec_hash": "x",
+               "committed_at": pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py()}
+    pq.write_table(pa.Table.from_pylist([old_row], schema=old_schema), folder / "part-0-old.parquet")
+    manifest.publish(loc, [{"layer": "fc1", "unit": 1, "block": 0, "status": "failed", "attempt": 1, "error": "new",
+                            "spec_hash": "x", "batch_units": 8}])
+    table = manifest.read(loc).sort_by("unit")
+    assert table["batch_units"].to_pylist() == [None, 8] and table["error"].to_pylist() == ["old", "new"]
+
+
+def test_determinism_settings():
+    saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
+    try:
+        set_determinism(True)
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert torch.are_deterministic_algorithms_enabled()
+        set_determinism(False)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved[:4]
+        torch.use_deterministic_algorithms(saved[4])
