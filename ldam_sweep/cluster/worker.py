@@ -14,12 +14,30 @@ from typing import Any
 
 # Test hook: blocks named here ("layer:block,layer:block") raise on every attempt (fault tests only).
 FAIL_BLOCKS_ENV = "LDAM_SWEEP_TEST_FAIL_BLOCKS"
+# Test hook: blocks named here ("layer:block,...") stop after sampling, before writing: the worker
+# creates <HOLD_DIR>/held-<layer>-<block> and waits (at most HOLD_LIMIT_S) until <HOLD_DIR>/release exists.
+HOLD_BLOCKS_ENV = "LDAM_SWEEP_TEST_HOLD_BLOCKS"
+HOLD_DIR_ENV = "LDAM_SWEEP_TEST_HOLD_DIR"
+HOLD_LIMIT_S = 600.0
+
+
+def _hold_if_asked(layer: str, block: int) -> None:
+    held = {item.strip() for item in os.environ.get(HOLD_BLOCKS_ENV, "").split(",") if item.strip()}
+    folder = os.environ.get(HOLD_DIR_ENV)
+    if f"{layer}:{block}" not in held or not folder:
+        return
+    open(os.path.join(folder, f"held-{layer}-{block}"), "w").close()
+    release = os.path.join(folder, "release")
+    t0 = time.monotonic()
+    while not os.path.exists(release) and time.monotonic() - t0 < HOLD_LIMIT_S:
+        time.sleep(0.05)
 
 
 class SweepWorker:
     """One per GPU (or CPU slot): model + discriminator resident, blocks in, manifest rows out."""
 
-    def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None) -> None:
+    def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None,
+                 generation: str | None = None) -> None:
         import torch
         import zarr
 
@@ -36,6 +54,7 @@ class SweepWorker:
         self.model = load_model(self.job.model, device=self.device)
         self.writer = BlockWriter(url)
         self.url = url
+        self.generation = generation  # the store this worker was started for; None: not checked
         self._discriminator = None
         self.node = self._node_id()
         self.max_batch: int | None = None  # learnt after an out-of-memory split
@@ -119,7 +138,26 @@ class SweepWorker:
         scores = score_result(self.model, result, real_pool=self.real_pool,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0])
         seconds = time.perf_counter() - t0
-        return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds, exemplars=exemplars,
+        _hold_if_asked(layer, block)
+        self._check_generation(layer, block, "wrote nothing")
+        rows = self.writer.write(layer, block, result, attempt=attempt, seconds=seconds, exemplars=exemplars,
                                  unit_columns=scores, worker=f"{default_worker_id()}@{self.node}")
+        self._check_generation(layer, block, "its rows are not returned (verify the store)")
+        return rows
+
+    def _check_generation(self, layer: str, block: int, outcome: str) -> None:
+        """The store is still the one this worker was started for (its root zarr.json's generation);
+        a store deleted or recreated by another driver raises StoreReplacedError."""
+        if self.generation is None:
+            return
+        from ldam_sweep.errors import StoreReplacedError
+        from ldam_sweep.store.layout import read_generation
+
+        now = read_generation(self.writer.loc)
+        if now != self.generation:
+            found = "no store" if now is None else f"generation {now or 'none'}"
+            raise StoreReplacedError(
+                f"store {self.url!r} was replaced while block {layer}:{block} ran (it started as generation "
+                f"{self.generation or 'none'}, now {found}); this worker {outcome}")
 
 
