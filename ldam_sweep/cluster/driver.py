@@ -342,8 +342,10 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 try:
                     rows = ray.get(ref)
                 except RayTaskError as err:  # an exception inside run_block
-                    if isinstance(getattr(err, "cause", None), StoreReplacedError):
-                        raise err.cause from None  # the store is another driver's now: stop
+                    if isinstance(getattr(err, "cause", None), StoreReplacedError):  # the worker saw a new store
+                        if lease is not None:
+                            lease.check(read_generation(url))  # raises with who owns the store now
+                        raise err.cause from None
                     retry_or_fail(task, _error_text(err))
                     continue
                 except RayActorError as err:  # the worker process died (killed, OOM-killed, node lost)
