@@ -52,7 +52,7 @@ def cli(*args: str, env: dict, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = 180, what: str = "") -> None:
+def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = 300, what: str = "") -> None:
     """Poll a condition on files (an event another process causes); fail if ``proc`` ends first."""
     t0 = time.monotonic()
     while not condition():
@@ -267,7 +267,7 @@ def test_fresh_on_a_store_without_commits_needs_no_confirmation(tmp_path, digits
 
 # -- real drivers --------------------------------------------------------------------------------
 
-def test_second_driver_and_fresh_are_refused_while_a_driver_writes(tmp_path, env):
+def test_second_driver_and_fresh_are_refused_while_a_driver_writes(tmp_path, env, digits_model):
     spec = write_spec(tmp_path / "job.yaml")
     other = write_spec(tmp_path / "other.yaml", sampler={**SPEC["sampler"], "seed": 9})
     url = str(tmp_path / "one.zarr")
