@@ -26,7 +26,7 @@ err_console = Console(stderr=True)
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print LdamError as 'error: ...' and exit 2; show warnings as one yellow line each."""
+    """Print LdamError as 'error: ...' and exit with its ``exit_code``; show warnings as one yellow line each."""
 
     def show(message, category, *_args, **_kwargs):  # noqa: ANN001
         err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
@@ -37,7 +37,7 @@ def user_errors() -> Iterator[None]:
         yield
     except LdamError as err:
         err_console.print(f"[red]error:[/red] {err}", highlight=False, markup=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(err.exit_code) from None
     except OSError as err:  # an output path that cannot be written, a full disk, ...
         err_console.print(f"[red]error:[/red] {type(err).__name__}: {err}", highlight=False, markup=False)
         raise typer.Exit(2) from None
@@ -129,18 +129,38 @@ def _exit_code(summary) -> int:
     return 130 if summary.interrupted else (1 if summary.failed_blocks else 0)
 
 
+def _stdin_is_tty() -> bool:
+    import sys
+
+    return sys.stdin.isatty()
+
+
+def _typed_confirmation(url: str, units: int) -> bool:
+    """Ask a person at a terminal to type the store's name; never asks a pipe or a job (no)."""
+    if not _stdin_is_tty():
+        return False
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    what = f"{units} committed units" if units > 0 else "its committed units"
+    answer = typer.prompt(f"--fresh deletes {what} of {url}. Type the store's name ({name}) to delete them",
+                          default="", show_default=False, err=True)
+    return answer.strip() == name
+
+
 @app.command()
 def run(
     spec: Path = typer.Argument(..., help="Job spec YAML."),
     store: Optional[str] = typer.Option(None, help="Store path or URL (default: the spec's store, else storage/<name>.zarr)."),
     address: Optional[str] = typer.Option(None, help="Join an existing Ray cluster (e.g. auto, or ray://host:10001)."),
-    fresh: bool = typer.Option(False, "--fresh", help="Delete an existing store made from another spec and start over."),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the existing store (made from this or another spec) and "
+                               "start over. Committed units are deleted only with --yes or a typed confirmation."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="With --fresh: delete committed units without asking."),
 ) -> None:
-    """Run a sweep; rerunning the same command resumes. Exit 1 if any block failed."""
+    """Run a sweep; rerunning the same command resumes. Exit 1 if any block failed, 5 if another driver owns the store."""
     from ldam_sweep.cluster.driver import run_sweep
 
     with user_errors():
-        summary = run_sweep(spec, store=store, address=address, fresh=fresh, console=err_console)
+        summary = run_sweep(spec, store=store, address=address, fresh=fresh, console=err_console,
+                            confirm_fresh=lambda url, units: yes or _typed_confirmation(url, units))
         _print_summary(summary)
         raise typer.Exit(_exit_code(summary))
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 
 class LdamError(Exception):
-    """Base class for every error ldam-sweep raises on bad input; the CLI prints these without a traceback."""
+    """Base class for every error ldam-sweep raises on bad input; the CLI prints these without a traceback
+    and exits with the class's ``exit_code``."""
+
+    exit_code: int = 2
 
 
 class SpecError(LdamError, ValueError):
@@ -32,6 +35,18 @@ class DataError(LdamError, ValueError):
 
 class StoreError(LdamError):
     """A store cannot be created, written or read as asked (not a store, other spec, missing unit)."""
+
+
+class StoreOwnedError(StoreError):
+    """Another live driver holds the store's lease; nothing was changed."""
+
+    exit_code = 5
+
+
+class StoreReplacedError(StoreError):
+    """The store was replaced (new generation) or its lease taken over while this driver ran."""
+
+    exit_code = 5
 
 
 class CompareError(LdamError):

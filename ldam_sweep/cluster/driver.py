@@ -15,17 +15,18 @@ import os
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console
 
 from ldam_sweep.cluster.progress import SweepProgress
-from ldam_sweep.errors import LdamError, StoreError
+from ldam_sweep.errors import LdamError, StoreError, StoreReplacedError
 from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, pack_batch, store_url, sweep_store_plan
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
-from ldam_sweep.store.layout import write_discriminator
-from ldam_sweep.store.location import check_writable
+from ldam_sweep.store.layout import check_store, committed_unit_count, read_generation, write_discriminator
+from ldam_sweep.store.lease import StoreLease
+from ldam_sweep.store.location import StoreLocation, check_writable
 
 # Tasks (batches) in flight per actor, and the threads of its actor: one batch samples while the
 # other is written, so the device idles only when writing is slower than sampling. It also bounds
@@ -73,8 +74,14 @@ def run_sweep(
     *,
     console: Console | None = None,
     num_cpus: int | None = None,
+    confirm_fresh: Callable[[str, int], bool] | None = None,
 ) -> SweepSummary:
-    """Run (or resume) a whole sweep. Local Ray by default; ``address`` joins an existing cluster."""
+    """Run (or resume) a whole sweep. Local Ray by default; ``address`` joins an existing cluster.
+
+    The driver holds the store's lease from before it touches the store until it returns
+    (StoreOwnedError while another driver holds it). ``fresh`` deletes the store and starts over;
+    when the store has committed units, ``confirm_fresh(url, units)`` must say yes first
+    (the CLI's ``--yes`` or typed confirmation; None: the caller already asked)."""
     from ldam_sweep.model import load_model
 
     console = console or Console(stderr=True)
@@ -85,27 +92,54 @@ def run_sweep(
     model = load_model(job.model, device="cpu", log=lambda m: console.print(f"[dim]{m}[/dim]"))
     plan = sweep_store_plan(job, model, doc)
     tasks = block_tasks(plan)
+    loc = StoreLocation.parse(url)
     try:
-        loc = create_store(url, plan, fresh=fresh)
+        state = check_store(loc, plan, fresh=fresh)
+        lease = StoreLease.acquire(loc, doing="--fresh" if fresh else "this run",
+                                   log=lambda m: console.print(m, highlight=False, markup=False))
     except OSError as err:  # permissions, missing bucket, unreachable endpoint
         raise StoreError(f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
-    console.print(f"store {loc.url}: {len(plan.layers)} layers, {sum(lp.planned_units() for lp in plan.layers)} units, "
-                  f"{len(tasks)} blocks", highlight=False)
+    try:
+        lease.start_heartbeat()
+        if fresh and state != "absent":
+            _confirm_fresh(loc, confirm_fresh)
+        try:
+            create_store(loc.url, plan, fresh=fresh)
+        except OSError as err:
+            raise StoreError(f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
+        lease.set_generation(read_generation(loc) or "")
+        console.print(f"store {loc.url}: {len(plan.layers)} layers, {sum(lp.planned_units() for lp in plan.layers)} "
+                      f"units, {len(tasks)} blocks", highlight=False)
 
-    st = open_store(loc.url)
-    d_acc = _stage1(job, model, st, loc.url, console)
-    committed = st.refresh().units(status="ok")
-    done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
-    todo = [t for t in tasks if t.key not in done_keys]
-    console.print(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run",
-                  highlight=False)
-    summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
-                           done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
-                           discriminator_accuracy=d_acc)
-    if not todo:
+        st = open_store(loc.url)
+        d_acc = _stage1(job, model, st, loc.url, console)
+        committed = st.refresh().units(status="ok")
+        done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
+        todo = [t for t in tasks if t.key not in done_keys]
+        console.print(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run",
+                      highlight=False)
+        summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
+                               done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
+                               discriminator_accuracy=d_acc)
+        if todo:
+            _dispatch(job, doc, loc.url, plan, todo, summary, console, address, num_cpus, lease)
         return summary
-    _dispatch(job, doc, loc.url, plan, todo, summary, console, address, num_cpus)
-    return summary
+    finally:
+        lease.release()
+
+
+def _confirm_fresh(loc: StoreLocation, confirm: Callable[[str, int], bool] | None) -> None:
+    """--fresh deletes committed work only when asked twice; an empty or unfinished store needs no yes."""
+    try:
+        units = committed_unit_count(loc)
+    except StoreError:
+        units = -1  # an unreadable manifest: there may be committed work
+    if units == 0 or confirm is None:
+        return
+    what = f"{units} committed units" if units > 0 else "committed units (its manifest cannot be read)"
+    if not confirm(loc.url, units):
+        raise StoreError(f"--fresh would delete {what} of store {loc.url!r}; nothing was deleted. "
+                         "Pass --fresh --yes to delete them, or use another --store path.")
 
 
 def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> float | None:
@@ -229,11 +263,16 @@ class WorkerPool:
 
 
 class CommitBuffer:
-    """Manifest rows of finished blocks, committed every ``commit_every`` blocks (and at the end)."""
+    """Manifest rows of finished blocks, committed every ``commit_every`` blocks (and at the end).
 
-    def __init__(self, url: str, commit_every: int) -> None:
+    With a lease, every commit first checks that this driver still owns the store and that the
+    store is the generation it started with; if not, the rows are dropped (nothing more is
+    committed) and StoreReplacedError is raised. Rows are stamped with the generation."""
+
+    def __init__(self, url: str, commit_every: int, lease: StoreLease | None = None) -> None:
         self.url = url
         self.commit_every = commit_every
+        self.lease = lease
         self.rows: list[dict[str, Any]] = []
         self.blocks = 0
 
@@ -245,13 +284,23 @@ class CommitBuffer:
         return self.blocks >= self.commit_every
 
     def flush(self) -> None:
-        if self.rows:
-            commit(self.url, self.rows)
-            self.rows, self.blocks = [], 0
+        if not self.rows:
+            return
+        if self.lease is not None:
+            try:
+                self.lease.check(read_generation(self.url))
+            except StoreReplacedError:
+                self.rows, self.blocks = [], 0
+                raise
+            generation = self.lease.record.generation or None
+            self.rows = [{**r, "generation": generation} for r in self.rows]
+        commit(self.url, self.rows)
+        self.rows, self.blocks = [], 0
 
 
 def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo: list[BlockTask],
-              summary: SweepSummary, console: Console, address: str | None, num_cpus: int | None) -> None:
+              summary: SweepSummary, console: Console, address: str | None, num_cpus: int | None,
+              lease: StoreLease | None = None) -> None:
     """Run ``todo`` on resident actors: retry a failing block up to ``max_attempts``, then record
     it as failed; on Ctrl-C commit what finished and stop."""
     import ray
@@ -268,9 +317,10 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
         num_cpus=res.cpus_per_actor, num_gpus=gpus, max_restarts=-1, max_task_retries=0, scheduling_strategy="SPREAD",
         max_concurrency=PER_ACTOR_IN_FLIGHT,  # threaded: one batch samples while another is written
     )
-    actors = [actor_cls.remote(doc, url, max(1, int(res.cpus_per_actor))) for _ in range(res.actors)]
+    generation = None if lease is None else lease.record.generation
+    actors = [actor_cls.remote(doc, url, max(1, int(res.cpus_per_actor)), generation) for _ in range(res.actors)]
     pool = WorkerPool(actors, res.max_in_flight or PER_ACTOR_IN_FLIGHT * len(actors), console)
-    buffer = CommitBuffer(url, res.commit_every)
+    buffer = CommitBuffer(url, res.commit_every, lease)
     queue = collections.deque(todo)
     attempts: collections.Counter = collections.Counter()
     progress = SweepProgress(sum(len(t.units) for t in todo), console)
@@ -302,6 +352,10 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 try:
                     per_block = ray.get(ref)
                 except RayTaskError as err:  # an exception inside run_batch
+                    if isinstance(getattr(err, "cause", None), StoreReplacedError):  # the worker saw a new store
+                        if lease is not None:
+                            lease.check(read_generation(url))  # raises with who owns the store now
+                        raise err.cause from None
                     error = _error_text(err)
                 except RayActorError as err:  # the worker process died (killed, OOM-killed, node lost)
                     if isinstance(err, ActorDiedError) and not _restartable(err):
@@ -325,13 +379,15 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
         summary.interrupted = True
         console.print("interrupted: committing finished blocks and stopping workers", highlight=False)
     finally:
-        buffer.flush()
-        progress.close()
-        summary.seconds = time.perf_counter() - t0
-        summary.workers = sorted(workers)
-        pool.kill()
-        if started:
-            ray.shutdown()
+        try:
+            buffer.flush()
+        finally:
+            progress.close()
+            summary.seconds = time.perf_counter() - t0
+            summary.workers = sorted(workers)
+            pool.kill()
+            if started:
+                ray.shutdown()
 
 
 def _restartable(err: Exception) -> bool:

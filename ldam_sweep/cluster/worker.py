@@ -80,7 +80,8 @@ def _hold_if_asked(layer: str, block: int) -> None:
 class SweepWorker:
     """One per GPU (or CPU slot): model + discriminator resident, batches of blocks in, manifest rows out."""
 
-    def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None) -> None:
+    def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None,
+                 generation: str | None = None) -> None:
         from ldam_sweep.spec import parse_job
 
         self.job = parse_job(job_doc)
@@ -104,6 +105,7 @@ class SweepWorker:
         self.model = load_model(self.job.model, device=self.device)
         self.writer = BlockWriter(url)
         self.url = url
+        self.generation = generation  # the store this worker was started for; None: not checked
         self._discriminator = None
         self._device_lock = threading.Lock()  # one batch on the device at a time
         self._block_writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-writer")
@@ -280,13 +282,31 @@ class SweepWorker:
                                       activation=result.activation[part],
                                       realism=None if result.realism is None else result.realism[part])
             columns = {u: {**scores[u], "batch_units": batch} for u in block_units}
-            return self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
+            self._check_generation(layer, block, "wrote nothing")
+            rows = self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
                                      exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),
                                      unit_columns=columns, worker=worker)
+            self._check_generation(layer, block, "its rows are not returned (verify the store)")
+            return rows
 
         if len(blocks) == 1:
             return [write(0)]
         return list(self._block_writers.map(write, range(len(blocks))))
+
+    def _check_generation(self, layer: str, block: int, outcome: str) -> None:
+        """The store is still the one this worker was started for (its root zarr.json's generation);
+        a store deleted or recreated by another driver raises StoreReplacedError."""
+        if self.generation is None:
+            return
+        from ldam_sweep.errors import StoreReplacedError
+        from ldam_sweep.store.layout import read_generation
+
+        now = read_generation(self.writer.loc)
+        if now != self.generation:
+            found = "no store" if now is None else f"generation {now or 'none'}"
+            raise StoreReplacedError(
+                f"store {self.url!r} was replaced while block {layer}:{block} ran (it started as generation "
+                f"{self.generation or 'none'}, now {found}); this worker {outcome}")
 
 
 def _wait_for_other_sampling(gate: Path, own: set[str]) -> None:

@@ -1,7 +1,9 @@
 """The store's layout: what the driver creates once, up front, before any block is written.
 
     <store>/zarr.json                     root attrs: spec as submitted, spec hash, plan, model
-                                          fingerprint, package versions, created_at
+                                          fingerprint, package versions, created_at, generation
+                                          (a uuid per creation; absent in stores made before it)
+    <store>/lease.json                    the running driver's lease (see lease.py)
     <store>/layers/<layer>/samples        (unit, chain, snapshot, C, H, W) float16, NaN fill;
                                           shard = one block of units, inner chunk = one unit
     <store>/layers/<layer>/activation     (unit, chain, step) float32, NaN fill; chunk = one block
@@ -17,6 +19,8 @@ storage object per array: writers of different blocks never share an object.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import uuid
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -25,10 +29,11 @@ import zarr
 
 from ldam_sweep.errors import StoreError
 from ldam_sweep.planning import LayerPlan, StorePlan, plan_store
+from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
 
-__all__ = ["FORMAT_NAME", "LayerPlan", "SCHEMA_VERSION", "StoreError", "StorePlan", "create_store", "layer_path",
-           "plan_store", "write_discriminator"]
+__all__ = ["FORMAT_NAME", "LayerPlan", "SCHEMA_VERSION", "StoreError", "StorePlan", "check_store", "committed_unit_count",
+           "create_store", "layer_path", "plan_store", "read_generation", "write_discriminator"]
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "ldam-sweep"
@@ -48,43 +53,54 @@ def layer_path(name: str) -> str:
     return f"layers/{encode_name(name)}"
 
 
-def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_options: dict | None = None) -> StoreLocation:
-    """Create every group and array with final shapes (driver only; idempotent for the same plan).
-
-    An existing store made from another plan is refused with a message saying how to proceed;
-    it is deleted only when ``fresh=True``.
-    """
-    loc = StoreLocation.parse(url, storage_options)
+def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = False) -> str:
+    """What is at ``url`` for this plan, refusing what must not be touched (read-only):
+    "absent" (nothing, or an empty folder, or only a lease), "same" (a finished store of this plan),
+    "unfinished" (our creation, interrupted), "other" (a store of another plan; only with ``fresh``)."""
+    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
     fs = loc.fs
-    root_meta = loc.join("zarr.json")
-    if fs.exists(root_meta):
+    if fs.exists(loc.join("zarr.json")):
         attrs = _read_root_attrs(loc)
         same = attrs.get("plan_hash") == plan.plan_hash()
-        ours = attrs.get("format") == FORMAT_NAME or "plan_hash" in attrs
-        if not ours:
+        if not (attrs.get("format") == FORMAT_NAME or "plan_hash" in attrs):
             raise StoreError(f"{loc.url!r} is a Zarr group but not an ldam-sweep store; nothing was changed "
                              "(--fresh only ever deletes ldam-sweep stores). Choose another path.")
-        if fresh:
-            fs.rm(loc.root, recursive=True)
-        elif same and attrs.get("format") == FORMAT_NAME:
-            return loc
-        elif same:
-            pass  # our own creation, interrupted before it finished: nothing was committed, redo it
-        else:
+        if same:
+            return "same" if attrs.get("format") == FORMAT_NAME else "unfinished"
+        if not fresh:
             raise StoreError(
                 f"store {loc.url!r} was created from a different spec or model "
                 f"(spec hash {str(attrs.get('spec_hash'))[:12]} vs {plan.spec_hash()[:12]}, "
                 f"model {str(attrs.get('model', {}).get('fingerprint'))[:12]} vs {plan.model_fingerprint[:12]}). "
                 "Nothing was changed. Use another store path, or pass --fresh to delete it and start over."
             )
-    elif fs.exists(loc.root) and fs.ls(loc.root):
+        return "other"
+    if fs.exists(loc.root) and [p for p in fs.ls(loc.root, detail=False) if not _is_lease(p)]:
         raise StoreError(f"{loc.url!r} exists and is not empty, but is not an ldam-sweep store; nothing was changed "
                          "(--fresh only ever deletes ldam-sweep stores). Choose another path.")
+    return "absent"
+
+
+def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_options: dict | None = None) -> StoreLocation:
+    """Create every group and array with final shapes (driver only; idempotent for the same plan).
+
+    An existing store made from another plan is refused with a message saying how to proceed;
+    it is deleted only when ``fresh=True`` (also one of the same plan). A new store gets a new
+    ``generation`` (a uuid in the root attrs): writers that started on another generation stop.
+    The store's lease file is kept: the driver that deletes and recreates a store holds it.
+    """
+    loc = StoreLocation.parse(url, storage_options)
+    state = check_store(loc, plan, fresh=fresh)
+    if state == "same" and not fresh:
+        return loc
+    if state != "absent":
+        _clear(loc)
     # The format marker is written last, in one atomic zarr.json write: a reader that sees it sees
-    # every group and array already in place.
-    root = zarr.open_group(loc.zarr_store(read_only=False), mode="w", attributes={
+    # every group and array already in place. Mode "a" (not "w"): "w" would delete the lease.
+    root = zarr.open_group(loc.zarr_store(read_only=False), mode="a", attributes={
         "schema_version": SCHEMA_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "generation": uuid.uuid4().hex,
         "spec": plan.spec,
         "spec_hash": plan.spec_hash(),
         "plan": plan.to_json(),
@@ -104,6 +120,48 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
                            dimension_names=list(a.dims))
     root.attrs.update({"format": FORMAT_NAME})
     return loc
+
+
+def _clear(loc: StoreLocation) -> None:
+    """Delete an ldam-sweep store's contents except its lease. The format marker goes first, so an
+    interrupted deletion leaves an unfinished store (recreated by the next run), and zarr.json last."""
+    fs = loc.fs
+    root_meta = loc.join("zarr.json")
+    meta = json.loads(fs.cat_file(root_meta))
+    if meta.get("attributes", {}).pop("format", None) is not None:
+        fs.pipe_file(root_meta, json.dumps(meta).encode())
+    for path in fs.ls(loc.root, detail=False):
+        if not _is_lease(path) and path.rstrip("/").rsplit("/", 1)[-1] != "zarr.json":
+            fs.rm(path, recursive=True)
+    fs.rm(root_meta)
+    fs.invalidate_cache(loc.root)
+
+
+def _is_lease(path: str) -> bool:
+    """The lease file, or a lease file's temp / set-aside copy (lease.py)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name == LEASE_FILE or name.startswith(f".{LEASE_FILE}.")
+
+
+def read_generation(url: str | StoreLocation) -> str | None:
+    """The store's generation from its root zarr.json ("" for a store made before generations
+    existed), or None when the store has no root metadata (deleted, or being replaced)."""
+    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    try:
+        meta = json.loads(loc.fs.cat_file(loc.join("zarr.json")))
+    except FileNotFoundError:
+        return None
+    attrs = meta.get("attributes", {})
+    return str(attrs.get("generation", "")) if attrs.get("format") == FORMAT_NAME else None
+
+
+def committed_unit_count(url: str | StoreLocation) -> int:
+    """Units whose newest manifest row is 'ok': what deleting the store would lose."""
+    from ldam_sweep.store import manifest
+
+    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    rows = manifest.latest_per_unit(manifest.read(loc))
+    return 0 if rows.num_rows == 0 else int(sum(1 for s in rows["status"].to_pylist() if s == "ok"))
 
 
 def _read_root_attrs(loc: StoreLocation) -> dict[str, Any]:

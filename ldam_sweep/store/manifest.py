@@ -3,7 +3,8 @@
 A block counts as done only once its rows are published here. Publishing is atomic: locally a
 dot-prefixed temp file renamed into place (readers ignore names starting with '.' or '_'); on an
 object store a single PUT of the final key. Readers de-duplicate by (layer, unit), keeping the
-newest ``committed_at``, so a block committed twice (Ray ran it twice) is harmless.
+newest ``committed_at``, so a block committed twice (Ray ran it twice) is harmless. Part files
+written before a column existed (``generation``) read back with nulls in it.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ FILE_SCHEMA = pa.schema([
     ("attempt_id", pa.string()),
     ("checksum", pa.string()),
     ("spec_hash", pa.string()),
+    ("generation", pa.string()),  # the store's generation at commit; null in rows committed before it existed
     ("code_version", pa.string()),
     ("committed_at", pa.timestamp("us", tz="UTC")),
 ])

@@ -1,5 +1,6 @@
 """Integrity check of every committed block: readable, right shape, finite where committed, and
-the checksum recorded at commit time matches what is stored now."""
+the checksum recorded at commit time matches what is stored now; and of every manifest row: it
+belongs to this store (its spec hash and generation) and to its plan (layer and unit)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class BlockProblem:
 
 def verify_store(store: SweepStore) -> tuple[int, list[BlockProblem]]:
     """(number of committed blocks checked, problems found)."""
-    problems: list[BlockProblem] = []
+    problems: list[BlockProblem] = row_problems(store)
     checked = 0
     committed = store.units(status="ok")
     plan = store.plan
@@ -48,6 +49,32 @@ def verify_store(store: SweepStore) -> tuple[int, list[BlockProblem]]:
             except Exception as err:  # unreadable object, torn shard, missing array
                 problems.append(BlockProblem(lp.name, int(block), f"unreadable: {type(err).__name__}: {err}"))
     return checked, problems
+
+
+def row_problems(store: SweepStore) -> list[BlockProblem]:
+    """Rows of the raw manifest (every published row, superseded ones included) that another store
+    or driver wrote: another spec hash, another generation (null is allowed only in a store made
+    before generations existed), or a (layer, unit) outside the plan. One problem per block and field."""
+    rows = store.manifest().select(["layer", "unit", "block", "spec_hash", "generation"]).to_pylist()
+    spec_hash = store.attrs.get("spec_hash")
+    generation = str(store.attrs.get("generation", ""))
+    planned = {lp.name: set(range(lp.units)) if lp.selected is None else set(lp.selected) for lp in store.plan.layers}
+    found: dict[tuple[str, int, str], tuple[list[int], str]] = {}
+    for r in rows:
+        wrong = []
+        if r["spec_hash"] != spec_hash:
+            wrong.append(("spec_hash", f"spec_hash {str(r['spec_hash'])[:12]}, the store's is {str(spec_hash)[:12]}"))
+        if r["generation"] != generation and not (r["generation"] is None and generation == ""):
+            wrong.append(("generation", f"generation {r['generation']}, the store's is {generation or 'none'}"))
+        if r["layer"] not in planned:
+            wrong.append(("layer", "layer not in the store's plan"))
+        elif r["unit"] not in planned[r["layer"]]:
+            wrong.append(("unit", "unit not in the store's plan"))
+        for field, text in wrong:
+            units, _ = found.setdefault((r["layer"], int(r["block"]), field), ([], text))
+            units.append(int(r["unit"]))
+    return [BlockProblem(layer, block, f"manifest rows of units {sorted(set(units))} were not written for this store: {text}")
+            for (layer, block, _field), (units, text) in sorted(found.items())]
 
 
 def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray, expected: str, with_exemplars: bool,

@@ -75,6 +75,7 @@ class BlockWriter:
             raise StoreError(f"{self.loc.url!r} is not an ldam-sweep store (no plan in zarr.json)")
         self.plan = StorePlan.from_json(attrs["plan"])
         self.spec_hash = attrs["spec_hash"]
+        self.generation = attrs.get("generation")  # stamped into the rows; None in stores made before it
         self._groups: dict[str, zarr.Group] = {}
 
     def group(self, layer: str) -> zarr.Group:
@@ -141,11 +142,12 @@ class BlockWriter:
             if kill_after == name:
                 os.kill(os.getpid(), signal.SIGKILL)
         checksum = block_checksum(region)
-        return block_rows(
+        rows = block_rows(
             lp, block, result, checksum=checksum, attempt=attempt, seconds=seconds,
             worker=worker or default_worker_id(), spec_hash=self.spec_hash,
             exemplar_max=None if exemplars is None else np.nanmax(exemplars[1], axis=1), unit_columns=unit_columns,
         )
+        return [{**r, "generation": self.generation} for r in rows]
 
 
 def block_rows(
