@@ -18,7 +18,7 @@ DEMO_DOC: dict[str, Any] = {
     "discriminator": {"train": {"updates": 200, "lam": 0.5}},
     "data": {"source": "digits"},
     "exemplars": 8,
-    "resources": {"actors": 2, "block_size": 32},
+    "resources": {"actors": 2, "block_size": "auto"},
 }
 
 
