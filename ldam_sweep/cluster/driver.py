@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from rich.console import Console
+from rich.text import Text
 
 from ldam_sweep.cluster.progress import SweepProgress
 from ldam_sweep.errors import LdamError, StoreError
@@ -79,7 +80,7 @@ def run_sweep(
     url = store_url(job, store)
     # everything that can be wrong with the spec fails here, before any work
     check_writable(url)
-    model = load_model(job.model, device="cpu", log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    model = load_model(job.model, device="cpu", log=lambda m: console.print(Text(m, style="dim")))
     plan = sweep_store_plan(job, model, doc)
     tasks = block_tasks(plan)
     try:
@@ -87,7 +88,7 @@ def run_sweep(
     except OSError as err:  # permissions, missing bucket, unreachable endpoint
         raise StoreError(f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
     console.print(f"store {loc.url}: {len(plan.layers)} layers, {sum(lp.planned_units() for lp in plan.layers)} units, "
-                  f"{len(tasks)} blocks", highlight=False)
+                  f"{len(tasks)} blocks", highlight=False, markup=False)
 
     st = open_store(loc.url)
     d_acc = _stage1(job, model, st, loc.url, console)
@@ -95,7 +96,7 @@ def run_sweep(
     done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
     todo = [t for t in tasks if t.key not in done_keys]
     console.print(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run",
-                  highlight=False)
+                  highlight=False, markup=False)
     summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
                            done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
                            discriminator_accuracy=d_acc)
@@ -112,7 +113,7 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     info = st.discriminator_info()
     if info is not None:
         console.print(f"stage 1: discriminator already in the store (held-out accuracy {info['heldout_accuracy']:.3f})",
-                      highlight=False)
+                      highlight=False, markup=False)
         return float(info["heldout_accuracy"])
     from ldam_sweep.model.loading import default_device
     from ldam_sweep.stage import discriminator_record, job_discriminator
@@ -120,13 +121,13 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     model.to(default_device())
     t0 = time.perf_counter()
     what = "loading" if job.discriminator.file is not None else "training"
-    console.print(f"stage 1: {what} the discriminator on {model.device} ...", highlight=False)
+    console.print(f"stage 1: {what} the discriminator on {model.device} ...", highlight=False, markup=False)
     last = [time.perf_counter()]
 
     def report(i: int, stats: dict) -> None:
         if time.perf_counter() - last[0] > 10:
             last[0] = time.perf_counter()
-            console.print(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}", highlight=False)
+            console.print(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}", highlight=False, markup=False)
 
     trained = job_discriminator(job, model, progress=report)
     model.to("cpu")
@@ -134,7 +135,7 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
     console.print(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} "
                   f"(real {trained.heldout_real_accuracy:.3f}, fresh chains {trained.heldout_fake_accuracy:.3f}) "
-                  f"in {time.perf_counter() - t0:.0f}s", highlight=False)
+                  f"in {time.perf_counter() - t0:.0f}s", highlight=False, markup=False)
     return trained.heldout_accuracy
 
 
@@ -183,7 +184,7 @@ class WorkerPool:
                 ray.get(ref)
                 self.capacity[i] = PER_ACTOR_IN_FLIGHT
             except RayError as err:
-                self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False)
+                self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False, markup=False)
 
     def submit(self, queue: collections.deque[BlockTask], attempts: collections.Counter) -> None:
         """Send queued tasks to started actors with free slots."""
@@ -282,7 +283,7 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
             pool.admit(0)
             while not pool.capacity and not pool.inflight and pool.starting:
                 console.print(f"waiting for workers to start ({len(pool.starting)} asked: {res.cpus_per_actor} CPU, "
-                              f"{gpus} GPU each) ...", highlight=False)
+                              f"{gpus} GPU each) ...", highlight=False, markup=False)
                 pool.admit(60.0)
             pool.submit(queue, attempts)
             if not pool.inflight:
@@ -311,7 +312,7 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 buffer.flush()
     except KeyboardInterrupt:
         summary.interrupted = True
-        console.print("interrupted: committing finished blocks and stopping workers", highlight=False)
+        console.print("interrupted: committing finished blocks and stopping workers", highlight=False, markup=False)
     finally:
         buffer.flush()
         progress.close()
