@@ -10,8 +10,11 @@ command resumes from the manifest. Ray may run a block twice (actor restarts); t
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -21,14 +24,16 @@ from rich.console import Console
 from rich.text import Text
 
 from ldam_sweep.cluster.progress import SweepProgress
-from ldam_sweep.errors import LdamError, StoreError
-from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, store_url, sweep_store_plan
+from ldam_sweep.errors import LdamError, RayStartError, StorageStopError, StoreError
+from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, check_block_memory, store_url, sweep_store_plan
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
 from ldam_sweep.store.layout import write_discriminator
 from ldam_sweep.store.location import check_writable
 
 PER_ACTOR_IN_FLIGHT = 2
+# Storage errors that a retry cannot fix: the sweep stops instead of trying every block again.
+PERSISTENT_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @dataclass
@@ -82,6 +87,8 @@ def run_sweep(
     check_writable(url)
     model = load_model(job.model, device="cpu", log=lambda m: console.print(Text(m, style="dim")))
     plan = sweep_store_plan(job, model, doc)
+    check_block_memory(plan)
+    check_stage_inputs(job, model)
     tasks = block_tasks(plan)
     try:
         loc = create_store(url, plan, fresh=fresh)
@@ -150,9 +157,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        raise LdamError(f"cannot start or join Ray (address {address or 'local'!r}): {err}. "
-                        "Committed work is kept; fix the address and rerun.") from None
+    except Exception as err:  # ray.init raises many types: ConnectionError, OSError (socket paths), RuntimeError, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RayStartError(f"cannot start or join Ray (address {address or 'local'!r}): {type(err).__name__}: "
+                            f"{first}. Committed work is kept; fix this and rerun the same command.") from None
     return True
 
 
@@ -238,7 +246,13 @@ class CommitBuffer:
 
     def flush(self) -> None:
         if self.rows:
-            commit(self.url, self.rows)
+            try:
+                commit(self.url, self.rows)
+            except OSError as err:
+                stop = storage_stop(err, f"committing {self.blocks} blocks to the manifest")
+                if stop is None:
+                    raise
+                raise stop from None
             self.rows, self.blocks = [], 0
 
 
@@ -293,6 +307,9 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 try:
                     rows = ray.get(ref)
                 except RayTaskError as err:  # an exception inside run_block
+                    stop = storage_stop(err.cause, f"writing block {task.block} of layer {task.layer!r}")
+                    if stop is not None:
+                        raise stop from None
                     retry_or_fail(task, _error_text(err))
                     continue
                 except RayActorError as err:  # the worker process died (killed, OOM-killed, node lost)
@@ -312,15 +329,85 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 buffer.flush()
     except KeyboardInterrupt:
         summary.interrupted = True
-        console.print("interrupted: committing finished blocks and stopping workers", highlight=False, markup=False)
+        console.print("interrupted: committing finished blocks and stopping workers (Ctrl-C again: stop at once)",
+                      highlight=False, markup=False)
     finally:
-        buffer.flush()
-        progress.close()
-        summary.seconds = time.perf_counter() - t0
-        summary.workers = sorted(workers)
-        pool.kill()
-        if started:
-            ray.shutdown()
+        with _ShutdownGuard(summary, console) as guard:
+            try:
+                buffer.flush()
+            except _StopNow:
+                pass
+            finally:
+                guard.committing = False
+                progress.close()
+                summary.seconds = time.perf_counter() - t0
+                summary.workers = sorted(workers)
+                pool.kill()
+                if started:
+                    ray.shutdown()
+
+
+class _StopNow(BaseException):
+    """Raised by the second Ctrl-C while the driver commits: skip the rest of the commit."""
+
+
+class _ShutdownGuard:
+    """While the driver commits and stops Ray: a Ctrl-C skips what is left of the commit (those
+    blocks rerun on the next run) but never interrupts the Ray shutdown, so no Ray process outlives
+    the driver. The sweep then ends as interrupted (exit 130)."""
+
+    def __init__(self, summary: SweepSummary, console: Console) -> None:
+        self.summary, self.console = summary, console
+        self.previous: Any = None
+        self.committing = True
+        self.interrupts = 0
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.summary.interrupted = True
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.console.print("interrupted: stopping now without committing the finished blocks (they rerun "
+                               "next time); shutting Ray down", highlight=False, markup=False)
+        if self.committing:
+            self.committing = False
+            raise _StopNow
+
+    def __enter__(self) -> "_ShutdownGuard":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def storage_stop(err: BaseException | None, doing: str) -> StorageStopError | None:
+    """A StorageStopError when ``err`` is a storage error no retry can fix (disk full, quota,
+    read-only, permission), else None."""
+    if not isinstance(err, OSError) or err.errno not in PERSISTENT_STORAGE_ERRNOS:
+        return None
+    reason = os.strerror(err.errno) if err.errno else type(err).__name__
+    where = f" ({err.filename})" if err.filename else ""
+    return StorageStopError(f"the sweep stopped: {reason}{where} while {doing}. Committed blocks are intact; free "
+                            "space or fix the store's permissions, then rerun the same command to resume.")
+
+
+def check_stage_inputs(job: JobSpec, model: Any) -> None:
+    """Every file the spec names loads (the model's weights already did): the discriminator file
+    (weights_only=True, fits the model) and a folder or .npy data source, before any store exists."""
+    if job.discriminator is not None and job.discriminator.file is not None:
+        import warnings
+
+        from ldam_sweep.sampling.discriminator import load_discriminator
+
+        with warnings.catch_warnings():  # a fingerprint warning comes once, from stage 1
+            warnings.simplefilter("ignore")
+            load_discriminator(job.discriminator.file, model)
+    if job.data is not None and job.data.source in ("folder", "npy"):
+        from ldam_sweep.data import real_images
+
+        real_images(job.data, model.input, "train")
 
 
 def _restartable(err: Exception) -> bool:

@@ -6,6 +6,7 @@ Weight files are read with ``torch.load(weights_only=True)``: loading never runs
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +66,25 @@ def load_model(
                        memory_format=spec.memory_format, precision=spec.precision)
 
 
+SAVE_STATE_DICT = "save only the tensors with `torch.save(model.state_dict(), path)`"
+
+
+def torch_file_error(what: str, err: Exception, save_hint: str = SAVE_STATE_DICT) -> str:
+    """A complete, actionable message for a file ``torch.load(weights_only=True)`` refused: what was
+    wrong (pickled objects and which class, or not a PyTorch file at all) and what to save instead.
+    Never suggests ``weights_only=False``: that would run code from the file."""
+    text = str(err)
+    if "Weights only load failed" in text or "Unsupported global" in text:
+        found = re.findall(r"GLOBAL ([\w.]+)", text)
+        held = f" ({', '.join(dict.fromkeys(found))})" if found else ""
+        return (f"{what} holds pickled Python objects{held}, which ldam-sweep never loads (weights_only=True: a file "
+                f"must not run code); {save_hint}")
+    if "zip archive" in text or "central directory" in text:
+        return f"{what} is truncated or damaged (not a complete PyTorch zip archive); save it again: {save_hint}"
+    return (f"{what} is not a PyTorch file torch.save wrote ({type(err).__name__}: "
+            f"{text.strip().splitlines()[0] if text.strip() else 'unreadable'}); {save_hint}")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, safely (``weights_only=True``); accepts a bare state dict or one
     wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` (common checkpoint layouts)."""
@@ -74,17 +94,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelError(
-            f"weights file {str(p)!r} could not be read as a PyTorch state dict "
-            f"(loaded with weights_only=True, so pickled code is refused): {type(err).__name__}: {str(err)[:300]}"
-        ) from None
+        raise ModelError(torch_file_error(f"weights file {str(p)!r}", err)) from None
     if isinstance(blob, dict):
         for key in ("state_dict", "model"):
             if key in blob and isinstance(blob[key], dict):
                 blob = blob[key]
                 break
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise ModelError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors)")
+        raise ModelError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors); "
+                         f"{SAVE_STATE_DICT}")
     return blob
 
 
@@ -154,4 +172,7 @@ def _torchscript(path: Path) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
-        raise ModelError(f"TorchScript file {str(path)!r} could not be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise ModelError(f"TorchScript file {str(path)!r} could not be loaded ({type(err).__name__}: {first}); save a "
+                         "TorchScript model with `torch.jit.save(torch.jit.script(model), path)`, or give a state dict "
+                         "as `weights:` with a torchvision or factory model") from None

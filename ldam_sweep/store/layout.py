@@ -24,7 +24,7 @@ import numpy as np
 import zarr
 
 from ldam_sweep.errors import StoreError
-from ldam_sweep.planning import LayerPlan, StorePlan, plan_store
+from ldam_sweep.planning import LayerPlan, StorePlan, identity_changes, plan_store
 from ldam_sweep.store.location import StoreLocation, encode_name
 
 __all__ = ["FORMAT_NAME", "LayerPlan", "SCHEMA_VERSION", "StoreError", "StorePlan", "create_store", "layer_path",
@@ -71,12 +71,9 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
         elif same:
             pass  # our own creation, interrupted before it finished: nothing was committed, redo it
         else:
-            raise StoreError(
-                f"store {loc.url!r} was created from a different spec or model "
-                f"(spec hash {str(attrs.get('spec_hash'))[:12]} vs {plan.spec_hash()[:12]}, "
-                f"model {str(attrs.get('model', {}).get('fingerprint'))[:12]} vs {plan.model_fingerprint[:12]}). "
-                "Nothing was changed. Use another store path, or pass --fresh to delete it and start over."
-            )
+            raise StoreError(f"store {loc.url!r} was created from a different spec or model: "
+                             f"{'; '.join(_identity_changes(attrs, plan))}. Nothing was changed. Use another store "
+                             "path, or pass --fresh to delete it and start over.")
     elif fs.exists(loc.root) and fs.ls(loc.root):
         raise StoreError(f"{loc.url!r} exists and is not empty, but is not an ldam-sweep store; nothing was changed "
                          "(--fresh only ever deletes ldam-sweep stores). Choose another path.")
@@ -104,6 +101,19 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
                            dimension_names=list(a.dims))
     root.attrs.update({"format": FORMAT_NAME})
     return loc
+
+
+def _identity_changes(attrs: dict[str, Any], plan: StorePlan) -> list[str]:
+    """What differs between the store's recorded identity and this plan's: spec fields, the model's
+    weights (fingerprint), and else the plan itself (e.g. a model whose layers changed)."""
+    try:
+        old = StorePlan.from_json(attrs["plan"])
+    except (KeyError, TypeError):
+        return [f"spec hash {str(attrs.get('spec_hash'))[:12]} -> {plan.spec_hash()[:12]}"]
+    changes = identity_changes(old.identity_spec(), plan.identity_spec())
+    if old.model_fingerprint != plan.model_fingerprint:
+        changes.append(f"model weights (fingerprint) {old.model_fingerprint[:12]} -> {plan.model_fingerprint[:12]}")
+    return changes or [f"the store plan (layers, shapes) {str(attrs.get('plan_hash'))[:12]} -> {plan.plan_hash()[:12]}"]
 
 
 def _read_root_attrs(loc: StoreLocation) -> dict[str, Any]:
