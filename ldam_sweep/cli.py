@@ -1,5 +1,5 @@
 """The ``ldam-sweep`` command. Errors print one clear message, no traceback, and exit with the
-error's code (README: "Exit codes")."""
+error's code (the table in README.md, "Sweeps")."""
 
 from __future__ import annotations
 
