@@ -161,17 +161,19 @@ class SweepStore:
                                     f"({rows['error'][0].as_py()}); {self.repair_hint()}")
         if status != "ok":
             raise StoreError(f"unit {unit} of layer {layer!r} failed: {rows['error'][0].as_py()}")
-        self.read_block(lp.name, int(rows["block"][0].as_py()), [])
+        self._verify_block(lp, int(rows["block"][0].as_py()), rows)
         return lp
 
     def repair_hint(self) -> str:
         return repair_hint(self.loc.url)
 
-    def _verify_block(self, lp: LayerPlan, block: int) -> None:
+    def _verify_block(self, lp: LayerPlan, block: int, rows: pa.Table | None = None) -> None:
         """Check a committed block's stored data against its recorded checksum, once per instance:
-        CorruptBlockError (naming layer, block and the repair command) on a mismatch or a read error."""
-        rows = self.units(lp.name, status="ok")
-        rows = rows.filter(pc.equal(rows["block"], block))
+        CorruptBlockError (naming layer, block and the repair command) on a mismatch or a read error.
+        ``rows``: the block's committed rows when the caller has them (saves a manifest filter)."""
+        if rows is None:
+            rows = self.units(lp.name, status="ok")
+            rows = rows.filter(pc.equal(rows["block"], block))
         if rows.num_rows == 0:
             return  # not committed: nothing recorded to check against
         newest = int(np.argmax(rows["committed_at"].cast("int64").to_numpy()))
