@@ -215,7 +215,8 @@ def job_targets(job: JobSpec, model: ModelHandle) -> list[tuple[str, np.ndarray]
     by_canonical = {model.layer(k).name: v for k, v in job.units.items()}
     out = []
     for name in names:
-        sel = parse_units(by_canonical.get(name, "all"), where=f"units.{name}", units=model.layer(name).units)
+        sel = parse_units(by_canonical.get(name, "all"), where=f"units.{name}", layer=name,
+                          units=model.layer(name).units)
         units = np.arange(model.layer(name).units) if sel is None else model.check_units(name, sel)
         out.append((name, units))
     return out

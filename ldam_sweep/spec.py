@@ -345,17 +345,18 @@ def unit_ranges(sel: Any, *, where: str = "units") -> list[tuple[int, int]] | No
     raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'")
 
 
-def parse_units(sel: Any, *, where: str = "units", units: int | None = None) -> list[int] | None:
+def parse_units(sel: Any, *, where: str = "units", layer: str | None = None, units: int | None = None) -> list[int] | None:
     """``all`` -> None; a list of ints; or a string of ranges ``"0-15,32,40-47"`` (inclusive).
-    With ``units`` (the layer's unit count) every range is checked before it is expanded, so an
+    With ``units`` (the unit count of ``layer``) every range is checked before it is expanded, so an
     out-of-range selection fails at once with the valid range, whatever its size."""
     ranges = unit_ranges(sel, where=where)
     if ranges is None:
         return None
     if units is not None:
-        for a, b in ranges:
-            if b >= units:
-                raise SpecError(f"{where}: unit {b} is out of range: the layer has {units} units (valid: 0..{units - 1})")
+        bad = [max(a, units) for a, b in ranges if b >= units]
+        if bad:
+            raise SpecError(f"{where}: unit {min(bad)} is out of range for layer {layer!r}: valid units are "
+                            f"0..{units - 1} ({units} units)")
     out: set[int] = set()
     for a, b in ranges:
         out.update(range(a, b + 1))

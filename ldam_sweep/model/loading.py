@@ -76,13 +76,13 @@ def torch_file_error(what: str, err: Exception, save_hint: str = SAVE_STATE_DICT
     text = str(err)
     found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
-        return (f"{what} holds pickled Python objects ({', '.join(dict.fromkeys(found))}), which ldam-sweep never "
-                f"loads (weights_only=True: a file must not run code); {save_hint}")
+        return (f"{what} cannot be read: it holds pickled Python objects ({', '.join(dict.fromkeys(found))}), which "
+                f"ldam-sweep never loads (weights_only=True: a file must not run code); {save_hint}")
     if "zip archive" in text or "central directory" in text:
-        return f"{what} is truncated or damaged (not a complete PyTorch zip archive); save it again: {save_hint}"
+        return f"{what} cannot be read: it is truncated or damaged (not a complete PyTorch zip archive); {save_hint}"
     reason = text.split("WeightsUnpickler error:", 1)[-1].strip()  # torch's own advice before it is not ours
     reason = reason.splitlines()[0].strip() if reason else "unreadable"
-    return f"{what} is not a PyTorch file torch.save wrote ({type(err).__name__}: {reason}); {save_hint}"
+    return f"{what} cannot be read: it is not a file torch.save wrote ({type(err).__name__}: {reason}); {save_hint}"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
