@@ -74,15 +74,18 @@ def torch_file_error(what: str, err: Exception, save_hint: str = SAVE_STATE_DICT
     wrong (pickled objects and which class, or not a PyTorch file at all) and what to save instead.
     Never suggests ``weights_only=False``: that would run code from the file."""
     text = str(err)
-    found = re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    found = re.findall(r"GLOBAL ([\w.]+)", text)
     if found:
         return (f"{what} cannot be read: it holds pickled Python objects ({', '.join(dict.fromkeys(found))}), which "
                 f"ldam-sweep never loads (weights_only=True: a file must not run code); {save_hint}")
     if "zip archive" in text or "central directory" in text:
         return f"{what} cannot be read: it is truncated or damaged (not a complete PyTorch zip archive); {save_hint}"
-    reason = text.split("WeightsUnpickler error:", 1)[-1].strip()  # torch's own advice before it is not ours
-    reason = reason.splitlines()[0].strip() if reason else "unreadable"
-    return f"{what} cannot be read: it is not a file torch.save wrote ({type(err).__name__}: {reason}); {save_hint}"
+    # torch's own advice (rerun with weights_only=False, read the docs) is not ours to repeat
+    reason = text.split("WeightsUnpickler error:", 1)[-1]
+    kept = [p.strip() for p in re.split(r"\n\s*\n", reason) if p.strip() and "weights_only" not in p
+            and "documentation of torch.load" not in p]
+    detail = " ".join(kept[0].split()) if kept else "unreadable"
+    return f"{what} cannot be read: it is not a file torch.save wrote ({type(err).__name__}: {detail}); {save_hint}"
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
