@@ -1,4 +1,5 @@
-"""The ``ldam-sweep`` command. Errors from bad input print one clear message (exit 2), no traceback."""
+"""The ``ldam-sweep`` command. Errors print one clear message, no traceback, and exit with the
+error's code (the table in README.md, "Sweeps")."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any, Iterator, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from ldam_sweep.errors import LdamError
 
@@ -26,27 +28,31 @@ err_console = Console(stderr=True)
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Print LdamError as 'error: ...' and exit with its ``exit_code``; show warnings as one yellow line each."""
+    """Print LdamError as 'error: ...' and exit with its ``exit_code``; show warnings as one yellow
+    line each. User and OS text is printed as plain text: rich markup in it never applies."""
 
     def show(message, category, *_args, **_kwargs):  # noqa: ANN001
-        err_console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+        err_console.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False)
 
     old = warnings.showwarning
     warnings.showwarning = show
     try:
         yield
     except LdamError as err:
-        err_console.print(f"[red]error:[/red] {err}", highlight=False, markup=True)
+        err_console.print(Text.assemble(("error: ", "red"), str(err)), highlight=False)
         raise typer.Exit(err.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False)
+        raise typer.Exit(130) from None
     except OSError as err:  # an output path that cannot be written, a full disk, ...
-        err_console.print(f"[red]error:[/red] {type(err).__name__}: {err}", highlight=False, markup=False)
+        err_console.print(Text.assemble(("error: ", "red"), f"{type(err).__name__}: {err}"), highlight=False)
         raise typer.Exit(2) from None
     finally:
         warnings.showwarning = old
 
 
 def _log(msg: str) -> None:
-    err_console.print(f"[dim]{msg}[/dim]", highlight=False)
+    err_console.print(Text(msg, style="dim"), highlight=False)
 
 
 JSON_HELP = "Print one JSON object on stdout instead of tables (see README: JSON output)."
@@ -120,9 +126,9 @@ def _print_summary(summary) -> None:
         f"sweep {'interrupted' if summary.interrupted else 'finished'}: {summary.done_blocks} blocks run "
         f"({summary.units_done} units, {summary.units_per_second:.2f} units/s, {summary.seconds:.0f}s), "
         f"{summary.skipped_blocks} already committed, {summary.failed_blocks} failed; store {summary.store}",
-        highlight=False,
+        highlight=False, markup=False,
     )
-    console.print(summary_line(summary), highlight=False, soft_wrap=True)
+    console.print(summary_line(summary), highlight=False, soft_wrap=True, markup=False)
 
 
 def _exit_code(summary) -> int:
@@ -183,8 +189,8 @@ def demo(
 
         site = Path(summary.store).with_name(Path(summary.store).stem + "-atlas")
         report = build_atlas(summary.store, site)
-        console.print(f"store: {summary.store}  (try: ldam-sweep status {summary.store})", highlight=False)
-        console.print(f"atlas: {report.out / 'index.html'}  (open it in a browser)", highlight=False)
+        console.print(f"store: {summary.store}  (try: ldam-sweep status {summary.store})", highlight=False, markup=False)
+        console.print(f"atlas: {report.out / 'index.html'}  (open it in a browser)", highlight=False, markup=False)
         raise typer.Exit(_exit_code(summary))
 
 
@@ -227,7 +233,7 @@ def status(
     store: str = typer.Argument(..., help="Store path or URL."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Done / failed / pending units per layer."""
+    """Done / failed / corrupt / pending units per layer."""
     from ldam_sweep.store import open_store
 
     with user_errors():
@@ -236,24 +242,29 @@ def status(
             layer_rows = st.layers()
             failed = st.units(status="failed")
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
-                       totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "pending")},
+                       totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending")},
                        errors=sorted({e for e in failed["error"].to_pylist() if e}))
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
-        for col in ("layer", "kind", "planned", "done", "failed", "pending", "blocks"):
+        counts = ("planned", "done", "failed", "corrupt", "pending")
+        for col in ("layer", "kind", *counts, "blocks"):
             table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
-        totals = [0, 0, 0, 0]
+        totals = dict.fromkeys(counts, 0)
         for info in st.layers():
-            table.add_row(info["name"], info["kind"], str(info["planned"]), str(info["done"]),
-                          str(info["failed"]), str(info["pending"]), str(info["blocks"]))
-            for i, key in enumerate(("planned", "done", "failed", "pending")):
-                totals[i] += info[key]
-        table.add_row("total", "", *map(str, totals), "")
+            table.add_row(info["name"], info["kind"], *(str(info[k]) for k in counts), str(info["blocks"]))
+            for key in counts:
+                totals[key] += info[key]
+        table.add_row("total", "", *(str(totals[k]) for k in counts), "")
         console.print(table)
-        if totals[2]:
+        if totals["corrupt"]:
+            console.print(Text.assemble((f"{totals['corrupt']} units corrupt", "red"),
+                                        f" (marked by verify --repair): `ldam-sweep run SPEC --store {st.loc.url}` "
+                                        "redoes their blocks"), highlight=False)
+        if totals["failed"]:
             failed = st.units(status="failed")
             errors = sorted(set(failed["error"].to_pylist()))
-            console.print(f"[red]{totals[2]} units failed[/red]; errors: " + " | ".join(e.splitlines()[-1][:200] for e in errors[:5] if e))
+            console.print(Text.assemble((f"{totals['failed']} units failed", "red"), "; errors: " + " | ".join(
+                e.splitlines()[-1][:200] for e in errors[:5] if e)), highlight=False)
 
 
 QUERY_COLUMNS = ("layer", "unit", "status", "act_start_mean", "act_final_mean", "act_final_max", "realism_final_mean", "exemplar_max")
@@ -264,7 +275,7 @@ def query(
     store: str = typer.Argument(..., help="Store path or URL."),
     layer: Optional[str] = typer.Option(None, help="Only this layer."),
     unit: Optional[int] = typer.Option(None, help="Only this unit."),
-    status_: str = typer.Option("ok", "--status", help="ok, failed, or all."),
+    status_: str = typer.Option("ok", "--status", help="ok, failed, corrupt, or all."),
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
     limit: Optional[int] = typer.Option(None, help="Show the first K rows after sorting."),
@@ -277,8 +288,8 @@ def query(
     with user_errors():
         from ldam_sweep.errors import StoreError
 
-        if status_ not in ("ok", "failed", "all"):
-            raise StoreError(f"--status must be ok, failed or all, got {status_!r}")
+        if status_ not in ("ok", "failed", "corrupt", "all"):
+            raise StoreError(f"--status must be ok, failed, corrupt or all, got {status_!r}")
         st = open_store(store)
         table = st.units(layer, unit=unit, status=None if status_ == "all" else status_, sort=sort,
                          descending=not ascending, limit=limit)
@@ -324,33 +335,48 @@ def show(
             print_json("show", store=st.loc.url, layer=layer, unit=unit, paths=[str(path)], chains=samples.shape[0],
                        snapshot_steps=steps.tolist())
             return
-        console.print(f"wrote {path}: {layer} unit {unit}, {samples.shape[0]} chains x snapshots at steps {steps.tolist()}")
+        console.print(f"wrote {path}: {layer} unit {unit}, {samples.shape[0]} chains x snapshots at steps {steps.tolist()}",
+                      highlight=False, markup=False)
 
 
 @app.command()
 def verify(
     store: str = typer.Argument(..., help="Store path or URL."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Every planned block: ok, corrupt, failed or missing."),
+    repair: bool = typer.Option(False, "--repair", help="Mark every block with a problem as corrupt, so the next "
+                                "`ldam-sweep run` redoes exactly those blocks."),
 ) -> None:
-    """Check every committed block: readable, right shape, finite, checksum matches. Exit 1 on problems."""
-    from ldam_sweep.store import open_store, verify_store
+    """Check every committed block: readable, right shape, finite, checksum matches. Exit 1 on problems
+    (also with --repair, which marks them for the next run)."""
+    from ldam_sweep.store import open_store, repair_store, verify_store
     from ldam_sweep.store.verify import block_states
 
     with user_errors():
         st = open_store(store)
         checked, problems = verify_store(st)
+        repaired = repair_store(st, problems) if repair and problems else 0
         if json_out:
             blocks = block_states(st, problems)
-            print_json("verify", store=st.loc.url, ok=not problems, checked=checked,
+            print_json("verify", store=st.loc.url, ok=not problems, checked=checked, repaired_units=repaired,
                        counts={s: sum(b["state"] == s for b in blocks) for s in ("ok", "corrupt", "failed", "missing")},
                        problems=[str(p) for p in problems], blocks=blocks)
             raise typer.Exit(1 if problems else 0)
         for p in problems:
-            err_console.print(f"[red]problem:[/red] {p}", highlight=False)
-        if problems:
-            err_console.print(f"{len(problems)} problem(s) in {checked} committed blocks")
-            raise typer.Exit(1)
-        console.print(f"ok: {checked} committed blocks verified")
+            err_console.print(Text.assemble(("problem: ", "red"), str(p)), highlight=False)
+        if not problems:
+            console.print(f"ok: {checked} committed blocks verified", highlight=False)
+            return
+        blocks = len({(p.layer, p.block) for p in problems})
+        err_console.print(f"{len(problems)} problem(s) in {blocks} of {checked} committed blocks", highlight=False)
+        if repair:
+            err_console.print(f"repaired: {blocks} block(s), {repaired} units marked corrupt; redo them with "
+                              f"`ldam-sweep run SPEC --store {st.loc.url}` (SPEC: the job spec this store was made from)",
+                              highlight=False, markup=False)
+        else:
+            err_console.print(f"to repair: `ldam-sweep verify {st.loc.url} --repair` (marks these blocks corrupt), "
+                              f"then `ldam-sweep run SPEC --store {st.loc.url}` (redoes exactly them)",
+                              highlight=False, markup=False)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -365,7 +391,8 @@ def atlas(
     with user_errors():
         report = build_atlas(store, output, force=force)
         console.print(f"atlas: {report.layers} layers, {report.units_rendered} units rendered, "
-                      f"{report.units_skipped} unchanged, {report.seconds:.1f}s -> {report.out / 'index.html'}", highlight=False)
+                      f"{report.units_skipped} unchanged, {report.seconds:.1f}s -> {report.out / 'index.html'}", highlight=False,
+                      markup=False)
 
 
 @app.command()
@@ -399,8 +426,10 @@ def compare(
             table.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else ("–" if r.get(k) is None else str(r[k]))
                             for k, _ in cols])
         console.print(table)
+        for note in cmp.skipped:
+            err_console.print(Text.assemble(("skipped (corrupt): ", "yellow"), note), highlight=False)
         if output is not None:
-            console.print(f"wrote {write_report(cmp, a, b, str(output))}", highlight=False)
+            console.print(f"wrote {write_report(cmp, a, b, str(output))}", highlight=False, markup=False)
 
 
 @app.command()

@@ -7,14 +7,14 @@ distance between the two sweeps' samples of that chain measures what the weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from ldam_sweep.atlas.format import escape, fmt_number
-from ldam_sweep.errors import CompareError
+from ldam_sweep.errors import CompareError, CorruptBlockError
 from ldam_sweep.store.query import SweepStore, open_store
 
 PAIRED = ("activation_ratio", "act_final_mean", "realism_final_mean", "nearest_real", "pixel_diversity", "feature_diversity")
@@ -46,6 +46,7 @@ def check_comparable(a: SweepStore, b: SweepStore) -> None:
 class Comparison:
     units: pa.Table  # one row per paired unit: layer, unit, <col>_a, <col>_b, <col>_delta, sample_distance
     layers: list[dict[str, Any]]  # per layer: units paired, mean |delta| per column, mean sample distance
+    skipped: list[str] = field(default_factory=list)  # units left out because a store's block is corrupt
 
 
 def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparison:
@@ -55,6 +56,7 @@ def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparis
     ua, ub = a.units(), b.units()
     rows_b = {(r["layer"], r["unit"]): r for r in ub.to_pylist()}
     out: list[dict[str, Any]] = []
+    skipped: list[str] = []
     for ra in ua.to_pylist():
         rb = rows_b.get((ra["layer"], ra["unit"]))
         if rb is None:
@@ -64,8 +66,12 @@ def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparis
             va, vb = ra.get(col), rb.get(col)
             row[f"{col}_a"], row[f"{col}_b"] = va, vb
             row[f"{col}_delta"] = (vb - va) if va is not None and vb is not None else None
-        sa = a.samples(ra["layer"], ra["unit"])[:, -1]
-        sb = b.samples(ra["layer"], ra["unit"])[:, -1]
+        try:
+            sa = a.samples(ra["layer"], ra["unit"])[:, -1]
+            sb = b.samples(ra["layer"], ra["unit"])[:, -1]
+        except CorruptBlockError as err:
+            skipped.append(f"{ra['layer']} unit {ra['unit']}: {err}")
+            continue
         lo, hi = a.plan.value_range
         with np.errstate(invalid="ignore"):
             per_chain = np.sqrt(np.nanmean((sa - sb).reshape(len(sa), -1) ** 2, axis=1)) / (hi - lo)
@@ -85,7 +91,7 @@ def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparis
                 summary[f"mean_{col}_delta"] = float(vals.mean()) if vals.size else None
                 summary[f"mean_abs_{col}_delta"] = float(np.abs(vals).mean()) if vals.size else None
         layers.append(summary)
-    return Comparison(units=table, layers=layers)
+    return Comparison(units=table, layers=layers, skipped=skipped)
 
 
 def write_report(cmp: Comparison, a: SweepStore, b: SweepStore, out_dir: str, top: int = 12) -> str:

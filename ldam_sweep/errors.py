@@ -4,10 +4,10 @@ from __future__ import annotations
 
 
 class LdamError(Exception):
-    """Base class for every error ldam-sweep raises on bad input; the CLI prints these without a traceback
-    and exits with the class's ``exit_code``."""
+    """Base class for every error ldam-sweep raises for a user to act on; the CLI prints these
+    without a traceback and exits with the class's ``exit_code`` (the table in README.md, "Sweeps")."""
 
-    exit_code: int = 2
+    exit_code: int = 2  # bad input: spec, arguments, files the spec names, a store from another spec
 
 
 class SpecError(LdamError, ValueError):
@@ -37,8 +37,26 @@ class StoreError(LdamError):
     """A store cannot be created, written or read as asked (not a store, other spec, missing unit)."""
 
 
+class CorruptBlockError(StoreError):
+    """A committed block's stored data does not match its recorded checksum, or cannot be read."""
+
+    exit_code = 1
+
+
+class RayStartError(LdamError):
+    """Ray could not be started or joined."""
+
+    exit_code = 3
+
+
+class StorageStopError(LdamError):
+    """A persistent storage error (disk full, quota, read-only, permission) stopped the sweep."""
+
+    exit_code = 4
+
+
 class StoreOwnedError(StoreError):
-    """Another live driver holds the store's lease; nothing was changed."""
+    """The store is owned by another live driver."""
 
     exit_code = 5
 
@@ -47,6 +65,12 @@ class StoreReplacedError(StoreError):
     """The store was replaced (new generation) or its lease taken over while this driver ran."""
 
     exit_code = 5
+
+
+def repair_hint(url: str) -> str:
+    """The commands that repair a store with corrupt blocks."""
+    return (f"repair: `ldam-sweep verify {url} --repair`, then `ldam-sweep run SPEC --store {url}` "
+            "(SPEC: the job spec this store was made from) redoes exactly those blocks")
 
 
 class CompareError(LdamError):

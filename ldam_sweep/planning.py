@@ -219,7 +219,8 @@ def job_targets(job: JobSpec, model: ModelHandle) -> list[tuple[str, np.ndarray]
     by_canonical = {model.layer(k).name: v for k, v in job.units.items()}
     out = []
     for name in names:
-        sel = parse_units(by_canonical.get(name, "all"), where=f"units.{name}")
+        sel = parse_units(by_canonical.get(name, "all"), where=f"units.{name}", layer=name,
+                          units=model.layer(name).units)
         units = np.arange(model.layer(name).units) if sel is None else model.check_units(name, sel)
         out.append((name, units))
     return out
@@ -274,3 +275,110 @@ def pack_batch(queue: collections.deque[BlockTask], batch_units: int) -> list[Bl
 def store_url(job: JobSpec, override: str | None) -> str:
     """--store, else the spec's store, else storage/<name>.zarr under the current directory."""
     return override or job.store or str(Path("storage") / f"{job.name}.zarr")
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Estimated memory of the largest block of a sweep, in bytes (``block_memory``)."""
+
+    layer: str
+    units: int
+    host_bytes: int  # what the worker holds for one block: samples, traces, activations
+    device_bytes: int  # what the batch needs on the model's device (an estimate, see block_memory)
+    parts: dict[str, int]  # host_bytes by what it holds
+
+    def largest_part(self) -> str:
+        return max(self.parts, key=lambda k: self.parts[k])
+
+
+def physical_memory_bytes() -> int | None:
+    """This machine's physical memory (POSIX sysconf), or None where it cannot be asked."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+# One chain's image on the device is held about this many times during a step: the state, its
+# gradient, the update's momentum and RMS buffers, the noise, the normalised copy the model sees.
+DEVICE_IMAGE_COPIES = 6
+# The target layer's output per chain is held for the forward and its gradient; the layers before
+# it keep their activations for the backward: counted as this many copies of the target's output.
+DEVICE_ACTIVATION_COPIES = 4
+
+
+def block_memory(plan: StorePlan) -> BlockMemory:
+    """Memory of the sweep's largest block (one batch of block_size units x chains images).
+
+    Host (per worker): the block's float32 samples (units x chains x snapshots x C x H x W), its
+    activation (and realism) traces (units x chains x (steps + 1)), and the target layer's
+    activations of every chain (units x chains x layer output size), all float32. Device: the batch
+    of images x DEVICE_IMAGE_COPIES plus the target layer's output x DEVICE_ACTIVATION_COPIES,
+    float32: a rough guide (a deep model's earlier layers can need more), not a measurement."""
+    image = int(np.prod(plan.image_shape))
+    best: BlockMemory | None = None
+    for lp in plan.layers:
+        units = max((len(lp.block_units(b)) for b in lp.planned_blocks()), default=0)
+        chains = units * plan.chains
+        out_size = int(np.prod(lp.output_shape))
+        parts = {
+            "samples": 4 * chains * len(plan.snapshot_steps) * image,
+            "traces": 4 * chains * (plan.steps + 1) * (2 if plan.realism else 1),
+            "activations": 4 * chains * out_size,
+        }
+        device = 4 * chains * (DEVICE_IMAGE_COPIES * image + DEVICE_ACTIVATION_COPIES * out_size)
+        est = BlockMemory(lp.name, units, sum(parts.values()), device, parts)
+        if best is None or est.host_bytes > best.host_bytes:
+            best = est
+    assert best is not None, "a store plan has at least one layer"
+    return best
+
+
+# What to lower for each part of a block's memory (the settings that scale it).
+MEMORY_SETTINGS = {
+    "samples": "sampler.chains, resources.block_size, or take fewer snapshots (raise sampler.snapshot_every)",
+    "traces": "sampler.steps, sampler.chains or resources.block_size",
+    "activations": "sampler.chains or resources.block_size",
+}
+
+
+def check_block_memory(plan: StorePlan, limit_bytes: int | None = None) -> BlockMemory:
+    """Refuse (SpecError) a sweep whose largest block cannot fit in memory: host memory per block
+    must stay under half of this machine's physical memory (``limit_bytes`` overrides), which
+    leaves room for the model, the driver and a second block in flight."""
+    est = block_memory(plan)
+    if limit_bytes is None:
+        physical = physical_memory_bytes()
+        if physical is None:
+            return est
+        limit_bytes = physical // 2
+    if est.host_bytes > limit_bytes:
+        part = est.largest_part()
+        gib = 1024 ** 3
+        raise SpecError(
+            f"one block of layer {est.layer!r} ({est.units} units x {plan.chains} chains, {plan.steps} steps) needs "
+            f"~{est.host_bytes / gib:.1f} GiB of memory (the largest part, {part}: {est.parts[part] / gib:.1f} GiB), "
+            f"over the limit of {limit_bytes / gib:.1f} GiB (half of this machine's memory); lower {MEMORY_SETTINGS[part]}")
+    return est
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
+    """The fields that differ between two identity specs, as 'path: old -> new' (dotted paths into
+    nested mappings; a missing field shows as 'unset'), at most ``limit`` of them."""
+
+    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+        if not isinstance(d, dict) or not d:
+            return {prefix: d}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+
+    a, b = flat(json.loads(json.dumps(old, default=str))), flat(json.loads(json.dumps(new, default=str)))
+    missing = object()
+    changes = [f"{k}: {'unset' if a.get(k, missing) is missing else json.dumps(a[k])} -> "
+               f"{'unset' if b.get(k, missing) is missing else json.dumps(b[k])}"
+               for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
+    return changes[:limit] + ([f"... and {len(changes) - limit} more"] if len(changes) > limit else [])

@@ -349,34 +349,54 @@ class JobSpec(BaseModel):
         if self.discriminator is not None and self.discriminator.train is not None and self.data is None:
             raise ValueError("discriminator.train needs a data section (the real images D learns from)")
         for layer, sel in self.units.items():
-            parse_units(sel, where=f"units.{layer}")
+            unit_ranges(sel, where=f"units.{layer}")
         return self
 
 
-def parse_units(sel: Any, *, where: str = "units") -> list[int] | None:
-    """``all`` -> None; a list of ints; or a string of ranges ``"0-15,32,40-47"`` (inclusive)."""
+def unit_ranges(sel: Any, *, where: str = "units") -> list[tuple[int, int]] | None:
+    """``all`` -> None; else the selection as inclusive (first, last) ranges, never expanded (a range
+    like ``"0-100000000000"`` costs nothing here). Lists hold non-negative integers; strings are
+    ranges ``"0-15,32,40-47"``."""
     if sel == "all":
         return None
     if isinstance(sel, list):
-        if not all(isinstance(u, int) and u >= 0 for u in sel):
+        if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in sel):
             raise ValueError(f"{where}: a unit list holds non-negative integers, got {sel!r}")
-        return sorted(set(sel))
+        return [(u, u) for u in sel]
     if isinstance(sel, str):
-        out: set[int] = set()
+        out = []
         for part in sel.split(","):
             part = part.strip()
             try:
                 if "-" in part:
                     a, b = (int(v) for v in part.split("-", 1))
-                    if a > b:
+                    if not 0 <= a <= b:
                         raise ValueError
-                    out.update(range(a, b + 1))
+                    out.append((a, b))
                 else:
-                    out.add(int(part))
+                    out.append((int(part), int(part)))
             except ValueError:
                 raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'") from None
-        return sorted(out)
+        return out
     raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'")
+
+
+def parse_units(sel: Any, *, where: str = "units", layer: str | None = None, units: int | None = None) -> list[int] | None:
+    """``all`` -> None; a list of ints; or a string of ranges ``"0-15,32,40-47"`` (inclusive).
+    With ``units`` (the unit count of ``layer``) every range is checked before it is expanded, so an
+    out-of-range selection fails at once with the valid range, whatever its size."""
+    ranges = unit_ranges(sel, where=where)
+    if ranges is None:
+        return None
+    if units is not None:
+        bad = [max(a, units) for a, b in ranges if b >= units]
+        if bad:
+            raise SpecError(f"{where}: unit {min(bad)} is out of range for layer {layer!r}: valid units are "
+                            f"0..{units - 1} ({units} units)")
+    out: set[int] = set()
+    for a, b in ranges:
+        out.update(range(a, b + 1))
+    return sorted(out)
 
 
 def load_spec(path: str | Path) -> JobSpec:

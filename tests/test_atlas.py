@@ -92,7 +92,7 @@ def test_browse_index_layer_unit(atlas_site, browser):
     page.goto((site / "index.html").as_uri())
     rows = page.locator("table tr").all_inner_texts()
     fc2 = [r for r in rows if r.startswith("fc2")][0].split("\t")
-    assert fc2[3:7] == ["10", "8", "0", "2"]  # units, done, failed, pending
+    assert fc2[3:8] == ["10", "8", "0", "0", "2"]  # units, done, failed, corrupt, pending
     conv2 = [r for r in rows if r.startswith("conv2")][0].split("\t")
     assert conv2[4] == "8"
     assert "zoo:digits-cnn" in page.inner_text("h1")

@@ -222,7 +222,7 @@ def test_weights_errors(factory_module, tmp_path):
     with pytest.raises(ls.ModelError, match="does not exist"):
         ls.load_model({**base, "weights": str(tmp_path / "missing.pt")})
     (tmp_path / "corrupt.pt").write_bytes(b"\x00not a torch file")
-    with pytest.raises(ls.ModelError, match="corrupt.pt.*could not be read"):
+    with pytest.raises(ls.ModelError, match="corrupt.pt.*cannot be read"):
         ls.load_model({**base, "weights": str(tmp_path / "corrupt.pt")})
     torch.save({"0.weight": torch.zeros(1)}, tmp_path / "wrong.pt")
     with pytest.raises(ls.ModelError, match="does not fit the model"):

@@ -319,7 +319,7 @@ def test_cli_status_query_show(store, digits_model, tmp_path):
     assert out.exit_code == 0 and "fc2" in out.stdout and "total" in out.stdout
     line = [l for l in out.stdout.splitlines() if "fc2" in l][0]
     cells = [c.strip() for c in line.split("│")]
-    assert cells[3:6] == ["10", "8", "0"] and cells[6] == "2"  # planned, done, failed, pending
+    assert cells[3:7] == ["10", "8", "0", "0"] and cells[7] == "2"  # planned, done, failed, corrupt, pending
     out = run("query", url, "--layer", "fc2", "--sort", "act_final_mean", "--limit", "2", "--json")
     rows = json.loads(out.stdout)["units"]
     assert len(rows) == 2 and rows[0]["act_final_mean"] >= rows[1]["act_final_mean"]

@@ -27,6 +27,7 @@ from ldam_sweep.atlas.format import escape as _e
 from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.format import slug, unit_page
 from ldam_sweep.atlas.grid import render_grid
+from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.store.query import SweepStore, open_store
 
 SCORES = (
@@ -48,7 +49,7 @@ th{background:#eee}.bar{background:#ddd;width:120px;height:10px;display:inline-b
 .grid{display:flex;flex-wrap:wrap;gap:8px}.cell{background:#fff;border:1px solid #ddd;padding:4px;width:132px;font-size:11px}
 .cell img{width:128px;height:128px;image-rendering:pixelated;display:block}
 img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
-.controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}
+.controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}.corrupt{color:#b00020}
 """
 
 
@@ -125,17 +126,31 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
                     todo.setdefault(int(r["block"]), []).append(r)
                 else:
                     skipped += 1
+            elif r["status"] == "corrupt" and state.get(key) != stamp:  # marked by verify --repair
+                _render_corrupt_unit(st, name, int(r["unit"]), r["error"] or "", out)
             state[key] = stamp
             entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
                             **{k: (r.get(k) if not isinstance(r.get(k), float) or np.isfinite(r.get(k)) else None)
                                for k, _ in SCORES}})
         lp = st.layer_plan(name)
+        corrupt: dict[int, str] = {}  # unit -> why its block cannot be shown
         for block, brows in todo.items():  # read each block's arrays once, then render its units
             lo, _ = lp.block_bounds(block)
-            arrays = st.read_block(name, block)
+            try:
+                arrays = st.read_block(name, block)
+            except CorruptBlockError as err:
+                for r in brows:
+                    corrupt[int(r["unit"])] = str(err)
+                    _render_corrupt_unit(st, name, int(r["unit"]), str(err), out)
+                    state.pop(f"{name}\x00{r['unit']}", None)  # checked again on the next build
+                continue
             for r in brows:
                 _render_unit(st, info, r, {k: v[int(r["unit"]) - lo] for k, v in arrays.items()}, out)
                 rendered += 1
+        for e in entries:
+            if e["unit"] in corrupt:
+                e.update({"status": "corrupt", "error": corrupt[e["unit"]][:300],
+                          **{k: None for k, _ in SCORES}})
         seen = {e["unit"] for e in entries}
         planned = lp.selected if lp.selected is not None else range(lp.units)
         entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORES}}
@@ -146,6 +161,18 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
+
+
+def _render_corrupt_unit(st: SweepStore, layer: str, unit: int, problem: str, out: Path) -> None:
+    """The page of a unit whose block failed its checksum: the problem and the repair, no data."""
+    s = slug(layer)
+    for stale in (out / "img" / s).glob(f"{unit}-*.png"):  # never keep showing images of the old data
+        stale.unlink()
+    body = (f"<h1>{_e(layer)} · unit {unit}</h1><p><a href='../../layers/{s}.html'>back to layer {_e(layer)}</a></p>"
+            f"<p class='corrupt'><b>corrupt</b> — run <code>ldam-sweep verify {_e(st.loc.url)} --repair</code>, then "
+            f"<code>ldam-sweep run SPEC --store {_e(st.loc.url)}</code></p><p class='muted'>{_e(problem)}</p>")
+    (out / "units" / s).mkdir(parents=True, exist_ok=True)
+    (out / "units" / s / f"{unit}.html").write_text(_page(f"{layer} unit {unit} (corrupt)", body, 2))
 
 
 def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:
@@ -215,6 +242,8 @@ LAYER_JS = """
     grid.innerHTML = v.slice(page * size, (page + 1) * size).map(r => r.status === 'ok'
       ? `<div class="cell"><a href="../units/${slug}/${r.unit}.html"><img alt="unit ${r.unit}" src="../img/${slug}/${r.unit}-best.png"></a>`
         + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · div ${fmt(r.pixel_diversity)}<br>realism ${fmt(r.realism_final_mean)}</div>`
+      : r.status === 'corrupt'
+      ? `<div class="cell corrupt"><a href="../units/${slug}/${r.unit}.html"><b>unit ${r.unit}</b></a><br><b>corrupt</b> — run <code>ldam-sweep verify STORE --repair</code></div>`
       : `<div class="cell"><b>unit ${r.unit}</b><br>${r.status}${r.error ? ': ' + esc(r.error) : ''}</div>`).join('');
     pager.innerHTML = Array.from({length: pages}, (_, i) => i === page ? `<b>${i + 1}</b>` : `<a href="#" data-p="${i}">${i + 1}</a>`).join(' ');
   }
@@ -234,7 +263,7 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
             f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done, {info['failed']} failed.</p>"
             f"<div class='controls'><label>sort by <select id='sort'>{options}</select></label>"
             "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
-            "<option value='failed'>failed</option><option value='pending'>pending</option></select></label>"
+            "<option value='failed'>failed</option><option value='corrupt'>corrupt</option><option value='pending'>pending</option></select></label>"
             "<label>min value <input id='min' type='number' step='any' size='6'></label><span id='count'></span></div>"
             "<div id='pager'></div><div class='grid' id='grid'></div>"
             f"<script src='../data/{s}.js'></script><script>{LAYER_JS % PAGE_SIZE}</script>")
@@ -251,7 +280,7 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -
         frac = info["done"] / info["planned"] if info["planned"] else 0
         rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td>"
                     f"<td>{_e(info['module_type'])}</td><td>{_e(info['kind'])}</td><td>{info['units']}</td>"
-                    f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['pending']}</td>"
+                    f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['corrupt']}</td><td>{info['pending']}</td>"
                     f"<td><span class='bar'><span style='width:{100 * frac:.0f}%'></span></span> {100 * frac:.0f}%</td></tr>")
     d = st.discriminator_info()
     d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
@@ -260,7 +289,7 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -
             f"<p>store <code>{_e(st.loc.url)}</code>, created {_e(attrs.get('created_at', ''))}, "
             f"model fingerprint <code>{_e(attrs['model']['fingerprint'][:12])}</code></p>"
             "<h2>Layers</h2><table><tr><th>layer</th><th>module</th><th>kind</th><th>units</th><th>done</th>"
-            f"<th>failed</th><th>pending</th><th>completion</th></tr>{''.join(rows)}</table>"
+            f"<th>failed</th><th>corrupt</th><th>pending</th><th>completion</th></tr>{''.join(rows)}</table>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

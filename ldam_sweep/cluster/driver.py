@@ -10,18 +10,23 @@ command resumes from the manifest. Ray may run a block twice (actor restarts); t
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
+import signal
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from rich.console import Console
+from rich.text import Text
 
 from ldam_sweep.cluster.progress import SweepProgress
-from ldam_sweep.errors import LdamError, StoreError, StoreReplacedError
-from ldam_sweep.planning import BlockTask, StorePlan, block_tasks, pack_batch, store_url, sweep_store_plan
+from ldam_sweep.errors import LdamError, RayStartError, StorageStopError, StoreError, StoreReplacedError
+from ldam_sweep.planning import (BlockTask, StorePlan, block_tasks, check_block_memory, pack_batch, store_url,
+                                 sweep_store_plan)
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
 from ldam_sweep.store.layout import check_store, committed_unit_count, read_generation, write_discriminator
@@ -32,6 +37,8 @@ from ldam_sweep.store.location import StoreLocation, check_writable
 # other is written, so the device idles only when writing is slower than sampling. It also bounds
 # the worker's host memory (at most this many batches per actor exist at once).
 PER_ACTOR_IN_FLIGHT = 2
+# Storage errors that a retry cannot fix: the sweep stops instead of trying every block again.
+PERSISTENT_STORAGE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @dataclass
@@ -89,8 +96,10 @@ def run_sweep(
     url = store_url(job, store)
     # everything that can be wrong with the spec fails here, before any work
     check_writable(url)
-    model = load_model(job.model, device="cpu", log=lambda m: console.print(f"[dim]{m}[/dim]"))
+    model = load_model(job.model, device="cpu", log=lambda m: console.print(Text(m, style="dim")))
     plan = sweep_store_plan(job, model, doc)
+    check_block_memory(plan)
+    check_stage_inputs(job, model)
     tasks = block_tasks(plan)
     loc = StoreLocation.parse(url)
     try:
@@ -109,7 +118,7 @@ def run_sweep(
             raise StoreError(f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
         lease.set_generation(read_generation(loc) or "")
         console.print(f"store {loc.url}: {len(plan.layers)} layers, {sum(lp.planned_units() for lp in plan.layers)} "
-                      f"units, {len(tasks)} blocks", highlight=False)
+                      f"units, {len(tasks)} blocks", highlight=False, markup=False)
 
         st = open_store(loc.url)
         d_acc = _stage1(job, model, st, loc.url, console)
@@ -117,7 +126,7 @@ def run_sweep(
         done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
         todo = [t for t in tasks if t.key not in done_keys]
         console.print(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run",
-                      highlight=False)
+                      highlight=False, markup=False)
         summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
                                done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
                                discriminator_accuracy=d_acc)
@@ -149,7 +158,7 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     info = st.discriminator_info()
     if info is not None:
         console.print(f"stage 1: discriminator already in the store (held-out accuracy {info['heldout_accuracy']:.3f})",
-                      highlight=False)
+                      highlight=False, markup=False)
         return float(info["heldout_accuracy"])
     from ldam_sweep.model.loading import default_device
     from ldam_sweep.stage import discriminator_record, job_discriminator
@@ -157,13 +166,13 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     model.to(default_device())
     t0 = time.perf_counter()
     what = "loading" if job.discriminator.file is not None else "training"
-    console.print(f"stage 1: {what} the discriminator on {model.device} ...", highlight=False)
+    console.print(f"stage 1: {what} the discriminator on {model.device} ...", highlight=False, markup=False)
     last = [time.perf_counter()]
 
     def report(i: int, stats: dict) -> None:
         if time.perf_counter() - last[0] > 10:
             last[0] = time.perf_counter()
-            console.print(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}", highlight=False)
+            console.print(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}", highlight=False, markup=False)
 
     trained = job_discriminator(job, model, progress=report)
     model.to("cpu")
@@ -171,7 +180,7 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
     console.print(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} "
                   f"(real {trained.heldout_real_accuracy:.3f}, fresh chains {trained.heldout_fake_accuracy:.3f}) "
-                  f"in {time.perf_counter() - t0:.0f}s", highlight=False)
+                  f"in {time.perf_counter() - t0:.0f}s", highlight=False, markup=False)
     return trained.heldout_accuracy
 
 
@@ -186,9 +195,10 @@ def _init_ray(address: str | None, num_cpus: int | None) -> bool:
             ray.init(address=address, **kwargs)
         else:
             ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
-    except (ConnectionError, ValueError, RuntimeError) as err:
-        raise LdamError(f"cannot start or join Ray (address {address or 'local'!r}): {err}. "
-                        "Committed work is kept; fix the address and rerun.") from None
+    except Exception as err:  # ray.init raises many types: ConnectionError, OSError (socket paths), RuntimeError, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RayStartError(f"cannot start or join Ray (address {address or 'local'!r}): {type(err).__name__}: "
+                            f"{first}. Committed work is kept; fix this and rerun the same command.") from None
     return True
 
 
@@ -222,7 +232,7 @@ class WorkerPool:
                 self.batch_units[i] = ray.get(ref)["batch_units"]
                 self.capacity[i] = PER_ACTOR_IN_FLIGHT
             except RayError as err:
-                self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False)
+                self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False, markup=False)
 
     def submit(self, queue: collections.deque[BlockTask], attempts: collections.Counter) -> None:
         """Send queued blocks, packed into batches, to started actors with free slots."""
@@ -294,7 +304,13 @@ class CommitBuffer:
                 raise
             generation = self.lease.record.generation or None
             self.rows = [{**r, "generation": generation} for r in self.rows]
-        commit(self.url, self.rows)
+        try:
+            commit(self.url, self.rows)
+        except OSError as err:
+            stop = storage_stop(err, f"committing {self.blocks} blocks to the manifest")
+            if stop is None:
+                raise
+            raise stop from None
         self.rows, self.blocks = [], 0
 
 
@@ -342,7 +358,7 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
             pool.admit(0)
             while not pool.capacity and not pool.inflight and pool.starting:
                 console.print(f"waiting for workers to start ({len(pool.starting)} asked: {res.cpus_per_actor} CPU, "
-                              f"{gpus} GPU each) ...", highlight=False)
+                              f"{gpus} GPU each) ...", highlight=False, markup=False)
                 pool.admit(60.0)
             pool.submit(queue, attempts)
             if not pool.inflight:
@@ -356,6 +372,9 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                         if lease is not None:
                             lease.check(read_generation(url))  # raises with who owns the store now
                         raise err.cause from None
+                    stop = storage_stop(err.cause, f"writing blocks {[t.block for t in batch]} of layer {batch[0].layer!r}")
+                    if stop is not None:
+                        raise stop from None
                     error = _error_text(err)
                 except RayActorError as err:  # the worker process died (killed, OOM-killed, node lost)
                     if isinstance(err, ActorDiedError) and not _restartable(err):
@@ -377,17 +396,85 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 buffer.flush()
     except KeyboardInterrupt:
         summary.interrupted = True
-        console.print("interrupted: committing finished blocks and stopping workers", highlight=False)
+        console.print("interrupted: committing finished blocks and stopping workers (Ctrl-C again: stop at once)",
+                      highlight=False, markup=False)
     finally:
-        try:
-            buffer.flush()
-        finally:
-            progress.close()
-            summary.seconds = time.perf_counter() - t0
-            summary.workers = sorted(workers)
-            pool.kill()
-            if started:
-                ray.shutdown()
+        with _ShutdownGuard(summary, console) as guard:
+            try:
+                buffer.flush()
+            except _StopNow:
+                pass
+            finally:
+                guard.committing = False
+                progress.close()
+                summary.seconds = time.perf_counter() - t0
+                summary.workers = sorted(workers)
+                pool.kill()
+                if started:
+                    ray.shutdown()
+
+
+class _StopNow(BaseException):
+    """Raised by the second Ctrl-C while the driver commits: skip the rest of the commit."""
+
+
+class _ShutdownGuard:
+    """While the driver commits and stops Ray: a Ctrl-C skips what is left of the commit (those
+    blocks rerun on the next run) but never interrupts the Ray shutdown, so no Ray process outlives
+    the driver. The sweep then ends as interrupted (exit 130)."""
+
+    def __init__(self, summary: SweepSummary, console: Console) -> None:
+        self.summary, self.console = summary, console
+        self.previous: Any = None
+        self.committing = True
+        self.interrupts = 0
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.summary.interrupted = True
+        self.interrupts += 1
+        if self.interrupts == 1:
+            self.console.print("interrupted: stopping now without committing the finished blocks (they rerun "
+                               "next time); shutting Ray down", highlight=False, markup=False)
+        if self.committing:
+            self.committing = False
+            raise _StopNow
+
+    def __enter__(self) -> "_ShutdownGuard":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def storage_stop(err: BaseException | None, doing: str) -> StorageStopError | None:
+    """A StorageStopError when ``err`` is a storage error no retry can fix (disk full, quota,
+    read-only, permission), else None."""
+    if not isinstance(err, OSError) or err.errno not in PERSISTENT_STORAGE_ERRNOS:
+        return None
+    reason = os.strerror(err.errno) if err.errno else type(err).__name__
+    where = f" ({err.filename})" if err.filename else ""
+    return StorageStopError(f"the sweep stopped: {reason}{where} while {doing}. Committed blocks are intact; free "
+                            "space or fix the store's permissions, then rerun the same command to resume.")
+
+
+def check_stage_inputs(job: JobSpec, model: Any) -> None:
+    """Every file the spec names loads (the model's weights already did): the discriminator file
+    (weights_only=True, fits the model) and a folder or .npy data source, before any store exists."""
+    if job.discriminator is not None and job.discriminator.file is not None:
+        import warnings
+
+        from ldam_sweep.sampling.discriminator import load_discriminator
+
+        with warnings.catch_warnings():  # a fingerprint warning comes once, from stage 1
+            warnings.simplefilter("ignore")
+            load_discriminator(job.discriminator.file, model)
+    if job.data is not None and job.data.source in ("folder", "npy"):
+        from ldam_sweep.data import real_images
+
+        real_images(job.data, model.input, "train")
 
 
 def _restartable(err: Exception) -> bool:

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+def eta_text(left: int, rate: float) -> str:
+    """Time left at ``rate`` units/s as '95s', or 'unknown' before the first unit is done."""
+    if left <= 0:
+        return "0s"
+    if not rate > 0 or not math.isfinite(left / rate):
+        return "unknown"
+    return f"{left / rate:.0f}s"
 
 
 class SweepProgress:
@@ -40,9 +50,8 @@ class SweepProgress:
 
     def log_line(self) -> None:
         left = self.total - self.done - self.failed
-        eta = left / self.rate if self.rate > 0 else float("nan")
         self.console.print(f"progress: {self.done + self.failed}/{self.total} units, {self.rate:.2f} units/s, "
-                           f"ETA {eta:.0f}s, {self.failed} failed", highlight=False)
+                           f"ETA {eta_text(left, self.rate)}, {self.failed} failed", highlight=False)
 
     def close(self) -> None:
         if self.bar is not None:

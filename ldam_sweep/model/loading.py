@@ -6,6 +6,7 @@ Weight files are read with ``torch.load(weights_only=True)``: loading never runs
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -65,6 +66,28 @@ def load_model(
                        memory_format=spec.memory_format, precision=spec.precision)
 
 
+SAVE_STATE_DICT = "save only the tensors with `torch.save(model.state_dict(), path)`"
+
+
+def torch_file_error(what: str, err: Exception, save_hint: str = SAVE_STATE_DICT) -> str:
+    """A complete, actionable message for a file ``torch.load(weights_only=True)`` refused: what was
+    wrong (pickled objects and which class, or not a PyTorch file at all) and what to save instead.
+    Never suggests ``weights_only=False``: that would run code from the file."""
+    text = str(err)
+    found = re.findall(r"GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{what} cannot be read: it holds pickled Python objects ({', '.join(dict.fromkeys(found))}), which "
+                f"ldam-sweep never loads (weights_only=True: a file must not run code); {save_hint}")
+    if "zip archive" in text or "central directory" in text:
+        return f"{what} cannot be read: it is truncated or damaged (not a complete PyTorch zip archive); {save_hint}"
+    # torch's own advice (rerun with weights_only=False, read the docs) is not ours to repeat
+    reason = text.split("WeightsUnpickler error:", 1)[-1]
+    kept = [p.strip() for p in re.split(r"\n\s*\n", reason) if p.strip() and "weights_only" not in p
+            and "documentation of torch.load" not in p]
+    detail = " ".join(kept[0].split()) if kept else "unreadable"
+    return f"{what} cannot be read: it is not a file torch.save wrote ({type(err).__name__}: {detail}); {save_hint}"
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a file, safely (``weights_only=True``); accepts a bare state dict or one
     wrapped as ``{"state_dict": ...}`` or ``{"model": ...}`` (common checkpoint layouts)."""
@@ -74,17 +97,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ModelError(
-            f"weights file {str(p)!r} could not be read as a PyTorch state dict "
-            f"(loaded with weights_only=True, so pickled code is refused): {type(err).__name__}: {str(err)[:300]}"
-        ) from None
+        raise ModelError(torch_file_error(f"weights file {str(p)!r}", err)) from None
     if isinstance(blob, dict):
         for key in ("state_dict", "model"):
             if key in blob and isinstance(blob[key], dict):
                 blob = blob[key]
                 break
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
-        raise ModelError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors)")
+        raise ModelError(f"weights file {str(p)!r} does not hold a state dict (a mapping of names to tensors); "
+                         f"{SAVE_STATE_DICT}")
     return blob
 
 
@@ -154,4 +175,7 @@ def _torchscript(path: Path) -> nn.Module:
             warnings.simplefilter("ignore", FutureWarning)
             return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:
-        raise ModelError(f"TorchScript file {str(path)!r} could not be loaded: {type(err).__name__}: {str(err)[:300]}") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise ModelError(f"TorchScript file {str(path)!r} could not be loaded ({type(err).__name__}: {first}); save a "
+                         "TorchScript model with `torch.jit.save(torch.jit.script(model), path)`, or give a state dict "
+                         "as `weights:` with a torchvision or factory model") from None

@@ -186,7 +186,10 @@ def load_discriminator(source: str | Path | bytes, model: ModelHandle | None = N
     try:
         blob = torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise DiscriminatorError(f"{what} cannot be read (loaded with weights_only=True): {type(err).__name__}: {str(err)[:200]}") from None
+        from ldam_sweep.model.loading import torch_file_error
+
+        raise DiscriminatorError(torch_file_error(what, err, "save it with `TrainedDiscriminator.save(path)` or "
+                                                  "`ldam-sweep train-discriminator SPEC -o d.pt`")) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise DiscriminatorError(f"{what} is not an ldam-sweep discriminator (format {FORMAT!r})")
     module = Discriminator(blob["config"])

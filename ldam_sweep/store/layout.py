@@ -28,7 +28,7 @@ import numpy as np
 import zarr
 
 from ldam_sweep.errors import StoreError
-from ldam_sweep.planning import LayerPlan, StorePlan, plan_store
+from ldam_sweep.planning import LayerPlan, StorePlan, identity_changes, plan_store
 from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
 
@@ -68,12 +68,9 @@ def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = Fals
         if same:
             return "same" if attrs.get("format") == FORMAT_NAME else "unfinished"
         if not fresh:
-            raise StoreError(
-                f"store {loc.url!r} was created from a different spec or model "
-                f"(spec hash {str(attrs.get('spec_hash'))[:12]} vs {plan.spec_hash()[:12]}, "
-                f"model {str(attrs.get('model', {}).get('fingerprint'))[:12]} vs {plan.model_fingerprint[:12]}). "
-                "Nothing was changed. Use another store path, or pass --fresh to delete it and start over."
-            )
+            raise StoreError(f"store {loc.url!r} was created from a different spec or model: "
+                             f"{'; '.join(_identity_changes(attrs, plan))}. Nothing was changed. Use another store "
+                             "path, or pass --fresh to delete it and start over.")
         return "other"
     if fs.exists(loc.root) and [p for p in fs.ls(loc.root, detail=False) if not _is_lease(p)]:
         raise StoreError(f"{loc.url!r} exists and is not empty, but is not an ldam-sweep store; nothing was changed "
@@ -162,6 +159,19 @@ def committed_unit_count(url: str | StoreLocation) -> int:
     loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
     rows = manifest.latest_per_unit(manifest.read(loc))
     return 0 if rows.num_rows == 0 else int(sum(1 for s in rows["status"].to_pylist() if s == "ok"))
+
+
+def _identity_changes(attrs: dict[str, Any], plan: StorePlan) -> list[str]:
+    """What differs between the store's recorded identity and this plan's: spec fields, the model's
+    weights (fingerprint), and else the plan itself (e.g. a model whose layers changed)."""
+    try:
+        old = StorePlan.from_json(attrs["plan"])
+    except (KeyError, TypeError):
+        return [f"spec hash {str(attrs.get('spec_hash'))[:12]} -> {plan.spec_hash()[:12]}"]
+    changes = identity_changes(old.identity_spec(), plan.identity_spec())
+    if old.model_fingerprint != plan.model_fingerprint:
+        changes.append(f"model weights (fingerprint) {old.model_fingerprint[:12]} -> {plan.model_fingerprint[:12]}")
+    return changes or [f"the store plan (layers, shapes) {str(attrs.get('plan_hash'))[:12]} -> {plan.plan_hash()[:12]}"]
 
 
 def _read_root_attrs(loc: StoreLocation) -> dict[str, Any]:

@@ -4,7 +4,8 @@ A block counts as done only once its rows are published here. Publishing is atom
 dot-prefixed temp file renamed into place (readers ignore names starting with '.' or '_'); on an
 object store a single PUT of the final key. Readers de-duplicate by (layer, unit), keeping the
 newest ``committed_at``, so a block committed twice (Ray ran it twice) is harmless. Part files
-written before a column existed (``generation``) read back with nulls in it.
+written before a column existed (``generation``) read back with nulls in it. Temp files
+left by a writer killed mid-publish are removed by a later publish once they are STALE_TMP_SECONDS old.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ MANIFEST_DIR = "manifest"
 FILE_SCHEMA = pa.schema([
     ("unit", pa.int32()),
     ("block", pa.int32()),
-    ("status", pa.string()),  # "ok" | "failed"
+    ("status", pa.string()),  # "ok" | "failed" | "corrupt" (a tombstone written by verify --repair)
     ("attempt", pa.int16()),
     ("error", pa.string()),
     ("objective", pa.string()),
@@ -66,6 +67,25 @@ FILE_SCHEMA = pa.schema([
 SCHEMA = pa.schema([("layer", pa.string()), *FILE_SCHEMA])
 COLUMNS = tuple(SCHEMA.names)
 PARTITIONING = pds.partitioning(pa.schema([("layer", pa.string())]), flavor="hive")
+STALE_TMP_SECONDS = 3600  # far longer than any publish takes: an older temp part is a dead writer's
+
+
+def remove_stale_temp_parts(folder: str, older_than: float = STALE_TMP_SECONDS) -> list[str]:
+    """Delete the dot-prefixed temp parts (``.part-*.tmp``) in a local manifest folder that are older
+    than ``older_than`` seconds: a publish killed before its rename leaves one behind. Returns them."""
+    removed = []
+    now = time.time()
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not (entry.name.startswith(".part-") and entry.name.endswith(".tmp")):
+                continue
+            try:
+                if now - entry.stat().st_mtime > older_than:
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+            except FileNotFoundError:  # another publisher removed it first
+                pass
+    return removed
 
 
 def publish(loc: StoreLocation, rows: Iterable[dict[str, Any]]) -> list[str]:
@@ -86,6 +106,7 @@ def publish(loc: StoreLocation, rows: Iterable[dict[str, Any]]) -> list[str]:
         final = f"{folder}/{name}"
         if loc.is_local:
             os.makedirs(folder, exist_ok=True)
+            remove_stale_temp_parts(folder)
             tmp = f"{folder}/.{name}.tmp"
             with open(tmp, "wb") as f:
                 pq.write_table(table, f)

@@ -10,17 +10,26 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ldam_sweep.errors import StoreError, did_you_mean
+from ldam_sweep.errors import CorruptBlockError, StoreError, did_you_mean, repair_hint
 from ldam_sweep.planning import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
 from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.store.unitview import UnitView
+from ldam_sweep.store.writer import block_checksum
 
 if TYPE_CHECKING:
     from ldam_sweep.find import FindResult
 
 TRACE_KINDS = ("activation", "realism")
+
+
+def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> list[str]:
+    """The arrays a block's checksum covers: samples and traces, exemplars when the block has them."""
+    names = ["samples", "activation"] + (["realism"] if plan.realism else [])
+    if with_exemplars and plan.exemplars_k:
+        names += ["exemplars", "exemplar_activation"]
+    return names
 
 
 class SweepStore:
@@ -42,6 +51,7 @@ class SweepStore:
         self.plan = StorePlan.from_json(self.attrs["plan"])
         self._latest: pa.Table | None = None
         self._model: Any = None  # the store's model, loaded by the first find()
+        self._verified: set[tuple[str, int, str]] = set()  # (layer, block, checksum) whose data matched
 
     def refresh(self) -> "SweepStore":
         """Forget the cached manifest: the next query sees commits made since it was read."""
@@ -75,12 +85,13 @@ class SweepStore:
         for lp in self.plan.layers:
             rows = table.filter(pc.equal(table["layer"], lp.name))
             status = rows["status"].to_pylist()
-            done, failed = status.count("ok"), status.count("failed")
+            done, failed, corrupt = status.count("ok"), status.count("failed"), status.count("corrupt")
             out.append({
                 "name": lp.name, "kind": lp.kind, "module_type": lp.module_type, "units": lp.units,
                 "planned": lp.planned_units(), "blocks": len(lp.planned_blocks()), "block_size": lp.block_size,
                 "objective": lp.objective, "output_shape": list(lp.output_shape),
-                "done": done, "failed": failed, "pending": lp.planned_units() - done - failed,
+                "done": done, "failed": failed, "corrupt": corrupt,
+                "pending": lp.planned_units() - done - failed - corrupt,
             })
         return out
 
@@ -107,7 +118,7 @@ class SweepStore:
         The manifest is read once per ``SweepStore`` and cached; call ``refresh()`` to see commits
         made after that (a sweep still running).
 
-        ``status``: "ok" (default), "failed", or None for both. ``where``: any pyarrow compute
+        ``status``: "ok" (default), "failed", "corrupt" (marked by ``verify --repair``), or None for all. ``where``: any pyarrow compute
         expression over manifest columns, e.g. ``pc.field("act_final_mean") > 10``. ``sort``: any
         column (descending by default). ``limit``: top-k after sorting.
         """
@@ -143,15 +154,50 @@ class SweepStore:
 
     # -- tensors -----------------------------------------------------------------------------
     def _committed(self, layer: str, unit: int) -> LayerPlan:
+        """The unit's layer plan, once its block's stored data matched the recorded checksum."""
         lp = self.layer_plan(layer)
         if not 0 <= unit < lp.units:
             raise StoreError(f"unit {unit} is out of range for layer {layer!r}: valid units are 0..{lp.units - 1}")
         rows = self.units(layer, unit=unit, status=None)
         if rows.num_rows == 0:
             raise StoreError(f"unit {unit} of layer {layer!r} is not committed yet (pending)")
-        if rows["status"][0].as_py() != "ok":
+        status = rows["status"][0].as_py()
+        if status == "corrupt":
+            raise CorruptBlockError(f"unit {unit} of layer {layer!r} is in block {rows['block'][0].as_py()}, marked corrupt "
+                                    f"({rows['error'][0].as_py()}); {self.repair_hint()}")
+        if status != "ok":
             raise StoreError(f"unit {unit} of layer {layer!r} failed: {rows['error'][0].as_py()}")
+        self._verify_block(lp, int(rows["block"][0].as_py()), rows)
         return lp
+
+    def repair_hint(self) -> str:
+        return repair_hint(self.loc.url)
+
+    def _verify_block(self, lp: LayerPlan, block: int, rows: pa.Table | None = None) -> None:
+        """Check a committed block's stored data against its recorded checksum, once per instance:
+        CorruptBlockError (naming layer, block and the repair command) on a mismatch or a read error.
+        ``rows``: the block's committed rows when the caller has them (saves a manifest filter)."""
+        if rows is None:
+            rows = self.units(lp.name, status="ok")
+            rows = rows.filter(pc.equal(rows["block"], block))
+        if rows.num_rows == 0:
+            return  # not committed: nothing recorded to check against
+        newest = int(np.argmax(rows["committed_at"].cast("int64").to_numpy()))
+        expected = rows["checksum"][newest].as_py()
+        key = (lp.name, block, expected)
+        if key in self._verified:
+            return
+        names = checksum_arrays(self.plan, lp, with_exemplars=rows["exemplar_max"][newest].as_py() is not None)
+        lo, hi = lp.block_bounds(block)
+        try:
+            got = block_checksum({name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in names})
+        except Exception as err:  # a torn or garbled object: zarr or the codec cannot decode it
+            raise CorruptBlockError(f"layer {lp.name!r} block {block} cannot be read ({type(err).__name__}: "
+                                    f"{str(err)[:200]}); {self.repair_hint()}") from None
+        if got != expected:
+            raise CorruptBlockError(f"layer {lp.name!r} block {block} is corrupt: its stored data does not match the "
+                                    f"checksum recorded at commit; {self.repair_hint()}")
+        self._verified.add(key)
 
     def _array(self, layer: str, name: str):
         try:
@@ -159,11 +205,16 @@ class SweepStore:
         except KeyError:
             raise StoreError(f"store {self.loc.url!r} has no {name!r} array for layer {layer!r}") from None
 
-    def read_block(self, layer: str, block: int, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def read_block(self, layer: str, block: int, names: Iterable[str] | None = None, *,
+                   verify: bool = True) -> dict[str, np.ndarray]:
         """The block's region (units ``block_bounds(block)``) of each named array as stored, every
-        array of the layer by default. Reads committed or not: check the manifest first."""
+        array of the layer by default. Reads committed or not: check the manifest first. A committed
+        block is checked against its recorded checksum first (``verify``; once per instance), so
+        corrupt data is never returned: CorruptBlockError instead."""
         lp = self.layer_plan(layer)
         lo, hi = lp.block_bounds(block)
+        if verify:
+            self._verify_block(lp, block)
         names = list(self.plan.arrays(lp)) if names is None else list(names)
         return {name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in names}
 

@@ -1,6 +1,8 @@
 """Integrity check of every committed block: readable, right shape, finite where committed, and
 the checksum recorded at commit time matches what is stored now; and of every manifest row: it
-belongs to this store (its spec hash and generation) and to its plan (layer and unit)."""
+belongs to this store (its spec hash and generation) and to its plan (layer and unit). Repair: a
+block that fails the check gets 'corrupt' tombstone rows, so it no longer counts as done and the
+next run redoes it."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import numpy as np
 import pyarrow.compute as pc
 
 from ldam_sweep.planning import LayerPlan
-from ldam_sweep.store.query import SweepStore
-from ldam_sweep.store.writer import block_checksum
+from ldam_sweep.store.query import SweepStore, checksum_arrays
+from ldam_sweep.store.writer import block_checksum, commit, tombstone_rows
 
 
 @dataclass(frozen=True)
@@ -81,10 +83,7 @@ def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray
                  diverged: np.ndarray) -> list[BlockProblem]:
     plan = store.plan
     lo, hi = lp.block_bounds(block)
-    names = ["samples", "activation"] + (["realism"] if plan.realism else [])
-    if with_exemplars:
-        names += ["exemplars", "exemplar_activation"]
-    region = store.read_block(lp.name, block, names)
+    region = store.read_block(lp.name, block, checksum_arrays(plan, lp, with_exemplars=with_exemplars), verify=False)
     out = []
     specs = plan.arrays(lp)
     for name in ("samples", "activation"):
@@ -124,8 +123,30 @@ def block_states(store: SweepStore, problems: list[BlockProblem]) -> list[dict[s
             states = {status.get((lp.name, u)) for u in units}
             if "ok" in states:
                 state = "corrupt" if (lp.name, block) in found else "ok"
+            elif "corrupt" in states:  # marked by verify --repair: the next run redoes it
+                state = "corrupt"
             else:
                 state = "failed" if "failed" in states else "missing"
             out.append({"layer": lp.name, "block": int(block), "units": len(units), "state": state,
                         "problems": found.get((lp.name, block), [])})
     return out
+
+
+def repair_store(store: SweepStore, problems: list[BlockProblem]) -> int:
+    """Mark every block with a problem as corrupt: one tombstone row per committed unit (status
+    'corrupt', the problem as its error), published in one atomic commit. The newest row of each
+    unit wins, so those blocks stop counting as done and the next ``run`` redoes exactly them.
+    Returns the number of units marked."""
+    committed = store.units(status="ok")
+    rows = []
+    for block in {(p.layer, p.block): p for p in problems}.values():
+        lp = store.layer_plan(block.layer)
+        mine = committed.filter(pc.and_(pc.equal(committed["layer"], lp.name), pc.equal(committed["block"], block.block)))
+        problem = "; ".join(p.problem for p in problems if (p.layer, p.block) == (block.layer, block.block))
+        rows += tombstone_rows(lp, block.block, sorted(mine["unit"].to_pylist()), problem,
+                               spec_hash=store.attrs.get("spec_hash", ""))
+    if rows:
+        generation = store.attrs.get("generation")  # the tombstones belong to this store, like its rows
+        commit(store.loc, [{**r, "generation": generation} for r in rows])
+        store.refresh()
+    return len(rows)

@@ -187,6 +187,17 @@ def failed_rows(lp: LayerPlan, block: int, error: str, *, attempt: int, spec_has
     ]
 
 
+def tombstone_rows(lp: LayerPlan, block: int, units: Sequence[int], problem: str, *, spec_hash: str) -> list[dict[str, Any]]:
+    """'corrupt' rows for the given units of a block whose stored data failed ``verify``: newer than
+    its 'ok' rows, so the block counts as not done and the next run redoes it."""
+    return [
+        {"layer": lp.name, "unit": int(u), "block": int(block), "status": "corrupt", "attempt": 0,
+         "error": f"corrupt: {problem}"[-2000:], "spec_hash": spec_hash, "worker": "verify --repair",
+         "code_version": __version__}
+        for u in units
+    ]
+
+
 def write_block(url: str, layer: str, block: int, result: BlockResult, **kwargs: Any) -> list[dict[str, Any]]:
     """One-shot ``BlockWriter(url).write(...)``."""
     return BlockWriter(url).write(layer, block, result, **kwargs)
