@@ -39,13 +39,13 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except LdamError as err:
-        err_console.print(Text.assemble(("error: ", "red"), str(err)), highlight=False)
+        err_console.print(Text.assemble(("error: ", "red"), str(err)), highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         raise typer.Exit(130) from None
     except OSError as err:  # an output path that cannot be written, a full disk, ...
-        err_console.print(Text.assemble(("error: ", "red"), f"{type(err).__name__}: {err}"), highlight=False)
+        err_console.print(Text.assemble(("error: ", "red"), f"{type(err).__name__}: {err}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
         warnings.showwarning = old

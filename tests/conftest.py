@@ -63,7 +63,8 @@ def exemplar_store(tmp_path_factory, digits_model):
             continue
         for b in lp.planned_blocks():
             if lp.name == "conv2" and b == 1:
-                commit(url, failed_rows(lp, b, "RuntimeError: injected", attempt=3, spec_hash=plan.spec_hash()))
+                rows = failed_rows(lp, b, "RuntimeError: injected", attempt=3, spec_hash=plan.spec_hash())
+                commit(url, [{**r, "generation": writer.generation} for r in rows])  # as the driver stamps them
                 continue
             res = ls.sample(digits_model, lp.name, lp.block_units(b), chains=2, steps=20, seed=0, snapshot_every=10)
             ex = top_exemplars(digits_model, lp.name, res.units, lp.objective, pool, 8)

@@ -134,7 +134,8 @@ def test_cli_find_reads_png_files_and_folders_and_links_the_atlas(exemplar_store
     api = ls.open_store(exemplar_store).find(images[5], layer="fc2", top=2).for_image(0)
     assert [h["unit"] for h in api] == [h["unit"] for h in doc["results"][1]["hits"]]
     assert api[0]["ratio"] == pytest.approx(doc["results"][1]["hits"][0]["ratio"], rel=0.02)
-    table = CliRunner().invoke(app, ["find", exemplar_store, str(folder / "digit2.png"), "--layer", "fc2"])
+    table = CliRunner().invoke(app, ["find", exemplar_store, str(folder / "digit2.png"), "--layer", "fc2"],
+                               env={"COLUMNS": "200"})  # a wide terminal: no column header is cut
     assert table.exit_code == 0 and "exemplar_max" in table.stdout and "fc2" in table.stdout
     bad = CliRunner().invoke(app, ["find", exemplar_store, str(tmp_path / "missing.png"), "--json"])
     assert bad.exit_code == 2 and bad.stdout == "" and "does not exist" in bad.stderr

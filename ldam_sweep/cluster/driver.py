@@ -106,8 +106,9 @@ def run_sweep(
         state = check_store(loc, plan, fresh=fresh)
         lease = StoreLease.acquire(loc, doing="--fresh" if fresh else "this run",
                                    log=lambda m: console.print(m, highlight=False, markup=False))
-    except OSError as err:  # permissions, missing bucket, unreachable endpoint
-        raise StoreError(f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
+    except OSError as err:  # a full disk, permissions, missing bucket, unreachable endpoint
+        raise storage_stop(err, "taking the store's lease") or StoreError(
+            f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
     try:
         lease.start_heartbeat()
         if fresh and state != "absent":
@@ -115,7 +116,8 @@ def run_sweep(
         try:
             create_store(loc.url, plan, fresh=fresh)
         except OSError as err:
-            raise StoreError(f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
+            raise storage_stop(err, "creating the store") or StoreError(
+                f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
         lease.set_generation(read_generation(loc) or "")
         console.print(f"store {loc.url}: {len(plan.layers)} layers, {sum(lp.planned_units() for lp in plan.layers)} "
                       f"units, {len(tasks)} blocks", highlight=False, markup=False)
