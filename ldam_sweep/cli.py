@@ -167,26 +167,26 @@ def train_discriminator_cmd(
 
 @app.command()
 def status(store: str = typer.Argument(..., help="Store path or URL.")) -> None:
-    """Done / failed / pending units per layer."""
+    """Done / failed / pending units per layer, and how many of the done ones are dead (not sampled)."""
     from ldam_sweep.store import open_store
 
     with user_errors():
         st = open_store(store)
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
-        for col in ("layer", "kind", "planned", "done", "failed", "pending", "blocks"):
+        keys = ("planned", "done", "failed", "pending", "dead")  # dead: of the done units, found dead
+        for col in ("layer", "kind", *keys, "blocks"):
             table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
-        totals = [0, 0, 0, 0]
+        totals = dict.fromkeys(keys, 0)
         for info in st.layers():
-            table.add_row(info["name"], info["kind"], str(info["planned"]), str(info["done"]),
-                          str(info["failed"]), str(info["pending"]), str(info["blocks"]))
-            for i, key in enumerate(("planned", "done", "failed", "pending")):
-                totals[i] += info[key]
-        table.add_row("total", "", *map(str, totals), "")
+            table.add_row(info["name"], info["kind"], *(str(info[k]) for k in keys), str(info["blocks"]))
+            for k in keys:
+                totals[k] += info[k]
+        table.add_row("total", "", *(str(totals[k]) for k in keys), "")
         console.print(table)
-        if totals[2]:
+        if totals["failed"]:
             failed = st.units(status="failed")
             errors = sorted(set(failed["error"].to_pylist()))
-            console.print(f"[red]{totals[2]} units failed[/red]; errors: " + " | ".join(e.splitlines()[-1][:200] for e in errors[:5] if e))
+            console.print(f"[red]{totals['failed']} units failed[/red]; errors: " + " | ".join(e.splitlines()[-1][:200] for e in errors[:5] if e))
 
 
 QUERY_COLUMNS = ("layer", "unit", "status", "act_start_mean", "act_final_mean", "act_final_max", "realism_final_mean", "exemplar_max")
@@ -197,7 +197,7 @@ def query(
     store: str = typer.Argument(..., help="Store path or URL."),
     layer: Optional[str] = typer.Option(None, help="Only this layer."),
     unit: Optional[int] = typer.Option(None, help="Only this unit."),
-    status_: str = typer.Option("ok", "--status", help="ok, failed, or all."),
+    status_: str = typer.Option("ok", "--status", help="ok, dead, failed, or all."),
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
     limit: Optional[int] = typer.Option(None, help="Show the first K rows after sorting."),
@@ -212,8 +212,8 @@ def query(
     with user_errors():
         from ldam_sweep.errors import StoreError
 
-        if status_ not in ("ok", "failed", "all"):
-            raise StoreError(f"--status must be ok, failed or all, got {status_!r}")
+        if status_ not in ("ok", "dead", "failed", "all"):
+            raise StoreError(f"--status must be ok, dead, failed or all, got {status_!r}")
         st = open_store(store)
         table = st.units(layer, unit=unit, status=None if status_ == "all" else status_, sort=sort,
                          descending=not ascending, limit=limit)

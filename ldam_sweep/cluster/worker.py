@@ -147,7 +147,8 @@ class SweepWorker:
             objective = self.writer.plan.layer(layer).objective
             exemplars = top_exemplars(self.model, layer, result.units, objective, self.real_pool, k)
         scores = score_result(self.model, result, real_pool=self.real_pool,
-                              exemplar_max=None if exemplars is None else exemplars[1][:, 0])
+                              exemplar_max=None if exemplars is None else exemplars[1][:, 0],
+                              exemplars=None if exemplars is None else exemplars[0])
         seconds = time.perf_counter() - t0
         return self.writer.write(layer, block, result, attempt=attempt, seconds=seconds, exemplars=exemplars,
                                  unit_columns=scores, worker=f"{default_worker_id()}@{self.node}")
