@@ -54,7 +54,7 @@ th{background:#eee}.bar{background:#ddd;width:120px;height:10px;display:inline-b
 .cell img{width:128px;height:128px;image-rendering:pixelated;display:block}
 img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
 .controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}
-.side{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}.facet{margin:.3em 0}
+.side{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}.side>div{max-width:46%}.facet{margin:.3em 0}
 .badge{background:#555;color:#fff;border-radius:3px;padding:0 .4em;font-size:11px}
 .deadcell{width:128px;height:128px;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
 """
