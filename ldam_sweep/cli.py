@@ -233,7 +233,7 @@ def status(
     store: str = typer.Argument(..., help="Store path or URL."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Done / failed / corrupt / pending units per layer."""
+    """Done / failed / corrupt / pending units per layer, and how many of the done ones are dead (not sampled)."""
     from ldam_sweep.store import open_store
 
     with user_errors():
@@ -242,11 +242,11 @@ def status(
             layer_rows = st.layers()
             failed = st.units(status="failed")
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
-                       totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending")},
+                       totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
                        errors=sorted({e for e in failed["error"].to_pylist() if e}))
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
-        counts = ("planned", "done", "failed", "corrupt", "pending")
+        counts = ("planned", "done", "failed", "corrupt", "pending", "dead")  # dead: of the done units, found dead
         for col in ("layer", "kind", *counts, "blocks"):
             table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
         totals = dict.fromkeys(counts, 0)
@@ -275,7 +275,7 @@ def query(
     store: str = typer.Argument(..., help="Store path or URL."),
     layer: Optional[str] = typer.Option(None, help="Only this layer."),
     unit: Optional[int] = typer.Option(None, help="Only this unit."),
-    status_: str = typer.Option("ok", "--status", help="ok, failed, corrupt, or all."),
+    status_: str = typer.Option("ok", "--status", help="ok, dead, failed, corrupt, or all."),
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
     limit: Optional[int] = typer.Option(None, help="Show the first K rows after sorting."),
@@ -288,8 +288,8 @@ def query(
     with user_errors():
         from ldam_sweep.errors import StoreError
 
-        if status_ not in ("ok", "failed", "corrupt", "all"):
-            raise StoreError(f"--status must be ok, failed, corrupt or all, got {status_!r}")
+        if status_ not in ("ok", "dead", "failed", "corrupt", "all"):
+            raise StoreError(f"--status must be ok, dead, failed, corrupt or all, got {status_!r}")
         st = open_store(store)
         table = st.units(layer, unit=unit, status=None if status_ == "all" else status_, sort=sort,
                          descending=not ascending, limit=limit)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -17,6 +18,8 @@ from ldam_sweep.sampling.exemplars import top_exemplars
 from ldam_sweep.sampling.scoring import score_result
 from ldam_sweep.store import BlockWriter, commit, create_store
 from ldam_sweep.store.layout import plan_store
+
+from conftest import DEAD_CHANNEL
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="make test installs Debian's chromium; run it through make")
@@ -36,12 +39,12 @@ def _sweep_block(url, model, layer, block, pool):
     lp = w.plan.layer(layer)
     res = ls.sample(model, layer, lp.block_units(block), chains=3, steps=30, snapshot_every=10)
     ex = top_exemplars(model, layer, res.units, lp.objective, pool, 4)
-    scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0])
+    scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0], exemplars=ex[0])
     commit(url, w.write(layer, block, res, exemplars=ex, unit_columns=scores))
 
 
 @pytest.fixture(scope="module")
-def atlas_site(tmp_path_factory, digits_model):
+def atlas_site(tmp_path_factory, digits_model, dead_channel_model):
     import torch
 
     tmp = tmp_path_factory.mktemp("atlas")
@@ -51,9 +54,11 @@ def atlas_site(tmp_path_factory, digits_model):
         evil = ls.load_model({"factory": "evil_model_for_test:build", "input": {"channels": 1, "height": 28, "width": 28}}, device="cpu")
     finally:
         sys.path.remove(str(tmp))
+    dead = ls.load_model(dead_channel_model[0], device="cpu")
     pool = torch.from_numpy(digits(28, "train")[0])
     stores = {}
-    for key, model, layers in (("digits", digits_model, {"fc2": None, "conv2": list(range(8))}), ("evil", evil, {EVIL: None})):
+    for key, model, layers in (("digits", digits_model, {"fc2": None, "conv2": list(range(8))}), ("evil", evil, {EVIL: None}),
+                               ("dead", dead, {"relu": None})):
         url = str(tmp / f"{key}.zarr")
         plan = plan_store(model, layers, chains=3, steps=30, snapshot_steps=default_snapshot_steps(30, 10), block_size=4,
                           exemplars_k=4, spec={"name": key, "note": EVIL})
@@ -65,6 +70,7 @@ def atlas_site(tmp_path_factory, digits_model):
         stores[key] = url
     report = build_atlas(stores["digits"], tmp / "site")
     evil_report = build_atlas(stores["evil"], tmp / "evil-site")
+    build_atlas(stores["dead"], tmp / "dead-site")
     return {"tmp": tmp, "stores": stores, "report": report, "evil": evil_report, "model": digits_model, "pool": pool}
 
 
@@ -117,8 +123,16 @@ def test_browse_index_layer_unit(atlas_site, browser):
     ratio = st.units("fc2", unit=best)["activation_ratio"][0].as_py()
     assert f"{ratio:.4g}" in text
     assert page.locator("svg polyline").count() == 3  # one trace per chain
+    # the final samples grouped by facet, one row each, beside the exemplars
+    facets = st.units("fc2", unit=best)["facets"][0].as_py()
+    labels = page.locator(".facet > div").all_inner_texts()
+    assert len(labels) == facets >= 1
+    sizes = [int(re.fullmatch(rf"facet {i} \((\d+) chains?\)", t).group(1)) for i, t in enumerate(labels, 1)]
+    assert sum(sizes) == 3 and sizes == sorted(sizes, reverse=True)
+    side = page.locator(".side > div h2").all_inner_texts()
+    assert side == ["Final samples by facet", "Dataset exemplars (top real images)"]
     loaded = _images_loaded(page)
-    assert len(loaded) == 2 and all(w > 0 for w in loaded)  # chains x snapshots, exemplars
+    assert len(loaded) == 2 + facets and all(w > 0 for w in loaded)  # chains x snapshots, facets, exemplars
     page.screenshot(path=str(atlas_site["tmp"] / "unit.png"), full_page=True)
     assert (atlas_site["tmp"] / "unit.png").stat().st_size > 10_000
     assert all(u.startswith("file://") for u in requests)  # nothing fetched from the network
@@ -139,6 +153,39 @@ def test_script_in_a_layer_name_is_text_not_code(atlas_site, browser):
     assert EVIL in page.inner_text("h1")
     assert dialogs == []
     assert (site / "layers" / f"{slug(EVIL)}.html").is_file() and "<" not in slug(EVIL)
+
+
+def test_new_scores_sort_the_layer_page(atlas_site, browser):
+    page = browser.new_page()
+    page.goto((atlas_site["tmp"] / "site" / "layers" / f"{slug('fc2')}.html").as_uri())
+    options = page.eval_on_selector_all("#sort option", "els => els.map(e => e.value)")
+    for col in ("lowpass_diversity", "lowpass_diversity_ratio", "feature_diversity_ratio", "facets"):
+        assert col in options
+    st = ls.open_store(atlas_site["stores"]["digits"])
+    best = st.units("fc2", sort="lowpass_diversity_ratio", limit=1)["unit"][0].as_py()
+    page.select_option("#sort", "lowpass_diversity_ratio")
+    assert page.locator(".cell b").first.inner_text() == f"unit {best}"
+
+
+def test_a_dead_unit_has_a_badge_and_its_page_gives_the_reason(atlas_site, browser):
+    site = atlas_site["tmp"] / "dead-site"
+    page = browser.new_page()
+    page.goto((site / "index.html").as_uri())
+    relu = [r for r in page.locator("table tr").all_inner_texts() if r.startswith("relu")][0].split("\t")
+    assert relu[4:8] == ["4", "0", "0", "1"]  # done, failed, pending, dead
+    page.click("text=relu")
+    page.wait_for_selector(".cell")
+    assert page.locator(".cell img").count() == 3  # the live units have a picture
+    dead = page.locator(".cell.dead")
+    assert dead.count() == 1 and dead.locator("b").inner_text() == f"unit {DEAD_CHANNEL}"
+    assert dead.locator(".badge").inner_text() == "dead"
+    page.select_option("#filter", "dead")
+    assert page.inner_text("#count") == "1 of 4 units"
+    dead.locator("a").click()
+    page.wait_for_selector("h2")
+    text = page.inner_text("body")
+    assert "activation and input gradient are 0 for all 3 starting images" in text and "Dataset exemplars" in text
+    assert "Final samples by facet" not in text and page.locator("svg").count() == 0
 
 
 def test_rebuild_renders_only_what_changed(atlas_site):

@@ -54,7 +54,7 @@ def test_status_json_equals_store_layers(exemplar_store):
     st = ls.open_store(exemplar_store)
     doc = run_json("status", exemplar_store, "--json")
     assert same(doc["layers"], st.layers())
-    assert doc["totals"] == {"planned": 4 + 16 + 128 + 10, "done": 8 + 128 + 10, "failed": 8, "corrupt": 0, "pending": 4}
+    assert doc["totals"] == {"planned": 4 + 16 + 128 + 10, "done": 8 + 128 + 10, "failed": 8, "corrupt": 0, "pending": 4, "dead": 0}
     assert doc["errors"] == ["RuntimeError: injected"] and doc["store"] == st.loc.url
 
 

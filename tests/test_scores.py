@@ -8,8 +8,9 @@ import torch
 
 import ldam_sweep as ls
 from ldam_sweep.data import digits
-from ldam_sweep.sampling.diagnostics import autocorr_ess, split_rhat
-from ldam_sweep.sampling.diversity import feature_diversity, mode_count, pixel_diversity
+from ldam_sweep.sampling.diagnostics import autocorr_ess, split_rhat, unit_scores
+from ldam_sweep.sampling.diversity import (facet_count, facet_labels, feature_diversity, lowpass_diversity, mode_count,
+                                           pixel_diversity)
 from ldam_sweep.sampling.exemplars import top_exemplars
 from ldam_sweep.sampling.scoring import score_result
 
@@ -27,6 +28,44 @@ def test_diversity_scores_on_known_configurations():
     assert int(mode_count(chain, RANGE)[0]) == 2
     feats = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [2.0, 0.0]]])
     assert float(feature_diversity(feats)[0]) == pytest.approx(2 / 3)
+
+
+def test_lowpass_diversity_ignores_speckle_and_facets_group_shapes():
+    g = torch.Generator().manual_seed(0)
+    vertical, horizontal = torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)
+    vertical[:, 3:13, 6:10] = 1.0
+    horizontal[:, 6:10, 3:13] = 1.0
+
+    def speckled(img):
+        return (img + (torch.rand(img.shape, generator=g) - 0.5) * 0.6).clamp(0, 1)
+
+    same = torch.stack([speckled(vertical) for _ in range(4)]).unsqueeze(0)
+    px, low = float(pixel_diversity(same, RANGE)[0]), float(lowpass_diversity(same, RANGE)[0])
+    assert px > 0.12 and low < 0.3 * px  # the speckle is most of the pixel distance; the blur removes it
+    assert int(mode_count(same, RANGE)[0]) == 4 and int(facet_count(same, RANGE)[0]) == 1
+    two = torch.stack([speckled(vertical), speckled(horizontal), speckled(vertical), speckled(horizontal)]).unsqueeze(0)
+    assert float(lowpass_diversity(two, RANGE)[0]) > 0.15
+    assert facet_labels(two, RANGE)[0].tolist() == [0, 1, 0, 1]
+    nan = two.clone()
+    nan[0, 3] = float("nan")  # a diverged chain has no facet
+    assert facet_labels(nan, RANGE)[0].tolist() == [0, 1, 0, -1] and int(facet_count(nan, RANGE)[0]) == 2
+
+
+def test_diversity_ratios_are_one_when_the_chains_are_as_varied_as_the_exemplars():
+    g = torch.Generator().manual_seed(1)
+    final = torch.rand(2, 4, 1, 8, 8, generator=g)
+    samples = final.unsqueeze(2).numpy()  # one snapshot
+    act = np.ones((2, 4, 3), dtype=np.float32)
+    feats = torch.rand(2, 4, 5, generator=g)
+    exemplars = torch.cat([final[:1], final[1:] * 0.5], 0)  # unit 1: exemplars half as varied
+    ex_feats = torch.cat([feats[:1], torch.rand(1, 4, 5, generator=g)], 0)
+    rows = unit_scores(samples, act, np.array([2]), RANGE, features=feats, exemplars=exemplars, exemplar_features=ex_feats)
+    assert rows[0]["lowpass_diversity_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert rows[0]["feature_diversity_ratio"] == pytest.approx(1.0, rel=1e-5)
+    assert rows[1]["lowpass_diversity_ratio"] == pytest.approx(2.0, rel=1e-5)
+    assert rows[0]["lowpass_diversity"] == pytest.approx(float(lowpass_diversity(final[:1], RANGE)[0]), rel=1e-6)
+    without = unit_scores(samples, act, np.array([2]), RANGE, features=feats)
+    assert without[0]["lowpass_diversity_ratio"] is None and without[0]["feature_diversity_ratio"] is None
 
 
 def test_ess_and_rhat_behave():

@@ -114,6 +114,39 @@ def test_duplicate_commits_are_deduplicated_newest_wins(store, digits_model):
     assert verify_store(st) == (1, [])
 
 
+def test_part_files_written_before_the_new_score_columns_still_read(store, digits_model):
+    import datetime as dt
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ldam_sweep.sampling.scoring import score_result
+    from ldam_sweep.store import manifest
+
+    url, plan = store
+    new = ("lowpass_diversity", "lowpass_diversity_ratio", "feature_diversity_ratio", "facets")
+    lp = plan.layer("fc2")
+    res = sample_block(digits_model, lp, 0)
+    scores = score_result(digits_model, res)
+    rows = BlockWriter(url).write("fc2", 0, res, unit_columns=scores)
+    old_schema = pa.schema([f for f in manifest.FILE_SCHEMA if f.name not in new])
+    old = [{k: v for k, v in r.items() if k in old_schema.names} | {"committed_at": dt.datetime.now(dt.timezone.utc)}
+           for r in rows]
+    folder = Path(url) / "manifest" / "layer=fc2"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(old, schema=old_schema), folder / "part-0-old.parquet")
+    commit(url, BlockWriter(url).write("fc2", 1, sample_block(digits_model, lp, 1), unit_columns=score_result(
+        digits_model, sample_block(digits_model, lp, 1))))
+    st = ls.open_store(url)
+    units = {r["unit"]: r for r in st.units("fc2").to_pylist()}
+    assert sorted(units) == list(range(8))
+    assert all(units[u][c] is None for u in range(4) for c in new)  # old file: the new columns read as null
+    assert all(units[u]["lowpass_diversity"] > 0 and units[u]["facets"] >= 1 for u in range(4, 8))
+    assert units[0]["pixel_diversity"] == pytest.approx(scores[0]["pixel_diversity"])
+    assert st.units("fc2", sort="facets", limit=4)["unit"].to_pylist() != []
+    assert verify_store(st) == (2, [])
+
+
 def test_failed_block_is_recorded_and_not_readable(store, digits_model):
     url, plan = store
     lp = plan.layer("fc2")

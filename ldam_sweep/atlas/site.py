@@ -4,8 +4,9 @@
     layers/<slug>.html             one thumbnail per unit (its best sample), sortable and
                                    filterable by score, paginated in the browser
     data/<slug>.js                 the layer's rows (a script, since file:// forbids fetch())
-    units/<slug>/<unit>.html       chains x snapshots, activation / realism traces (SVG),
-                                   dataset exemplars, every score, a Python snippet
+    units/<slug>/<unit>.html       chains x snapshots, the final samples grouped by facet beside
+                                   the dataset exemplars, activation / realism traces (SVG), every
+                                   score, a Python snippet; a dead unit: the reason and exemplars
     img/<slug>/<unit>-*.png        nearest-neighbour upscaled PNGs
 
 Every name from the model or the spec is HTML-escaped (and JSON-escaped inside scripts). Rebuilds
@@ -28,11 +29,14 @@ from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.format import slug, unit_page
 from ldam_sweep.atlas.grid import render_grid
 from ldam_sweep.errors import CorruptBlockError
+from ldam_sweep.sampling.diversity import FACET_THRESHOLD, facet_labels
 from ldam_sweep.store.query import SweepStore, open_store
 
 SCORES = (
     ("activation_ratio", "activation ratio"), ("pixel_diversity", "pixel diversity"),
-    ("feature_diversity", "feature diversity"), ("realism_final_mean", "realism (log D)"),
+    ("lowpass_diversity", "low-pass diversity"), ("lowpass_diversity_ratio", "low-pass diversity ÷ exemplars'"),
+    ("feature_diversity", "feature diversity"), ("feature_diversity_ratio", "feature diversity ÷ exemplars'"),
+    ("facets", "facets"), ("realism_final_mean", "realism (log D)"),
     ("nearest_real", "nearest real"), ("modes", "modes"), ("movement", "movement"), ("ess", "ESS"),
     ("rhat", "split R-hat"), ("act_final_mean", "final activation"), ("exemplar_max", "exemplar max"),
     ("diverged_fraction", "diverged"), ("stuck_fraction", "stuck at box"),
@@ -50,6 +54,9 @@ th{background:#eee}.bar{background:#ddd;width:120px;height:10px;display:inline-b
 .cell img{width:128px;height:128px;image-rendering:pixelated;display:block}
 img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x:auto}
 .controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}.corrupt{color:#b00020}
+.side{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}.side>div{max-width:46%}.facet{margin:.3em 0}
+.badge{background:#555;color:#fff;border-radius:3px;padding:0 .4em;font-size:11px}
+.deadcell{width:128px;height:128px;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
 """
 
 
@@ -121,7 +128,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         for r in lrows:
             key = f"{name}\x00{r['unit']}"
             stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}"
-            if r["status"] == "ok":
+            if r["status"] in ("ok", "dead"):
                 if state.get(key) != stamp or not unit_page(out, name, r["unit"]).is_file():
                     todo.setdefault(int(r["block"]), []).append(r)
                 else:
@@ -175,6 +182,19 @@ def _render_corrupt_unit(st: SweepStore, layer: str, unit: int, problem: str, ou
     (out / "units" / s / f"{unit}.html").write_text(_page(f"{layer} unit {unit} (corrupt)", body, 2))
 
 
+def _facets(final: np.ndarray, value_range: tuple[float, float]) -> list[list[int]]:
+    """The chains of each facet (largest first), recomputed from the stored final samples: the
+    same rule as the ``facets`` score, cheaper than storing labels, and old stores get it too."""
+    import torch
+
+    labels = facet_labels(torch.from_numpy(np.ascontiguousarray(final, dtype=np.float32))[None], value_range)[0].tolist()
+    groups: dict[int, list[int]] = {}
+    for chain, label in enumerate(labels):
+        if label >= 0:
+            groups.setdefault(label, []).append(chain)
+    return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+
+
 def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:
     """One unit's images and page, from its slices of the block's arrays (read once per block)."""
     name, unit = info["name"], int(row["unit"])
@@ -185,34 +205,55 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     act = data["activation"]
     vr = st.plan.value_range
     h = samples.shape[-2]
-    scale = max(1, 128 // h)
-    final_act = np.where(np.isfinite(act[:, -1]), act[:, -1], -np.inf)
-    best = int(np.argmax(final_act))
-    render_grid(samples[best : best + 1, -1:], vr, scale=scale, pad=0).save(img_dir / f"{unit}-best.png", compress_level=1)
-    steps = st.snapshot_steps()
-    labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
-    render_grid(samples, vr, scale=max(1, 96 // h), row_labels=[f"chain {c}" for c in range(len(samples))],
-                cell_labels=labels, col_labels=[f"t={t}" for t in steps]).save(img_dir / f"{unit}-chains.png", compress_level=1)
+    dead = row["status"] == "dead"
     parts = [f"<h1>{_e(name)} · unit {unit}</h1>",
-             f"<p><a href='../../layers/{s}.html'>back to layer {_e(name)}</a></p>",
-             "<h2>Chains × snapshots</h2>",
-             f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
+             f"<p><a href='../../layers/{s}.html'>back to layer {_e(name)}</a></p>"]
+    side = []
+    if dead:
+        parts.append(f"<p class='dead'><span class='badge'>dead</span> not sampled: {_e(row.get('error') or '')}</p>")
+    else:
+        scale = max(1, 128 // h)
+        final_act = np.where(np.isfinite(act[:, -1]), act[:, -1], -np.inf)
+        best = int(np.argmax(final_act))
+        render_grid(samples[best : best + 1, -1:], vr, scale=scale, pad=0).save(img_dir / f"{unit}-best.png", compress_level=1)
+        steps = st.snapshot_steps()
+        labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
+        render_grid(samples, vr, scale=max(1, 96 // h), row_labels=[f"chain {c}" for c in range(len(samples))],
+                    cell_labels=labels, col_labels=[f"t={t}" for t in steps]).save(img_dir / f"{unit}-chains.png", compress_level=1)
+        parts += ["<h2>Chains × snapshots</h2>",
+                  f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
+        facets = _facets(samples[:, -1], vr)
+        rows = []
+        for i, chains in enumerate(facets, 1):
+            render_grid(samples[chains, -1][None], vr, scale=max(1, 64 // h),
+                        cell_labels=np.array([[f"chain {c}" for c in chains]])).save(img_dir / f"{unit}-facet{i}.png", compress_level=1)
+            rows.append(f"<div class='facet'><div>facet {i} ({len(chains)} chain{'s' if len(chains) != 1 else ''})</div>"
+                        f"<img class='pix' alt='facet {i}' src='../../img/{s}/{unit}-facet{i}.png'></div>")
+        left_out = len(samples) - sum(map(len, facets))
+        note = f"<p class='muted'>{left_out} diverged chain(s) left out</p>" if left_out else ""
+        side.append(f"<div><h2>Final samples by facet</h2><p class='muted'>chains whose low-passed final samples "
+                    f"are linked by RMS distances below {FACET_THRESHOLD} of the pixel range</p>{''.join(rows)}{note}</div>")
     if "exemplars" in data:
         ex, ex_act = data["exemplars"].astype(np.float32), data["exemplar_activation"]
         if np.isfinite(ex).any():
             render_grid(ex[None], vr, scale=max(1, 64 // h),
                         cell_labels=np.vectorize(lambda v: f"{v:.3g}")(ex_act[None])).save(img_dir / f"{unit}-exemplars.png", compress_level=1)
-            parts += ["<h2>Dataset exemplars (top real images)</h2>",
-                      f"<img class='pix' alt='exemplars' src='../../img/{s}/{unit}-exemplars.png'>"]
-    parts.append("<h2>Traces</h2>" + _svg_traces(act, "activation per step (one line per chain)"))
-    if "realism" in data:
-        parts.append(_svg_traces(data["realism"], "realism log D per step"))
+            side.append("<div><h2>Dataset exemplars (top real images)</h2>"
+                        f"<img class='pix' alt='exemplars' src='../../img/{s}/{unit}-exemplars.png'></div>")
+    if side:
+        parts.append(f"<div class='side'>{''.join(side)}</div>")
+    if not dead:
+        parts.append("<h2>Traces</h2>" + _svg_traces(act, "activation per step (one line per chain)"))
+        if "realism" in data:
+            parts.append(_svg_traces(data["realism"], "realism log D per step"))
     score_rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>" for k, label in SCORES)
     meta = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>"
-                   for k in ("objective", "method", "lam", "chains", "steps", "attempt", "worker", "committed_at"))
+                   for k in ("status", "objective", "method", "lam", "chains", "steps", "attempt", "worker", "committed_at"))
     parts.append(f"<h2>Scores</h2><table>{score_rows}{meta}</table>")
-    snippet = (f"import ldam_sweep as ls\nsamples = ls.open_store({st.loc.url!r}).samples({name!r}, {unit})"
-               "  # (chain, snapshot, C, H, W)")
+    call = "exemplars" if dead else "samples"
+    shape = "(k, C, H, W) images, (k,) activations" if dead else "(chain, snapshot, C, H, W)"
+    snippet = (f"import ldam_sweep as ls\n{call} = ls.open_store({st.loc.url!r}).{call}({name!r}, {unit})"
+               f"  # {shape}")
     parts.append(f"<h2>Load it from Python</h2><pre>{_e(snippet)}</pre>")
     page = unit_page(out, name, unit)
     page.parent.mkdir(parents=True, exist_ok=True)
@@ -241,9 +282,13 @@ LAYER_JS = """
     count.textContent = v.length + ' of ' + rows.length + ' units';
     grid.innerHTML = v.slice(page * size, (page + 1) * size).map(r => r.status === 'ok'
       ? `<div class="cell"><a href="../units/${slug}/${r.unit}.html"><img alt="unit ${r.unit}" src="../img/${slug}/${r.unit}-best.png"></a>`
-        + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · div ${fmt(r.pixel_diversity)}<br>realism ${fmt(r.realism_final_mean)}</div>`
+        + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · facets ${fmt(r.facets)}<br>low-pass div ${fmt(r.lowpass_diversity)}`
+        + `<br>realism ${fmt(r.realism_final_mean)}</div>`
       : r.status === 'corrupt'
       ? `<div class="cell corrupt"><a href="../units/${slug}/${r.unit}.html"><b>unit ${r.unit}</b></a><br><b>corrupt</b> — run <code>ldam-sweep verify STORE --repair</code></div>`
+      : r.status === 'dead'
+      ? `<div class="cell dead"><a href="../units/${slug}/${r.unit}.html"><div class="deadcell">not sampled</div></a>`
+        + `<b>unit ${r.unit}</b> <span class="badge">dead</span></div>`
       : `<div class="cell"><b>unit ${r.unit}</b><br>${r.status}${r.error ? ': ' + esc(r.error) : ''}</div>`).join('');
     pager.innerHTML = Array.from({length: pages}, (_, i) => i === page ? `<b>${i + 1}</b>` : `<a href="#" data-p="${i}">${i + 1}</a>`).join(' ');
   }
@@ -260,10 +305,12 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
         f"<option value='{k}'>{_e(label)}</option>" for k, label in SCORES)
     body = (f"<h1>Layer {_e(name)}</h1>"
             f"<p>{_e(info['module_type'])}, {_e(info['kind'])}, output {_e('×'.join(map(str, info['output_shape'])))}, "
-            f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done, {info['failed']} failed.</p>"
+            f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done ({info['dead']} dead: "
+            f"not sampled), {info['failed']} failed.</p>"
             f"<div class='controls'><label>sort by <select id='sort'>{options}</select></label>"
             "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
-            "<option value='failed'>failed</option><option value='corrupt'>corrupt</option><option value='pending'>pending</option></select></label>"
+            "<option value='dead'>dead</option><option value='failed'>failed</option><option value='corrupt'>corrupt</option>"
+            "<option value='pending'>pending</option></select></label>"
             "<label>min value <input id='min' type='number' step='any' size='6'></label><span id='count'></span></div>"
             "<div id='pager'></div><div class='grid' id='grid'></div>"
             f"<script src='../data/{s}.js'></script><script>{LAYER_JS % PAGE_SIZE}</script>")
@@ -280,7 +327,7 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -
         frac = info["done"] / info["planned"] if info["planned"] else 0
         rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td>"
                     f"<td>{_e(info['module_type'])}</td><td>{_e(info['kind'])}</td><td>{info['units']}</td>"
-                    f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['corrupt']}</td><td>{info['pending']}</td>"
+                    f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['corrupt']}</td><td>{info['pending']}</td><td>{info['dead']}</td>"
                     f"<td><span class='bar'><span style='width:{100 * frac:.0f}%'></span></span> {100 * frac:.0f}%</td></tr>")
     d = st.discriminator_info()
     d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
@@ -289,7 +336,7 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -
             f"<p>store <code>{_e(st.loc.url)}</code>, created {_e(attrs.get('created_at', ''))}, "
             f"model fingerprint <code>{_e(attrs['model']['fingerprint'][:12])}</code></p>"
             "<h2>Layers</h2><table><tr><th>layer</th><th>module</th><th>kind</th><th>units</th><th>done</th>"
-            f"<th>failed</th><th>corrupt</th><th>pending</th><th>completion</th></tr>{''.join(rows)}</table>"
+            f"<th>failed</th><th>corrupt</th><th>pending</th><th>dead</th><th>completion</th></tr>{''.join(rows)}</table>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

@@ -124,7 +124,7 @@ def run_sweep(
 
         st = open_store(loc.url)
         d_acc = _stage1(job, model, st, loc.url, console)
-        committed = st.refresh().units(status="ok")
+        committed = st.refresh().units(status=("ok", "dead"))  # dead units are done: not sampled again
         done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
         todo = [t for t in tasks if t.key not in done_keys]
         console.print(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run",

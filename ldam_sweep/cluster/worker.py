@@ -247,7 +247,8 @@ class SweepWorker:
             objective = self.writer.plan.layer(layer).objective
             exemplars = top_exemplars(self.model, layer, result.units, objective, self.real_pool, k)
         scores = score_result(self.model, result, real_pool=self.real_pool,
-                              exemplar_max=None if exemplars is None else exemplars[1][:, 0])
+                              exemplar_max=None if exemplars is None else exemplars[1][:, 0],
+                              exemplars=None if exemplars is None else exemplars[0])
         return result, exemplars, scores
 
     def run_batch(self, layer: str, blocks: list[tuple[int, list[int]]], attempts: list[int]) -> list[list[dict[str, Any]]]:
@@ -280,7 +281,8 @@ class SweepWorker:
                 _wait_for_other_sampling(Path(gate), {f"sampling-{layer}-{b}" for b, _ in blocks})
             sub = dataclasses.replace(result, units=result.units[part], samples=result.samples[part],
                                       activation=result.activation[part],
-                                      realism=None if result.realism is None else result.realism[part])
+                                      realism=None if result.realism is None else result.realism[part],
+                                      dead=None if result.dead is None else result.dead[part])
             columns = {u: {**scores[u], "batch_units": batch} for u in block_units}
             self._check_generation(layer, block, "wrote nothing")
             rows = self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),

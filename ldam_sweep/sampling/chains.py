@@ -2,6 +2,12 @@
 
 Batch layout: element ``u * chains + c`` is chain c of the u-th unit. One forward (truncated at
 the layer) and one backward per step serve the whole block.
+
+Dead units: before the loop, one probe forward + backward at the starting images finds units whose
+activation and input gradient are exactly 0 for every chain's start (a ReLU that never fires on
+them); those units are dropped from the batch, not sampled, and flagged in ``ChainResult.dead``.
+Their samples and traces are NaN ("not sampled"), so nothing downstream mistakes the unmoved start
+for a sample. Dropping them changes nothing for the others: a chain depends only on its own key.
 """
 
 from __future__ import annotations
@@ -36,10 +42,16 @@ class ChainResult:
     samples: np.ndarray  # (U, chains, S, C, H, W) float32
     activation: np.ndarray  # (U, chains, steps + 1) float32: a(x_t), t = 0 (start) .. steps (final)
     realism: np.ndarray | None = None  # (U, chains, steps + 1) log D(x_t), when a discriminator is given
+    dead: np.ndarray | None = None  # (U,) bool: activation and input gradient 0 at every start; not sampled (NaN)
 
     @property
     def chains(self) -> int:
         return int(self.samples.shape[1])
+
+    @property
+    def dead_reason(self) -> str:
+        """Why a unit flagged in ``dead`` was not sampled (the manifest's ``error`` for it)."""
+        return f"activation and input gradient are 0 for all {self.chains} starting images"
 
     @property
     def final_activation(self) -> np.ndarray:
@@ -129,26 +141,44 @@ def sample(
     n_units = len(unit_arr)
     keys = noise.chain_keys(seed, info.name, unit_arr, chains).to(model.device)
     x0 = initial_images(model, init, keys, n_units, chains)
-    unit_idx = torch.from_numpy(np.repeat(unit_arr, chains)).to(model.device)
-
-    def activation_fn(x: torch.Tensor) -> torch.Tensor:
-        return unit_objective(model.activations(x, info.name), unit_idx, objective)
-
-    log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
-    out: ChainTensors = run_chains(
-        activation_fn, x0, keys, steps=steps, method=method, options=options,
-        box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
-    )
+    dead = _dead_units(model, info.name, objective, unit_arr, x0)
+    live = ~dead
+    if dead.any():
+        keep = torch.from_numpy(np.repeat(live, chains)).to(model.device)
+        keys, x0 = keys[keep], x0[keep]
+    n_live = int(live.sum())
     shape = model.input.shape
-    # laid out (unit, chain, ...) on the device, then one transfer per array
-    snaps = out.snapshots.detach().view(len(snap_steps), n_units, chains, *shape).permute(1, 2, 0, 3, 4, 5)
-    traces = [out.activation, *([] if out.realism is None else [out.realism])]
-    samples, act, *real = _to_host([snaps.to(snapshot_dtype, memory_format=torch.contiguous_format), *(t.detach().T.reshape(n_units, chains, steps + 1)
-                                                                for t in traces)])
+    samples = np.full((n_units, chains, len(snap_steps), *shape), np.nan,
+                      dtype=torch.empty((), dtype=snapshot_dtype).numpy().dtype)
+    act = np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
+    real = None if discriminator is None else np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
+    if n_live:
+        unit_idx = torch.from_numpy(np.repeat(unit_arr[live], chains)).to(model.device)
+
+        def activation_fn(x: torch.Tensor) -> torch.Tensor:
+            return unit_objective(model.activations(x, info.name), unit_idx, objective)
+
+        log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
+        out: ChainTensors = run_chains(
+            activation_fn, x0, keys, steps=steps, method=method, options=options,
+            box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
+        )
+        # laid out (unit, chain, ...) on the device, then one transfer per array
+        snaps = out.snapshots.detach().view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)
+        traces = [out.activation, *([] if out.realism is None else [out.realism])]
+        host = _to_host([snaps.to(snapshot_dtype, memory_format=torch.contiguous_format),
+                         *(t.detach().T.reshape(n_live, chains, steps + 1) for t in traces)])
+        if n_live == n_units:  # no dead unit: the transferred arrays are the result
+            samples, act = host[0], host[1]
+            real = host[2] if len(host) > 2 else real
+        else:
+            samples[live], act[live] = host[0], host[1]
+            if len(host) > 2 and real is not None:
+                real[live] = host[2]
     return ChainResult(
         layer=info.name, units=unit_arr, objective=objective, method=method, seed=int(seed), lam=float(lam),
         steps=steps, options=options.model_dump(), snapshot_steps=np.asarray(snap_steps, dtype=np.int64),
-        samples=samples, activation=act, realism=real[0] if real else None,
+        samples=samples, activation=act, realism=real, dead=dead,
     )
 
 
@@ -163,6 +193,19 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
         h.copy_(t, non_blocking=True)
     torch.cuda.current_stream(tensors[0].device).synchronize()
     return [h.numpy() for h in host]
+
+
+def _dead_units(model: ModelHandle, layer: str, objective: str, units: np.ndarray, x0: torch.Tensor) -> np.ndarray:
+    """(U,) bool: units whose activation and input gradient are exactly 0 at every chain's start.
+    One forward + backward of the whole batch and one host sync."""
+    chains = len(x0) // len(units)
+    unit_idx = torch.from_numpy(np.repeat(units, chains)).to(x0.device)
+    x = x0.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        a = unit_objective(model.activations(x, layer), unit_idx, objective)
+        (grad,) = torch.autograd.grad(a.sum(), x)
+    alive = (a.detach() != 0) | (grad.flatten(1) != 0).any(1)
+    return ~alive.view(len(units), chains).any(1).cpu().numpy()
 
 
 def _wrap_discriminator(d: Callable, model: ModelHandle, batch: int) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -4,7 +4,10 @@ Conventions (all documented in docs/scores.md):
 - burn-in: the first half of the steps (``burn_in = steps // 2``) unless given;
 - a chain *diverged* when any of its samples or activations is non-finite: it is flagged (counted
   in ``diverged_fraction``) and left out of every other score; the rest of the block is kept;
-- a chain is *stuck at the box* when >= 95% of its final pixels sit on the pixel-range bounds.
+- a chain is *stuck at the box* when >= 95% of its final pixels sit on the pixel-range bounds;
+- ``*_diversity_ratio``: the chains' diversity divided by the same measure over the unit's top real
+  exemplars (its finite ones): 1.0 = the chains are as varied as the real images that excite the
+  unit most.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ldam_sweep.sampling.diversity import feature_diversity, mode_count, pixel_diversity
+from ldam_sweep.sampling.diversity import (facet_count, feature_diversity, lowpass_diversity, mode_count,
+                                           pixel_diversity)
 
 STUCK_PIXEL_FRACTION = 0.95
 BOUNDARY_TOL = 1e-3
@@ -63,12 +67,16 @@ def unit_scores(
     realism: np.ndarray | None = None,
     exemplar_max: np.ndarray | None = None,
     real_pool: torch.Tensor | None = None,
+    exemplars: torch.Tensor | None = None,
+    exemplar_features: torch.Tensor | None = None,
     burn_in: int | None = None,
     device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """One dict of score columns per unit. ``samples`` (U, K, S, C, H, W), ``activation`` (U, K, T+1),
     ``features`` (U, K, F) of the final samples, ``real_pool`` (N, C, H, W) for the nearest-real
-    distance, ``exemplar_max`` (U,) the unit's maximum over real data (for the activation ratio)."""
+    distance, ``exemplar_max`` (U,) the unit's maximum over real data (for the activation ratio),
+    ``exemplars`` (U, k, C, H, W) and ``exemplar_features`` (U, k, F) the unit's top real images and
+    their features (for the diversity ratios; NaN exemplars are left out)."""
     dev = torch.device(device)
     s = torch.from_numpy(np.ascontiguousarray(samples)).to(dev).float()  # float16 samples: widened on the device
     act = torch.from_numpy(np.ascontiguousarray(activation)).to(dev)
@@ -116,6 +124,16 @@ def unit_scores(
     px = pixel_diversity(final, value_range, valid)
     fd = feature_diversity(features.to(dev), valid) if features is not None else torch.full((u,), float("nan"))
     modes = mode_count(final, value_range, valid=valid)
+    low = lowpass_diversity(final, value_range, valid)
+    facets = facet_count(final, value_range, valid=valid)
+    low_ratio = torch.full((u,), float("nan"))
+    fd_ratio = torch.full((u,), float("nan"))
+    if exemplars is not None:
+        ex = exemplars.to(dev)
+        low_ratio = low / lowpass_diversity(ex, value_range, torch.isfinite(ex.flatten(2)).all(-1)).to(low.device)
+        if exemplar_features is not None:
+            ef = exemplar_features.to(dev)
+            fd_ratio = fd.to(dev) / feature_diversity(ef, torch.isfinite(ef).all(-1) & torch.isfinite(ex.flatten(2)).all(-1))
     real_mean = None
     if realism is not None:
         r = torch.from_numpy(np.ascontiguousarray(realism[..., -1])).to(dev)
@@ -125,6 +143,8 @@ def unit_scores(
     for i in range(u):
         row = {
             "pixel_diversity": _f(px[i]), "feature_diversity": _f(fd[i]), "modes": int(modes[i]),
+            "lowpass_diversity": _f(low[i]), "facets": int(facets[i]),
+            "lowpass_diversity_ratio": _f(low_ratio[i]), "feature_diversity_ratio": _f(fd_ratio[i]),
             "activation_ratio": _f(ratio[i]), "nearest_real": _f(nearest[i]), "movement": _f(movement[i]),
             "ess": _f(ess[i]), "rhat": _f(rhat[i]),
             "diverged_fraction": float(1 - n_valid[i].item() / k), "stuck_fraction": float(stuck[i].sum().item() / k),

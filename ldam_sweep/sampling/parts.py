@@ -19,10 +19,12 @@ def concat_results(parts: list[ChainResult]) -> ChainResult:
         if (p.layer, p.steps, p.chains, p.method, p.seed, p.lam) != (first.layer, first.steps, first.chains, first.method, first.seed, first.lam):
             raise ValueError("results to join must come from the same layer and sampler settings")
     realism = None if first.realism is None else np.concatenate([p.realism for p in parts])  # type: ignore[misc]
+    dead = np.concatenate([np.zeros(len(p.units), dtype=bool) if p.dead is None else p.dead for p in parts])
     return dataclasses.replace(
         first,
         units=np.concatenate([p.units for p in parts]),
         samples=np.concatenate([p.samples for p in parts]),
         activation=np.concatenate([p.activation for p in parts]),
         realism=realism,
+        dead=dead,
     )

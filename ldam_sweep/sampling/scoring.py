@@ -13,14 +13,12 @@ from ldam_sweep.sampling.diagnostics import unit_scores
 
 
 @torch.no_grad()
-def final_features(model: ModelHandle, result: ChainResult, layer: str | None = None, batch: int = 512) -> torch.Tensor:
-    """(U, K, F) the model's activations at ``layer`` (default: the result's layer) for each chain's
-    final sample; used by the feature-space diversity."""
-    final = torch.from_numpy(np.ascontiguousarray(result.final_samples)).flatten(0, 1)
-    name = layer or result.layer
-    parts = [model.activations(final[i : i + batch].to(model.device).float(), name).flatten(1).float()
-             for i in range(0, len(final), batch)]
-    return torch.cat(parts).view(len(result.units), result.chains, -1)
+def image_features(model: ModelHandle, images: np.ndarray | torch.Tensor, layer: str, batch: int = 512) -> torch.Tensor:
+    """(U, K, C, H, W) images -> (U, K, F) the model's activations at ``layer``; NaN images give NaN rows."""
+    x = torch.as_tensor(np.ascontiguousarray(images), dtype=torch.float32)
+    flat = x.flatten(0, 1)
+    parts = [model.activations(flat[i : i + batch].to(model.device), layer).flatten(1).float() for i in range(0, len(flat), batch)]
+    return torch.cat(parts).view(x.shape[0], x.shape[1], -1)
 
 
 def score_result(
@@ -29,14 +27,27 @@ def score_result(
     *,
     real_pool: np.ndarray | torch.Tensor | None = None,
     exemplar_max: np.ndarray | None = None,
+    exemplars: np.ndarray | None = None,
     feature_layer: str | None = None,
     burn_in: int | None = None,
 ) -> dict[int, dict[str, Any]]:
-    """{unit: {score column: value}} for every unit of the result (see docs/scores.md)."""
+    """{unit: {score column: value}} for every live unit of the result (see docs/scores.md); dead
+    units (``result.dead``) were not sampled and get no scores. ``exemplars`` (U, k, C, H, W): the
+    units' top real images, for the diversity ratios."""
+    live = np.ones(len(result.units), dtype=bool) if result.dead is None else ~result.dead
+    if not live.any():
+        return {}
     pool = None if real_pool is None else torch.as_tensor(np.asarray(real_pool, dtype=np.float32))
+    layer = feature_layer or result.layer
+    ex = ex_features = None
+    if exemplars is not None:
+        ex = torch.as_tensor(np.ascontiguousarray(exemplars[live]), dtype=torch.float32)
+        ex_features = image_features(model, ex, layer)
     rows = unit_scores(
-        result.samples, result.activation, result.snapshot_steps, model.input.range,
-        features=final_features(model, result, feature_layer), realism=result.realism,
-        exemplar_max=exemplar_max, real_pool=pool, burn_in=burn_in, device=model.device,
+        result.samples[live], result.activation[live], result.snapshot_steps, model.input.range,
+        features=image_features(model, result.final_samples[live], layer),
+        realism=None if result.realism is None else result.realism[live],
+        exemplar_max=None if exemplar_max is None else np.asarray(exemplar_max)[live], real_pool=pool,
+        exemplars=ex, exemplar_features=ex_features, burn_in=burn_in, device=model.device,
     )
-    return {int(u): row for u, row in zip(result.units, rows)}
+    return {int(u): row for u, row in zip(result.units[live], rows)}

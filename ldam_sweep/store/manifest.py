@@ -1,6 +1,7 @@
 """The manifest: one Parquet row per committed unit, hive-partitioned by layer. It is the commit log.
 
-A block counts as done only once its rows are published here. Publishing is atomic: locally a
+A block counts as done only once its rows are published here (status 'ok' or 'dead'; 'failed'
+blocks are retried by the next run). Publishing is atomic: locally a
 dot-prefixed temp file renamed into place (readers ignore names starting with '.' or '_'); on an
 object store a single PUT of the final key. Readers de-duplicate by (layer, unit), keeping the
 newest ``committed_at``, so a block committed twice (Ray ran it twice) is harmless. Part files
@@ -29,7 +30,7 @@ MANIFEST_DIR = "manifest"
 FILE_SCHEMA = pa.schema([
     ("unit", pa.int32()),
     ("block", pa.int32()),
-    ("status", pa.string()),  # "ok" | "failed" | "corrupt" (a tombstone written by verify --repair)
+    ("status", pa.string()),  # "ok" | "dead" (not sampled; the reason in error) | "failed" | "corrupt" (verify --repair)
     ("attempt", pa.int16()),
     ("error", pa.string()),
     ("objective", pa.string()),
@@ -48,6 +49,10 @@ FILE_SCHEMA = pa.schema([
     ("pixel_diversity", pa.float32()),
     ("feature_diversity", pa.float32()),
     ("modes", pa.int16()),
+    ("lowpass_diversity", pa.float32()),  # these four came later: older part files lack them (read as null)
+    ("lowpass_diversity_ratio", pa.float32()),
+    ("feature_diversity_ratio", pa.float32()),
+    ("facets", pa.int16()),
     ("nearest_real", pa.float32()),
     ("movement", pa.float32()),
     ("ess", pa.float32()),

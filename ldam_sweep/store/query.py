@@ -4,7 +4,7 @@ a block that is written but not committed (a crashed attempt) is never visible."
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -79,18 +79,20 @@ class SweepStore:
             ) from None
 
     def layers(self) -> list[dict[str, Any]]:
-        """Per layer: kind, units, planned units and blocks, and how many units are done / failed."""
+        """Per layer: kind, units, planned units and blocks, and how many units are done (ok or
+        dead), dead (found dead, not sampled) and failed."""
         table = self.units(status=None)
         out = []
         for lp in self.plan.layers:
             rows = table.filter(pc.equal(table["layer"], lp.name))
             status = rows["status"].to_pylist()
-            done, failed, corrupt = status.count("ok"), status.count("failed"), status.count("corrupt")
+            dead, failed, corrupt = status.count("dead"), status.count("failed"), status.count("corrupt")
+            done = status.count("ok") + dead
             out.append({
                 "name": lp.name, "kind": lp.kind, "module_type": lp.module_type, "units": lp.units,
                 "planned": lp.planned_units(), "blocks": len(lp.planned_blocks()), "block_size": lp.block_size,
                 "objective": lp.objective, "output_shape": list(lp.output_shape),
-                "done": done, "failed": failed, "corrupt": corrupt,
+                "done": done, "dead": dead, "failed": failed, "corrupt": corrupt,
                 "pending": lp.planned_units() - done - failed - corrupt,
             })
         return out
@@ -107,7 +109,7 @@ class SweepStore:
         layer: str | None = None,
         *,
         unit: int | None = None,
-        status: str | None = "ok",
+        status: str | Sequence[str] | None = "ok",
         where: pc.Expression | None = None,
         sort: str | None = None,
         descending: bool = True,
@@ -118,7 +120,8 @@ class SweepStore:
         The manifest is read once per ``SweepStore`` and cached; call ``refresh()`` to see commits
         made after that (a sweep still running).
 
-        ``status``: "ok" (default), "failed", "corrupt" (marked by ``verify --repair``), or None for all. ``where``: any pyarrow compute
+        ``status``: "ok" (default), "dead" (found dead, not sampled), "failed", "corrupt" (marked by
+        ``verify --repair``), several of them as a list, or None for every row. ``where``: any pyarrow compute
         expression over manifest columns, e.g. ``pc.field("act_final_mean") > 10``. ``sort``: any
         column (descending by default). ``limit``: top-k after sorting.
         """
@@ -129,7 +132,7 @@ class SweepStore:
         if unit is not None:
             table = table.filter(pc.equal(table["unit"], unit))
         if status is not None:
-            table = table.filter(pc.equal(table["status"], status))
+            table = table.filter(pc.is_in(table["status"], pa.array([status] if isinstance(status, str) else list(status))))
         if where is not None:
             table = table.filter(where)
         if sort is not None:
@@ -153,7 +156,7 @@ class SweepStore:
         return rel.to_arrow_table() if hasattr(rel, "to_arrow_table") else rel.arrow()  # duckdb 2.x / 1.x
 
     # -- tensors -----------------------------------------------------------------------------
-    def _committed(self, layer: str, unit: int) -> LayerPlan:
+    def _committed(self, layer: str, unit: int, allow_dead: bool = False) -> LayerPlan:
         """The unit's layer plan, once its block's stored data matched the recorded checksum."""
         lp = self.layer_plan(layer)
         if not 0 <= unit < lp.units:
@@ -165,7 +168,9 @@ class SweepStore:
         if status == "corrupt":
             raise CorruptBlockError(f"unit {unit} of layer {layer!r} is in block {rows['block'][0].as_py()}, marked corrupt "
                                     f"({rows['error'][0].as_py()}); {self.repair_hint()}")
-        if status != "ok":
+        if status == "dead" and not allow_dead:
+            raise StoreError(f"unit {unit} of layer {layer!r} is dead ({rows['error'][0].as_py()}): it was not sampled")
+        if status not in ("ok", "dead"):
             raise StoreError(f"unit {unit} of layer {layer!r} failed: {rows['error'][0].as_py()}")
         self._verify_block(lp, int(rows["block"][0].as_py()), rows)
         return lp
@@ -233,10 +238,10 @@ class SweepStore:
         return np.asarray(self._array(layer, kind)[unit])
 
     def exemplars(self, layer: str, unit: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k real images (k, C, H, W) and their activations (k,) of a committed unit."""
+        """Top-k real images (k, C, H, W) and their activations (k,) of a committed unit (dead ones too)."""
         if not self.plan.exemplars_k:
             raise StoreError(f"store {self.loc.url!r} has no dataset exemplars (the sweep ran without data)")
-        self._committed(layer, unit)
+        self._committed(layer, unit, allow_dead=True)
         images = np.asarray(self._array(layer, "exemplars")[unit], dtype=np.float32)
         return images, np.asarray(self._array(layer, "exemplar_activation")[unit])
 

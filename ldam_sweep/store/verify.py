@@ -2,7 +2,7 @@
 the checksum recorded at commit time matches what is stored now; and of every manifest row: it
 belongs to this store (its spec hash and generation) and to its plan (layer and unit). Repair: a
 block that fails the check gets 'corrupt' tombstone rows, so it no longer counts as done and the
-next run redoes it."""
+next run redoes it. A dead unit (not sampled) must be non-finite in every chain."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def verify_store(store: SweepStore) -> tuple[int, list[BlockProblem]]:
     """(number of committed blocks checked, problems found)."""
     problems: list[BlockProblem] = row_problems(store)
     checked = 0
-    committed = store.units(status="ok")
+    committed = store.units(status=("ok", "dead"))
     plan = store.plan
     for lp in plan.layers:
         rows = committed.filter(pc.equal(committed["layer"], lp.name))
@@ -46,6 +46,7 @@ def verify_store(store: SweepStore) -> tuple[int, list[BlockProblem]]:
             with_exemplars = brows["exemplar_max"][newest].as_py() is not None
             units = brows["unit"].to_numpy()
             diverged = brows["diverged_fraction"].to_numpy(zero_copy_only=False)
+            diverged = np.where(np.asarray(brows["status"].to_pylist()) == "dead", 1.0, diverged)
             try:
                 problems.extend(_check_block(store, lp, int(block), units, expected, with_exemplars, diverged))
             except Exception as err:  # unreadable object, torn shard, missing array
@@ -91,7 +92,7 @@ def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray
         if region[name].shape != shape:
             out.append(BlockProblem(lp.name, block, f"{name} has shape {region[name].shape}, expected {shape}"))
     idx = units - lo
-    # a chain may be non-finite only when it was flagged as diverged at commit time
+    # a chain may be non-finite only when it was flagged as diverged at commit time (dead units: all chains)
     nonfinite = np.zeros((len(idx), plan.chains), dtype=int)
     for name in ("samples", "activation"):
         data = region[name][idx].reshape(len(idx), plan.chains, -1)
@@ -100,7 +101,7 @@ def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray
     bad = (nonfinite > 0).sum(axis=1) != flagged
     if bad.any():
         out.append(BlockProblem(lp.name, block, f"committed units {units[bad].tolist()} have non-finite chains "
-                                f"that were not flagged as diverged"))
+                                f"that were not flagged as diverged (or finite chains in a dead unit)"))
     got = block_checksum(region)
     if got != expected:
         out.append(BlockProblem(lp.name, block, f"checksum mismatch: manifest {expected}, stored data {got}"))
@@ -137,7 +138,7 @@ def repair_store(store: SweepStore, problems: list[BlockProblem]) -> int:
     'corrupt', the problem as its error), published in one atomic commit. The newest row of each
     unit wins, so those blocks stop counting as done and the next ``run`` redoes exactly them.
     Returns the number of units marked."""
-    committed = store.units(status="ok")
+    committed = store.units(status=("ok", "dead"))  # every unit that counts as done gets its tombstone
     rows = []
     for block in {(p.layer, p.block): p for p in problems}.values():
         lp = store.layer_plan(block.layer)

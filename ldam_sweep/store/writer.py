@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import uuid
+import warnings
 from typing import Any, Protocol, Sequence
 
 import numpy as np
@@ -38,6 +39,8 @@ class BlockResult(Protocol):
     samples: np.ndarray  # (unit, chain, snapshot, C, H, W)
     activation: np.ndarray  # (unit, chain, steps + 1)
     realism: np.ndarray | None
+    dead: np.ndarray | None  # (unit,) bool: not sampled (its arrays are NaN); None = every unit sampled
+    dead_reason: str
     objective: str
     method: str
     lam: float
@@ -154,16 +157,21 @@ def block_rows(
     lp: LayerPlan, block: int, result: BlockResult, *, checksum: str, attempt: int, seconds: float, worker: str,
     spec_hash: str, exemplar_max: np.ndarray | None = None, unit_columns: dict[int, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One 'ok' manifest row per unit of the block, with its activation and realism statistics."""
+    """One manifest row per unit of the block, with its activation and realism statistics: status
+    'ok', or 'dead' (with the reason in ``error``) for a unit the sampler found dead and did not sample."""
     attempt_id = uuid.uuid4().hex
     final = result.final_activation
+    dead = getattr(result, "dead", None)
     per_unit_seconds = seconds / max(1, len(result.units))
     rows = []
-    with np.errstate(all="ignore"):
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a dead unit's all-NaN trace
         for i, unit in enumerate(result.units):
+            is_dead = dead is not None and bool(dead[i])
             row = {
-                "layer": lp.name, "unit": int(unit), "block": int(block), "status": "ok", "attempt": int(attempt),
-                "error": None, "objective": result.objective, "method": result.method, "lam": result.lam,
+                "layer": lp.name, "unit": int(unit), "block": int(block), "status": "dead" if is_dead else "ok",
+                "attempt": int(attempt), "error": result.dead_reason if is_dead else None,
+                "objective": result.objective, "method": result.method, "lam": result.lam,
                 "chains": result.chains, "steps": result.steps,
                 "act_start_mean": float(np.nanmean(result.activation[i, :, 0])),
                 "act_final_mean": float(np.nanmean(final[i])), "act_final_max": float(np.nanmax(final[i])),
@@ -173,6 +181,9 @@ def block_rows(
                 "seconds": per_unit_seconds, "worker": worker, "attempt_id": attempt_id, "checksum": checksum,
                 "spec_hash": spec_hash, "code_version": __version__,
             }
+            if is_dead:  # not sampled: no statistics (the exemplars are real data and stay)
+                row.update(dict.fromkeys(("act_start_mean", "act_final_mean", "act_final_max", "act_final_min",
+                                          "act_final_std", "realism_final_mean"), None))
             row.update((unit_columns or {}).get(int(unit), {}))
             rows.append(row)
     return rows
