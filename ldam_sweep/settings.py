@@ -14,6 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ldam_sweep.errors import SamplerError
 
 
+# Chains whose low-passed final samples are closer than this (RMS, as a fraction of the pixel
+# range) show one facet of a unit: half the low-passed variety of real digits of one class
+# (0.190), about a digit's distance to its nearest training digit (0.082). docs/scores.md.
+FACET_THRESHOLD = 0.095
+
+
 class LdamOptions(BaseModel):
     """Reference-form settings; the defaults are the ones that worked on the digits demo."""
 

@@ -192,3 +192,27 @@ def test_am_is_the_peer_libraries_baseline(digits_model):
     b = ls.sample(digits_model, "fc2", [2], chains=2, steps=30, method="am", seed=1)
     np.testing.assert_array_equal(a.samples, b.samples)
     assert (np.diff(a.activation[0].mean(0)) > -1e-3).mean() > 0.9  # ascent
+
+
+def test_atlas_facet_groups_equal_the_facets_score():
+    """The atlas groups chains in numpy (no torch); the groups must be the score's components."""
+    import numpy as np
+    import torch
+
+    from ldam_sweep.atlas.facets import facet_groups
+    from ldam_sweep.sampling.diversity import facet_count, facet_labels
+
+    rng = np.random.default_rng(0)
+    centres = rng.random((3, 1, 12, 12))
+    for spread in (0.02, 0.08, 0.3):  # one facet, a few, every chain its own
+        final = np.clip(centres[rng.integers(0, 3, 8)] + spread * rng.standard_normal((8, 1, 12, 12)), 0, 1)
+        final[5] = np.nan  # a diverged chain belongs to no facet
+        labels = facet_labels(torch.from_numpy(final)[None], (0.0, 1.0))[0].tolist()
+        want: dict[int, list[int]] = {}
+        for chain, label in enumerate(labels):
+            if label >= 0:
+                want.setdefault(label, []).append(chain)
+        groups = facet_groups(final, (0.0, 1.0))
+        assert sorted(groups) == sorted(want.values())
+        assert len(groups) == int(facet_count(torch.from_numpy(final)[None], (0.0, 1.0))[0])
+        assert all(5 not in g for g in groups)

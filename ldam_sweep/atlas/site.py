@@ -29,7 +29,8 @@ from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.format import slug, unit_page
 from ldam_sweep.atlas.grid import render_grid
 from ldam_sweep.errors import CorruptBlockError
-from ldam_sweep.sampling.diversity import FACET_THRESHOLD, facet_labels
+from ldam_sweep.atlas.facets import facet_groups
+from ldam_sweep.settings import FACET_THRESHOLD
 from ldam_sweep.store.query import SweepStore, open_store
 
 SCORES = (
@@ -182,19 +183,6 @@ def _render_corrupt_unit(st: SweepStore, layer: str, unit: int, problem: str, ou
     (out / "units" / s / f"{unit}.html").write_text(_page(f"{layer} unit {unit} (corrupt)", body, 2))
 
 
-def _facets(final: np.ndarray, value_range: tuple[float, float]) -> list[list[int]]:
-    """The chains of each facet (largest first), recomputed from the stored final samples: the
-    same rule as the ``facets`` score, cheaper than storing labels, and old stores get it too."""
-    import torch
-
-    labels = facet_labels(torch.from_numpy(np.ascontiguousarray(final, dtype=np.float32))[None], value_range)[0].tolist()
-    groups: dict[int, list[int]] = {}
-    for chain, label in enumerate(labels):
-        if label >= 0:
-            groups.setdefault(label, []).append(chain)
-    return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
-
-
 def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:
     """One unit's images and page, from its slices of the block's arrays (read once per block)."""
     name, unit = info["name"], int(row["unit"])
@@ -222,7 +210,7 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
                     cell_labels=labels, col_labels=[f"t={t}" for t in steps]).save(img_dir / f"{unit}-chains.png", compress_level=1)
         parts += ["<h2>Chains × snapshots</h2>",
                   f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
-        facets = _facets(samples[:, -1], vr)
+        facets = facet_groups(samples[:, -1], vr)
         rows = []
         for i, chains in enumerate(facets, 1):
             render_grid(samples[chains, -1][None], vr, scale=max(1, 64 // h),

@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ldam_sweep.settings import FACET_THRESHOLD  # noqa: F401 (torch-free: the atlas uses it too)
+
 MODE_THRESHOLD = 0.1
-FACET_THRESHOLD = 0.095
 
 
 def pairwise_rms(x: torch.Tensor) -> torch.Tensor:
