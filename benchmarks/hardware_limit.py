@@ -6,11 +6,14 @@ discriminator (whose forward/backward the bare loop does not pay: that ratio sho
     python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
     python benchmarks/hardware_limit.py --device cuda --model torchvision:resnet18 --size 224 --layer layer3
     python benchmarks/hardware_limit.py --quick               # seconds; run by the test suite
+    python benchmarks/hardware_limit.py --baseline '{"repel": 0, "eps": 1e-8, "eps_rel": 0}'
+        # also lambda = 0.5 with these sampler options, interleaved: the default's cost per step over them
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported")
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", default=None, help="sampler options (JSON) to time at lambda = 0.5 beside the default")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hardware_limit.json"))
     args = ap.parse_args()
     if args.quick:
@@ -72,15 +76,19 @@ def main() -> None:
     model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
+    baseline = json.loads(args.baseline) if args.baseline else None
     runs = []
-    for _ in range(args.repeats):  # interleaved: the three in each repeat see the same machine state
-        runs.append((bare_images_per_s(model, args.layer, units, args.chains, args.steps),
-                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps),
-                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
-                                               discriminator=d)))
+    for _ in range(args.repeats):  # interleaved: the runs in each repeat see the same machine state
+        run = (bare_images_per_s(model, args.layer, units, args.chains, args.steps),
+               sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps),
+               sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5, discriminator=d))
+        if baseline is not None:
+            run += (sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
+                                              discriminator=d, **baseline),)
+        runs.append(run)
     work = {k: {n for _, n in col} for k, col in zip(("bare", "lam0", "lam05"), zip(*runs))}
     runs = [tuple(rate for rate, _ in run) for run in runs]
-    bare, lam0, lam5 = (statistics.median(col) for col in zip(*runs))
+    bare, lam0, lam5 = (statistics.median(col) for col in list(zip(*runs))[:3])
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
         "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
@@ -91,9 +99,14 @@ def main() -> None:
         "ratio_lam0": statistics.median(r[1] / r[0] for r in runs),
         "ratio_lam05": statistics.median(r[2] / r[0] for r in runs),
     }
+    keys = ["bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0", "ratio_lam05"]
+    if baseline is not None:
+        # time per step of the default over the baseline's, each repeat's pair measured back to back
+        record.update({"baseline_options": baseline, "baseline_lam05_chain_steps_per_s": statistics.median(r[3] for r in runs),
+                       "cost_per_step_vs_baseline_lam05": statistics.median(r[3] / r[2] for r in runs)})
+        keys += ["baseline_lam05_chain_steps_per_s", "cost_per_step_vs_baseline_lam05"]
     report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains on {record['device']}", record,
-           ("bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
-            "ratio_lam05"), args.out, fmt="10.3f")
+           tuple(keys), args.out, fmt="10.3f")
 
 
 if __name__ == "__main__":

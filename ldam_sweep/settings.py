@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ldam_sweep.errors import SamplerError
 
-REPEL_DEFAULT = 0.2  # measured on the digits demo (docs/method.md, "Diversity")
+REPEL_DEFAULT = 0.3  # measured on the digits demo (docs/method.md, "Diversity")
 
 
 class LdamOptions(BaseModel):

@@ -102,9 +102,9 @@ class SweepWorker:
             self._discriminator = load_discriminator(blob, self.model).module.to(self.device)
         return self._discriminator
 
-    def _sample(self, layer: str, units: list[int]):
+    def _sample(self, layer: str, units: list[int], exemplars=None):
         """Sample units in one batch; on out-of-memory, in halves (chains are per-unit reproducible,
-        so the parts give exactly what one batch would)."""
+        so the parts give exactly what one batch would). ``exemplars`` (U, N, ...): chain starts."""
         import torch
 
         from ldam_sweep.sampling import sample
@@ -113,13 +113,14 @@ class SweepWorker:
         s = self.job.sampler
         kwargs = dict(chains=s.chains, steps=s.steps, method=s.method, seed=s.seed, lam=s.lam,
                       discriminator=self.discriminator(), snapshot_every=s.snapshot_every,
-                      objective=self.writer.plan.layer(layer).objective, **s.options)
+                      objective=self.writer.plan.layer(layer).objective, init=s.init or "auto", **s.options)
         parts = [units] if not self.max_batch else [units[i : i + self.max_batch] for i in range(0, len(units), self.max_batch)]
         results = []
         while parts:
             part = parts.pop(0)
+            ex = None if exemplars is None else exemplars[[units.index(u) for u in part]]
             try:
-                results.append(sample(self.model, layer, part, **kwargs))
+                results.append(sample(self.model, layer, part, exemplars=ex, **kwargs))
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
@@ -135,17 +136,23 @@ class SweepWorker:
         if f"{layer}:{block}" in _named_blocks(FAIL_BLOCKS_ENV):
             raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
         _hold_if_asked(layer, block)
+        import numpy as np
+
+        from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
         from ldam_sweep.sampling.exemplars import top_exemplars
         from ldam_sweep.sampling.scoring import score_result
         from ldam_sweep.store.writer import default_worker_id
 
         t0 = time.perf_counter()
-        result = self._sample(layer, units)
-        exemplars = None
         k = self.writer.plan.exemplars_k
-        if k and self.real_pool is not None:
+        ldam = self.job.sampler.method == "ldam"  # ldam starts from real exemplars and sizes its repulsion by them
+        found = None
+        if (k or ldam) and self.real_pool is not None:
             objective = self.writer.plan.layer(layer).objective
-            exemplars = top_exemplars(self.model, layer, result.units, objective, self.real_pool, k)
+            found = top_exemplars(self.model, layer, np.asarray(units), objective, self.real_pool,
+                                  max(k, SAMPLING_EXEMPLARS if ldam else 0))
+        result = self._sample(layer, units, found[0] if ldam and found is not None else None)
+        exemplars = (found[0][:, :k], found[1][:, :k]) if k and found is not None else None
         scores = score_result(self.model, result, real_pool=self.real_pool,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0])
         seconds = time.perf_counter() - t0

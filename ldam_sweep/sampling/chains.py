@@ -20,6 +20,8 @@ from ldam_sweep.sampling.langevin import ChainTensors, run_chains
 from ldam_sweep.sampling.lowpass import exemplar_bandwidth
 from ldam_sweep.settings import default_snapshot_steps, parse_options  # noqa: F401 (re-exported)
 
+SAMPLING_EXEMPLARS = 64  # top real images per unit a sweep hands ``sample``: chain starts and the kernel width
+
 
 @dataclass
 class ChainResult:
