@@ -165,10 +165,11 @@ class LdamRule(UpdateRule):
         the part that would lower log D (to first order) projected out."""
         k = s.chains
         u = x.shape[0] // k
-        y = lowpass(x).reshape(u, k, -1)
+        finite = torch.isfinite(x).flatten(1).all(1).view(u, k)  # a diverged chain drops out of its unit's kernel
+        y = lowpass(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).reshape(u, k, -1)
         d2 = pair_sq_dist(y)
         h = self._bandwidth(s, d2)
-        kern = torch.exp(-d2 / h)
+        kern = torch.exp(-d2 / h) * (finite.unsqueeze(-1) & finite.unsqueeze(-2))
         # grad of -(1/K) sum_j k(y_i, y_j) w.r.t. y_i = (2 / (K h)) sum_j k_ij (y_i - y_j), then L^T = L
         r = (kern.sum(-1, keepdim=True) * y - kern @ y) * (2.0 / (k * h))
         r = lowpass(r.reshape(x.shape))
