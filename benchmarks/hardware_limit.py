@@ -8,11 +8,14 @@ timing steps = S and 2S gives fixed = 2 t(S) - t(2S) and the steady-state ratio 
     python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
     python benchmarks/hardware_limit.py --device cuda --model torchvision:resnet18 --size 224 --layer layer3
     python benchmarks/hardware_limit.py --quick               # seconds; run by the test suite
+    python benchmarks/hardware_limit.py --baseline '{"repel": 0, "eps": 1e-8, "eps_rel": 0}'
+        # also lambda = 0.5 with these sampler options, interleaved: the default's cost per step over them
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
 import time
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported")
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--baseline", default=None, help="sampler options (JSON) to time at lambda = 0.5 beside the default")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hardware_limit.json"))
     args = ap.parse_args()
     if args.quick:
@@ -81,18 +85,22 @@ def main() -> None:
     model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
+    baseline = json.loads(args.baseline) if args.baseline else None
     runs = []
     for _ in range(args.repeats):  # interleaved: the runs in each repeat see the same machine state
         t1, work1 = sampler_seconds(model, args.layer, units, args.chains, args.steps)
         t2, _ = sampler_seconds(model, args.layer, units, args.chains, 2 * args.steps)
-        runs.append((bare_images_per_s(model, args.layer, units, args.chains, args.steps),
-                     (work1 / t1, work1),
-                     sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
-                                               discriminator=d),
-                     (2 * t1 - t2, 0), (t2 - t1, 0)))
+        run = (bare_images_per_s(model, args.layer, units, args.chains, args.steps),
+               (work1 / t1, work1),
+               sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5, discriminator=d),
+               (2 * t1 - t2, 0), (t2 - t1, 0))
+        if baseline is not None:
+            run += (sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
+                                              discriminator=d, **baseline),)
+        runs.append(run)
     work = {k: {n for _, n in col} for k, col in zip(("bare", "lam0", "lam05"), zip(*runs))}
     runs = [tuple(rate for rate, _ in run) for run in runs]
-    bare, lam0, lam5, fixed, per_s_steps = (statistics.median(col) for col in zip(*runs))
+    bare, lam0, lam5, fixed, per_s_steps = (statistics.median(col) for col in list(zip(*runs))[:5])
     # per call = fixed + steps * per step: t(S) and t(2S) separate the two
     # (NaN when the box's noise exceeds the extra steps' time: t(2S) <= t(S))
     steady = statistics.median(len(units) * args.chains * args.steps / r[4] / r[0] if r[4] > 0 else float("nan")
@@ -109,10 +117,15 @@ def main() -> None:
         "sampler_fixed_seconds_per_call": fixed, "sampler_seconds_per_step": per_s_steps / args.steps,
         "ratio_lam0_steady": steady,
     }
+    keys = ["bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
+            "ratio_lam05", "ratio_lam0_steady", "sampler_fixed_seconds_per_call", "sampler_seconds_per_step"]
+    if baseline is not None:
+        # time per step of the default over the baseline's, each repeat's pair measured back to back
+        record.update({"baseline_options": baseline, "baseline_lam05_chain_steps_per_s": statistics.median(r[5] for r in runs),
+                       "cost_per_step_vs_baseline_lam05": statistics.median(r[5] / r[2] for r in runs)})
+        keys += ["baseline_lam05_chain_steps_per_s", "cost_per_step_vs_baseline_lam05"]
     report(f"{model.name} {args.layer}: {len(units)} units x {args.chains} chains on {record['device']}", record,
-           ("bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
-            "ratio_lam05", "ratio_lam0_steady", "sampler_fixed_seconds_per_call", "sampler_seconds_per_step"),
-           args.out, fmt="10.4f")
+           tuple(keys), args.out, fmt="10.4f")
 
 
 if __name__ == "__main__":

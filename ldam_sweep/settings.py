@@ -7,11 +7,13 @@ the table of update rules' settings; the rules themselves (``RULES``, same names
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ldam_sweep.errors import SamplerError
+
+REPEL_DEFAULT = 0.3  # measured on the digits demo (docs/method.md, "Diversity")
 
 
 # Chains whose low-passed final samples are closer than this (RMS, as a fraction of the pixel
@@ -21,7 +23,8 @@ FACET_THRESHOLD = 0.095
 
 
 class LdamOptions(BaseModel):
-    """Reference-form settings; the defaults are the ones that worked on the digits demo."""
+    """Reference-form settings plus the chains' repulsion; the defaults are the ones that worked on
+    the digits demo. ``repel=0, eps=1e-8, eps_rel=0`` is the paper's reference form exactly."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,7 +34,25 @@ class LdamOptions(BaseModel):
     l2: float = Field(0.1, ge=0, description="c: weight of the L2 prior c*||x||^2")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the update")
     rms_decay: float = Field(0.9, ge=0, lt=1, description="decay of the per-pixel squared-gradient average")
-    eps: float = Field(1e-8, gt=0, description="added under the RMS square root")
+    eps: float = Field(0.0, ge=0, description="added under the RMS square root (the reference form: 1e-8)")
+    eps_rel: float = Field(1e-6, ge=0, description="added under the RMS square root, times the chain's mean "
+                           "squared-gradient average: keeps the step invariant to the scale of a and log D")
+    repel: float = Field(REPEL_DEFAULT, ge=0, description="w: weight of the kernel repulsion among a unit's chains "
+                         "(0: none, the reference form)")
+    repel_until: float = Field(2 / 3, gt=0, le=1, description="fraction of the steps with the repulsion on; the rest "
+                               "close without it")
+    bandwidth: float | Literal["auto", "exemplars", "median"] = Field(
+        "auto", description="kernel width h on low-passed images (summed squared distance): exemplars (half the median "
+        "pairwise distance of the unit's real exemplars), median (the chains' own, floored at half its running max), "
+        "auto (exemplars when given, median otherwise), or a number")
+
+    @model_validator(mode="after")
+    def _eps(self) -> "LdamOptions":
+        if self.eps == 0 and self.eps_rel == 0:
+            raise ValueError("eps and eps_rel are both 0: one must be positive (reference form: eps=1e-8, eps_rel=0)")
+        if isinstance(self.bandwidth, float) and self.bandwidth <= 0:
+            raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        return self
 
 
 class SgldOptions(BaseModel):

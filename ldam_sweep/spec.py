@@ -237,6 +237,9 @@ class SamplerSpec(BaseModel):
     lam: float = Field(0.0, ge=0, le=1)
     seed: int = 0
     snapshot_every: int | None = Field(None, ge=1)
+    init: Literal["auto", "uniform", "exemplars"] | None = Field(
+        None, description="chain starts: auto (None) = the unit's real exemplars for ldam when the job has data, "
+        "uniform noise otherwise")
 
     @field_validator("method")
     @classmethod
@@ -348,6 +351,8 @@ class JobSpec(BaseModel):
             raise ValueError(f"sampler.lam={self.sampler.lam} weights the realism term, so a discriminator section is needed")
         if self.discriminator is not None and self.discriminator.train is not None and self.data is None:
             raise ValueError("discriminator.train needs a data section (the real images D learns from)")
+        if self.sampler.init == "exemplars" and self.data is None:
+            raise ValueError("sampler.init 'exemplars' starts chains from real images, so a data section is needed")
         for layer, sel in self.units.items():
             unit_ranges(sel, where=f"units.{layer}")
         return self

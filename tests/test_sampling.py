@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import ldam_sweep as ls
-from ldam_sweep.sampling import noise
+from ldam_sweep.sampling import langevin, noise
+from ldam_sweep.sampling.lowpass import variety
+from ldam_sweep.settings import parse_options
 from ldam_sweep.objectives import DEFAULT_BY_KIND, OBJECTIVES, unit_objective, units_objective
 
 
@@ -216,6 +218,9 @@ def test_no_host_synchronisation_inside_the_step_loop(digits_model, monkeypatch)
     assert res.activation.shape == (2, 2, 11)
     res = ls.sample(digits_model, "fc2", [0, 1], chains=2, steps=10, method="sgld", step_decay=0.5)
     assert np.isfinite(res.activation).all()
+    ex = np.random.default_rng(0).uniform(0, 1, (2, 5, 1, 28, 28)).astype(np.float32)
+    res = ls.sample(digits_model, "fc2", [0, 1], chains=3, steps=10, lam=0.5, discriminator=_smooth_log_d, exemplars=ex)
+    assert np.isfinite(res.activation).all()
 
 
 def test_realism_term_accepts_any_callable(digits_model):
@@ -269,3 +274,118 @@ def test_bad_sampler_input_is_a_clear_error(digits_model):
         ls.sample(digits_model, "fc9", [0])
     with pytest.raises(ls.SamplerError, match="chains must be a positive integer"):
         ls.sample(digits_model, "fc2", [0], chains=0)
+
+
+def _smooth_log_d(x: torch.Tensor) -> torch.Tensor:
+    """A differentiable stand-in for log D (higher for images near mid-grey with a bright centre)."""
+    return -((x - 0.5) ** 2).mean(dim=(1, 2, 3)) + x[:, :, 10:18, 10:18].mean(dim=(1, 2, 3))
+
+
+class _ReferenceLdamRule(langevin.LdamRule):
+    """The ldam step as it was before the repulsion and the relative eps (the paper's reference
+    form), verbatim: ``repel=0`` with the old eps must reproduce it bit for bit."""
+
+    def step(self, s):
+        o = self.options
+        xi = s.noise()
+        g_a, g_d = s.grads()
+        x = s.x.detach()
+        rho = o.rms_decay
+        self.v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
+        step = g_a.div_(torch.sqrt(self.v_a + o.eps)).mul_(1 - s.lam)
+        if g_d is not None:
+            if self.v_d is None:
+                self.v_d = torch.zeros_like(x)
+            self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
+            step.add_(g_d.div_(torch.sqrt(self.v_d + o.eps)), alpha=s.lam)
+        tb = s.t % o.noise_block
+        step.add_(xi, alpha=o.noise / (1.0 + tb * tb))
+        step.add_(x, alpha=-2.0 * o.l2)
+        self.m.mul_(o.momentum).add_(step, alpha=1 - o.momentum)
+        return (x + o.step_size * self.m).clamp_(*s.box)
+
+
+REFERENCE_FORM = {"repel": 0.0, "eps": 1e-8, "eps_rel": 0.0}
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_repel_0_with_the_old_eps_is_the_reference_form_bit_for_bit(digits_model, monkeypatch, lam):
+    kw = dict(chains=3, steps=120, lam=lam, discriminator=_smooth_log_d, seed=4, **REFERENCE_FORM)
+    ex = np.random.default_rng(1).uniform(0, 1, (2, 4, 1, 28, 28)).astype(np.float32)
+    now = ls.sample(digits_model, "fc2", [2, 7], init="uniform", exemplars=ex, **kw)  # exemplars only size the kernel
+    monkeypatch.setitem(langevin.RULES, "ldam", _ReferenceLdamRule)
+    before = ls.sample(digits_model, "fc2", [2, 7], **kw)
+    assert np.array_equal(now.samples, before.samples) and np.array_equal(now.activation, before.activation)
+    assert np.array_equal(now.realism, before.realism)
+
+
+def test_exemplar_starts_cycle_through_each_units_own_exemplars(digits_model):
+    ex = np.random.default_rng(2).uniform(0, 1, (2, 3, 1, 28, 28)).astype(np.float32)
+    ex[1, 2] = np.nan  # unit 1 has only 2 real images (top_exemplars pads with NaN)
+    res = ls.sample(digits_model, "fc2", [4, 9], chains=5, steps=1, exemplars=ex, noise=0.0)
+    with torch.no_grad():
+        logits = digits_model.forward(torch.from_numpy(np.stack([ex[0, [0, 1, 2, 0, 1]], ex[1, [0, 1, 0, 1, 0]]]).reshape(10, 1, 28, 28)))
+    expect = logits[torch.arange(10), torch.tensor([4] * 5 + [9] * 5)].numpy().reshape(2, 5)
+    assert np.allclose(res.activation[:, :, 0], expect, atol=1e-5)
+    with pytest.raises(ls.SamplerError, match="init='exemplars' needs"):
+        ls.sample(digits_model, "fc2", [4], chains=2, steps=1, init="exemplars")
+    with pytest.raises(ls.SamplerError, match=r"exemplars have shape \(1, 3, 1, 28, 28\)"):
+        ls.sample(digits_model, "fc2", [4, 9], chains=2, steps=1, exemplars=ex[:1])
+    with pytest.raises(ls.SamplerError, match="eps and eps_rel are both 0"):
+        ls.sample(digits_model, "fc2", [4], chains=2, steps=1, eps=0.0, eps_rel=0.0)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, fn, k: float) -> None:
+        super().__init__()
+        self.fn, self.k = fn, k
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.k * self.fn(x)
+
+
+def _run(digits_model, method: str, k_act: float, k_d: float, steps: int = 150, **options) -> torch.Tensor:
+    """Final states of 2 fc2 units x 3 chains with the activation scaled by k_act and log D by k_d."""
+    units = np.array([1, 8])
+    keys = noise.chain_keys(0, "fc2", units, 3)
+    idx = torch.from_numpy(np.repeat(units, 3))
+    x0 = noise.uniform(keys, 0, (1, 28, 28))
+    out = langevin.run_chains(
+        _Scaled(lambda x: unit_objective(digits_model.activations(x, "fc2"), idx, "logit"), k_act), x0, keys,
+        steps=steps, method=method, options=parse_options(method, options), box=(0.0, 1.0),
+        snapshot_steps=[steps], chains=3, lam=0.5, log_d=_Scaled(_smooth_log_d, k_d))
+    return out.snapshots[-1]
+
+
+@pytest.mark.parametrize("k", [1e-8, 1e-4, 1e4, 1e8])
+def test_ldam_trajectory_is_invariant_to_the_scale_of_the_activation_and_of_log_d(digits_model, k):
+    """Up to float rounding: measured <= 2.2e-6 after 30 steps. (Over hundreds of steps any 1-ulp
+    difference grows through the clipping and ReLU kinks, with or without scaling; the
+    power-of-two test below checks the long run exactly.)"""
+    base = _run(digits_model, "ldam", 1.0, 1.0, steps=30)
+    assert (_run(digits_model, "ldam", k, 1.0, steps=30) - base).abs().max() < 1e-5
+    assert (_run(digits_model, "ldam", 1.0, k, steps=30) - base).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("k", [2.0**-27, 2.0**27])
+def test_ldam_trajectory_is_exactly_invariant_to_power_of_two_scales(digits_model, k):
+    """k = 2^±27 (~1e∓8) scales every gradient without rounding: the whole run is bit for bit the same."""
+    base = _run(digits_model, "ldam", 1.0, 1.0)
+    assert torch.equal(_run(digits_model, "ldam", k, k), base)
+
+
+def test_ldam_reference_eps_is_not_scale_invariant(digits_model):
+    """Why eps_rel exists: with the absolute eps, a tiny activation's gradient drowns in it."""
+    base = _run(digits_model, "ldam", 1.0, 1.0, steps=30, **REFERENCE_FORM)
+    assert (_run(digits_model, "ldam", 1e-8, 1.0, steps=30, **REFERENCE_FORM) - base).abs().max() > 0.1  # measured 0.19
+
+
+@pytest.mark.parametrize("k", [1e-3, 1e3])
+def test_sgld_scaling_the_energy_by_k_is_dividing_temperature_and_l2_by_k(digits_model, k):
+    """sgld is not scale invariant by design: a -> k a (and log D -> k log D) is T -> T / k, c -> c / k."""
+    opts = {"temperature": 0.01, "l2": 0.1}
+    base = _run(digits_model, "sgld", 1.0, 1.0, **opts)
+    scaled = _run(digits_model, "sgld", k, k, **opts)
+    same = _run(digits_model, "sgld", 1.0, 1.0, temperature=0.01 / k, l2=0.1 / k)
+    assert (scaled - same).abs().max() < 1e-4
+    assert (scaled - base).abs().max() > 0.05

@@ -150,7 +150,7 @@ def test_scores_are_deterministic_and_invariant_to_chain_order(pair, digits_mode
 
 def test_a_diverged_chain_is_flagged_and_the_rest_stored(digits_model, tmp_path):
     """log D is NaN for one batch element: that chain diverges; the block is still written and
-    verified, and the other chains equal a run without the fault."""
+    verified, and the other chains stay finite (without the repulsion: equal a run without the fault)."""
     from ldam_sweep.sampling.chains import default_snapshot_steps
     from ldam_sweep.store import BlockWriter, commit, create_store, verify_store
     from ldam_sweep.store.layout import plan_store
@@ -163,7 +163,12 @@ def test_a_diverged_chain_is_flagged_and_the_rest_stored(digits_model, tmp_path)
         scale[1] = float("nan")  # unit 0, chain 1: NaN value and NaN gradient
         return base(x) * scale
 
-    kw = dict(chains=3, steps=40, lam=0.5, snapshot_every=20)
+    # the repulsion couples a unit's chains, so "equal a run without the fault" holds without it;
+    # with it (default) a diverged chain drops out of its unit's kernel and the others stay finite
+    repelled = ls.sample(digits_model, "fc2", [0, 1], discriminator=poisoned, chains=3, steps=40, lam=0.5)
+    assert not np.isfinite(repelled.samples[0, 1]).all()
+    assert np.isfinite(repelled.samples[0, [0, 2]]).all() and np.isfinite(repelled.samples[1]).all()
+    kw = dict(chains=3, steps=40, lam=0.5, snapshot_every=20, repel=0.0)
     good = ls.sample(digits_model, "fc2", [0, 1], discriminator=base, **kw)
     res = ls.sample(digits_model, "fc2", [0, 1], discriminator=poisoned, **kw)
     assert not np.isfinite(res.samples[0, 1]).all()

@@ -31,8 +31,9 @@ from ldam_sweep.sampling.discriminator import train_discriminator
 
 VARIANTS = {
     "am (baseline)": dict(method="am"),
-    "ldam reference (σ=0.1, restart every 100)": dict(method="ldam", noise=0.1, noise_block=100),
-    "ldam restarts (σ=0.3, restart every 10)": dict(method="ldam", noise=0.3, noise_block=10),
+    "ldam reference form (repel 0)": dict(method="ldam", repel=0.0, eps=1e-8, eps_rel=0.0),
+    "ldam default (repulsion, exemplar starts)": dict(method="ldam"),
+    "ldam reference, σ=0.3 restart every 10": dict(method="ldam", noise=0.3, noise_block=10, repel=0.0, eps=1e-8, eps_rel=0.0),
     "sgld (ε=1e-3, T=0.01)": dict(method="sgld"),
 }
 
@@ -69,7 +70,7 @@ def main() -> None:
     pool = torch.from_numpy(train)
     from ldam_sweep.sampling.exemplars import top_exemplars
 
-    _, ex_act = top_exemplars(model, "fc2", np.arange(10), "logit", pool, 1)
+    ex64, ex_act = top_exemplars(model, "fc2", np.arange(10), "logit", pool, 64)
     start = np.full((1, 28, 28), 0.5, dtype=np.float32)
     rows = []
     for lam in args.lams:
@@ -77,8 +78,10 @@ def main() -> None:
             if kw["method"] == "am" and lam > 0:
                 continue
             common = dict(chains=args.chains, steps=args.steps, lam=lam, discriminator=d, snapshot_every=max(1, args.steps // 12))
-            same = ls.sample(model, "fc2", range(10), init=start, **common, **kw)
-            free = ls.sample(model, "fc2", range(10), **common, **kw)
+            # ldam's default starts from the units' exemplars (as a sweep with data does); the reference form from noise
+            ex = ex64 if name.startswith("ldam default") else None
+            same = ls.sample(model, "fc2", range(10), init=start, exemplars=ex, **common, **kw)
+            free = ls.sample(model, "fc2", range(10), exemplars=ex, **common, **kw)
             s_same = score_result(model, same, real_pool=test, exemplar_max=ex_act[:, 0])
             s_free = score_result(model, free, real_pool=test, exemplar_max=ex_act[:, 0])
             mean = lambda scores, key: float(np.nanmean([v[key] if v[key] is not None else np.nan for v in scores.values()]))  # noqa: E731

@@ -18,7 +18,9 @@ import ldam_sweep as ls
 from ldam_sweep.atlas.grid import save_grid
 from ldam_sweep.data import digits
 from ldam_sweep.model.zoo import class_max_logits
+from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
 from ldam_sweep.sampling.discriminator import load_discriminator, train_discriminator
+from ldam_sweep.sampling.exemplars import top_exemplars
 
 LAMBDAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,10 +49,12 @@ def main() -> None:
         trained = train_discriminator(model, [("fc2", range(10))], train[0], test, {"updates": 200, "lam": 0.5})
         print(f"trained D in {time.perf_counter() - t0:.0f}s: held-out accuracy {trained.heldout_accuracy:.3f}")
     ref = class_max_logits(model.net)
+    exemplars, _ = top_exemplars(model, "fc2", np.arange(10), "logit", torch.from_numpy(train[0]), SAMPLING_EXEMPLARS)
     columns, labels, rows = [], [], []
     for lam in LAMBDAS:
         t0 = time.perf_counter()
-        res = ls.sample(model, "fc2", range(10), chains=args.chains, steps=args.steps, lam=lam, discriminator=trained.module)
+        res = ls.sample(model, "fc2", range(10), chains=args.chains, steps=args.steps, lam=lam, discriminator=trained.module,
+                        exemplars=exemplars)
         secs = time.perf_counter() - t0
         with torch.no_grad():
             pred = model.forward(torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))).argmax(1).numpy()

@@ -153,7 +153,8 @@ class SweepWorker:
         s = self.job.sampler
         return dict(chains=s.chains, steps=steps or s.steps, method=s.method, seed=s.seed, lam=s.lam,
                     discriminator=self.discriminator(), snapshot_every=None if steps else s.snapshot_every,
-                    objective=self.writer.plan.layer(layer).objective, snapshot_dtype=torch.float16, **s.options)
+                    objective=self.writer.plan.layer(layer).objective, snapshot_dtype=torch.float16,
+                    init=s.init or "auto", **s.options)
 
     def _choose_batch_units(self, lp: Any) -> int:
         """Units per batch for a layer: one block with an explicit block size; with ``auto``,
@@ -210,9 +211,9 @@ class SweepWorker:
         scoring = s.chains * image * 16 * snaps  # float16 in, float32 copy, float64 differences for movement
         return max(sampling, scoring)
 
-    def _sample(self, layer: str, units: list[int]):
+    def _sample(self, layer: str, units: list[int], exemplars=None):
         """Sample units in one batch; on out-of-memory, in halves (chains are per-unit reproducible,
-        so the parts give exactly what one batch would)."""
+        so the parts give exactly what one batch would). ``exemplars`` (U, N, ...): chain starts."""
         import torch
 
         from ldam_sweep.sampling import sample
@@ -223,8 +224,9 @@ class SweepWorker:
         results = []
         while parts:
             part = parts.pop(0)
+            ex = None if exemplars is None else exemplars[[units.index(u) for u in part]]
             try:
-                results.append(sample(self.model, layer, part, **kwargs))
+                results.append(sample(self.model, layer, part, exemplars=ex, **kwargs))
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
@@ -236,16 +238,23 @@ class SweepWorker:
         return concat_results(results)
 
     def _device_phase(self, layer: str, units: list[int]):
-        """Sampling, exemplars and scores of the batch (tensor math on the model's device)."""
+        """Exemplars, sampling and scores of the batch (tensor math on the model's device). ``ldam``
+        starts each chain from one of its unit's best real images, so exemplars come first."""
+        import numpy as np
+
+        from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
         from ldam_sweep.sampling.exemplars import top_exemplars
         from ldam_sweep.sampling.scoring import score_result
 
-        result = self._sample(layer, units)
-        exemplars = None
         k = self.writer.plan.exemplars_k
-        if k and self.real_pool is not None:
+        ldam = self.job.sampler.method == "ldam"  # ldam starts from real exemplars and sizes its repulsion by them
+        found = None
+        if (k or ldam) and self.real_pool is not None:
             objective = self.writer.plan.layer(layer).objective
-            exemplars = top_exemplars(self.model, layer, result.units, objective, self.real_pool, k)
+            found = top_exemplars(self.model, layer, np.asarray(units), objective, self.real_pool,
+                                  max(k, SAMPLING_EXEMPLARS if ldam else 0))
+        result = self._sample(layer, units, found[0] if ldam and found is not None else None)
+        exemplars = (found[0][:, :k], found[1][:, :k]) if k and found is not None else None
         scores = score_result(self.model, result, real_pool=self.real_pool,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0],
                               exemplars=None if exemplars is None else exemplars[0])

@@ -23,7 +23,10 @@ from ldam_sweep.model.handle import ModelHandle
 from ldam_sweep.objectives import DEFAULT_BY_KIND, check_objective, unit_objective
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import ChainTensors, run_chains
+from ldam_sweep.sampling.lowpass import exemplar_bandwidth
 from ldam_sweep.settings import default_snapshot_steps, parse_options  # noqa: F401 (re-exported)
+
+SAMPLING_EXEMPLARS = 64  # top real images per unit a sweep hands ``sample``: chain starts and the kernel width
 
 
 @dataclass
@@ -65,28 +68,69 @@ class ChainResult:
 
 
 def initial_images(
-    model: ModelHandle, init: str | np.ndarray | torch.Tensor, keys: torch.Tensor, n_units: int, chains: int
+    model: ModelHandle, init: str | np.ndarray | torch.Tensor, keys: torch.Tensor, n_units: int, chains: int,
+    exemplars: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, C, H, W) starting images: per-chain uniform noise in the pixel box, or given images."""
+    """(B, C, H, W) starting images: per-chain uniform noise in the pixel box, the unit's real
+    exemplars (chain c from its c-th, cycling when it has fewer), or given images."""
     lo, hi = model.input.range
     shape = model.input.shape
     if isinstance(init, str):
-        if init != "uniform":
-            raise SamplerError(f"init must be 'uniform' or an array of images, got {init!r}")
-        return lo + (hi - lo) * noise.uniform(keys.to(model.device), 0, shape)
-    arr = torch.as_tensor(np.asarray(init.detach().cpu() if isinstance(init, torch.Tensor) else init), dtype=torch.float32)
-    if tuple(arr.shape) == shape:
-        arr = arr.expand(n_units * chains, *shape)
-    elif tuple(arr.shape) == (n_units, chains, *shape):
-        arr = arr.reshape(n_units * chains, *shape)
+        if init == "auto":
+            init = "uniform" if exemplars is None else "exemplars"
+        if init == "uniform":
+            return lo + (hi - lo) * noise.uniform(keys.to(model.device), 0, shape)
+        if init != "exemplars":
+            raise SamplerError(f"init must be 'auto', 'uniform', 'exemplars' or an array of images, got {init!r}")
+        if exemplars is None:
+            raise SamplerError("init='exemplars' needs the units' exemplar images: sample(..., exemplars=(U, N, C, H, W))")
+        valid = torch.isfinite(exemplars.flatten(2)).all(-1).sum(1).cpu().numpy()  # (U,): topk pads missing ones with NaN
+        pick = np.arange(chains)[None, :] % np.maximum(valid, 1)[:, None]  # (U, chains)
+        arr = exemplars.cpu()[np.arange(n_units)[:, None], pick].reshape(n_units * chains, *shape)
     else:
-        raise SamplerError(
-            f"init array has shape {tuple(arr.shape)}; expected one image {shape} shared by every chain, "
-            f"or one per unit and chain {(n_units, chains, *shape)}"
-        )
+        arr = torch.as_tensor(np.asarray(init.detach().cpu() if isinstance(init, torch.Tensor) else init), dtype=torch.float32)
+        if tuple(arr.shape) == shape:
+            arr = arr.expand(n_units * chains, *shape)
+        elif tuple(arr.shape) == (n_units, chains, *shape):
+            arr = arr.reshape(n_units * chains, *shape)
+        else:
+            raise SamplerError(
+                f"init array has shape {tuple(arr.shape)}; expected one image {shape} shared by every chain, "
+                f"or one per unit and chain {(n_units, chains, *shape)}"
+            )
     if not torch.isfinite(arr).all() or arr.min() < lo - 1e-6 or arr.max() > hi + 1e-6:
         raise SamplerError(f"init images must be finite and inside the model's pixel range [{lo}, {hi}]")
     return arr.to(model.device).contiguous()
+
+
+def _check_exemplars(exemplars: np.ndarray | torch.Tensor | None, n_units: int, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """(U, N, C, H, W) float32 tensor on the CPU, every unit with at least one real image, or None."""
+    if exemplars is None:
+        return None
+    ex = torch.as_tensor(np.asarray(exemplars.detach().cpu() if isinstance(exemplars, torch.Tensor) else exemplars),
+                         dtype=torch.float32)
+    if ex.ndim != 2 + len(shape) or ex.shape[0] != n_units or tuple(ex.shape[2:]) != shape or ex.shape[1] < 1:
+        raise SamplerError(f"exemplars have shape {tuple(ex.shape)}; expected (units, N, *{shape}) = ({n_units}, N, ...)")
+    if not torch.isfinite(ex[:, 0].flatten(1)).all():
+        raise SamplerError("exemplars: every unit needs at least one real image (its first one is NaN)")
+    return ex
+
+
+def _unit_bandwidths(exemplars: torch.Tensor | None, method: str, options: Any) -> torch.Tensor | None:
+    """(U,) per-unit kernel width from the exemplars for ``ldam``'s repulsion, or None. A unit with
+    fewer than 2 exemplars takes the median of the others'; if none has 2, the chains' own
+    (median heuristic) is used."""
+    if exemplars is None or method != "ldam" or options.repel == 0 or not isinstance(options.bandwidth, str):
+        return None
+    if options.bandwidth == "median":
+        return None
+    h = exemplar_bandwidth(exemplars)
+    missing = torch.isnan(h)
+    if missing.all():
+        if options.bandwidth == "exemplars":
+            raise SamplerError("bandwidth='exemplars' needs at least 2 exemplars for some unit")
+        return None
+    return torch.where(missing, h[~missing].median(), h)
 
 
 def _check_discriminator(discriminator: Callable | None, lam: float) -> None:
@@ -109,7 +153,8 @@ def sample(
     seed: int = 0,
     lam: float = 0.0,
     discriminator: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    init: str | np.ndarray | torch.Tensor = "uniform",
+    init: str | np.ndarray | torch.Tensor = "auto",
+    exemplars: np.ndarray | torch.Tensor | None = None,
     snapshot_every: int | None = None,
     objective: str | None = None,
     snapshot_dtype: torch.dtype = torch.float32,
@@ -119,7 +164,11 @@ def sample(
 
     ``discriminator``: any callable mapping pixel-space images (B, C, H, W) to log D(x) (B,);
     used in the update with weight ``lam`` and recorded as the realism trace whenever given.
-    ``init``: ``"uniform"``, one image (C, H, W) shared by every chain, or (U, chains, C, H, W).
+    ``init``: ``"auto"`` (``"exemplars"`` when ``exemplars`` are given, else ``"uniform"``),
+    ``"uniform"``, ``"exemplars"`` (chain c of unit u starts from the unit's c-th exemplar, cycling
+    when it has fewer), one image (C, H, W) shared by every chain, or (U, chains, C, H, W).
+    ``exemplars``: (U, N, C, H, W) each unit's top real images, best first (``top_exemplars``;
+    NaN images = missing); they also set the ``ldam`` repulsion's kernel width.
     ``sampler_options``: the method's settings (see ``LdamOptions`` / ``SgldOptions``).
     ``snapshot_dtype``: the type ``samples`` leave the device in (``torch.float16``, the store's
     type, halves the transfer); traces stay float32.
@@ -140,12 +189,16 @@ def sample(
 
     n_units = len(unit_arr)
     keys = noise.chain_keys(seed, info.name, unit_arr, chains).to(model.device)
-    x0 = initial_images(model, init, keys, n_units, chains)
+    ex = _check_exemplars(exemplars, n_units, model.input.shape)
+    x0 = initial_images(model, init, keys, n_units, chains, ex)
+    bandwidth = _unit_bandwidths(ex, method, options)
     dead = _dead_units(model, info.name, objective, unit_arr, x0)
     live = ~dead
     if dead.any():
         keep = torch.from_numpy(np.repeat(live, chains)).to(model.device)
         keys, x0 = keys[keep], x0[keep]
+        if bandwidth is not None:
+            bandwidth = bandwidth[torch.from_numpy(live).to(bandwidth.device)]
     n_live = int(live.sum())
     shape = model.input.shape
     samples = np.full((n_units, chains, len(snap_steps), *shape), np.nan,
@@ -162,6 +215,7 @@ def sample(
         out: ChainTensors = run_chains(
             activation_fn, x0, keys, steps=steps, method=method, options=options,
             box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
+            unit_context=None if bandwidth is None else bandwidth.to(model.device),
         )
         # laid out (unit, chain, ...) on the device, then one transfer per array
         snaps = out.snapshots.detach().view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)

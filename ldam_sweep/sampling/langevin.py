@@ -22,6 +22,7 @@ Traces and snapshots stay on the device until the loop ends: no host synchronisa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
@@ -30,6 +31,7 @@ from pydantic import BaseModel
 
 from ldam_sweep.errors import SamplerError
 from ldam_sweep.sampling import noise
+from ldam_sweep.sampling.lowpass import lowpass, pair_sq_dist
 from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions  # noqa: F401 (re-exported)
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
@@ -52,6 +54,7 @@ class Step:
     unit_context: torch.Tensor | None  # (U, ...) per-unit data for a rule (e.g. a kernel width)
     keys: torch.Tensor  # (B, 2) per-chain noise keys
     draw: int  # this step's noise draw (draw 0 is the initial image)
+    steps: int  # steps of the whole run (for schedules over the run)
     _grads: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,7 +98,8 @@ class UpdateRule:
 
 
 class LdamRule(UpdateRule):
-    """Reference form: RMS-normalised activation and log D gradients, annealed noise, momentum."""
+    """Reference form: RMS-normalised activation and log D gradients, annealed noise, momentum;
+    plus a kernel repulsion among each unit's chains (``repel`` > 0) that keeps them apart."""
 
     options_type = LdamOptions
     options: LdamOptions
@@ -104,26 +108,82 @@ class LdamRule(UpdateRule):
         self.v_a = torch.zeros_like(x)
         self.v_d: torch.Tensor | None = None  # allocated on the first step that has a log D gradient
         self.m = torch.zeros_like(x)
+        self.force_max: torch.Tensor | None = None  # (U,) running max of each unit's repulsion RMS
+        self.h_max: torch.Tensor | None = None  # (U, 1, 1) running max of the median bandwidth
         return x
+
+    def _rms(self, v: torch.Tensor) -> torch.Tensor:
+        """sqrt(v + eps) (reference form), or with eps relative to each chain's mean v."""
+        o = self.options
+        if o.eps_rel == 0:
+            return torch.sqrt(v + o.eps)
+        floor = v.mean(dim=(1, 2, 3), keepdim=True).mul_(o.eps_rel).add_(o.eps)
+        return torch.sqrt(v + floor).clamp_min_(_TINY)
 
     def step(self, s: Step) -> torch.Tensor:
         o = self.options
         xi = s.noise()
         g_a, g_d = s.grads()
         x = s.x.detach()
+        repel = o.repel > 0 and s.chains > 1 and s.t < round(o.repel_until * s.steps)
+        force = self._repulsion(s, x, g_d) if repel else None
         rho = o.rms_decay
         self.v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
-        step = g_a.div_(torch.sqrt(self.v_a + o.eps)).mul_(1 - s.lam)
+        step = g_a.div_(self._rms(self.v_a)).mul_(1 - s.lam)
         if g_d is not None:
             if self.v_d is None:
                 self.v_d = torch.zeros_like(x)
             self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
-            step.add_(g_d.div_(torch.sqrt(self.v_d + o.eps)), alpha=s.lam)
+            step.add_(g_d.div_(self._rms(self.v_d)), alpha=s.lam)
         tb = s.t % o.noise_block
         step.add_(xi, alpha=o.noise / (1.0 + tb * tb))
         step.add_(x, alpha=-2.0 * o.l2)
+        if force is not None:
+            step.add_(force, alpha=o.repel)
         self.m.mul_(o.momentum).add_(step, alpha=1 - o.momentum)
         return (x + o.step_size * self.m).clamp_(*s.box)
+
+    def _bandwidth(self, s: Step, d2: torch.Tensor) -> torch.Tensor:
+        """(U, 1, 1) kernel width: fixed, the unit's exemplars' (``unit_context``), or the SVGD
+        median heuristic on the chains floored at half its running max (so a collapsing unit's
+        kernel does not shrink with it)."""
+        o = self.options
+        u = d2.shape[0]
+        if isinstance(o.bandwidth, float):
+            return torch.full((u, 1, 1), o.bandwidth, device=d2.device)
+        if o.bandwidth == "exemplars" and s.unit_context is None:
+            raise SamplerError("bandwidth='exemplars' needs the units' exemplars (sample(..., exemplars=...))")
+        if o.bandwidth != "median" and s.unit_context is not None:
+            return s.unit_context.view(u, 1, 1)
+        med = d2.reshape(u, -1).median(dim=-1).values.view(u, 1, 1) / math.log(s.chains + 1.0)
+        self.h_max = med if self.h_max is None else torch.maximum(self.h_max, med)
+        return torch.maximum(med, 0.5 * self.h_max).clamp_min_(1e-12)
+
+    def _repulsion(self, s: Step, x: torch.Tensor, g_d: torch.Tensor | None) -> torch.Tensor:
+        """(B, C, H, W) SVGD-style repulsive force among each unit's chains on low-passed images,
+        scaled by its per-unit running max (so ``repel`` is a fraction of the unit-free step), with
+        the part that would lower log D (to first order) projected out."""
+        k = s.chains
+        u = x.shape[0] // k
+        finite = torch.isfinite(x).flatten(1).all(1).view(u, k)  # a diverged chain drops out of its unit's kernel
+        y = lowpass(torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)).reshape(u, k, -1)
+        d2 = pair_sq_dist(y)
+        h = self._bandwidth(s, d2)
+        kern = torch.exp(-d2 / h) * (finite.unsqueeze(-1) & finite.unsqueeze(-2))
+        # grad of -(1/K) sum_j k(y_i, y_j) w.r.t. y_i = (2 / (K h)) sum_j k_ij (y_i - y_j), then L^T = L
+        r = (kern.sum(-1, keepdim=True) * y - kern @ y) * (2.0 / (k * h))
+        r = lowpass(r.reshape(x.shape))
+        rms = r.pow(2).mean(dim=(1, 2, 3)).sqrt().view(u, k).amax(1)
+        self.force_max = rms if self.force_max is None else torch.maximum(self.force_max, rms)
+        force = (r.view(u, k, -1) / self.force_max.clamp_min(_TINY).view(u, 1, 1)).view(x.shape)
+        if g_d is not None:
+            dot = (force * g_d).sum(dim=(1, 2, 3), keepdim=True)
+            norm2 = (g_d * g_d).sum(dim=(1, 2, 3), keepdim=True).clamp_min_(_TINY)
+            force = force - dot.clamp_max(0.0) / norm2 * g_d
+        return force
+
+
+_TINY = torch.finfo(torch.float32).tiny
 
 
 class SgldRule(UpdateRule):
@@ -225,7 +285,7 @@ def run_chains(
                 with torch.no_grad():
                     real_trace[t] = log_d(x.detach())
         x = rule.step(Step(t=t, x=x, activation=a, log_d=logd, lam=lam, box=box, chains=chains,
-                           unit_context=unit_context, keys=keys, draw=draw_offset + t + 1))
+                           unit_context=unit_context, keys=keys, draw=draw_offset + t + 1, steps=steps))
         if t + 1 in snap_at:
             snaps[snap_at[t + 1]] = x.detach()
     x = x.detach()
