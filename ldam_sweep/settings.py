@@ -22,6 +22,14 @@ REPEL_DEFAULT = 0.3  # measured on the digits demo (docs/method.md, "Diversity")
 FACET_THRESHOLD = 0.095
 
 
+# The revision of the sampler defaults a store is created with (root attr ``sampler_defaults``).
+# A store without it was made when ``ldam``'s defaults were the paper's reference form; its sweep
+# resumes with those defaults, so one store never mixes two samplers. Revision 2: exemplar starts,
+# kernel repulsion, relative eps.
+SAMPLER_DEFAULTS = 2
+REFERENCE_LDAM = {"repel": 0.0, "eps": 1e-8, "eps_rel": 0.0}  # the revision-1 defaults (starts: uniform)
+
+
 class LdamOptions(BaseModel):
     """Reference-form settings plus the chains' repulsion; the defaults are the ones that worked on
     the digits demo. ``repel=0, eps=1e-8, eps_rel=0`` is the paper's reference form exactly."""

@@ -178,3 +178,23 @@ def test_determinism_settings():
         (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.allow_tf32) = saved[:4]
         torch.use_deterministic_algorithms(saved[4])
+
+
+def test_a_store_made_before_the_new_sampler_defaults_resumes_with_its_own(tmp_path, digits_model):
+    """A store without the ``sampler_defaults`` attribute was made when ldam's defaults were the
+    reference form (no repulsion, eps 1e-8, uniform starts): its remaining blocks are sampled that
+    way, so one store never mixes two samplers; a new store samples with today's defaults."""
+    import zarr
+
+    doc = {**SPEC, "data": {"source": "digits", "limit": 64}, "exemplars": 3}
+    old, new = _store(tmp_path, "old", doc, digits_model), _store(tmp_path, "new", doc, digits_model)
+    root = zarr.open_group(old, mode="r+")
+    del root.attrs["sampler_defaults"]  # as every store written before the attribute existed
+    s = SPEC["sampler"]
+    reference = ls.sample(digits_model, "fc1", list(range(8)), chains=s["chains"], steps=s["steps"], seed=s["seed"],
+                          init="uniform", repel=0.0, eps=1e-8, eps_rel=0.0)
+    for url, expect_reference in ((old, True), (new, False)):
+        commit(url, SweepWorker(doc, url, num_threads=1).run_batch("fc1", [(0, list(range(8)))], [1])[0])
+        stored = ls.open_store(url).samples("fc1", 3)
+        same = np.allclose(stored, reference.samples[3], rtol=0, atol=2.5e-4)
+        assert same == expect_reference

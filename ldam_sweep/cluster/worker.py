@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ldam_sweep.settings import REFERENCE_LDAM, SAMPLER_DEFAULTS
+
 # Test hooks (fault tests only). Blocks named in FAIL_BLOCKS_ENV ("layer:block,layer:block") raise on
 # every attempt. With SIGNAL_DIR_ENV set, each worker writes <dir>/worker-<pid> when it starts, and a
 # block named in HOLD_BLOCKS_ENV writes <dir>/held-<layer>-<block> (holding the worker's pid) and waits
@@ -104,6 +106,8 @@ class SweepWorker:
         self.device = default_device()
         self.model = load_model(self.job.model, device=self.device)
         self.writer = BlockWriter(url)
+        # stores made before the sampler defaults' revision 2 resume with the defaults they started with
+        self.reference_defaults = int(self.writer.root.attrs.get("sampler_defaults", 1)) < SAMPLER_DEFAULTS
         self.url = url
         self.generation = generation  # the store this worker was started for; None: not checked
         self._discriminator = None
@@ -151,10 +155,13 @@ class SweepWorker:
         import torch
 
         s = self.job.sampler
+        options, init = s.options, s.init or "auto"
+        if self.reference_defaults and s.method == "ldam":  # a store made before revision 2 keeps its sampler
+            options, init = {**REFERENCE_LDAM, **options}, s.init or "uniform"
         return dict(chains=s.chains, steps=steps or s.steps, method=s.method, seed=s.seed, lam=s.lam,
                     discriminator=self.discriminator(), snapshot_every=None if steps else s.snapshot_every,
                     objective=self.writer.plan.layer(layer).objective, snapshot_dtype=torch.float16,
-                    init=s.init or "auto", **s.options)
+                    init=init, **options)
 
     def _choose_batch_units(self, lp: Any) -> int:
         """Units per batch for a layer: one block with an explicit block size; with ``auto``,
@@ -247,7 +254,8 @@ class SweepWorker:
         from ldam_sweep.sampling.scoring import score_result
 
         k = self.writer.plan.exemplars_k
-        ldam = self.job.sampler.method == "ldam"  # ldam starts from real exemplars and sizes its repulsion by them
+        # ldam starts from real exemplars and sizes its repulsion by them (revision 2 of its defaults)
+        ldam = self.job.sampler.method == "ldam" and not self.reference_defaults
         found = None
         if (k or ldam) and self.real_pool is not None:
             objective = self.writer.plan.layer(layer).objective

@@ -29,6 +29,7 @@ import zarr
 
 from ldam_sweep.errors import StoreError
 from ldam_sweep.planning import LayerPlan, StorePlan, identity_changes, plan_store
+from ldam_sweep.settings import SAMPLER_DEFAULTS
 from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
 
@@ -98,6 +99,7 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
         "schema_version": SCHEMA_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "generation": uuid.uuid4().hex,
+        "sampler_defaults": SAMPLER_DEFAULTS,
         "spec": plan.spec,
         "spec_hash": plan.spec_hash(),
         "plan": plan.to_json(),
