@@ -300,7 +300,7 @@ class SweepWorker:
                                       activation=result.activation[part],
                                       realism=None if result.realism is None else result.realism[part],
                                       dead=None if result.dead is None else result.dead[part])
-            columns = {u: {**scores[u], "batch_units": batch} for u in block_units}
+            columns = {u: {**scores.get(u, {}), "batch_units": batch} for u in block_units}  # dead units: no scores
             self._check_generation(layer, block, "wrote nothing")
             rows = self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
                                      exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),
