@@ -172,7 +172,7 @@ def test_a_dead_unit_has_a_badge_and_its_page_gives_the_reason(atlas_site, brows
     page = browser.new_page()
     page.goto((site / "index.html").as_uri())
     relu = [r for r in page.locator("table tr").all_inner_texts() if r.startswith("relu")][0].split("\t")
-    assert relu[4:8] == ["4", "0", "0", "1"]  # done, failed, pending, dead
+    assert relu[4:9] == ["4", "0", "0", "0", "1"]  # done, failed, corrupt, pending, dead
     page.click("text=relu")
     page.wait_for_selector(".cell")
     assert page.locator(".cell img").count() == 3  # the live units have a picture

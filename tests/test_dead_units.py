@@ -70,9 +70,9 @@ def test_a_sweep_commits_the_dead_unit_as_dead_and_a_rerun_does_not_redo_it(dead
     cli = CliRunner()
     status = cli.invoke(app, ["status", url], env={"COLUMNS": "200"})
     line = [l for l in status.stdout.splitlines() if "│ relu" in l][0]
-    assert [c.strip() for c in line.split("│")][3:8] == ["4", "4", "0", "0", "1"]  # planned done failed pending dead
+    assert [c.strip() for c in line.split("│")][3:9] == ["4", "4", "0", "0", "0", "1"]  # planned done failed corrupt pending dead
     out = cli.invoke(app, ["query", url, "--status", "dead", "--json"])
-    assert [r["unit"] for r in json.loads(out.stdout)] == [DEAD_CHANNEL]
+    assert [r["unit"] for r in json.loads(out.stdout)["units"]] == [DEAD_CHANNEL]
     assert "is dead" in cli.invoke(app, ["show", url, "relu", str(DEAD_CHANNEL), "-o", str(tmp_path / "d.png")]).stderr
 
     again = subprocess.run(run, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
