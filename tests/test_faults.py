@@ -309,7 +309,8 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_ray_process(tmp_path, model_c
     url = str(tmp_path / "s.zarr")
     proc = subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", "run", str(spec), "--store", url],
                             env=env_for(model_cache, RAY_TMPDIR=str(ray_tmp)), cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_sweep.default_sigint
     try:
         while not (Path(url) / "manifest").is_dir():  # the first committed block: Ray is up and working
             assert proc.poll() is None, proc.communicate()

@@ -47,9 +47,15 @@ def write_spec(tmp_path: Path, **changes) -> Path:
     return path
 
 
+def default_sigint() -> None:
+    """In the child: Ctrl-C raises KeyboardInterrupt, also when the test runner was started in the
+    background (a shell starts background jobs with SIGINT ignored, and Python keeps it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args: str, env: dict, cwd: Path, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", *args], env=env, cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, **kw)
 
 
 def committed_blocks(url: str) -> int:
