@@ -160,6 +160,9 @@ def test_lease_on_s3_with_conditional_writes(monkeypatch):
         _lease_flow(url, monkeypatch)
     finally:
         server.stop()
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached filesystem would keep this dead endpoint
 
 
 # -- manifest and verify, in-process --------------------------------------------------------------

@@ -194,7 +194,7 @@ def test_one_batched_forward_per_step_for_the_whole_block(digits_model):
     finally:
         for h in hs:
             h.remove()
-    assert calls == {"conv1": 26, "fc1": 0}  # 25 steps + the final evaluation; never past conv2
+    assert calls == {"conv1": 27, "fc1": 0}  # the dead-unit probe, 25 steps, the final evaluation; never past conv2
 
 
 def test_no_host_synchronisation_inside_the_step_loop(digits_model, monkeypatch):

@@ -24,8 +24,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def s3_endpoint():
+    import s3fs
     from moto.server import ThreadedMotoServer
 
+    s3fs.S3FileSystem.clear_instance_cache()  # fsspec caches filesystems: one from another test's server is dead
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -39,6 +41,7 @@ def s3_endpoint():
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sweeps")
     yield endpoint
     server.stop()
+    s3fs.S3FileSystem.clear_instance_cache()
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
