@@ -16,6 +16,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(1800)  # a whole-network sweep: on a box with CPU hogs beside it, 600 s is not enough
 def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
     env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
     store = tmp_path / "demo.zarr"
