@@ -21,6 +21,13 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["LDAM_SWEEP_CACHE"] = old
 
 
+@pytest.fixture
+def env(model_cache):
+    """The environment of a real `ldam-sweep` process a test starts: the session's model cache,
+    local Ray without auth tokens, a wide terminal (no wrapped tables)."""
+    return {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
+
+
 @pytest.fixture(scope="session")
 def digits_model(model_cache):
     import ldam_sweep as ls

@@ -35,11 +35,6 @@ SPEC = {
 }
 
 
-@pytest.fixture
-def env(model_cache):
-    return {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled", "COLUMNS": "200"}
-
-
 def write_spec(path: Path, **changes) -> Path:
     doc = json.loads(json.dumps(SPEC))
     doc.update(changes)
