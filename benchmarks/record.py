@@ -29,6 +29,8 @@ def load_bench_model(model: str, size: int | None, device: str | None, **options
         if size:
             spec["input"] = {"channels": 3, "height": size, "width": size,
                              "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+            if spec["torchvision"].startswith("vit_") and size != 224:  # ViTs size their position embedding
+                spec["kwargs"] = {"image_size": size}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ls.RandomWeightsWarning)
         return ls.load_model(spec, device=device)

@@ -7,10 +7,14 @@ in this run with ``ls.sample`` (lambda = 0, truncated forward, the handle's defa
                     of a ResNet-18, truncated at the layer vs the whole network (what truncation
                     saves grows the earlier the layer)
   input size        chain-steps/s and pixel-steps/s for 32..224 px at one layer
+  vit depth         vit_b_16 (random weights): the same truncation table by encoder block, and
+                    ls.sample's chain-steps/s at a block's MLP neurons against a bare truncated
+                    forward + input-gradient backward of the same batch (the sampler's overhead)
 
     python benchmarks/scaling.py                    # digits-cnn conv2 + resnet18 (random weights)
     python benchmarks/scaling.py --device cuda      # the same on a GPU
     python benchmarks/scaling.py --quick            # seconds; run by the test suite
+    python benchmarks/scaling.py --vit-size 112     # the ViT rows at 112 px (default 224)
 """
 
 from __future__ import annotations
@@ -89,6 +93,8 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--vit-size", type=int, default=224, help="input size of the vit_b_16 rows")
+    ap.add_argument("--vit-batch", type=int, default=8, help="images per batch in the vit_b_16 rows")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "scaling.json"))
     args = ap.parse_args()
     global REPEATS
@@ -140,6 +146,30 @@ def main() -> None:
         rows.append(["resnet18", "layer2", size, b, r, r * size * size / 1e6])
     record["input_size"] = [dict(zip(("model", "layer", "size", "batch", "chain_steps_per_s", "mpixel_steps_per_s"), r)) for r in rows]
     table("input size (layer2)", ["model", "layer", "px", "batch", "chain-steps/s", "Mpixel-steps/s"], rows)
+
+    vit_size = 32 if q else args.vit_size
+    vit = load_bench_model("torchvision:vit_b_16", vit_size, args.device)
+    blocks = [0, 11] if q else [0, 3, 6, 9, 11]
+    batch = 2 if q else args.vit_batch
+    rows = []
+    for b in blocks:
+        layer = f"encoder.layers.encoder_layer_{b}"
+        if b == 11:
+            layer = vit.layer(layer).name  # block 11's output is the encoder stage's (an alias)
+        trunc = bare_s_per_image_step(vit, layer, batch, steps, truncated=True)
+        whole = bare_s_per_image_step(vit, layer, batch, steps, truncated=False)
+        rows.append(["vit_b_16", f"block {b}", trunc * 1e3, whole * 1e3, whole / trunc])
+    record["vit_depth"] = [dict(zip(("model", "block", "truncated_ms_per_image_step", "whole_network_ms_per_image_step",
+                                     "truncation_gain"), r)) for r in rows]
+    table(f"vit depth (vit_b_16 @{vit_size} px, batch {batch})", ["model", "block", "trunc ms/step", "whole ms/step", "gain"], rows)
+    mid = "encoder.layers.encoder_layer_5.mlp.1"
+    chains = 2
+    sampler = chain_steps_per_s(vit, mid, batch // chains, chains, steps)
+    bare = 1.0 / bare_s_per_image_step(vit, mid, batch, steps, truncated=True)
+    record["vit_sampler"] = {"model": "vit_b_16", "size": vit_size, "layer": mid, "batch": batch,
+                             "chain_steps_per_s": sampler, "bare_image_steps_per_s": bare, "ratio": sampler / bare}
+    table(f"vit sampler vs bare forward+backward (block 5 MLP neurons, batch {batch})",
+          ["model", "chain-steps/s", "bare steps/s", "ratio"], [["vit_b_16", sampler, bare, sampler / bare]])
 
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)

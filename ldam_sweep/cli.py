@@ -105,18 +105,32 @@ def layers(
         if json_out:
             print_json("layers", model=model.name, input=list(model.input.shape),
                        total_units=sum(layer.units for layer in model.layers),
-                       layers=[layer.as_dict() for layer in model.layers])
+                       layers=[layer.as_dict() for layer in model.layers],
+                       skipped=[s.as_dict() for s in model.skipped])
             return
         table = Table(title=f"{model.name}: input {model.input.shape}, {len(model.layers)} layers")
-        for col in ("layer", "module", "kind", "units", "output shape", "aliases"):
+        for col in ("layer", "module", "kind", "units", "output shape", "objective", "aliases"):
             table.add_column(col, justify="right" if col == "units" else "left")
         for layer in model.layers:
             table.add_row(
                 layer.name, layer.module_type, layer.kind, str(layer.units),
-                "×".join(map(str, layer.output_shape)), ", ".join(layer.aliases),
+                "×".join(map(str, layer.output_shape)), _objective_note(layer), ", ".join(layer.aliases),
             )
         console.print(table)
         console.print(f"total units: {sum(layer.units for layer in model.layers)}")
+        if model.skipped:
+            console.print(f"not layers ({len(model.skipped)} modules that run but have no single visualisable output):")
+            for s in model.skipped:
+                console.print(f"  {s.name} ({s.module_type}): {s.reason}", highlight=False, markup=False)
+
+
+def _objective_note(layer) -> str:
+    """The layer's default objective, and for token layers how its tokens are laid out."""
+    g = layer.geometry
+    if g is None:
+        return layer.default_objective
+    grid = "no grid" if g.grid is None else f"{g.grid[0]}×{g.grid[1]} grid" + (" + class token" if g.has_cls else "")
+    return f"{layer.default_objective} ({g.tokens} tokens: {grid})"
 
 
 def _print_summary(summary) -> None:

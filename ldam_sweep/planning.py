@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ldam_sweep.errors import SpecError, StoreError
-from ldam_sweep.objectives import objective_for
+from ldam_sweep.errors import LdamError, SamplerError, SpecError, StoreError
+from ldam_sweep.objectives import DEFAULT_BY_KIND, objective_for
 from ldam_sweep.settings import default_snapshot_steps
 from ldam_sweep.spec import AUTO_GRID_UNITS, JobSpec, parse_units
 
@@ -200,7 +200,7 @@ def plan_store(
         plans.append(LayerPlan(
             name=info.name, kind=info.kind, module_type=info.module_type, units=info.units,
             output_shape=tuple(info.output_shape), block_size=int(min(block_size, info.units)),
-            objective=objective_for(info.name, info.kind, objective), selected=sel,
+            objective=objective_for(info.name, info.kind, objective, info.geometry), selected=sel,
         ))
     return StorePlan(
         layers=tuple(plans), chains=chains, steps=steps, snapshot_steps=tuple(snapshot_steps),
@@ -228,7 +228,25 @@ def job_targets(job: JobSpec, model: ModelHandle) -> list[tuple[str, np.ndarray]
 
 def job_objectives(job: JobSpec, model: ModelHandle) -> dict[str, str]:
     """The objective of every layer the job sweeps."""
-    return {name: objective_for(name, model.layer(name).kind, job.objective) for name, _ in job_targets(job, model)}
+    targets = job_targets(job, model)
+    for key in job.objective:
+        if key in DEFAULT_BY_KIND:
+            continue
+        try:
+            name = model.layer(key).name
+        except LdamError as err:
+            raise SpecError(f"objective.{key}: {err}") from None
+        if name not in dict(targets):
+            raise SpecError(f"objective.{key}: layer {key!r} is not among the swept layers")
+    by_canonical = {**job.objective, **{model.layer(k).name: v for k, v in job.objective.items() if k not in DEFAULT_BY_KIND}}
+    out = {}
+    for name, _ in targets:
+        info = model.layer(name)
+        try:
+            out[name] = objective_for(name, info.kind, by_canonical, info.geometry)
+        except SamplerError as err:
+            raise SpecError(f"objective: {err}") from None
+    return out
 
 
 def sweep_store_plan(job: JobSpec, model: ModelHandle, spec_doc: dict[str, Any]) -> StorePlan:
@@ -240,7 +258,7 @@ def sweep_store_plan(job: JobSpec, model: ModelHandle, spec_doc: dict[str, Any])
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
         block_size=job.resources.grid_units, realism=job.discriminator is not None,
         exemplars_k=job.exemplars if job.data is not None else 0,
-        objective=job.objective, spec=spec_doc,
+        objective=job_objectives(job, model), spec=spec_doc,
     )
 
 

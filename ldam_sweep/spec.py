@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ldam_sweep.errors import SpecError
-from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives
+from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives, split_objective
 from ldam_sweep.settings import METHODS
 
 
@@ -324,7 +324,8 @@ class JobSpec(BaseModel):
     model: ModelSpec
     layers: Literal["all"] | list[str] = "all"
     units: dict[str, UnitsSel] = Field(default_factory=dict, description="per layer: all, [i, j, ...] or 'a-b'")
-    objective: dict[str, str] = Field(default_factory=dict, description="per layer kind: the objective its layers use")
+    objective: dict[str, str] = Field(default_factory=dict, description="per layer kind or layer name: the objective "
+                                      "its layers use (a layer's entry wins over its kind's)")
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     discriminator: DiscriminatorSpec | None = None
     data: DataSpec | None = None
@@ -335,12 +336,17 @@ class JobSpec(BaseModel):
     @field_validator("objective")
     @classmethod
     def _objective(cls, objective: dict[str, str]) -> dict[str, str]:
-        for kind, name in objective.items():
-            if kind not in DEFAULT_BY_KIND:
-                raise ValueError(f"unknown layer kind {kind!r}; allowed kinds: {', '.join(DEFAULT_BY_KIND)}")
-            allowed = allowed_objectives(kind)
-            if name not in allowed:
-                raise ValueError(f"objective {name!r} does not apply to {kind} layers; allowed for {kind}: {', '.join(allowed)}")
+        everywhere = sorted({n for kind in DEFAULT_BY_KIND for n in allowed_objectives(kind)})
+        for key, name in objective.items():
+            base = split_objective(name)[0]
+            if key in DEFAULT_BY_KIND:  # a layer kind: its objectives are known now
+                allowed = allowed_objectives(key)
+                if base not in allowed:
+                    raise ValueError(f"objective {name!r} does not apply to {key} layers; allowed for {key}: "
+                                     f"{', '.join(allowed)}")
+            elif base not in everywhere:  # a layer name: checked against the layer once the model is loaded
+                raise ValueError(f"unknown objective {name!r} for layer {key!r}; objectives: {', '.join(everywhere)} "
+                                 f"(keys are layer kinds, {', '.join(DEFAULT_BY_KIND)}, or layer names)")
         return objective
 
     @model_validator(mode="after")

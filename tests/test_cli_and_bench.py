@@ -175,3 +175,7 @@ def test_scaling_benchmark_quick_mode(tmp_path):
     for r in depth.values():
         assert r["truncated_ms_per_image_step"] > 0 and r["whole_network_ms_per_image_step"] > 0
     assert [r["size"] for r in rec["input_size"]] == [32, 48]
+    vit = {r["block"]: r for r in rec["vit_depth"]}
+    assert set(vit) == {"block 0", "block 11"}
+    assert all(r["truncated_ms_per_image_step"] > 0 and r["truncation_gain"] > 0 for r in vit.values())
+    assert rec["vit_sampler"]["chain_steps_per_s"] > 0 and rec["vit_sampler"]["bare_image_steps_per_s"] > 0

@@ -38,7 +38,7 @@ def test_zoo_weights_are_cached_by_recipe_hash(digits_model, model_cache, monkey
     def no_training(*_args, **_kwargs):
         raise AssertionError("the cached weights were retrained instead of read")
 
-    monkeypatch.setattr(zoo, "train_digits_cnn", no_training)
+    monkeypatch.setattr(zoo, "train_digits_model", no_training)
     again = ls.load_model("digits-cnn", device="cpu")
     assert files[0].stat().st_mtime_ns == mtime
     assert again.fingerprint == digits_model.fingerprint

@@ -76,12 +76,43 @@ def test_objectives_are_one_gather_equal_to_a_per_element_loop():
     assert torch.equal(unit_objective(lin, units, "logit"), ref_unit)
 
 
+def test_token_objectives_read_the_tokens_a_person_would_name():
+    """(B, T, D) outputs of a ViT with a class token and a 3x4 patch grid (T = 13): token_mean
+    averages all tokens, cls reads token 0, token the grid's centre (row 1, col 2 -> 1 + 1*4 + 2),
+    token:R,C a grid position and token:N a sequence index; bad positions name what is allowed."""
+    from ldam_sweep.errors import SamplerError
+    from ldam_sweep.objectives import check_objective, token_geometry
+
+    torch.manual_seed(0)
+    tokens = torch.randn(6, 13, 5)  # as the module returns it
+    acts = tokens.transpose(1, 2)  # unit-first, as ModelHandle.activations gives it
+    units = torch.tensor([4, 0, 2, 2, 1, 3])
+    geo = token_geometry(13, height=30, width=40)  # 3 x 4 patches of 10 px, plus one class token
+    assert (geo.prefix, geo.grid, geo.has_cls) == (1, (3, 4), True)
+    rows = torch.arange(6)
+    assert torch.allclose(unit_objective(acts, units, "token_mean"), tokens[rows, :, units].mean(1))
+    assert torch.equal(unit_objective(acts, units, check_objective("cls", "token", "b", geo)), tokens[rows, 0, units])
+    assert check_objective("token", "token", "b", geo) == "token:7"
+    assert check_objective("token:2,3", "token", "b", geo) == "token:12"
+    assert check_objective("token:5", "token", "b", geo) == "token:5"
+    assert torch.equal(unit_objective(acts, units, "token:12"), tokens[rows, 12, units])
+    no_cls = token_geometry(12, height=30, width=40)
+    assert (no_cls.prefix, no_cls.grid, no_cls.has_cls) == (0, (3, 4), False)
+    for bad, words in (("token:3,0", "outside the 3x4 patch grid"), ("token:13", "tokens 0..12"),
+                       ("token:a", "token:ROW,COL"), ("cls:1", "takes no parameter"), ("channel", "allowed: token_mean")):
+        with pytest.raises(SamplerError, match=words):
+            check_objective(bad, "token", "b", geo)
+    with pytest.raises(SamplerError, match="no class token"):
+        check_objective("cls", "token", "b", no_cls)
+
+
 def test_every_objective_of_the_table_scores_a_unit_alike_for_sampling_and_exemplars():
     """The sampler's one-gather objective and the exemplar ranking give the same floats for every
     table entry and layer kind, and every kind's default is an entry that applies to it."""
     torch.manual_seed(0)
     outputs = {"conv": torch.randn(6, 5, 7, 6).contiguous(memory_format=torch.channels_last),
-               "linear": torch.randn(6, 9), "logit": torch.randn(6, 9)}
+               "linear": torch.randn(6, 9), "logit": torch.randn(6, 9),
+               "token": torch.randn(6, 10, 9).transpose(1, 2)}  # (B, T, D) read unit-first, as the handle does
     units = torch.tensor([4, 0, 2, 2, 1, 3])
     for name, obj in OBJECTIVES.items():
         for kind in obj.kinds:
@@ -101,7 +132,8 @@ def test_update_rules_and_method_settings_name_the_same_methods():
         assert rule.options_type is METHODS[name]
 
 
-def test_job_spec_methods_and_objectives_come_from_the_tables():
+def test_job_spec_methods_and_objectives_come_from_the_tables(digits_model):
+    from ldam_sweep.planning import job_objectives
     from ldam_sweep.spec import parse_job
 
     job = parse_job({"model": {"zoo": "digits-cnn"}, "sampler": {"method": "am"},
@@ -111,8 +143,17 @@ def test_job_spec_methods_and_objectives_come_from_the_tables():
         parse_job({"model": {"zoo": "digits-cnn"}, "sampler": {"method": "mala"}})
     with pytest.raises(ls.SpecError, match=r"objective 'unit' does not apply to conv layers; allowed for conv: channel, neuron"):
         parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"conv": "unit"}})
-    with pytest.raises(ls.SpecError, match=r"unknown layer kind 'pool'; allowed kinds: conv, linear, logit"):
-        parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"pool": "channel"}})
+    with pytest.raises(ls.SpecError, match=r"unknown objective 'maxpool' for layer 'pool1'; objectives: channel, cls,"):
+        parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"pool1": "maxpool"}})
+    # a layer's own entry wins over its kind's, and is checked against the layer once the model is known
+    job = parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"conv": "neuron", "conv2": "channel", "fc1": "unit"}})
+    assert job_objectives(job, digits_model) == {"conv1": "neuron", "relu1": "neuron", "pool1": "neuron",
+                                                  "conv2": "channel", "relu2": "neuron", "pool2": "neuron",
+                                                  "fc1": "unit", "relu3": "unit", "fc2": "logit"}
+    with pytest.raises(ls.SpecError, match=r"objective: objective 'cls' does not apply to conv layer 'conv2'"):
+        job_objectives(parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"conv2": "cls"}}), digits_model)
+    with pytest.raises(ls.SpecError, match=r"objective.fc3: .*unknown layer 'fc3'"):
+        job_objectives(parse_job({"model": {"zoo": "digits-cnn"}, "objective": {"fc3": "unit"}}), digits_model)
 
 
 def test_ldam_logits_exceed_the_best_real_digit(digits_model, real_max_logits):

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ldam_sweep.errors import LayerError, ModelError, did_you_mean
-from ldam_sweep.model.discovery import LayerInfo, discover_layers
+from ldam_sweep.model.discovery import LayerInfo, SkippedModule, discover, pick_output, unit_first
 from ldam_sweep.spec import InputSpec
 
 
@@ -61,6 +61,7 @@ class ModelHandle:
         self._mean = torch.tensor(input_spec.mean, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
         self._std = torch.tensor(input_spec.std, dtype=torch.float32, device=self.device).expand(c).reshape(1, c, 1, 1).clone()
         self._modules = dict(self.net.named_modules())
+        self.skipped: list[SkippedModule] = []  # modules that ran but are not layers, with the reason
         try:
             self.layers: list[LayerInfo] = self._discover()
         except ModelError:
@@ -91,7 +92,7 @@ class ModelHandle:
                 if not (isinstance(out, torch.Tensor) and out.dim() == 2):
                     raise ModelError(f"TorchScript model {self.name!r} must return a (batch, classes) tensor")
                 return [LayerInfo("output", type(self.net).__name__, "logit", int(out.shape[1]), (int(out.shape[1]),))]
-            layers = discover_layers(self.net, self.normalize(example))
+            layers, self.skipped = discover(self.net, self.normalize(example))
         except ModelError:
             raise
         except Exception as err:
@@ -103,7 +104,7 @@ class ModelHandle:
                 f"(channels, height, width) against what the model expects.{hint}"
             ) from None
         if not layers:
-            raise ModelError(f"model {self.name!r} has no layer with a (B, C, H, W) or (B, F) float output")
+            raise ModelError(f"model {self.name!r} has no layer with a (B, C, H, W), (B, T, D) or (B, F) float output")
         return layers
 
     # -- lookups -----------------------------------------------------------------------------
@@ -149,7 +150,8 @@ class ModelHandle:
             )
 
     def activations(self, x: torch.Tensor, layer: str) -> torch.Tensor:
-        """The target layer's output for pixel-space images x; the forward stops at that layer.
+        """The target layer's output for pixel-space images x, units on dimension 1 ((B, C, H, W),
+        (B, F), or (B, D, T) for token layers); the forward stops at that layer.
 
         A hook on the target module alone captures its output and raises to end the pass; it is
         removed in ``finally`` whatever happens.
@@ -160,8 +162,8 @@ class ModelHandle:
         z = self.normalize(x)
         captured: list[torch.Tensor] = []
 
-        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
-            captured.append(out)
+        def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+            captured.append(pick_output(out, info.output_index))
             raise _StopForward
 
         handle = self._modules[info.name].register_forward_hook(hook)
@@ -174,7 +176,7 @@ class ModelHandle:
             handle.remove()
         if not captured:
             raise ModelError(f"layer {info.name!r} did not run during the forward pass")
-        return captured[0].float()
+        return unit_first(captured[0], info.layout).float()
 
     def activations_at(self, x: torch.Tensor, layers: "list[str] | tuple[str, ...]") -> dict[str, torch.Tensor]:
         """Several layers' outputs from one forward pass, stopped once the last of them has run
@@ -185,8 +187,8 @@ class ModelHandle:
         captured: dict[str, torch.Tensor] = {}
 
         def hook_for(name: str):
-            def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
-                captured[name] = out.detach().clone()
+            def hook(_mod: nn.Module, _inp: object, out: object) -> None:
+                captured[name] = pick_output(out, self.layer(name).output_index).detach().clone()
                 if not whole and len(captured) == len(hooked):
                     raise _StopForward
             return hook
@@ -205,7 +207,7 @@ class ModelHandle:
         missing = [n for n in names if n not in captured]
         if missing:
             raise ModelError(f"layer(s) {missing} did not run during the forward pass")
-        return {n: captured[n].float() for n in names}
+        return {n: unit_first(captured[n], self.layer(n).layout).float() for n in names}
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")

@@ -1,6 +1,7 @@
 """Built-in models that train on the spot from data shipped offline, cached by a hash of their recipe.
 
 ``digits-cnn``: a LeNet-style CNN on scikit-learn's digits upsampled to 28x28 (pixels in [0, 1]).
+``digits-vit``: a small vision transformer on the same data (4x4 patches, a class token, 4 blocks).
 """
 
 from __future__ import annotations
@@ -44,6 +45,48 @@ class DigitsCNN(nn.Module):
         return self.fc2(self.relu3(self.fc1(self.flatten(x))))
 
 
+class ViTBlock(nn.Module):
+    """A pre-norm transformer encoder block, laid out like torchvision's ``EncoderBlock``:
+    ``x + attn(ln_1(x))``, then ``x + mlp(ln_2(x))``; ``mlp.1`` (GELU) is the hidden activation."""
+
+    def __init__(self, dim: int, heads: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class DigitsViT(nn.Module):
+    """A small ViT for 28x28 digits: 4x4 patches (a 7x7 grid) embedded to 64 features, a class
+    token and learned positions (50 tokens), 4 blocks with 4 heads and a 128-unit MLP, a final
+    layer norm, and a linear head on the class token."""
+
+    def __init__(self, dim: int = 64, depth: int = 4, heads: int = 4, mlp_dim: int = 128, patch: int = 4) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
+        grid = 28 // patch
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embedding = nn.Parameter(torch.randn(1, grid * grid + 1, dim) * 0.02)
+        self.blocks = nn.Sequential(*[ViTBlock(dim, heads, mlp_dim) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + self.pos_embedding
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.cls_token)
+        nn.init.normal_(self.pos_embedding, std=0.02)
+
+
 @dataclass(frozen=True)
 class TrainRecipe:
     """Everything that determines the trained weights; its hash keys the cache file."""
@@ -56,9 +99,15 @@ class TrainRecipe:
     weight_decay: float = 1e-4
     seed: int = 0
     ema_tau: float | None = None  # keep theta_bar <- (1 - 1/tau) theta_bar + theta / tau after every step
+    optimizer: str = "adam"  # "adamw": AdamW with a one-cycle learning-rate schedule peaking at lr
+    shift: int = 0  # augmentation: each batch rolled by up to this many pixels in x and y
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        for name, default in (("optimizer", "adam"), ("shift", 0)):  # fields added later: old keys stay valid
+            if fields[name] == default:
+                del fields[name]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -85,6 +134,14 @@ ZOO: dict[str, ZooEntry] = {
         recipe=TrainRecipe(ema_tau=50.0),
         description="the same training run as digits-cnn (same seed and data), exponential moving average "
                     "of the weights with tau = 50 steps (the last ~2 of 12 epochs)",
+    ),
+    "digits-vit": ZooEntry(
+        build=DigitsViT,
+        input=DIGITS_INPUT,
+        recipe=TrainRecipe(architecture="DigitsViT-v1", epochs=30, lr=2e-3, weight_decay=0.05, optimizer="adamw",
+                           shift=1),
+        description="small vision transformer (4x4 patches, class token, 4 blocks of 64 features) on scikit-learn "
+                    "digits at 28x28, trained on first use (~20 s)",
     ),
 }
 
@@ -121,7 +178,7 @@ def load_zoo_model(name: str, *, log: Callable[[str], None] | None = None) -> tu
                 log(f"cached {path} unreadable ({err}); retraining")
     if log:
         log(f"training zoo model {name!r} (recipe {entry.recipe.key()}) ...")
-    metrics = train_digits_cnn(net, entry.recipe)  # with ema_tau, net ends up holding the averaged weights
+    metrics = train_digits_model(net, entry.recipe)  # with ema_tau, net ends up holding the averaged weights
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save({"state_dict": net.state_dict(), "metrics": metrics}, tmp)
@@ -131,19 +188,28 @@ def load_zoo_model(name: str, *, log: Callable[[str], None] | None = None) -> tu
     return net.eval(), entry.input, metrics
 
 
-def train_digits_cnn(net: nn.Module, recipe: TrainRecipe) -> dict:
-    """Train on the fixed digits train split with Adam; returns test accuracy and time."""
+def train_digits_model(net: nn.Module, recipe: TrainRecipe) -> dict:
+    """Train on the fixed digits train split (Adam, or AdamW with a one-cycle schedule); returns
+    test accuracy and time."""
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(recipe.seed)
     torch.manual_seed(recipe.seed)
     for m in net.modules():  # re-initialise deterministically from the recipe seed
         if hasattr(m, "reset_parameters"):
             m.reset_parameters()
+        elif isinstance(m, nn.MultiheadAttention):
+            m._reset_parameters()
     x_train, y_train = (torch.from_numpy(a) for a in digits(28, "train"))
     x_test, y_test = (torch.from_numpy(a) for a in digits(28, "test"))
-    opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    net.train()
     n = len(y_train)
+    schedule = None
+    if recipe.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        schedule = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=recipe.lr, total_steps=recipe.epochs * -(-n // recipe.batch_size), pct_start=0.15)
+    else:
+        opt = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    net.train()
     ema = None
     if recipe.ema_tau is not None:
         ema = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -151,10 +217,16 @@ def train_digits_cnn(net: nn.Module, recipe: TrainRecipe) -> dict:
         perm = torch.randperm(n, generator=gen)
         for i in range(0, n, recipe.batch_size):
             idx = perm[i : i + recipe.batch_size]
-            loss = nn.functional.cross_entropy(net(x_train[idx]), y_train[idx])
+            xb = x_train[idx]
+            if recipe.shift:
+                shifts = torch.randint(-recipe.shift, recipe.shift + 1, (2,), generator=gen).tolist()
+                xb = torch.roll(xb, shifts=shifts, dims=(2, 3))
+            loss = nn.functional.cross_entropy(net(xb), y_train[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if schedule is not None:
+                schedule.step()
             if ema is not None:
                 with torch.no_grad():
                     for k, v in net.state_dict().items():

@@ -176,7 +176,7 @@ def sample(
     """
     info = model.layer(layer)
     unit_arr = model.check_units(info.name, units)
-    objective = check_objective(objective or DEFAULT_BY_KIND[info.kind], info.kind, info.name)
+    objective = check_objective(objective or DEFAULT_BY_KIND[info.kind], info.kind, info.name, info.geometry)
     if not isinstance(chains, int) or chains < 1:
         raise SamplerError(f"chains must be a positive integer, got {chains!r}")
     if not isinstance(steps, int) or steps < 1:

@@ -292,7 +292,7 @@ def train_discriminator(
     groups = []
     for layer, units in _spread([(layer, model.check_units(layer, units)) for layer, units in targets], s.chains):
         info = model.layer(layer)
-        objective = objective_for(info.name, info.kind, objectives)
+        objective = objective_for(info.name, info.kind, objectives, info.geometry)
         groups.append(_ChainGroup(model, info.name, units, objective, s.seed, "train"))
 
     def frozen_log_d(x: torch.Tensor) -> torch.Tensor:
