@@ -22,6 +22,8 @@ $PY benchmarks/batching.py --device $DEVICE $QUICK --model torchvision:resnet18 
     --chains 4 --repeats 1 --out "$OUT/batching_resnet18_64_layer2.json"
 $PY benchmarks/peers.py --device $DEVICE $QUICK --units 128 --a-units 8 --block 64 --out "$OUT/peers.json"
 $PY benchmarks/scaling.py --device $DEVICE $QUICK --out "$OUT/scaling.json"
+# vision transformers: vit_b_16 @224 MLP neurons of block 5 (random weights), 64 units x 8 chains x 100 steps
+$PY benchmarks/vit.py --device $DEVICE $QUICK --units 64 --chains 8 --steps 100 --out "$OUT/vit.json"
 # the GPU-first sweep issue: `ldam-sweep run` vs the in-process sampler, ResNet-18 random weights @224,
 # layer3 units 0-127, 8 chains x 100 steps, lambda 0, 1 actor; block_size auto (batches sized to the GPU) vs 32
 for BLOCK in auto 32; do

@@ -431,11 +431,12 @@ def compare(
                        layers=cmp.layers, units=cmp.units.to_pylist(), report=report)
             return
         table = Table(title=f"A = {a.attrs['model']['name']}  vs  B = {b.attrs['model']['name']}")
-        cols = [("layer", "layer"), ("paired", "units"), ("mean_sample_distance", "sample dist"),
+        cols = [("layer", "layer"), ("kind", "kind"), ("objective", "objective"), ("paired", "units"),
+                ("mean_sample_distance", "sample dist"),
                 ("mean_activation_ratio_delta", "Δ act ratio"), ("mean_realism_final_mean_delta", "Δ log D"),
                 ("mean_nearest_real_delta", "Δ nearest real"), ("mean_pixel_diversity_delta", "Δ diversity")]
         for _, label in cols:
-            table.add_column(label, justify="left" if label == "layer" else "right")
+            table.add_column(label, justify="left" if label in ("layer", "kind", "objective") else "right")
         for r in cmp.layers:
             table.add_row(*[f"{r[k]:.4g}" if isinstance(r.get(k), float) else ("–" if r.get(k) is None else str(r[k]))
                             for k, _ in cols])

@@ -21,13 +21,14 @@ PAIRED = ("activation_ratio", "act_final_mean", "realism_final_mean", "nearest_r
 
 
 def check_comparable(a: SweepStore, b: SweepStore) -> None:
-    """Same layers (names, kinds, unit counts, shapes) and the same sampler settings, or a clear error."""
+    """Same layers (names, kinds, unit counts, shapes, objectives) and the same sampler settings, or a
+    clear error."""
     problems = []
-    la = {lp.name: (lp.kind, lp.units, tuple(lp.output_shape)) for lp in a.plan.layers}
-    lb = {lp.name: (lp.kind, lp.units, tuple(lp.output_shape)) for lp in b.plan.layers}
+    la = {lp.name: (lp.kind, lp.units, tuple(lp.output_shape), lp.objective) for lp in a.plan.layers}
+    lb = {lp.name: (lp.kind, lp.units, tuple(lp.output_shape), lp.objective) for lp in b.plan.layers}
     for name in sorted(set(la) & set(lb)):
         if la[name] != lb[name]:
-            problems.append(f"layer {name!r}: {la[name]} vs {lb[name]} (kind, units, output shape)")
+            problems.append(f"layer {name!r}: {la[name]} vs {lb[name]} (kind, units, output shape, objective)")
     if not set(la) & set(lb):
         problems.append(f"no layer in common: {sorted(la)} vs {sorted(lb)}")
     for field in ("chains", "steps", "snapshot_steps", "image_shape", "value_range"):
@@ -81,7 +82,8 @@ def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparis
     layers = []
     for name in dict.fromkeys(r["layer"] for r in out):
         lrows = [r for r in out if r["layer"] == name]
-        summary: dict[str, Any] = {"layer": name, "paired": len(lrows)}
+        lp = a.plan.layer(name)
+        summary: dict[str, Any] = {"layer": name, "kind": lp.kind, "objective": lp.objective, "paired": len(lrows)}
         for col in (*PAIRED, "sample"):
             key = "sample_distance" if col == "sample" else f"{col}_delta"
             vals = np.array([r[key] for r in lrows if r[key] is not None], dtype=float)
@@ -102,7 +104,7 @@ def write_report(cmp: Comparison, a: SweepStore, b: SweepStore, out_dir: str, to
 
     out = Path(out_dir)
     (out / "img").mkdir(parents=True, exist_ok=True)
-    cols = ["layer", "paired", "mean_sample_distance", "mean_activation_ratio_delta", "mean_abs_activation_ratio_delta",
+    cols = ["layer", "kind", "objective", "paired", "mean_sample_distance", "mean_activation_ratio_delta", "mean_abs_activation_ratio_delta",
             "mean_realism_final_mean_delta", "mean_nearest_real_delta", "mean_pixel_diversity_delta"]
     head = "".join(f"<th>{escape(c)}</th>" for c in cols)
     body = "".join("<tr>" + "".join(f"<td>{escape(fmt_number(r.get(c)))}</td>" for c in cols) + "</tr>" for r in cmp.layers)

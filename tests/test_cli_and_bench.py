@@ -159,8 +159,8 @@ def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     names = {p.stem: json.loads(p.read_text())["benchmark"] for p in tmp_path.glob("*.json")}
     assert sorted(set(names.values())) == ["batching", "end_to_end", "hardware_limit", "peers", "pipeline", "scaling",
-                                           "variants"]
-    assert len(names) == 13
+                                           "variants", "vit"]
+    assert len(names) == 14
     assert names["end_to_end_resnet18_224_layer3_auto"] == "end_to_end"
     for p in tmp_path.glob("*.json"):
         assert_measured(json.loads(p.read_text()))

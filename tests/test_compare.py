@@ -62,6 +62,7 @@ def test_raw_vs_averaged_weights_differ_unit_by_unit(stores):
     assert np.abs(deltas).max() > 0.1
     by_layer = {r["layer"]: r for r in cmp.layers}
     assert by_layer["fc2"]["paired"] == 10 and by_layer["fc2"]["mean_abs_act_final_mean_delta"] > 0
+    assert (by_layer["fc2"]["kind"], by_layer["fc2"]["objective"]) == ("logit", "logit")
 
 
 def test_mismatched_settings_name_what_differs(stores):
