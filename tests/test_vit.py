@@ -170,13 +170,13 @@ def test_digits_vit_mlp_neurons_of_every_block_and_its_logits_climb(vit_model):
     counts, remove = count_calls(vit_model, ["blocks.2", "blocks.3", "norm", "head"])
     try:
         for block in range(4):
-            res = ls.sample(vit_model, f"blocks.{block}.mlp.1", range(0, 128, 16), chains=4, steps=60, seed=0)
+            res = ls.sample(vit_model, f"blocks.{block}.mlp.1", range(0, 128, 16), chains=4, steps=30, seed=0)
             assert climbed(res) >= 0.95, (block, res.activation[..., [0, -1]])
             if block == 1:
                 assert counts == {"blocks.2": 0, "blocks.3": 0, "norm": 0, "head": 0}  # truncated after block 1
     finally:
         remove()
-    res = ls.sample(vit_model, "head", range(10), chains=4, steps=100, seed=0)
+    res = ls.sample(vit_model, "head", range(10), chains=4, steps=60, seed=0)
     assert climbed(res) >= 0.95
 
 
@@ -214,14 +214,15 @@ def test_digits_vit_logits_with_a_trained_d_stay_the_class_and_look_like_digits(
     from ldam_sweep.sampling.discriminator import train_discriminator
 
     train, (test, _) = digits(28, "train")[0], digits(28, "test")
-    d = train_discriminator(vit_model, [("head", range(10))], train, test, {"updates": 60, "lam": 0.5})
+    d = train_discriminator(vit_model, [("head", range(10))], train, test, {"updates": 40, "lam": 0.5})
     out = {}
     for lam in (0.0, 0.5):
-        res = ls.sample(vit_model, "head", range(10), chains=4, steps=300, lam=lam, discriminator=d.module)
+        res = ls.sample(vit_model, "head", range(10), chains=4, steps=200, lam=lam, discriminator=d.module)
         with torch.no_grad():
             pred = vit_model.forward(torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))).argmax(1).numpy()
         out[lam] = (float((pred.reshape(10, 4) == np.arange(10)[:, None]).mean()), _nearest_real_rms(res.final_samples, test))
-    # measured on this box: argmax 1.0 at both; nearest real 0.387 at lambda 0, 0.239 at lambda 0.5 (0.62x)
+    # measured on this box: argmax 1.0 at both; nearest real 0.403 at lambda 0, 0.245 at lambda 0.5 (0.61x);
+    # with 60 updates and 300 steps 0.387 and 0.239 (0.62x), with 25 updates 0.65x
     assert out[0.5][0] >= 0.9, out
     assert out[0.5][1] <= 0.7 * out[0.0][1], out
 
