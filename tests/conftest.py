@@ -21,6 +21,21 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["LDAM_SWEEP_CACHE"] = old
 
 
+@pytest.fixture(autouse=True)
+def restore_thread_pools():
+    """A SweepWorker built in-process sizes torch's and zarr's thread pools for its actor (1 thread in
+    test_pipeline): every later test gets the session's pools back instead of running on one core."""
+    import torch
+    import zarr
+
+    threads, workers = torch.get_num_threads(), zarr.config.get("threading.max_workers")
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    if zarr.config.get("threading.max_workers") != workers:
+        zarr.config.set({"threading.max_workers": workers})
+
+
 @pytest.fixture
 def env(model_cache):
     """The environment of a real `ldam-sweep` process a test starts: the session's model cache,
