@@ -203,14 +203,9 @@ def test_token_objectives_sample_what_they_say(vit_model):
         ls.sample(vit_model, layer, [0], objective="token:7,0", **kw)
 
 
-def _nearest_real_rms(samples: np.ndarray, real: np.ndarray) -> float:
-    a = samples.reshape(len(samples.reshape(-1, real[0].size)), -1).astype(np.float64)
-    b = real.reshape(len(real), -1).astype(np.float64)
-    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T
-    return float(np.sqrt(np.maximum(d2.min(1), 0) / a.shape[1]).mean())
-
-
 def test_digits_vit_logits_with_a_trained_d_stay_the_class_and_look_like_digits(vit_model):
+    from test_discriminator import _nearest_real_rms
+
     from ldam_sweep.sampling.discriminator import train_discriminator
 
     train, (test, _) = digits(28, "train")[0], digits(28, "test")

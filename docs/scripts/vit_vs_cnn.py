@@ -24,16 +24,10 @@ from ldam_sweep.data import digits
 from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
 from ldam_sweep.sampling.discriminator import train_discriminator
 from ldam_sweep.sampling.exemplars import top_exemplars
+from lambda_tradeoff import nearest_real_rms  # this folder's scripts share it
 
 ROOT = Path(__file__).resolve().parents[2]
 SHOWN = 4  # chains per model in the figure
-
-
-def nearest_real_rms(samples: np.ndarray, real: np.ndarray) -> float:
-    a = samples.reshape(-1, real[0].size).astype(np.float64)
-    b = real.reshape(len(real), -1).astype(np.float64)
-    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None] - 2 * a @ b.T
-    return float(np.sqrt(np.maximum(d2.min(1), 0) / a.shape[1]).mean())
 
 
 def main() -> None:
