@@ -229,21 +229,23 @@ def job_targets(job: JobSpec, model: ModelHandle) -> list[tuple[str, np.ndarray]
 def job_objectives(job: JobSpec, model: ModelHandle) -> dict[str, str]:
     """The objective of every layer the job sweeps."""
     targets = job_targets(job, model)
-    for key in job.objective:
+    swept = {name for name, _ in targets}
+    requested = dict(job.objective)  # kinds as given; layer names (aliases too) under the layer's name
+    for key, objective in job.objective.items():
         if key in DEFAULT_BY_KIND:
             continue
         try:
             name = model.layer(key).name
         except LdamError as err:
             raise SpecError(f"objective.{key}: {err}") from None
-        if name not in dict(targets):
+        if name not in swept:
             raise SpecError(f"objective.{key}: layer {key!r} is not among the swept layers")
-    by_canonical = {**job.objective, **{model.layer(k).name: v for k, v in job.objective.items() if k not in DEFAULT_BY_KIND}}
+        requested[name] = objective
     out = {}
     for name, _ in targets:
         info = model.layer(name)
         try:
-            out[name] = objective_for(name, info.kind, by_canonical, info.geometry)
+            out[name] = objective_for(name, info.kind, requested, info.geometry)
         except SamplerError as err:
             raise SpecError(f"objective: {err}") from None
     return out

@@ -167,7 +167,7 @@ def discover(net: nn.Module, example: torch.Tensor) -> tuple[list[LayerInfo], li
     calls: dict[str, int] = {}
     outputs: dict[str, object] = {}
     versions: dict[str, int] = {}
-    layouts: dict[str, str] = {}
+    exposed: dict[str, tuple[int | None, str | None]] = {}  # (tuple index, why it is no layer) per module
     known: dict[int, str] = {}  # id of every 4-D tensor seen -> its layout
     by_shape: dict[tuple, str] = {}  # the last layout seen for each 4-D shape
     order: list[str] = []
@@ -180,12 +180,11 @@ def discover(net: nn.Module, example: torch.Tensor) -> tuple[list[LayerInfo], li
                 return
             order.append(name)
             outputs[name] = out
-            index, _ = _exposed(out, batch)
-            t = pick_output(out, index)
+            exposed[name] = _exposed(out, batch)
+            t = pick_output(out, exposed[name][0])
             versions[name] = t._version if isinstance(t, torch.Tensor) else -1
             if isinstance(t, torch.Tensor) and t.dim() == 4:
-                layouts[name] = known.setdefault(id(t), _layout(mod, inp, t, known, by_shape))
-                by_shape[tuple(t.shape)] = layouts[name]
+                by_shape[tuple(t.shape)] = known.setdefault(id(t), _layout(mod, inp, t, known, by_shape))
 
         return hook
 
@@ -199,7 +198,6 @@ def discover(net: nn.Module, example: torch.Tensor) -> tuple[list[LayerInfo], li
 
     by_tensor: dict[tuple[int, int], list[str]] = {}
     skipped: list[SkippedModule] = []
-    exposed: dict[str, int | None] = {}
     for name in order:
         mod = modules[name]
         if isinstance(mod, SKIPPED_TYPES) or type(mod).__name__ == "Permute":
@@ -208,18 +206,17 @@ def discover(net: nn.Module, example: torch.Tensor) -> tuple[list[LayerInfo], li
             skipped.append(SkippedModule(name, type(mod).__name__,
                                          f"runs {calls[name]} times per forward (a shared module has no single output)"))
             continue
-        index, reason = _exposed(outputs[name], batch)
+        index, reason = exposed[name]
         if reason is not None:
             skipped.append(SkippedModule(name, type(mod).__name__, reason))
             continue
-        exposed[name] = index
         out = pick_output(outputs[name], index)
         by_tensor.setdefault((id(out), versions[name]), []).append(name)
 
     layers = []
     for names in by_tensor.values():  # insertion order = order of first completion
         canonical = min(names, key=lambda n: (n.count("."), len(n), n))
-        out = pick_output(outputs[names[0]], exposed[names[0]])
+        out = pick_output(outputs[names[0]], exposed[names[0]][0])
         assert isinstance(out, torch.Tensor)
         shape = tuple(int(s) for s in out.shape[1:])
         geometry = None
@@ -228,7 +225,7 @@ def discover(net: nn.Module, example: torch.Tensor) -> tuple[list[LayerInfo], li
         elif out.dim() == 3:
             kind, layout, units = "token", "ntd", shape[1]
             geometry = token_geometry(shape[0], height, width)
-        elif layouts.get(names[0]) == "nhwc":
+        elif known.get(id(out)) == "nhwc":
             kind, layout, units = "token", "nhwc", shape[2]
             geometry = TokenGeometry(shape[0] * shape[1], 0, (shape[0], shape[1]))
         else:
@@ -236,6 +233,6 @@ def discover(net: nn.Module, example: torch.Tensor) -> tuple[list[LayerInfo], li
         layers.append(LayerInfo(
             name=canonical, module_type=type(modules[canonical]).__name__, kind=kind, units=units,
             output_shape=shape, aliases=tuple(n for n in names if n != canonical), layout=layout,
-            output_index=exposed[canonical], geometry=geometry,
+            output_index=exposed[canonical][0], geometry=geometry,
         ))
     return layers, skipped
