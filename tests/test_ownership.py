@@ -328,7 +328,8 @@ def test_replaced_store_stops_the_old_driver_and_its_workers(tmp_path, env, digi
     assert verify_store(st) == (2, [])
 
     # a row another driver published by hand is reported by `verify` (exit 1)
-    row = {k: v for k, v in manifest.to_pylist()[0].items() if k != "committed_at"}
+    # unit 3's own row (block 0): the manifest's row order follows which actor committed first
+    row = {k: v for k, v in next(r for r in manifest.to_pylist() if r["unit"] == 3).items() if k != "committed_at"}
     commit(url, [{**row, "unit": 3, "spec_hash": "0" * 64, "generation": old_generation}])
     out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], capture_output=True, text=True,
                          env=env)
