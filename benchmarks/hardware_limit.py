@@ -4,6 +4,10 @@ no update, no traces). Both measured here, in this run, interleaved; medians of 
 discriminator (whose forward/backward the bare loop does not pay: that ratio shows D's cost).
 A call's time is a fixed cost (set-up, the results' transfer to the host) plus a cost per step:
 timing steps = S and 2S gives fixed = 2 t(S) - t(2S) and the steady-state ratio (per step only).
+The step breakdown times the parts of one ``ldam`` step on their own at the same batch: the bare
+forward+backward, the per-chain noise, and the rest of the update rule (RMS normalisation,
+momentum, clip; with and without the chains' repulsion). Noise + update is the most that fusing
+the element-wise work (torch.compile, CUDA graphs) could win per step.
 
     python benchmarks/hardware_limit.py                       # digits-cnn conv2, 32 units x 8 chains
     python benchmarks/hardware_limit.py --device cuda --model torchvision:resnet18 --size 224 --layer layer3
@@ -26,6 +30,9 @@ import torch
 import ldam_sweep as ls
 from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
 from ldam_sweep.objectives import unit_objective
+from ldam_sweep.sampling import noise
+from ldam_sweep.sampling.langevin import LdamRule, Step
+from ldam_sweep.settings import LdamOptions
 from record import chain_steps_done, load_bench_model, report, sync
 
 
@@ -64,6 +71,42 @@ def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int
     """Chain-steps per second of ``ls.sample`` on one block, and the chain-steps it ran."""
     seconds, work = sampler_seconds(model, layer, units, chains, steps, **kw)
     return work / seconds, work
+
+
+def step_breakdown_ms(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int) -> dict:
+    """Milliseconds per step of the parts of one ``ldam`` step at this batch, each timed alone
+    (``steps`` calls, after one warm-up): the per-chain noise, and the update rule without the noise
+    (gradients given; one copy of the gradient included) at a step with the repulsion on and at one
+    after it is off."""
+    b = len(units) * chains
+    shape = tuple(model.input.shape)
+    keys = noise.chain_keys(0, layer, units, chains).to(model.device)
+    x = torch.rand(b, *shape, device=model.device)
+    g = torch.randn_like(x)
+    xi = noise.normal(keys, 1, shape)
+
+    def timed(fn) -> float:
+        fn(0)
+        sync(model.device)
+        t0 = time.perf_counter()
+        for t in range(steps):
+            fn(t)
+        sync(model.device)
+        return (time.perf_counter() - t0) / steps * 1e3
+
+    rule = LdamRule(LdamOptions())
+    rule.init(x)
+
+    def update(t: int, repel: bool) -> None:
+        # the rule with its gradients and noise handed in (a copy: the rule updates them in place)
+        s = Step(t=0 if repel else steps, x=x, activation=x, log_d=None, lam=0.0, box=model.input.range, chains=chains,
+                 unit_context=None, keys=keys, draw=t + 1, steps=steps, _grads=(g.clone(), None))
+        s.noise = lambda: xi  # type: ignore[method-assign]
+        rule.step(s)
+
+    return {"noise_ms": timed(lambda t: noise.normal(keys, t + 1, shape)),
+            "update_ms_repulsion_on": timed(lambda t: update(t, True)),
+            "update_ms_repulsion_off": timed(lambda t: update(t, False))}
 
 
 def main() -> None:
@@ -117,8 +160,15 @@ def main() -> None:
         "sampler_fixed_seconds_per_call": fixed, "sampler_seconds_per_step": per_s_steps / args.steps,
         "ratio_lam0_steady": steady,
     }
+    parts = step_breakdown_ms(model, args.layer, units, args.chains, args.steps)
+    bare_ms = len(units) * args.chains / bare * 1e3
+    record.update({"step_bare_forward_backward_ms": bare_ms, **{f"step_{k}": v for k, v in parts.items()},
+                   "step_noise_update_share": (parts["noise_ms"] + parts["update_ms_repulsion_off"])
+                   / (bare_ms + parts["noise_ms"] + parts["update_ms_repulsion_off"])})
     keys = ["bare_images_per_s", "sampler_lam0_chain_steps_per_s", "sampler_lam05_chain_steps_per_s", "ratio_lam0",
-            "ratio_lam05", "ratio_lam0_steady", "sampler_fixed_seconds_per_call", "sampler_seconds_per_step"]
+            "ratio_lam05", "ratio_lam0_steady", "sampler_fixed_seconds_per_call", "sampler_seconds_per_step",
+            "step_bare_forward_backward_ms", "step_noise_ms", "step_update_ms_repulsion_on", "step_update_ms_repulsion_off",
+            "step_noise_update_share"]
     if baseline is not None:
         # time per step of the default over the baseline's, each repeat's pair measured back to back
         record.update({"baseline_options": baseline, "baseline_lam05_chain_steps_per_s": statistics.median(r[5] for r in runs),

@@ -109,6 +109,10 @@ def test_hardware_limit_benchmark_quick_mode(tmp_path):
     assert rec["bare_image_steps"] == rec["sampler_lam0_chain_steps"] == rec["sampler_lam05_chain_steps"] == [work]
     assert NOISE_SPLIT <= set(rec)
     assert_measured(rec)
+    # the step breakdown timed each part: the repulsion is extra work on top of the plain update
+    assert rec["step_noise_ms"] > 0 and rec["step_update_ms_repulsion_off"] > 0
+    assert rec["step_update_ms_repulsion_on"] > rec["step_update_ms_repulsion_off"]
+    assert 0 < rec["step_noise_update_share"] < 1
 
 
 def test_peers_benchmark_quick_mode(tmp_path):
