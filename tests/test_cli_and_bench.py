@@ -153,6 +153,7 @@ def test_variants_benchmark_quick_mode(tmp_path):
     assert len({r["gflop_per_image_step"] for r in rows}) == 1  # the same network at the same size
 
 
+@pytest.mark.timeout(1800)  # 14 benchmark processes (3 Ray sweeps): ~140 s quiet, 2-3x that beside CPU hogs
 def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
     """benchmarks/gpu.sh is the one command for a GPU session: its argument lists must stay valid."""
     pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
