@@ -6,6 +6,10 @@ import os
 
 import pytest
 
+# The tests that start Ray themselves (ray.cluster_utils.Cluster for multi-node) get what
+# run_sweep gives a local Ray: workers at normal priority, not Ray's nice 15 (see _init_ray).
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory):

@@ -54,6 +54,7 @@ class SweepSummary:
     interrupted: bool = False
     discriminator_accuracy: float | None = None
     workers: list[str] = field(default_factory=list)
+    worker_niceness: list[int] = field(default_factory=list)  # the started actors' nice values (0 = normal)
 
     @property
     def units_per_second(self) -> float:
@@ -186,12 +187,21 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
     return trained.heldout_accuracy
 
 
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:
     import ray
 
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {"namespace": "ldam-sweep", "log_to_driver": False}
+    # Ray starts its workers at nice 15 so that its own daemons stay responsive; here the workers
+    # are the sweep, and beside any other busy process (a second job, a build) nice 15 starves
+    # them: two actors took 69 s instead of 3 s to start beside two CPU hogs on 2 cores. A local
+    # Ray started here runs them at normal priority (the raylet reads this at start; a value the
+    # user set wins). A cluster started with `ray start` takes it from that command's environment.
+    os.environ.setdefault(WORKER_NICENESS_ENV, "0")
     try:
         if address:
             ray.init(address=address, **kwargs)
@@ -218,6 +228,7 @@ class WorkerPool:
         self.starting = {a.identity.remote(): i for i, a in enumerate(actors)}
         self.capacity: dict[int, int] = {}  # started actor -> free slots
         self.batch_units: dict[int, dict[str, int]] = {}  # started actor -> units per batch, by layer
+        self.niceness: dict[int, int] = {}  # started actor -> its process's nice value
         self.inflight: dict[Any, tuple[list[BlockTask], int]] = {}  # ref -> (blocks, actor)
 
     def admit(self, timeout: float) -> None:
@@ -231,8 +242,15 @@ class WorkerPool:
         for ref in ready:
             i = self.starting.pop(ref)
             try:
-                self.batch_units[i] = ray.get(ref)["batch_units"]
+                ident = ray.get(ref)
+                self.batch_units[i] = ident["batch_units"]
                 self.capacity[i] = PER_ACTOR_IN_FLIGHT
+                self.niceness[i] = ident["niceness"]
+                if ident["niceness"] > 0 and list(self.niceness.values()).count(ident["niceness"]) == 1:
+                    self.console.print(
+                        f"note: worker {i} runs at nice {ident['niceness']} (Ray's default for workers): beside other "
+                        f"busy processes it gets a small share of the CPU. Start the cluster with "
+                        f"{WORKER_NICENESS_ENV}=0 in `ray start`'s environment.", highlight=False, markup=False)
             except RayError as err:
                 self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False, markup=False)
 
@@ -411,6 +429,7 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 progress.close()
                 summary.seconds = time.perf_counter() - t0
                 summary.workers = sorted(workers)
+                summary.worker_niceness = sorted(set(pool.niceness.values()))
                 pool.kill()
                 if started:
                     ray.shutdown()

@@ -136,7 +136,7 @@ class SweepWorker:
     def identity(self) -> dict[str, Any]:
         """Who this worker is, and how many units it samples per batch in each layer."""
         return {"pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": str(self.device),
-                "batch_units": dict(self.batch_units)}
+                "batch_units": dict(self.batch_units), "niceness": os.nice(0)}
 
     def discriminator(self):
         if self.job.discriminator is None:
