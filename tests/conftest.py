@@ -6,9 +6,11 @@ import os
 
 import pytest
 
+from ldam_sweep.cluster.driver import WORKER_NICENESS_ENV
+
 # The tests that start Ray themselves (ray.cluster_utils.Cluster for multi-node) get what
 # run_sweep gives a local Ray: workers at normal priority, not Ray's nice 15 (see _init_ray).
-os.environ.setdefault("RAY_worker_niceness", "0")
+os.environ.setdefault(WORKER_NICENESS_ENV, "0")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -245,12 +245,13 @@ class WorkerPool:
                 ident = ray.get(ref)
                 self.batch_units[i] = ident["batch_units"]
                 self.capacity[i] = PER_ACTOR_IN_FLIGHT
-                self.niceness[i] = ident["niceness"]
-                if ident["niceness"] > 0 and list(self.niceness.values()).count(ident["niceness"]) == 1:
+                nice = ident["niceness"]
+                if nice > 0 and nice not in self.niceness.values():  # once per nice value, not per actor
                     self.console.print(
-                        f"note: worker {i} runs at nice {ident['niceness']} (Ray's default for workers): beside other "
+                        f"note: worker {i} runs at nice {nice} (Ray's default for workers): beside other "
                         f"busy processes it gets a small share of the CPU. Start the cluster with "
                         f"{WORKER_NICENESS_ENV}=0 in `ray start`'s environment.", highlight=False, markup=False)
+                self.niceness[i] = nice
             except RayError as err:
                 self.console.print(f"worker {i} failed to start: {_error_text(err)}", highlight=False, markup=False)
 
