@@ -7,6 +7,10 @@ in-process sampler on the same units, same blocks, same settings, measured one a
                workers loading the model, sampling, scores, the Zarr writes, manifest commits
 
 Efficiency = in-process seconds / sweep seconds (1.0 = the sweep costs nothing beyond sampling).
+Both run under the sweep's determinism setting (``--nondeterministic`` turns it off for both).
+Reproducibility: after the sweep, the first, middle and last unit are re-sampled alone in this
+process (not the worker's) and compared with what the sweep stored (``resample_*`` keys: the
+largest absolute difference of samples in [0, 1], and of activation traces).
 The sweep's printed summary splits its time into start-up (before the first block is sent) and the
 dispatch loop; the manifest's per-block ``seconds`` give the workers' device time. ``--repeats``
 interleaves the two (this box is shared and noisy) and reports medians.
@@ -35,6 +39,7 @@ import torch
 import yaml
 
 import ldam_sweep as ls
+from ldam_sweep.cluster.worker import set_determinism
 from ldam_sweep.planning import block_tasks, sweep_store_plan
 from ldam_sweep.spec import parse_job
 from record import load_bench_model, report, sync
@@ -67,8 +72,9 @@ def job_doc(args) -> dict:
     return doc
 
 
-def in_process_seconds(doc: dict, args) -> tuple[float, int]:
+def in_process_seconds(doc: dict, args) -> tuple[float, int, tuple]:
     job = parse_job(doc)
+    set_determinism(not args.nondeterministic)  # the sweep's workers run under the same setting
     model = load_bench_model(args.model, args.input, args.device)
     plan = sweep_store_plan(job, model, doc)
     tasks = block_tasks(plan)
@@ -80,7 +86,29 @@ def in_process_seconds(doc: dict, args) -> tuple[float, int]:
         ls.sample(model, task.layer, list(task.units), chains=s.chains, steps=s.steps, method=s.method, seed=s.seed,
                   lam=s.lam, objective=plan.layer(task.layer).objective)
     sync(model.device)
-    return time.perf_counter() - t0, sum(len(t.units) for t in tasks)
+    return time.perf_counter() - t0, sum(len(t.units) for t in tasks), (model, plan, tasks, s)
+
+
+def resample_differences(store: Path, model, plan, tasks, s) -> dict:
+    """Re-sample the job's first, middle and last unit alone here and compare with the stored ones."""
+    units = [(t.layer, u) for t in tasks for u in t.units]
+    picked = sorted({units[0], units[len(units) // 2], units[-1]}, key=units.index)
+    st = ls.open_store(str(store))
+    samples, traces = [], []
+    for layer, unit in picked:
+        res = ls.sample(model, layer, [unit], chains=s.chains, steps=s.steps, method=s.method, seed=s.seed,
+                        lam=s.lam, objective=plan.layer(layer).objective)
+        samples.append(float(abs(st.samples(layer, unit).astype("float32") - res.samples[0]).max()))
+        traces.append(float(abs(st.trace(layer, unit) - res.activation[0]).max()))
+    return {"resample_units": [f"{layer}:{unit}" for layer, unit in picked],
+            "resample_samples_max_abs_diff": max(samples), "resample_trace_max_abs_diff": max(traces)}
+
+
+def cli_command() -> list[str]:
+    """The console script beside this interpreter, else ``python -m ldam_sweep.cli`` (a GPU machine
+    where the package runs from a folder on PYTHONPATH, not an installed venv)."""
+    script = Path(sys.executable).with_name("ldam-sweep")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "ldam_sweep.cli"]
 
 
 def sweep_seconds(doc: dict, workdir: Path) -> tuple[float, dict, float, list]:
@@ -88,9 +116,8 @@ def sweep_seconds(doc: dict, workdir: Path) -> tuple[float, dict, float, list]:
     spec.write_text(yaml.safe_dump(doc))
     store = workdir / "store.zarr"
     shutil.rmtree(store, ignore_errors=True)
-    cli = Path(sys.executable).with_name("ldam-sweep")
     t0 = time.perf_counter()
-    proc = subprocess.run([str(cli), "run", str(spec), "--store", str(store)], capture_output=True, text=True)
+    proc = subprocess.run([*cli_command(), "run", str(spec), "--store", str(store)], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -128,14 +155,15 @@ def main() -> None:
             args.units = "0-3"
     doc = job_doc(args)
     workdir = Path(tempfile.mkdtemp(prefix="ldam-e2e-"))
-    runs = []
+    runs, resampled = [], {}
     try:
         for _ in range(args.repeats):
-            inproc, n_units = in_process_seconds(doc, args)
+            inproc, n_units, loaded = in_process_seconds(doc, args)
             wall, summary, busy, batches = sweep_seconds(doc, workdir)
             if summary["units_done"] != n_units:
                 raise SystemExit(f"sweep did {summary['units_done']} units, the in-process run {n_units}")
             runs.append((inproc, wall, summary["seconds"], busy))
+            resampled = resampled or resample_differences(workdir / "store.zarr", *loaded)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     inproc, wall, dispatch, busy = (statistics.median(col) for col in zip(*runs))
@@ -152,12 +180,14 @@ def main() -> None:
         "sweep_startup_seconds": wall - dispatch, "worker_busy_seconds": busy,
         "in_process_units_per_s": n_units / inproc, "sweep_units_per_s": n_units / wall,
         "efficiency": inproc / wall, "efficiency_dispatch_only": inproc / dispatch,
+        **resampled,
         "runs": [dict(zip(("in_process", "sweep_wall", "sweep_dispatch", "worker_busy"), r)) for r in runs],
     }
     report(f"{args.model} {args.layers}: {n_units} units x {args.chains} chains x {args.steps} steps, "
            f"{args.actors} actors x {args.cpus_per_actor} CPU, block {args.block} (batches {batches}) on {device}", record,
            ("in_process_seconds", "sweep_wall_seconds", "sweep_startup_seconds", "sweep_dispatch_seconds",
-            "worker_busy_seconds", "efficiency", "efficiency_dispatch_only"), args.out)
+            "worker_busy_seconds", "efficiency", "efficiency_dispatch_only", "resample_samples_max_abs_diff",
+            "resample_trace_max_abs_diff"), args.out)
 
 
 if __name__ == "__main__":
