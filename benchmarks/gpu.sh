@@ -31,6 +31,10 @@ bench e2e_r18_auto benchmarks/end_to_end.py --device $DEVICE $QUICK "${R18[@]}" 
     --out "$OUT/end_to_end_resnet18_224_layer3_auto.json"
 bench hwlimit_r18 benchmarks/hardware_limit.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 224 \
     --layer layer3 --units 32 --chains 8 --steps 20 --out "$OUT/hardware_limit_resnet18_224_layer3.json"
+# a unit's samples: the same batch again, alone, in another batch of the same size; what determinism costs
+bench repro_r18 benchmarks/reproducibility.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 224 \
+    --layer layer3 --out "$OUT/reproducibility_resnet18_224_layer3.json"
+bench repro_digits benchmarks/reproducibility.py --device $DEVICE $QUICK --out "$OUT/reproducibility_digits_fc1.json"
 for BLOCK in auto 32; do
   bench e2e_digits_$BLOCK benchmarks/end_to_end.py --device $DEVICE $QUICK --steps 300 --actors 1 --block $BLOCK \
       --out "$OUT/end_to_end_digits_$BLOCK.json"

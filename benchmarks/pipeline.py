@@ -111,7 +111,7 @@ def main() -> None:
                 delay = sample_s / args.blocks
                 delay_writes(worker, delay)
             t0 = time.perf_counter()
-            for (block, _), (result, exemplars, scores) in zip(blocks, phases):
+            for (block, _), (result, exemplars, scores, _) in zip(blocks, phases):
                 worker.writer.write(args.layer, block, result, exemplars=exemplars, unit_columns=scores)
             write_s = time.perf_counter() - t0
             piped_s = pipelined(worker, args.layer, blocks, in_flight=2)

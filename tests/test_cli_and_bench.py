@@ -153,7 +153,7 @@ def test_variants_benchmark_quick_mode(tmp_path):
     assert len({r["gflop_per_image_step"] for r in rows}) == 1  # the same network at the same size
 
 
-@pytest.mark.timeout(1800)  # 14 benchmark processes (3 Ray sweeps): ~140 s quiet, 2-3x that beside CPU hogs
+@pytest.mark.timeout(1800)  # 16 benchmark processes (3 Ray sweeps): ~140 s quiet, 2-3x that beside CPU hogs
 def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
     """benchmarks/gpu.sh is the one command for a GPU session: its argument lists must stay valid."""
     pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
@@ -163,9 +163,9 @@ def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     names = {p.stem: json.loads(p.read_text())["benchmark"] for p in tmp_path.glob("*.json")}
-    assert sorted(set(names.values())) == ["batching", "end_to_end", "hardware_limit", "peers", "pipeline", "scaling",
-                                           "variants", "vit"]
-    assert len(names) == 14
+    assert sorted(set(names.values())) == ["batching", "end_to_end", "hardware_limit", "peers", "pipeline",
+                                           "reproducibility", "scaling", "variants", "vit"]
+    assert len(names) == 16
     assert names["end_to_end_resnet18_224_layer3_auto"] == "end_to_end"
     for p in tmp_path.glob("*.json"):
         assert_measured(json.loads(p.read_text()))

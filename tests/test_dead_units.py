@@ -15,6 +15,10 @@ from typer.testing import CliRunner
 
 import ldam_sweep as ls
 from ldam_sweep.cli import app
+from ldam_sweep.cluster.worker import SweepWorker
+from ldam_sweep.planning import sweep_store_plan
+from ldam_sweep.spec import parse_job
+from ldam_sweep.store import create_store
 from ldam_sweep.store import verify_store
 
 from conftest import DEAD_CHANNEL
@@ -37,6 +41,20 @@ def test_sample_flags_exactly_the_dead_channel_and_its_neighbours_are_unchanged(
     assert (res.activation[live][..., -1] > 0).all()
     # the conv output before the ReLU is a constant -1 for that channel: not 0, so not dead
     assert not ls.sample(model, "conv", range(4), chains=2, steps=2).dead.any()
+
+
+def test_a_batch_with_a_dead_unit_records_the_live_units_it_sampled_together(dead_channel_model, tmp_path):
+    """``batch_units`` is the batch's size on the device (what re-sampling on a GPU must match): the
+    dead unit is dropped before sampling, so a block of 4 with one dead unit ran as 3."""
+    spec, _ = dead_channel_model
+    doc = {"name": "dead-batch", "model": spec, "layers": ["relu"], "sampler": {"steps": 5, "chains": 2, "seed": 1},
+           "resources": {"actors": 1, "block_size": 4, "cpus_per_actor": 1}}
+    job = parse_job(doc)
+    url = str(tmp_path / "batch.zarr")
+    create_store(url, sweep_store_plan(job, ls.load_model(spec, device="cpu"), job.model_dump(mode="json", exclude_none=True)))
+    rows = SweepWorker(doc, url, num_threads=1).run_batch("relu", [(0, [0, 1, 2, 3])], [1])[0]
+    assert [r["status"] for r in rows] == ["dead" if u == DEAD_CHANNEL else "ok" for u in range(4)]
+    assert [r["batch_units"] for r in rows] == [3] * 4
 
 
 def test_a_sweep_commits_the_dead_unit_as_dead_and_a_rerun_does_not_redo_it(dead_channel_model, tmp_path, model_cache):

@@ -53,7 +53,8 @@ def test_sampling_and_writing_overlap_and_every_block_commits(swept):
     assert verify_store(st) == (3, [])
     units = st.units()
     assert units["unit"].to_pylist() == list(range(24))
-    assert set(units["batch_units"].to_pylist()) == {8}  # an explicit block size: one block per batch
+    # an explicit block size: one block per batch (no dead units here; a dead one is not counted: test_dead_units)
+    assert set(units["batch_units"].to_pylist()) == {8}
     assert set(units["attempt"].to_pylist()) == {1}
 
 
@@ -66,6 +67,31 @@ def test_a_unit_resampled_alone_gives_the_stored_samples(swept, digits_model):
         # the store keeps float16: equal within its rounding (half a float16 step is < 2.5e-4 in [0, 1])
         np.testing.assert_allclose(st.samples("fc1", unit), res.samples[0], rtol=0, atol=2.5e-4)
         np.testing.assert_allclose(st.trace("fc1", unit), res.activation[0], rtol=1e-5, atol=1e-5)
+
+
+def test_resampling_with_the_stored_batch_size_runs_a_batch_of_that_size(swept, digits_model):
+    """On a GPU a kernel's rounding depends on the batch's size (benchmarks/reproducibility.py): a
+    unit re-sampled with its manifest's ``batch_units`` runs on a batch of exactly that many live
+    units, padded with repeats of its own chains, and gives the stored samples."""
+    _, url, _ = swept
+    st = ls.open_store(url)
+    s = SPEC["sampler"]
+    rows = {r["unit"]: r for r in st.units(status="ok").to_pylist()}
+    unit = max(rows, key=lambda u: rows[u]["batch_units"])
+    seen = []
+    hook = digits_model.net.register_forward_pre_hook(lambda mod, inp: seen.append(inp[0].shape[0]))
+    try:
+        res = ls.sample(digits_model, "fc1", [unit], chains=s["chains"], steps=s["steps"], seed=s["seed"],
+                        batch_units=rows[unit]["batch_units"])
+    finally:
+        hook.remove()
+    assert rows[unit]["batch_units"] > 1 and set(seen[1:]) == {rows[unit]["batch_units"] * s["chains"]}
+    assert res.samples.shape[0] == 1
+    np.testing.assert_allclose(st.samples("fc1", unit), res.samples[0], rtol=0, atol=2.5e-4)
+    np.testing.assert_allclose(st.trace("fc1", unit), res.activation[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ls.SamplerError, match="batch_units=1 is smaller than the 2 live units"):
+        ls.sample(digits_model, "fc1", [unit, unit + 1 if unit + 1 in rows else unit - 1], chains=2, steps=2,
+                  batch_units=1)
 
 
 def test_batch_size_never_changes_a_units_samples(digits_model):
@@ -102,8 +128,9 @@ def test_a_batch_of_several_blocks_stores_what_one_block_tasks_store(tmp_path, d
     rows_batched = SweepWorker(doc, batched, num_threads=1).run_batch("fc1", blocks, [1, 1, 1])
     worker = SweepWorker(doc, single, num_threads=1)
     rows_single = [worker.run_batch("fc1", [block], [1])[0] for block in blocks]
-    assert {r["batch_units"] for rows in rows_batched for r in rows} == {24}
-    assert {r["batch_units"] for rows in rows_single for r in rows} == {8}
+    live = [sum(r["status"] == "ok" for r in rows) for rows in rows_single]  # live units per block
+    assert {r["batch_units"] for rows in rows_batched for r in rows} == {sum(live)}
+    assert [{r["batch_units"] for r in rows} for rows in rows_single] == [{n} for n in live]
     for a, b in zip(rows_batched, rows_single):
         assert [r["unit"] for r in a] == [r["unit"] for r in b]
         for ra, rb in zip(a, b):

@@ -55,6 +55,9 @@ class SweepSummary:
     discriminator_accuracy: float | None = None
     workers: list[str] = field(default_factory=list)
     worker_niceness: list[int] = field(default_factory=list)  # the started actors' nice values (0 = normal)
+    # where the time before the first batch went: driver_s (spec, model, plan, store, lease), ray_init_s,
+    # first_worker_s (actors asked for until the first one is ready) and that worker's own parts (worker)
+    startup: dict[str, Any] = field(default_factory=dict)
 
     @property
     def units_per_second(self) -> float:
@@ -92,6 +95,7 @@ def run_sweep(
     (the CLI's ``--yes`` or typed confirmation; None: the caller already asked)."""
     from ldam_sweep.model import load_model
 
+    entered = time.perf_counter()
     console = console or Console(stderr=True)
     job, doc = _job_doc(spec)
     url = store_url(job, store)
@@ -133,6 +137,7 @@ def run_sweep(
         summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
                                done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
                                discriminator_accuracy=d_acc)
+        summary.startup["driver_s"] = time.perf_counter() - entered
         if todo:
             _dispatch(job, doc, loc.url, plan, todo, summary, console, address, num_cpus, lease)
         return summary
@@ -230,6 +235,8 @@ class WorkerPool:
         self.batch_units: dict[int, dict[str, int]] = {}  # started actor -> units per batch, by layer
         self.niceness: dict[int, int] = {}  # started actor -> its process's nice value
         self.inflight: dict[Any, tuple[list[BlockTask], int]] = {}  # ref -> (blocks, actor)
+        self.asked = time.perf_counter()
+        self.first_ready: dict[str, Any] = {}  # the first started actor's start-up, for the summary
 
     def admit(self, timeout: float) -> None:
         """Give slots to the actors that have started by now (waiting up to ``timeout`` s)."""
@@ -243,6 +250,8 @@ class WorkerPool:
             i = self.starting.pop(ref)
             try:
                 ident = ray.get(ref)
+                if not self.first_ready:
+                    self.first_ready = {"first_worker_s": time.perf_counter() - self.asked, "worker": ident["startup"]}
                 self.batch_units[i] = ident["batch_units"]
                 self.capacity[i] = PER_ACTOR_IN_FLIGHT
                 nice = ident["niceness"]
@@ -345,7 +354,9 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
 
     from ldam_sweep.cluster.worker import SweepWorker
 
+    t_ray = time.perf_counter()
     started = _init_ray(address, num_cpus)
+    summary.startup["ray_init_s"] = time.perf_counter() - t_ray
     res = job.resources
     gpus = res.gpus_per_actor
     if gpus == "auto":
@@ -431,6 +442,7 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 summary.seconds = time.perf_counter() - t0
                 summary.workers = sorted(workers)
                 summary.worker_niceness = sorted(set(pool.niceness.values()))
+                summary.startup.update(pool.first_ready)
                 pool.kill()
                 if started:
                     ray.shutdown()

@@ -40,6 +40,10 @@ WRITE_GATE_TIMEOUT_S = 300.0
 
 CPU_BATCH_UNITS = 32  # benchmarks/README.md: digits conv2 peaks at 16-32 units per batch, resnet18 is flat 4-64
 GPU_MEMORY_HEADROOM = 0.7  # share of the free GPU memory a batch may plan to use
+# a batch's stored samples (float16) at most this many bytes: the last batch's write is the one part
+# of a sweep nothing overlaps (~1.5 s on one core at this size), and it bounds the host memory a batch
+# holds. ResNet-18 @224 px, 8 chains x 4 snapshots: 26 units (so 32, the grid); digits: no limit.
+BATCH_SAMPLE_BYTES = 256 << 20
 PROBE_UNITS = 2  # the memory probe samples PROBE_UNITS and 2 * PROBE_UNITS units for PROBE_STEPS steps
 PROBE_STEPS = 2
 
@@ -86,6 +90,7 @@ class SweepWorker:
                  generation: str | None = None) -> None:
         from ldam_sweep.spec import parse_job
 
+        t0 = time.perf_counter()
         self.job = parse_job(job_doc)
         set_determinism(self.job.resources.deterministic)  # before CUDA starts
 
@@ -104,7 +109,9 @@ class SweepWorker:
         if os.environ.get(SIGNAL_DIR_ENV):
             (Path(os.environ[SIGNAL_DIR_ENV]) / f"worker-{os.getpid()}").touch()
         self.device = default_device()
+        t1 = time.perf_counter()
         self.model = load_model(self.job.model, device=self.device)
+        t2 = time.perf_counter()
         self.writer = BlockWriter(url)
         # stores made before the sampler defaults' revision 2 resume with the defaults they started with
         self.reference_defaults = int(self.writer.root.attrs.get("sampler_defaults", 1)) < SAMPLER_DEFAULTS
@@ -120,7 +127,11 @@ class SweepWorker:
             from ldam_sweep.data import real_images
 
             self.real_pool = torch.from_numpy(real_images(self.job.data, self.model.input, "train"))
+        t3 = time.perf_counter()
         self.batch_units = {lp.name: self._choose_batch_units(lp) for lp in self.writer.plan.layers}
+        # where a worker's start-up goes (the sweep summary reports the first worker's)
+        self.startup = {"imports_s": t1 - t0, "model_s": t2 - t1, "store_and_data_s": t3 - t2,
+                        "batch_probe_s": time.perf_counter() - t3}
 
     @staticmethod
     def _node_id() -> str:
@@ -136,7 +147,7 @@ class SweepWorker:
     def identity(self) -> dict[str, Any]:
         """Who this worker is, and how many units it samples per batch in each layer."""
         return {"pid": os.getpid(), "node": self.node, "host": socket.gethostname(), "device": str(self.device),
-                "batch_units": dict(self.batch_units), "niceness": os.nice(0)}
+                "batch_units": dict(self.batch_units), "niceness": os.nice(0), "startup": dict(self.startup)}
 
     def discriminator(self):
         if self.job.discriminator is None:
@@ -166,16 +177,22 @@ class SweepWorker:
     def _choose_batch_units(self, lp: Any) -> int:
         """Units per batch for a layer: one block with an explicit block size; with ``auto``,
         CPU_BATCH_UNITS on a CPU, and on a GPU the largest multiple of the grid whose probed
-        memory fits the free memory with headroom (capped at the layer's planned units)."""
+        memory fits the free memory with headroom; capped at the layer's planned units and at
+        BATCH_SAMPLE_BYTES of stored samples."""
+        import numpy as np
         import torch
+
+        from ldam_sweep.settings import default_snapshot_steps
 
         grid = lp.block_size
         if self.job.resources.block_size != "auto":
             return grid
-        cap = -(-lp.planned_units() // grid) * grid
+        s = self.job.sampler
+        unit_bytes = 2 * s.chains * len(default_snapshot_steps(s.steps, s.snapshot_every)) * int(np.prod(self.model.input.shape))
+        cap = min(-(-lp.planned_units() // grid) * grid, max(grid, BATCH_SAMPLE_BYTES // unit_bytes // grid * grid))
         if self.device.type != "cuda":
             return max(grid, min(CPU_BATCH_UNITS // grid * grid, cap))
-        if cap <= grid:  # the layer is one block
+        if cap <= grid:  # the layer is one block, or one block is as large as a batch may be
             return grid
         try:
             per_unit = self._probe_bytes_per_unit(lp)
@@ -220,7 +237,9 @@ class SweepWorker:
 
     def _sample(self, layer: str, units: list[int], exemplars=None):
         """Sample units in one batch; on out-of-memory, in halves (chains are per-unit reproducible,
-        so the parts give exactly what one batch would). ``exemplars`` (U, N, ...): chain starts."""
+        so the parts give what one batch would, up to a GPU kernel's batch-size-dependent rounding).
+        ``exemplars`` (U, N, ...): chain starts. Returns the result and, per unit, the live units of
+        the batch that sampled it (what ``sample(batch_units=...)`` needs to reproduce it on a GPU)."""
         import torch
 
         from ldam_sweep.sampling import sample
@@ -228,12 +247,14 @@ class SweepWorker:
 
         kwargs = self._sample_kwargs(layer)
         parts = [units] if not self.max_batch else [units[i : i + self.max_batch] for i in range(0, len(units), self.max_batch)]
-        results = []
+        results, sizes = [], {}
         while parts:
             part = parts.pop(0)
             ex = None if exemplars is None else exemplars[[units.index(u) for u in part]]
             try:
-                results.append(sample(self.model, layer, part, exemplars=ex, **kwargs))
+                res = sample(self.model, layer, part, exemplars=ex, **kwargs)
+                results.append(res)
+                sizes.update(dict.fromkeys(part, len(part) - int(0 if res.dead is None else res.dead.sum())))
             except torch.OutOfMemoryError:
                 if len(part) == 1:
                     raise
@@ -242,7 +263,7 @@ class SweepWorker:
                 half = len(part) // 2
                 self.max_batch = half
                 parts[:0] = [part[:half], part[half:]]
-        return concat_results(results)
+        return concat_results(results), sizes
 
     def _device_phase(self, layer: str, units: list[int]):
         """Exemplars, sampling and scores of the batch (tensor math on the model's device). ``ldam``
@@ -261,12 +282,12 @@ class SweepWorker:
             objective = self.writer.plan.layer(layer).objective
             found = top_exemplars(self.model, layer, np.asarray(units), objective, self.real_pool,
                                   max(k, SAMPLING_EXEMPLARS if ldam else 0))
-        result = self._sample(layer, units, found[0] if ldam and found is not None else None)
+        result, sizes = self._sample(layer, units, found[0] if ldam and found is not None else None)
         exemplars = (found[0][:, :k], found[1][:, :k]) if k and found is not None else None
         scores = score_result(self.model, result, real_pool=self.real_pool,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0],
                               exemplars=None if exemplars is None else exemplars[0])
-        return result, exemplars, scores
+        return result, exemplars, scores, sizes
 
     def run_batch(self, layer: str, blocks: list[tuple[int, list[int]]], attempts: list[int]) -> list[list[dict[str, Any]]]:
         """Sample the blocks' units (one layer) as one batch, write each block's region, return each
@@ -285,9 +306,8 @@ class SweepWorker:
                 for block, _ in blocks:
                     (Path(gate) / f"sampling-{layer}-{block}").touch()
             t0 = time.perf_counter()
-            result, exemplars, scores = self._device_phase(layer, units)
+            result, exemplars, scores, sizes = self._device_phase(layer, units)
             seconds = time.perf_counter() - t0
-        batch = min(len(units), self.max_batch or len(units))
         worker = f"{default_worker_id()}@{self.node}"
 
         def write(i: int) -> list[dict[str, Any]]:
@@ -300,7 +320,7 @@ class SweepWorker:
                                       activation=result.activation[part],
                                       realism=None if result.realism is None else result.realism[part],
                                       dead=None if result.dead is None else result.dead[part])
-            columns = {u: {**scores.get(u, {}), "batch_units": batch} for u in block_units}  # dead units: no scores
+            columns = {u: {**scores.get(u, {}), "batch_units": sizes[u]} for u in block_units}  # dead units: no scores
             self._check_generation(layer, block, "wrote nothing")
             rows = self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
                                      exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),

@@ -158,6 +158,7 @@ def sample(
     snapshot_every: int | None = None,
     objective: str | None = None,
     snapshot_dtype: torch.dtype = torch.float32,
+    batch_units: int | None = None,
     **sampler_options: Any,
 ) -> ChainResult:
     """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
@@ -172,6 +173,9 @@ def sample(
     ``sampler_options``: the method's settings (see ``LdamOptions`` / ``SgldOptions``).
     ``snapshot_dtype``: the type ``samples`` leave the device in (``torch.float16``, the store's
     type, halves the transfer); traces stay float32.
+    ``batch_units``: run as a batch of this many live units, padding with repeats of the units'
+    chains (discarded): on a GPU a kernel's rounding can depend on the batch's size (not on what else
+    is in it), so re-sampling a stored unit with its manifest's ``batch_units`` reproduces it there.
     A chain's start and noise depend only on (seed, layer, unit, chain).
     """
     info = model.layer(layer)
@@ -186,6 +190,8 @@ def sample(
     if method == "am" and lam > 0:
         raise SamplerError("method 'am' (plain activation maximisation) has no realism term: use lam=0")
     snap_steps = default_snapshot_steps(steps, snapshot_every)
+    if batch_units is not None and (not isinstance(batch_units, int) or batch_units < 1):
+        raise SamplerError(f"batch_units must be a positive integer (live units per batch), got {batch_units!r}")
 
     n_units = len(unit_arr)
     keys = noise.chain_keys(seed, info.name, unit_arr, chains).to(model.device)
@@ -200,6 +206,9 @@ def sample(
         if bandwidth is not None:
             bandwidth = bandwidth[torch.from_numpy(live).to(bandwidth.device)]
     n_live = int(live.sum())
+    if batch_units is not None and n_live > batch_units:
+        raise SamplerError(f"batch_units={batch_units} is smaller than the {n_live} live units asked for; give at "
+                           f"least {n_live} or fewer units")
     shape = model.input.shape
     samples = np.full((n_units, chains, len(snap_steps), *shape), np.nan,
                       dtype=torch.empty((), dtype=snapshot_dtype).numpy().dtype)
@@ -207,6 +216,12 @@ def sample(
     real = None if discriminator is None else np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
     if n_live:
         unit_idx = torch.from_numpy(np.repeat(unit_arr[live], chains)).to(model.device)
+        rows = n_live * chains
+        if batch_units is not None and batch_units > n_live:  # pad: whole units' chains, repeated
+            pad = torch.arange(batch_units * chains, device=keys.device) % rows
+            keys, x0, unit_idx = keys[pad], x0[pad], unit_idx[pad.to(unit_idx.device)]
+            if bandwidth is not None:
+                bandwidth = bandwidth[torch.arange(batch_units, device=bandwidth.device) % n_live]
 
         def activation_fn(x: torch.Tensor) -> torch.Tensor:
             return unit_objective(model.activations(x, info.name), unit_idx, objective)
@@ -218,8 +233,8 @@ def sample(
             unit_context=None if bandwidth is None else bandwidth.to(model.device),
         )
         # laid out (unit, chain, ...) on the device, then one transfer per array
-        snaps = out.snapshots.detach().view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)
-        traces = [out.activation, *([] if out.realism is None else [out.realism])]
+        snaps = out.snapshots.detach()[:, :rows].view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)
+        traces = [t[:, :rows] for t in (out.activation, *([] if out.realism is None else [out.realism]))]
         host = _to_host([snaps.to(snapshot_dtype, memory_format=torch.contiguous_format),
                          *(t.detach().T.reshape(n_live, chains, steps + 1) for t in traces)])
         if n_live == n_units:  # no dead unit: the transferred arrays are the result

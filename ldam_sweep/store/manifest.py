@@ -60,7 +60,7 @@ FILE_SCHEMA = pa.schema([
     ("diverged_fraction", pa.float32()),
     ("stuck_fraction", pa.float32()),
     ("seconds", pa.float32()),
-    ("batch_units", pa.int32()),  # units the worker sampled in the batch that held this block (null before it existed)
+    ("batch_units", pa.int32()),  # live units sampled together with this one (null before it existed; see sample())
     ("worker", pa.string()),
     ("attempt_id", pa.string()),
     ("checksum", pa.string()),
