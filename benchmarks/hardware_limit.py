@@ -75,7 +75,7 @@ def sampler_chain_steps_per_s(model: ls.ModelHandle, layer: str, units: list[int
 
 def step_breakdown_ms(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int) -> dict:
     """Milliseconds per step of the parts of one ``ldam`` step at this batch, each timed alone
-    (``steps`` calls, after one warm-up): the per-chain noise, and the update rule without the noise
+    (``steps`` calls, after one warm-up): the per-chain noise (as the sampler draws it), and the update rule without the noise
     (gradients given; one copy of the gradient included) at a step with the repulsion on and at one
     after it is off."""
     b = len(units) * chains
@@ -104,7 +104,8 @@ def step_breakdown_ms(model: ls.ModelHandle, layer: str, units: list[int], chain
         s.noise = lambda: xi  # type: ignore[method-assign]
         rule.step(s)
 
-    return {"noise_ms": timed(lambda t: noise.normal(keys, t + 1, shape)),
+    stream = noise.NormalStream(keys, shape, last_draw=steps + 1)  # as the sampler draws it (several hashed at once)
+    return {"noise_ms": timed(lambda t: stream(t + 1)),
             "update_ms_repulsion_on": timed(lambda t: update(t, True)),
             "update_ms_repulsion_off": timed(lambda t: update(t, False))}
 

@@ -48,6 +48,20 @@ def test_noise_streams_are_pinned_across_versions():
     assert torch.allclose(noise.normal(keys, 5, (1, 7, 7)).double(), expect, atol=1e-5)
 
 
+def test_a_normal_stream_gives_each_draw_bit_equal_to_normal():
+    """The sampler hashes several draws at once (fewer small ops per step); every draw must stay
+    the exact bits of ``normal``, across refills and at the run's end, for odd sizes too."""
+    keys = noise.chain_keys(3, "conv2", np.arange(5), 3)  # 15 chains
+    shape = (3, 7, 9)  # 189 values: an odd half for Box-Muller
+    stream = noise.NormalStream(keys, shape, last_draw=40, budget=6 * 2 * 4 * 95 * 15)
+    assert stream.ahead == 6
+    for draw in range(1, 41):
+        assert torch.equal(stream(draw), noise.normal(keys, draw, shape)), draw
+    assert len(stream.bits[0]) == 4  # the last refill stops at the run's last draw (37..40)
+    one = noise.NormalStream(keys, shape, last_draw=40, budget=1)
+    assert one.ahead == 1 and torch.equal(one(7), noise.normal(keys, 7, shape))
+
+
 def test_per_chain_noise_is_standard_normal_and_independent():
     keys = noise.chain_keys(0, "fc2", np.arange(4), 2)
     z = noise.normal(keys, 1, (50_000,))

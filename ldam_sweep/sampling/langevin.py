@@ -55,6 +55,7 @@ class Step:
     keys: torch.Tensor  # (B, 2) per-chain noise keys
     draw: int  # this step's noise draw (draw 0 is the initial image)
     steps: int  # steps of the whole run (for schedules over the run)
+    noise_stream: Callable[[int], torch.Tensor] | None = None  # draw -> noise (``noise.NormalStream``)
     _grads: tuple[torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
 
     def grads(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -76,6 +77,8 @@ class Step:
 
     def noise(self) -> torch.Tensor:
         """(B, C, H, W) standard normal noise of this step, one stream per chain (``noise.normal``)."""
+        if self.noise_stream is not None:
+            return self.noise_stream(self.draw)
         return noise.normal(self.keys, self.draw, tuple(self.x.shape[1:]))
 
 
@@ -272,6 +275,7 @@ def run_chains(
         raise SamplerError(f"unknown method {method!r}; allowed: {', '.join(RULES)}")
     rule = RULES[method](options)
     x = rule.init(x0.detach().to(torch.float32).clone())
+    stream = noise.NormalStream(keys, tuple(x0.shape[1:]), last_draw=draw_offset + steps)
     for t in range(steps):
         x.requires_grad_(True)
         a = activation_fn(x)
@@ -285,7 +289,8 @@ def run_chains(
                 with torch.no_grad():
                     real_trace[t] = log_d(x.detach())
         x = rule.step(Step(t=t, x=x, activation=a, log_d=logd, lam=lam, box=box, chains=chains,
-                           unit_context=unit_context, keys=keys, draw=draw_offset + t + 1, steps=steps))
+                           unit_context=unit_context, keys=keys, draw=draw_offset + t + 1, steps=steps,
+                           noise_stream=stream))
         if t + 1 in snap_at:
             snaps[snap_at[t + 1]] = x.detach()
     x = x.detach()

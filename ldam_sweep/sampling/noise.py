@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 M32 = 0xFFFFFFFF
+STREAM_BYTES = 64 << 20  # NormalStream hashes as many draws ahead as fit in this many bytes of int32 bits
+STREAM_MAX_DRAWS = 32
 
 
 def chain_keys(seed: int, layer: str, units: np.ndarray, chains: int) -> torch.Tensor:
@@ -60,10 +62,17 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def _bits(keys: torch.Tensor, draw: int, n: int, lane: int) -> torch.Tensor:
     """(B, n) int32 hashes (32 random bits each) for elements 0..n-1 of ``draw``; ``lane``
     separates independent uses."""
+    return _bits_many(keys, [draw], n, lane)[0]
+
+
+def _bits_many(keys: torch.Tensor, draws: list[int], n: int, lane: int) -> torch.Tensor:
+    """(len(draws), B, n): ``_bits`` of several draws in one pass (integer ops: exact, so each
+    draw's bits are the same as alone)."""
     k = torch.where(keys >= 1 << 31, keys - (1 << 32), keys).to(torch.int32)
-    k0, k1 = k[:, 0:1], k[:, 1:2]
-    stream = mix32(k0 ^ mix32(torch.full_like(k0, _i32(draw * 2 + lane))))
-    counter = torch.arange(n, device=keys.device, dtype=torch.int32).unsqueeze(0)
+    k0, k1 = k[:, 0:1].unsqueeze(0), k[:, 1:2].unsqueeze(0)  # (1, B, 1)
+    d = torch.tensor([_i32(draw * 2 + lane) for draw in draws], dtype=torch.int32, device=keys.device)
+    stream = mix32(k0 ^ mix32(d.view(-1, 1, 1)))  # (D, B, 1)
+    counter = torch.arange(n, device=keys.device, dtype=torch.int32).view(1, 1, n)
     return mix32(mix32(stream ^ counter).bitwise_xor_(k1))
 
 
@@ -83,11 +92,41 @@ def normal(keys: torch.Tensor, draw: int, shape: tuple[int, ...]) -> torch.Tenso
 
     Box-Muller with both outputs used: each pair of uniforms gives two normals (r cos, r sin).
     """
-    n = math.prod(shape)
-    half = (n + 1) // 2
-    r = _unit_interval(_bits(keys, draw, half, 0)).log_().mul_(-2.0).sqrt_()
-    theta = _unit_interval(_bits(keys, draw, half, 1)).mul_(2.0 * math.pi)
-    z = torch.empty((keys.shape[0], 2 * half), dtype=torch.float32, device=keys.device)
+    half = (math.prod(shape) + 1) // 2
+    return _box_muller(_bits(keys, draw, half, 0), _bits(keys, draw, half, 1), shape)
+
+
+def _box_muller(bits_r: torch.Tensor, bits_theta: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) normals from two (B, half) int32 hash tensors (one draw's lanes 0 and 1)."""
+    n, (b, half) = math.prod(shape), bits_r.shape
+    r = _unit_interval(bits_r).log_().mul_(-2.0).sqrt_()
+    theta = _unit_interval(bits_theta).mul_(2.0 * math.pi)
+    z = torch.empty((b, 2 * half), dtype=torch.float32, device=bits_r.device)
     torch.mul(r, torch.cos(theta), out=z[:, :half])
     torch.mul(r, theta.sin_(), out=z[:, half:])
-    return z[:, :n].reshape(keys.shape[0], *shape)
+    return z[:, :n].reshape(b, *shape)
+
+
+class NormalStream:
+    """``normal(keys, draw, shape)`` for a run of consecutive draws, bit-equal, with fewer small
+    ops per draw: the integer hashing (most of the ~100 ops of one draw) is done for up to
+    STREAM_MAX_DRAWS draws at once, as many as fit in STREAM_BYTES; the float part (Box-Muller)
+    stays per draw, on tensors of the same shape as ``normal``'s, so its rounding is the same too.
+    Pays where a step is overhead-bound (small images, a GPU); large images hash one draw at a time."""
+
+    def __init__(self, keys: torch.Tensor, shape: tuple[int, ...], last_draw: int, budget: int = STREAM_BYTES) -> None:
+        self.keys, self.shape, self.last = keys, shape, last_draw
+        self.half = (math.prod(shape) + 1) // 2
+        self.ahead = max(1, min(STREAM_MAX_DRAWS, budget // (2 * 4 * self.half * max(1, keys.shape[0]))))
+        self.first = 0
+        self.bits: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, draw: int) -> torch.Tensor:
+        if self.ahead == 1:
+            return normal(self.keys, draw, self.shape)
+        if self.bits is None or not self.first <= draw < self.first + len(self.bits[0]):
+            draws = list(range(draw, max(draw, min(draw + self.ahead - 1, self.last)) + 1))
+            self.first = draw
+            self.bits = (_bits_many(self.keys, draws, self.half, 0), _bits_many(self.keys, draws, self.half, 1))
+        i = draw - self.first
+        return _box_muller(self.bits[0][i], self.bits[1][i], self.shape)
