@@ -159,6 +159,22 @@ def test_auto_block_size_is_a_grid_of_32_batched_per_actor(tmp_path, digits_mode
     assert explicit.identity()["batch_units"] == {"fc1": 4, "fc2": 4}  # an explicit size: one block per batch
 
 
+def test_auto_batches_hold_at_most_batch_sample_bytes_of_samples(tmp_path, digits_model, monkeypatch):
+    """The cap that keeps a layer's last write short: with room for 128 units per batch, a limit of
+    64 units' float16 samples (2 chains x 5 snapshots x 28 x 28) gives batches of 64 (two grid blocks)."""
+    import ldam_sweep.cluster.worker as worker_mod
+
+    doc = {**SPEC, "layers": ["fc1"], "units": {}, "resources": {"actors": 1}}
+    url = _store(tmp_path, "cap", doc, digits_model)
+    monkeypatch.setattr(worker_mod, "CPU_BATCH_UNITS", 128)
+    assert SweepWorker(doc, url, num_threads=1).identity()["batch_units"] == {"fc1": 128}
+    unit_bytes = 2 * 2 * 5 * 28 * 28
+    monkeypatch.setattr(worker_mod, "BATCH_SAMPLE_BYTES", 64 * unit_bytes + unit_bytes // 2)
+    assert SweepWorker(doc, url, num_threads=1).identity()["batch_units"] == {"fc1": 64}
+    monkeypatch.setattr(worker_mod, "BATCH_SAMPLE_BYTES", unit_bytes)  # never below one grid block
+    assert SweepWorker(doc, url, num_threads=1).identity()["batch_units"] == {"fc1": 32}
+
+
 def test_auto_has_the_identity_of_32_and_deterministic_is_not_identity(digits_model):
     def spec_hash(resources):
         job = parse_job({**SPEC, "resources": resources})
