@@ -47,6 +47,10 @@ def test_sampling_and_writing_overlap_and_every_block_commits(swept):
     summary, url, gate = swept
     assert (summary.done_blocks, summary.failed_blocks, summary.units_done) == (3, 0, 24)
     assert summary.worker_niceness == [0]  # not Ray's nice 15: the sweep is the work (run_sweep sets it)
+    start = summary.startup  # where the time before the first batch went
+    assert set(start) == {"driver_s", "ray_init_s", "first_worker_s", "worker"}
+    assert set(start["worker"]) == {"imports_s", "model_s", "store_and_data_s", "batch_probe_s"}
+    assert start["first_worker_s"] >= start["worker"]["imports_s"] > 0 and start["ray_init_s"] > 0
     # block 0 could be written only once block 1 had started sampling (else it fails after 300 s)
     assert sorted(p.name for p in gate.iterdir()) == [f"sampling-fc1-{b}" for b in range(3)]
     st = ls.open_store(url)
