@@ -158,7 +158,10 @@ class LdamRule(UpdateRule):
             raise SamplerError("bandwidth='exemplars' needs the units' exemplars (sample(..., exemplars=...))")
         if o.bandwidth != "median" and s.unit_context is not None:
             return s.unit_context.view(u, 1, 1)
-        med = d2.reshape(u, -1).median(dim=-1).values.view(u, 1, 1) / math.log(s.chains + 1.0)
+        # the lower median, as torch.median gives it, from a sort: CUDA's median(dim) has no
+        # deterministic form for its indices and warns under deterministic algorithms
+        flat = d2.reshape(u, -1)
+        med = flat.sort(dim=-1).values[:, (flat.shape[1] - 1) // 2].view(u, 1, 1) / math.log(s.chains + 1.0)
         self.h_max = med if self.h_max is None else torch.maximum(self.h_max, med)
         return torch.maximum(med, 0.5 * self.h_max).clamp_min_(1e-12)
 
