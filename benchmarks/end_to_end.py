@@ -91,13 +91,15 @@ def in_process_seconds(doc: dict, args) -> tuple[float, int, tuple]:
 
 
 def resample_differences(store: Path, model, plan, tasks, s) -> dict:
-    """Re-sample the job's first, middle and last unit here, alone and with the batch size the
+    """Re-sample the job's first, middle and last live unit here, alone and with the batch size the
     manifest recorded (``batch_units``), and compare with the stored ones: the largest |difference|
     of samples and traces, and the share of final-snapshot pixels off by more than 1/255."""
-    units = [(t.layer, u) for t in tasks for u in t.units]
-    picked = sorted({units[0], units[len(units) // 2], units[-1]}, key=units.index)
     st = ls.open_store(str(store))
     batch = {(r["layer"], r["unit"]): r["batch_units"] for r in st.units(status="ok").to_pylist()}
+    units = [(t.layer, u) for t in tasks for u in t.units if (t.layer, u) in batch]  # dead units: nothing stored
+    if not units:
+        raise SystemExit("every unit of the sweep is dead: nothing to re-sample")
+    picked = sorted({units[0], units[len(units) // 2], units[-1]}, key=units.index)
     out: dict = {"resample_units": [f"{layer}:{unit}" for layer, unit in picked]}
     for how in ("alone", "at_batch_size"):
         samples, traces, visible = [], [], []

@@ -171,9 +171,22 @@ def test_unknown_model_names():
         ls.load_model("torchvision:resnet19")
 
 
-def test_torchvision_without_weights_warns():
+def test_torchvision_without_weights_warns_and_is_the_same_network_every_time():
+    """Random weights come from a fixed seed: a sweep's driver and workers (separate processes)
+    build one network, and the caller's random state is left as it was."""
+    spec = {"torchvision": "resnet18", "input": {"channels": 3, "height": 32, "width": 32}}
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
     with pytest.warns(ls.RandomWeightsWarning, match="RANDOM weights"):
-        ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 32, "width": 32}}, device="cpu")
+        a = ls.load_model(spec, device="cpu")
+    assert torch.equal(torch.rand(3), expected_next)  # fork_rng: the global stream untouched
+    torch.rand(1000)  # another state: the next network is still the same
+    with pytest.warns(ls.RandomWeightsWarning):
+        b = ls.load_model(spec, device="cpu")
+    sa, sb = a.net.state_dict(), b.net.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sa["conv1.weight"].std() > 0  # initialised, not zeros
 
 
 FACTORY_SRC = textwrap.dedent(

@@ -16,6 +16,8 @@ from torch import nn
 
 from ldam_sweep.errors import ModelError, did_you_mean
 from ldam_sweep.model.handle import ModelHandle
+
+RANDOM_WEIGHTS_SEED = 0  # torchvision models without a weights file: the same random network in every process
 from ldam_sweep.model.zoo import load_zoo_model
 from ldam_sweep.spec import InputSpec, ModelSpec, parse_model_spec
 
@@ -136,7 +138,11 @@ def _torchvision(spec: ModelSpec) -> tuple[nn.Module, InputSpec]:
             f"unknown torchvision model {name!r}; see torchvision.models.list_models() "
             f"({len(names)} classification models).{did_you_mean(name, names)}"
         )
-    net = torchvision.models.get_model(name, weights=None, **spec.kwargs)
+    # random initial weights from a fixed seed (the global RNG left as it was): the driver and every
+    # worker of a sweep build the same network, so a random-weights sweep is one network, and resumes
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        net = torchvision.models.get_model(name, weights=None, **spec.kwargs)
     if spec.weights is None:
         warnings.warn(
             f"torchvision model {name!r} has no weights file: using RANDOM weights. "
