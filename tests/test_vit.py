@@ -203,6 +203,7 @@ def test_token_objectives_sample_what_they_say(vit_model):
         ls.sample(vit_model, layer, [0], objective="token:7,0", **kw)
 
 
+@pytest.mark.timeout(1800)  # trains a D on the spot: 7.7 min alone beside two CPU hogs, near the suite's 600 s
 def test_digits_vit_logits_with_a_trained_d_stay_the_class_and_look_like_digits(vit_model):
     from test_discriminator import _nearest_real_rms
 
