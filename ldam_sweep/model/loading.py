@@ -16,10 +16,10 @@ from torch import nn
 
 from ldam_sweep.errors import ModelError, did_you_mean
 from ldam_sweep.model.handle import ModelHandle
-
-RANDOM_WEIGHTS_SEED = 0  # torchvision models without a weights file: the same random network in every process
 from ldam_sweep.model.zoo import load_zoo_model
 from ldam_sweep.spec import InputSpec, ModelSpec, parse_model_spec
+
+RANDOM_WEIGHTS_SEED = 0  # torchvision models without a weights file: the same random network in every process
 
 IMAGENET_INPUT = InputSpec(
     channels=3, height=224, width=224, range=(0.0, 1.0),

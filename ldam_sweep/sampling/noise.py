@@ -62,16 +62,21 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
 def _bits(keys: torch.Tensor, draw: int, n: int, lane: int) -> torch.Tensor:
     """(B, n) int32 hashes (32 random bits each) for elements 0..n-1 of ``draw``; ``lane``
     separates independent uses."""
-    return _bits_many(keys, [draw], n, lane)[0]
+    return _bits_many(keys, draw, 1, n, lane)[0]
 
 
-def _bits_many(keys: torch.Tensor, draws: list[int], n: int, lane: int) -> torch.Tensor:
-    """(len(draws), B, n): ``_bits`` of several draws in one pass (integer ops: exact, so each
-    draw's bits are the same as alone)."""
+def _bits_many(keys: torch.Tensor, first: int, count: int, n: int, lane: int) -> torch.Tensor:
+    """(count, B, n): ``_bits`` of draws first .. first + count - 1 in one pass (integer ops: exact,
+    so each draw's bits are the same as alone). The draw values are made on the device (no
+    host-to-device copy, which would synchronise a GPU once per step)."""
     k = torch.where(keys >= 1 << 31, keys - (1 << 32), keys).to(torch.int32)
     k0, k1 = k[:, 0:1].unsqueeze(0), k[:, 1:2].unsqueeze(0)  # (1, B, 1)
-    d = torch.tensor([_i32(draw * 2 + lane) for draw in draws], dtype=torch.int32, device=keys.device)
-    stream = mix32(k0 ^ mix32(d.view(-1, 1, 1)))  # (D, B, 1)
+    if count == 1:
+        d = torch.full((1, 1, 1), _i32(first * 2 + lane), dtype=torch.int32, device=keys.device)
+    else:  # _i32(draw * 2 + lane) for each draw, wrapped as _i32 does
+        v = (torch.arange(count, dtype=torch.int64, device=keys.device) * 2 + (first * 2 + lane)).bitwise_and_(M32)
+        d = torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32).view(-1, 1, 1)
+    stream = mix32(k0 ^ mix32(d))  # (count, B, 1)
     counter = torch.arange(n, device=keys.device, dtype=torch.int32).view(1, 1, n)
     return mix32(mix32(stream ^ counter).bitwise_xor_(k1))
 
@@ -125,8 +130,8 @@ class NormalStream:
         if self.ahead == 1:
             return normal(self.keys, draw, self.shape)
         if self.bits is None or not self.first <= draw < self.first + len(self.bits[0]):
-            draws = list(range(draw, max(draw, min(draw + self.ahead - 1, self.last)) + 1))
+            count = max(1, min(self.ahead, self.last - draw + 1))
             self.first = draw
-            self.bits = (_bits_many(self.keys, draws, self.half, 0), _bits_many(self.keys, draws, self.half, 1))
+            self.bits = (_bits_many(self.keys, draw, count, self.half, 0), _bits_many(self.keys, draw, count, self.half, 1))
         i = draw - self.first
         return _box_muller(self.bits[0][i], self.bits[1][i], self.shape)
