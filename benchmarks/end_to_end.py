@@ -162,7 +162,8 @@ def main() -> None:
         args.steps, args.chains, args.repeats = 3, 2, 1
         args.input = min(args.input, 32) if args.input else None
         if args.model == "digits-cnn":
-            args.layers, args.units, args.block = "conv1", "0-3", "2"
+            args.layers, args.units = "conv1", "0-3"
+            args.block = "auto" if args.block == "auto" else "2"
         else:
             args.units = "0-3"
     doc = job_doc(args)

@@ -126,6 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.units, args.chains, args.steps, args.repeats = 4, 4, 3, 1
+        args.size = min(args.size, 32) if args.size else None
     model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()

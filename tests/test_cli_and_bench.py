@@ -82,11 +82,44 @@ def assert_measured(value, key: str = "record") -> None:
             assert value > 0, (key, value)
 
 
-def test_batching_benchmark_quick_mode(tmp_path):
-    rec = run_quick("batching", tmp_path)
-    assert rec["units"] == 4 and rec["steps"] == 3
-    # both ways of batching really ran every unit's chains for every step: the comparison is fair
-    assert rec["block_chain_steps"] == rec["one_at_a_time_chain_steps"] == 4 * rec["chains"] * 3
+# benchmarks/gpu.sh is the one command for a GPU session: its quick mode on CPU runs every GPU benchmark
+# with the GPU run's own argument lists (16 processes, 5 of them Ray sweeps), once for the tests below
+GPU_SH_TIMEOUT = pytest.mark.timeout(1800)  # ~150 s quiet, 3x that beside two CPU hogs
+
+
+@pytest.fixture(scope="module")
+def gpu_quick(tmp_path_factory) -> dict[str, dict]:
+    """The records of `DEVICE=cpu QUICK=--quick bash benchmarks/gpu.sh`, by file name."""
+    pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
+    out = tmp_path_factory.mktemp("gpu-quick")
+    # CUDA hidden: lucent puts its images on cuda:0 whenever one is visible
+    env = {**os.environ, "DEVICE": "cpu", "QUICK": "--quick", "OUT": str(out), "PY": sys.executable,
+           "CUDA_VISIBLE_DEVICES": "", "RAY_AUTH_MODE": "disabled"}
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
+    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+
+
+@GPU_SH_TIMEOUT
+def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(gpu_quick):
+    """Its argument lists stay valid: every benchmark ran and measured something."""
+    assert sorted({r["benchmark"] for r in gpu_quick.values()}) == [
+        "batching", "end_to_end", "hardware_limit", "peers", "pipeline", "reproducibility", "scaling", "variants", "vit"]
+    assert len(gpu_quick) == 16
+    assert gpu_quick["end_to_end_resnet18_224_layer3_auto"]["model"] == "torchvision:resnet18"
+    assert gpu_quick["end_to_end_resnet18_224_layer3_auto_nondeterministic"]["deterministic"] is False
+    assert gpu_quick["end_to_end_resnet18_224_layer3_32"]["deterministic"] is True
+    for rec in gpu_quick.values():
+        assert_measured(rec)
+
+
+@GPU_SH_TIMEOUT
+def test_batching_benchmark_quick_mode(gpu_quick):
+    for name in ("batching_digits_conv2", "batching_resnet18_64_layer2"):
+        rec = gpu_quick[name]
+        assert rec["units"] == 4 and rec["steps"] == 3
+        # both ways of batching really ran every unit's chains for every step: the comparison is fair
+        assert rec["block_chain_steps"] == rec["one_at_a_time_chain_steps"] == 4 * rec["chains"] * 3
 
 
 def test_store_benchmark_quick_mode(tmp_path):
@@ -102,22 +135,23 @@ def test_atlas_benchmark_quick_mode(tmp_path):
     assert rec["units_rendered"] == 200 and rec["rebuild_units_rendered"] == 0  # the rebuild re-rendered nothing
 
 
-def test_hardware_limit_benchmark_quick_mode(tmp_path):
-    rec = run_quick("hardware_limit", tmp_path)
-    assert rec["units"] == 4 and rec["chains"] == 4 and rec["steps"] == 3
-    work = 4 * 4 * 3  # the bare forward+backward and both sampler runs did the same image-steps
-    assert rec["bare_image_steps"] == rec["sampler_lam0_chain_steps"] == rec["sampler_lam05_chain_steps"] == [work]
-    assert NOISE_SPLIT <= set(rec)
-    assert_measured(rec)
-    # the step breakdown timed each part: the repulsion is extra work on top of the plain update
-    assert rec["step_noise_ms"] > 0 and rec["step_update_ms_repulsion_off"] > 0
-    assert rec["step_update_ms_repulsion_on"] > rec["step_update_ms_repulsion_off"]
-    assert 0 < rec["step_noise_update_share"] < 1
+@GPU_SH_TIMEOUT
+def test_hardware_limit_benchmark_quick_mode(gpu_quick):
+    for name in ("hardware_limit_digits_conv2", "hardware_limit_resnet18_224_layer3"):
+        rec = gpu_quick[name]
+        assert rec["units"] == 4 and rec["chains"] == 4 and rec["steps"] == 3
+        work = 4 * 4 * 3  # the bare forward+backward and both sampler runs did the same image-steps
+        assert rec["bare_image_steps"] == rec["sampler_lam0_chain_steps"] == rec["sampler_lam05_chain_steps"] == [work]
+        assert NOISE_SPLIT <= set(rec)
+        # the step breakdown timed each part: the repulsion is extra work on top of the plain update
+        assert rec["step_noise_ms"] > 0 and rec["step_update_ms_repulsion_off"] > 0
+        assert rec["step_update_ms_repulsion_on"] > rec["step_update_ms_repulsion_off"]
+        assert 0 < rec["step_noise_update_share"] < 1
 
 
-def test_peers_benchmark_quick_mode(tmp_path):
-    pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
-    rec = run_quick("peers", tmp_path)
+@GPU_SH_TIMEOUT
+def test_peers_benchmark_quick_mode(gpu_quick):
+    rec = gpu_quick["peers"]
     assert rec["units"] == 4 and rec["images_per_unit"] == 2 and rec["peer"].startswith("torch-lucent")
     # ours and lucent (b) rendered the same images for the same steps, in both layouts; lucent (a) its units
     work = 4 * 2 * rec["steps"]
@@ -126,24 +160,33 @@ def test_peers_benchmark_quick_mode(tmp_path):
     assert rec["lucent_defaults_image_steps"] == rec["a_units"] * 2 * rec["steps"]
 
 
-def test_end_to_end_benchmark_quick_mode(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    rec = run_quick("end_to_end", tmp_path)
-    assert rec["units"] == 4 and rec["actors"] == 2
-    assert rec["sweep_units_done"] == 4  # the sweep ran the same units as the in-process loop
-    assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]  # dispatch is part of the process's life
-    assert rec["in_process_seconds"] > 0 and rec["worker_busy_seconds"] > 0
+@GPU_SH_TIMEOUT
+def test_end_to_end_benchmark_quick_mode(gpu_quick):
+    for name in ("end_to_end_digits_32", "end_to_end_digits_auto", "end_to_end_resnet18_224_layer3_auto"):
+        rec = gpu_quick[name]
+        assert rec["units"] == 4 and rec["actors"] == 1
+        assert rec["sweep_units_done"] == 4  # the sweep ran the same units as the in-process loop
+        assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]  # dispatch is part of the process's life
+        assert rec["in_process_seconds"] > 0 and rec["worker_busy_seconds"] > 0
+        assert {"driver_s", "ray_init_s", "first_worker_s"} <= set(rec["sweep_startup_parts"])
+        # a unit re-sampled at its stored batch size gives its stored samples (same machine, CPU)
+        assert rec["resample_at_batch_size_samples_max_abs_diff"] <= 1 / 255
+        assert rec["resample_at_batch_size_pixels_over_1_255"] == 0
+    # blocks of 2 are what the sweep sampled at once; auto batched the layer's 4 units together
+    assert gpu_quick["end_to_end_digits_32"]["batch_units"] == [2]
+    assert gpu_quick["end_to_end_digits_auto"]["block"] == "auto"
+    assert gpu_quick["end_to_end_digits_auto"]["batch_units"] == [4]
 
 
-def test_pipeline_benchmark_quick_mode(tmp_path):
-    rec = run_quick("pipeline", tmp_path)
+@GPU_SH_TIMEOUT
+def test_pipeline_benchmark_quick_mode(gpu_quick):
+    rec = gpu_quick["pipeline_resnet18_224_layer3"]
     assert rec["blocks"] == 3 and rec["write_delay_s"] > 0
-    assert_measured(rec)
 
 
-def test_variants_benchmark_quick_mode(tmp_path):
-    rec = run_quick("variants", tmp_path)
-    rows = rec["rows"]
+@GPU_SH_TIMEOUT
+def test_variants_benchmark_quick_mode(gpu_quick):
+    rows = gpu_quick["variants"]["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
     # the variants really differ in layout / precision, and really ran the same work
     assert [(r["memory_format"], r["precision"]) for r in rows] == [
@@ -153,26 +196,9 @@ def test_variants_benchmark_quick_mode(tmp_path):
     assert len({r["gflop_per_image_step"] for r in rows}) == 1  # the same network at the same size
 
 
-@pytest.mark.timeout(1800)  # 16 benchmark processes (3 Ray sweeps): ~140 s quiet, 2-3x that beside CPU hogs
-def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(tmp_path):
-    """benchmarks/gpu.sh is the one command for a GPU session: its argument lists must stay valid."""
-    pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
-    # CUDA hidden: lucent puts its images on cuda:0 whenever one is visible
-    env = {**os.environ, "DEVICE": "cpu", "QUICK": "--quick", "OUT": str(tmp_path), "PY": sys.executable,
-           "CUDA_VISIBLE_DEVICES": ""}
-    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
-    names = {p.stem: json.loads(p.read_text())["benchmark"] for p in tmp_path.glob("*.json")}
-    assert sorted(set(names.values())) == ["batching", "end_to_end", "hardware_limit", "peers", "pipeline",
-                                           "reproducibility", "scaling", "variants", "vit"]
-    assert len(names) == 16
-    assert names["end_to_end_resnet18_224_layer3_auto"] == "end_to_end"
-    for p in tmp_path.glob("*.json"):
-        assert_measured(json.loads(p.read_text()))
-
-
-def test_scaling_benchmark_quick_mode(tmp_path):
-    rec = run_quick("scaling", tmp_path)
+@GPU_SH_TIMEOUT
+def test_scaling_benchmark_quick_mode(gpu_quick):
+    rec = gpu_quick["scaling"]
     assert [r["units"] for r in rec["units_per_block"]] == [1, 4, 1, 4]
     assert [r["chains"] for r in rec["chains_per_unit"]] == [1, 8]
     depth = {r["layer"]: r for r in rec["layer_depth"]}
