@@ -210,10 +210,7 @@ def sample(
         raise SamplerError(f"batch_units={batch_units} is smaller than the {n_live} live units asked for; give at "
                            f"least {n_live} or fewer units")
     shape = model.input.shape
-    samples = np.full((n_units, chains, len(snap_steps), *shape), np.nan,
-                      dtype=torch.empty((), dtype=snapshot_dtype).numpy().dtype)
-    act = np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
-    real = None if discriminator is None else np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
+    host: list[np.ndarray] = []
     if n_live:
         unit_idx = torch.from_numpy(np.repeat(unit_arr[live], chains)).to(model.device)
         rows = n_live * chains
@@ -237,12 +234,16 @@ def sample(
         traces = [t[:, :rows] for t in (out.activation, *([] if out.realism is None else [out.realism]))]
         host = _to_host([snaps.to(snapshot_dtype, memory_format=torch.contiguous_format),
                          *(t.detach().T.reshape(n_live, chains, steps + 1) for t in traces)])
-        if n_live == n_units:  # no dead unit: the transferred arrays are the result
-            samples, act = host[0], host[1]
-            real = host[2] if len(host) > 2 else real
-        else:
+    if host and n_live == n_units:  # no dead unit: the transferred arrays are the result
+        samples, act, real = host[0], host[1], (host[2] if discriminator is not None else None)
+    else:  # NaN rows for the dead units; allocated only then (at 224 px a batch's samples are ~300 MB)
+        samples = np.full((n_units, chains, len(snap_steps), *shape), np.nan,
+                          dtype=torch.empty((), dtype=snapshot_dtype).numpy().dtype)
+        act = np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
+        real = None if discriminator is None else np.full((n_units, chains, steps + 1), np.nan, dtype=np.float32)
+        if host:
             samples[live], act[live] = host[0], host[1]
-            if len(host) > 2 and real is not None:
+            if real is not None:
                 real[live] = host[2]
     return ChainResult(
         layer=info.name, units=unit_arr, objective=objective, method=method, seed=int(seed), lam=float(lam),

@@ -43,11 +43,14 @@ def score_result(
     if exemplars is not None:
         ex = torch.as_tensor(np.ascontiguousarray(exemplars[live]), dtype=torch.float32)
         ex_features = image_features(model, ex, layer)
+    def pick(a: np.ndarray) -> np.ndarray:  # the live units' rows; no copy when all are live (~300 MB at 224 px)
+        return a if live.all() else a[live]
+
     rows = unit_scores(
-        result.samples[live], result.activation[live], result.snapshot_steps, model.input.range,
-        features=image_features(model, result.final_samples[live], layer),
-        realism=None if result.realism is None else result.realism[live],
-        exemplar_max=None if exemplar_max is None else np.asarray(exemplar_max)[live], real_pool=pool,
+        pick(result.samples), pick(result.activation), result.snapshot_steps, model.input.range,
+        features=image_features(model, pick(result.final_samples), layer),
+        realism=None if result.realism is None else pick(result.realism),
+        exemplar_max=None if exemplar_max is None else pick(np.asarray(exemplar_max)), real_pool=pool,
         exemplars=ex, exemplar_features=ex_features, burn_in=burn_in, device=model.device,
     )
     return {int(u): row for u, row in zip(result.units[live], rows)}
