@@ -89,34 +89,59 @@ GPU_SH_TIMEOUT = pytest.mark.timeout(1800)  # ~150 s quiet, 3x that beside two C
 
 @pytest.fixture(scope="module")
 def gpu_quick(tmp_path_factory) -> dict[str, dict]:
-    """The records of `DEVICE=cpu QUICK=--quick bash benchmarks/gpu.sh`, by file name."""
+    """The records of `DEVICE=cpu QUICK=--quick bash benchmarks/gpu.sh`, by file name, and under
+    "failed" the benchmarks it reported as failed (gpu.sh goes on past a failure): each test below
+    checks its own records, so a broken benchmark fails its own test, with its own output."""
     pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
     out = tmp_path_factory.mktemp("gpu-quick")
     # CUDA hidden: lucent puts its images on cuda:0 whenever one is visible
     env = {**os.environ, "DEVICE": "cpu", "QUICK": "--quick", "OUT": str(out), "PY": sys.executable,
            "CUDA_VISIBLE_DEVICES": "", "RAY_AUTH_MODE": "disabled"}
-    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh")], capture_output=True, text=True, env=env)
-    assert run.returncode == 0, (run.stdout[-2000:], run.stderr[-3000:])
-    return {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    log = out / "gpu.sh.log"
+    with log.open("w") as f:  # its own process group: a timeout stops the benchmark and its Ray workers too
+        proc = subprocess.Popen(["bash", str(ROOT / "benchmarks" / "gpu.sh")], stdout=f, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=1700)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    text = log.read_text()
+    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    failed = {}
+    for part in ("\n" + text).split("\n== ")[1:]:  # "NAME (time)" ... output ... "!! NAME failed"
+        name = part.split(" ", 1)[0]
+        if f"!! {name} failed" in part:
+            failed[name] = part[-3000:]
+    return {**records, "failed": failed, "returncode": proc.returncode}
+
+
+def record(gpu_quick: dict, bench: str, name: str) -> dict:
+    """One record of the gpu.sh run; its benchmark's output tail when that benchmark failed."""
+    assert bench not in gpu_quick["failed"], gpu_quick["failed"][bench]
+    return gpu_quick[name]
 
 
 @GPU_SH_TIMEOUT
 def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(gpu_quick):
     """Its argument lists stay valid: every benchmark ran and measured something."""
-    assert sorted({r["benchmark"] for r in gpu_quick.values()}) == [
+    assert gpu_quick["failed"] == {} and gpu_quick["returncode"] == 0, gpu_quick["failed"]
+    records = {k: v for k, v in gpu_quick.items() if k not in ("failed", "returncode")}
+    assert sorted({r["benchmark"] for r in records.values()}) == [
         "batching", "end_to_end", "hardware_limit", "peers", "pipeline", "reproducibility", "scaling", "variants", "vit"]
-    assert len(gpu_quick) == 16
-    assert gpu_quick["end_to_end_resnet18_224_layer3_auto"]["model"] == "torchvision:resnet18"
-    assert gpu_quick["end_to_end_resnet18_224_layer3_auto_nondeterministic"]["deterministic"] is False
-    assert gpu_quick["end_to_end_resnet18_224_layer3_32"]["deterministic"] is True
-    for rec in gpu_quick.values():
+    assert len(records) == 16
+    assert records["end_to_end_resnet18_224_layer3_auto"]["model"] == "torchvision:resnet18"
+    assert records["end_to_end_resnet18_224_layer3_auto_nondeterministic"]["deterministic"] is False
+    assert records["end_to_end_resnet18_224_layer3_32"]["deterministic"] is True
+    for rec in records.values():
         assert_measured(rec)
 
 
 @GPU_SH_TIMEOUT
 def test_batching_benchmark_quick_mode(gpu_quick):
-    for name in ("batching_digits_conv2", "batching_resnet18_64_layer2"):
-        rec = gpu_quick[name]
+    for bench, name in (("batching_digits", "batching_digits_conv2"), ("batching_r18", "batching_resnet18_64_layer2")):
+        rec = record(gpu_quick, bench, name)
         assert rec["units"] == 4 and rec["steps"] == 3
         # both ways of batching really ran every unit's chains for every step: the comparison is fair
         assert rec["block_chain_steps"] == rec["one_at_a_time_chain_steps"] == 4 * rec["chains"] * 3
@@ -137,8 +162,8 @@ def test_atlas_benchmark_quick_mode(tmp_path):
 
 @GPU_SH_TIMEOUT
 def test_hardware_limit_benchmark_quick_mode(gpu_quick):
-    for name in ("hardware_limit_digits_conv2", "hardware_limit_resnet18_224_layer3"):
-        rec = gpu_quick[name]
+    for bench, name in (("hwlimit_digits", "hardware_limit_digits_conv2"), ("hwlimit_r18", "hardware_limit_resnet18_224_layer3")):
+        rec = record(gpu_quick, bench, name)
         assert rec["units"] == 4 and rec["chains"] == 4 and rec["steps"] == 3
         work = 4 * 4 * 3  # the bare forward+backward and both sampler runs did the same image-steps
         assert rec["bare_image_steps"] == rec["sampler_lam0_chain_steps"] == rec["sampler_lam05_chain_steps"] == [work]
@@ -151,7 +176,7 @@ def test_hardware_limit_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_peers_benchmark_quick_mode(gpu_quick):
-    rec = gpu_quick["peers"]
+    rec = record(gpu_quick, "peers", "peers")
     assert rec["units"] == 4 and rec["images_per_unit"] == 2 and rec["peer"].startswith("torch-lucent")
     # ours and lucent (b) rendered the same images for the same steps, in both layouts; lucent (a) its units
     work = 4 * 2 * rec["steps"]
@@ -162,8 +187,9 @@ def test_peers_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_end_to_end_benchmark_quick_mode(gpu_quick):
-    for name in ("end_to_end_digits_32", "end_to_end_digits_auto", "end_to_end_resnet18_224_layer3_auto"):
-        rec = gpu_quick[name]
+    for bench, name in (("e2e_digits_32", "end_to_end_digits_32"), ("e2e_digits_auto", "end_to_end_digits_auto"),
+                        ("e2e_r18_auto", "end_to_end_resnet18_224_layer3_auto")):
+        rec = record(gpu_quick, bench, name)
         assert rec["units"] == 4 and rec["actors"] == 1
         assert rec["sweep_units_done"] == 4  # the sweep ran the same units as the in-process loop
         assert 0 < rec["sweep_dispatch_seconds"] < rec["sweep_wall_seconds"]  # dispatch is part of the process's life
@@ -180,13 +206,13 @@ def test_end_to_end_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_pipeline_benchmark_quick_mode(gpu_quick):
-    rec = gpu_quick["pipeline_resnet18_224_layer3"]
+    rec = record(gpu_quick, "pipeline", "pipeline_resnet18_224_layer3")
     assert rec["blocks"] == 3 and rec["write_delay_s"] > 0
 
 
 @GPU_SH_TIMEOUT
 def test_variants_benchmark_quick_mode(gpu_quick):
-    rows = gpu_quick["variants"]["rows"]
+    rows = record(gpu_quick, "variants", "variants")["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
     # the variants really differ in layout / precision, and really ran the same work
     assert [(r["memory_format"], r["precision"]) for r in rows] == [
@@ -198,7 +224,7 @@ def test_variants_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_scaling_benchmark_quick_mode(gpu_quick):
-    rec = gpu_quick["scaling"]
+    rec = record(gpu_quick, "scaling", "scaling")
     assert [r["units"] for r in rec["units_per_block"]] == [1, 4, 1, 4]
     assert [r["chains"] for r in rec["chains_per_unit"]] == [1, 8]
     depth = {r["layer"]: r for r in rec["layer_depth"]}

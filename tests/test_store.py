@@ -112,8 +112,7 @@ def test_duplicate_commits_are_deduplicated_newest_wins(store, digits_model):
     assert st.manifest("fc2").num_rows == 8
     units = st.units("fc2")
     assert units.num_rows == 4 and set(units["attempt"].to_pylist()) == {2}
-    checked, problems = verify_store(st)  # the checksum of what was written holds
-    assert checked == 1 and [p.problem.split(" have ")[1][:12] for p in problems] == ["non-finite c"]  # unflagged here
+    assert verify_store(st) == (1, [])
 
 
 def test_part_files_written_before_the_new_score_columns_still_read(store, digits_model):
@@ -261,8 +260,7 @@ def test_killed_writer_leaves_nothing_visible_and_the_rewrite_is_correct(store, 
     assert reader.units().num_rows == 0 and reader.refresh().units().num_rows == 4  # cached until refresh()
     st = ls.open_store(url)
     np.testing.assert_allclose(st.samples("conv2", 5), results[1].samples[1], atol=2e-3)
-    checked, problems = verify_store(st)  # the checksum of what was written holds
-    assert checked == 1 and [p.problem.split(" have ")[1][:12] for p in problems] == ["non-finite c"]  # unflagged here
+    assert verify_store(st) == (1, [])
 
 
 def test_verify_names_the_corrupted_block(store, digits_model):

@@ -56,6 +56,21 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _canonical_nans(a: np.ndarray, copy: bool) -> np.ndarray:
+    """``a`` with every NaN as numpy's one bit pattern (zarr reads every NaN back as that one, and the
+    checksum must match what is read). Changed in a copy when ``copy`` (the caller's array) and only
+    when some NaN has another pattern (a diverged chain's sign or payload)."""
+    nan = np.isnan(a)
+    if not nan.any():
+        return a
+    bits = a.view(f"u{a.dtype.itemsize}")
+    odd = nan & (bits != np.array(np.nan, dtype=a.dtype).view(bits.dtype))
+    if odd.any():
+        a = a.copy() if copy else a
+        a[odd] = np.nan
+    return a
+
+
 def block_checksum(region: dict[str, np.ndarray]) -> str:
     """blake2b over the block's arrays as stored (dtype, shape, bytes), in a fixed order."""
     h = hashlib.blake2b(digest_size=16)
@@ -119,11 +134,7 @@ class BlockWriter:
             else:
                 region = np.full(spec.block_shape(hi - lo), np.nan, dtype=spec.dtype)
                 region[idx] = value.astype(spec.dtype)
-            nan = np.isnan(region)
-            if nan.any():  # one NaN bit pattern: zarr reads every NaN back as the canonical one
-                region = region.copy() if region is value else region  # never change the caller's arrays
-                region[nan] = np.nan
-            out[name] = region
+            out[name] = _canonical_nans(region, copy=region is value)
         return out
 
     def write(
