@@ -59,6 +59,11 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x.bitwise_xor_((x >> 16).bitwise_and_(0xFFFF))
 
 
+def _as_i32(v: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) as the int32 tensor with the same bits (``_i32`` on a tensor)."""
+    return torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32)
+
+
 def _bits(keys: torch.Tensor, draw: int, n: int, lane: int) -> torch.Tensor:
     """(B, n) int32 hashes (32 random bits each) for elements 0..n-1 of ``draw``; ``lane``
     separates independent uses."""
@@ -69,13 +74,13 @@ def _bits_many(keys: torch.Tensor, first: int, count: int, n: int, lane: int) ->
     """(count, B, n): ``_bits`` of draws first .. first + count - 1 in one pass (integer ops: exact,
     so each draw's bits are the same as alone). The draw values are made on the device (no
     host-to-device copy, which would synchronise a GPU once per step)."""
-    k = torch.where(keys >= 1 << 31, keys - (1 << 32), keys).to(torch.int32)
+    k = _as_i32(keys)
     k0, k1 = k[:, 0:1].unsqueeze(0), k[:, 1:2].unsqueeze(0)  # (1, B, 1)
     if count == 1:
         d = torch.full((1, 1, 1), _i32(first * 2 + lane), dtype=torch.int32, device=keys.device)
     else:  # _i32(draw * 2 + lane) for each draw, wrapped as _i32 does
         v = (torch.arange(count, dtype=torch.int64, device=keys.device) * 2 + (first * 2 + lane)).bitwise_and_(M32)
-        d = torch.where(v >= 1 << 31, v - (1 << 32), v).to(torch.int32).view(-1, 1, 1)
+        d = _as_i32(v).view(-1, 1, 1)
     stream = mix32(k0 ^ mix32(d))  # (count, B, 1)
     counter = torch.arange(n, device=keys.device, dtype=torch.int32).view(1, 1, n)
     return mix32(mix32(stream ^ counter).bitwise_xor_(k1))

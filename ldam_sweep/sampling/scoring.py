@@ -39,13 +39,14 @@ def score_result(
         return {}
     pool = None if real_pool is None else torch.as_tensor(np.asarray(real_pool, dtype=np.float32))
     layer = feature_layer or result.layer
-    ex = ex_features = None
-    if exemplars is not None:
-        ex = torch.as_tensor(np.ascontiguousarray(exemplars[live]), dtype=torch.float32)
-        ex_features = image_features(model, ex, layer)
+
     def pick(a: np.ndarray) -> np.ndarray:  # the live units' rows; no copy when all are live (~300 MB at 224 px)
         return a if live.all() else a[live]
 
+    ex = ex_features = None
+    if exemplars is not None:
+        ex = torch.as_tensor(np.ascontiguousarray(pick(exemplars)), dtype=torch.float32)
+        ex_features = image_features(model, ex, layer)
     rows = unit_scores(
         pick(result.samples), pick(result.activation), result.snapshot_steps, model.input.range,
         features=image_features(model, pick(result.final_samples), layer),
