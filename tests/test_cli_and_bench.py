@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -87,11 +88,18 @@ def assert_measured(value, key: str = "record") -> None:
 GPU_SH_TIMEOUT = pytest.mark.timeout(1800)  # ~150 s quiet, 3x that beside two CPU hogs
 
 
+class GpuRun(NamedTuple):
+    """What one `DEVICE=cpu QUICK=--quick bash benchmarks/gpu.sh` left: its records by file name, the
+    benchmarks it reported as failed (gpu.sh goes on past a failure) with their output tails, its exit status."""
+    records: dict[str, dict]
+    failed: dict[str, str]
+    returncode: int
+
+
 @pytest.fixture(scope="module")
-def gpu_quick(tmp_path_factory) -> dict[str, dict]:
-    """The records of `DEVICE=cpu QUICK=--quick bash benchmarks/gpu.sh`, by file name, and under
-    "failed" the benchmarks it reported as failed (gpu.sh goes on past a failure): each test below
-    checks its own records, so a broken benchmark fails its own test, with its own output."""
+def gpu_quick(tmp_path_factory) -> GpuRun:
+    """gpu.sh's quick mode on CPU, once for the tests below: each checks its own records, so a broken
+    benchmark fails its own test, with its own output."""
     pytest.importorskip("lucent", reason="torch-lucent comes with the bench extra (make install has it)")
     out = tmp_path_factory.mktemp("gpu-quick")
     # CUDA hidden: lucent puts its images on cuda:0 whenever one is visible
@@ -114,20 +122,20 @@ def gpu_quick(tmp_path_factory) -> dict[str, dict]:
         name = part.split(" ", 1)[0]
         if f"!! {name} failed" in part:
             failed[name] = part[-3000:]
-    return {**records, "failed": failed, "returncode": proc.returncode}
+    return GpuRun(records, failed, proc.returncode)
 
 
-def record(gpu_quick: dict, bench: str, name: str) -> dict:
+def record(gpu_quick: GpuRun, bench: str, name: str) -> dict:
     """One record of the gpu.sh run; its benchmark's output tail when that benchmark failed."""
-    assert bench not in gpu_quick["failed"], gpu_quick["failed"][bench]
-    return gpu_quick[name]
+    assert bench not in gpu_quick.failed, gpu_quick.failed[bench]
+    return gpu_quick.records[name]
 
 
 @GPU_SH_TIMEOUT
 def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(gpu_quick):
     """Its argument lists stay valid: every benchmark ran and measured something."""
-    assert gpu_quick["failed"] == {} and gpu_quick["returncode"] == 0, gpu_quick["failed"]
-    records = {k: v for k, v in gpu_quick.items() if k not in ("failed", "returncode")}
+    assert gpu_quick.failed == {} and gpu_quick.returncode == 0, gpu_quick.failed
+    records = gpu_quick.records
     assert sorted({r["benchmark"] for r in records.values()}) == [
         "batching", "end_to_end", "hardware_limit", "peers", "pipeline", "reproducibility", "scaling", "variants", "vit"]
     assert len(records) == 16
@@ -199,9 +207,9 @@ def test_end_to_end_benchmark_quick_mode(gpu_quick):
         assert rec["resample_at_batch_size_samples_max_abs_diff"] <= 1 / 255
         assert rec["resample_at_batch_size_pixels_over_1_255"] == 0
     # blocks of 2 are what the sweep sampled at once; auto batched the layer's 4 units together
-    assert gpu_quick["end_to_end_digits_32"]["batch_units"] == [2]
-    assert gpu_quick["end_to_end_digits_auto"]["block"] == "auto"
-    assert gpu_quick["end_to_end_digits_auto"]["batch_units"] == [4]
+    assert gpu_quick.records["end_to_end_digits_32"]["batch_units"] == [2]
+    assert gpu_quick.records["end_to_end_digits_auto"]["block"] == "auto"
+    assert gpu_quick.records["end_to_end_digits_auto"]["batch_units"] == [4]
 
 
 @GPU_SH_TIMEOUT

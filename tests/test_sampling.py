@@ -412,14 +412,21 @@ def _run(digits_model, method: str, k_act: float, k_d: float, steps: int = 150, 
     return out.snapshots[-1]
 
 
+def off_pixels(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> float:
+    """Fraction of pixels on which two runs' final states differ by more than ``tol``."""
+    return float(((a - b).abs() > tol).float().mean())
+
+
 @pytest.mark.parametrize("k", [1e-8, 1e-4, 1e4, 1e8])
 def test_ldam_trajectory_is_invariant_to_the_scale_of_the_activation_and_of_log_d(digits_model, k):
-    """Up to float rounding: measured <= 2.2e-6 after 30 steps. (Over hundreds of steps any 1-ulp
-    difference grows through the clipping and ReLU kinks, with or without scaling; the
-    power-of-two test below checks the long run exactly.)"""
+    """Up to float rounding. Measured after 30 steps on six trainings of digits-cnn (recipe seeds 0-5):
+    a mean difference <= 1.2e-6 and, in most runs, a largest one <= 2.7e-6; in some, a 1-ulp
+    difference met a clipping or ReLU kink and 8-10 of the 4704 pixels ended ~1e-3 apart. Without
+    the invariance (the reference form's absolute eps, test below) 99% of the pixels move, by 0.1 on
+    average. (The power-of-two test below checks the long run bit for bit.)"""
     base = _run(digits_model, "ldam", 1.0, 1.0, steps=30)
-    assert (_run(digits_model, "ldam", k, 1.0, steps=30) - base).abs().max() < 1e-5
-    assert (_run(digits_model, "ldam", 1.0, k, steps=30) - base).abs().max() < 1e-5
+    for scaled in (_run(digits_model, "ldam", k, 1.0, steps=30), _run(digits_model, "ldam", 1.0, k, steps=30)):
+        assert (scaled - base).abs().mean() < 1e-5 and off_pixels(scaled, base) <= 0.01
 
 
 @pytest.mark.parametrize("k", [2.0**-27, 2.0**27])
@@ -432,7 +439,8 @@ def test_ldam_trajectory_is_exactly_invariant_to_power_of_two_scales(digits_mode
 def test_ldam_reference_eps_is_not_scale_invariant(digits_model):
     """Why eps_rel exists: with the absolute eps, a tiny activation's gradient drowns in it."""
     base = _run(digits_model, "ldam", 1.0, 1.0, steps=30, **REFERENCE_FORM)
-    assert (_run(digits_model, "ldam", 1e-8, 1.0, steps=30, **REFERENCE_FORM) - base).abs().max() > 0.1  # measured 0.19
+    scaled = _run(digits_model, "ldam", 1e-8, 1.0, steps=30, **REFERENCE_FORM)
+    assert (scaled - base).abs().mean() > 0.05 and off_pixels(scaled, base) >= 0.5  # seeds 0-5: 0.096-0.10, 99%
 
 
 @pytest.mark.parametrize("k", [1e-3, 1e3])
@@ -442,5 +450,8 @@ def test_sgld_scaling_the_energy_by_k_is_dividing_temperature_and_l2_by_k(digits
     base = _run(digits_model, "sgld", 1.0, 1.0, **opts)
     scaled = _run(digits_model, "sgld", k, k, **opts)
     same = _run(digits_model, "sgld", 1.0, 1.0, temperature=0.01 / k, l2=0.1 / k)
-    assert (scaled - same).abs().max() < 1e-4
-    assert (scaled - base).abs().max() > 0.05
+    # equal up to rounding: over 150 steps at T = 1e-5 a rounding difference can send a pixel to the other
+    # bound (seeds 0-5 of digits-cnn: 0-179 of 4704 pixels, mean difference <= 0.016); the unscaled
+    # run differs everywhere (>= 94% of pixels, mean >= 0.09)
+    assert (scaled - same).abs().mean() < 0.1 * (scaled - base).abs().mean()
+    assert off_pixels(scaled, same) <= 0.1 and off_pixels(scaled, base) >= 0.5

@@ -68,6 +68,18 @@ def test_diversity_ratios_are_one_when_the_chains_are_as_varied_as_the_exemplars
     assert without[0]["lowpass_diversity_ratio"] is None and without[0]["feature_diversity_ratio"] is None
 
 
+def test_activation_ratio_is_empty_where_no_real_image_gives_a_positive_value():
+    """A pre-activation unit that is negative on all the data (best real value -0.5): chains at -0.25
+    would read 0.5 and chains at -1 would read 2.0, "twice the best real image", as a quotient. Left empty
+    instead, so such units sort last; a unit with a positive best keeps its quotient, whatever its sign."""
+    samples = torch.rand(4, 2, 1, 1, 8, 8, generator=torch.Generator().manual_seed(0)).numpy()
+    act = np.zeros((4, 2, 3), dtype=np.float32)
+    act[:, :, -1] = np.array([[-1.0], [-0.25], [3.0], [-1.0]], dtype=np.float32)
+    rows = unit_scores(samples, act, np.array([2]), RANGE, exemplar_max=np.array([-0.5, -0.5, 2.0, 0.0]))
+    assert [r["activation_ratio"] for r in rows] == [None, None, pytest.approx(1.5), None]
+    assert [r["activation_ratio"] for r in unit_scores(samples, act, np.array([2]), RANGE)] == [None] * 4
+
+
 def test_ess_and_rhat_behave():
     g = torch.Generator().manual_seed(0)
     white = torch.randn(1, 4, 2000, generator=g)

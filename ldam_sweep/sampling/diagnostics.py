@@ -111,7 +111,8 @@ def unit_scores(
     ratio = torch.full((u,), float("nan"), device=dev)
     if exemplar_max is not None:
         emax = torch.as_tensor(exemplar_max, device=dev, dtype=torch.float64)
-        ratio = torch.where(emax.abs() > 1e-12, act_mean.double() / emax, torch.full_like(emax, float("nan")))
+        # a ratio to a non-positive best is meaningless (and -/- would rank such units first): left empty
+        ratio = torch.where(emax > 1e-12, act_mean.double() / emax, torch.full_like(emax, float("nan")))
 
     nearest = torch.full((u,), float("nan"), device=dev)
     if real_pool is not None:
