@@ -55,9 +55,11 @@ def test_a_store_compared_with_itself_has_zero_differences(stores):
 
 
 def test_raw_vs_averaged_weights_differ_unit_by_unit(stores):
+    """Raw vs averaged weights move every unit's samples (a store against itself: 0, the test above). Over
+    six trainings of digits-cnn (recipe seeds 0-5) the smallest unit's distance was 0.0098-0.058, the median 0.062-0.089."""
     cmp = compare_stores(stores["raw"], stores["ema"])
     dist = np.array(cmp.units["sample_distance"].to_pylist())
-    assert cmp.units.num_rows == 18 and (dist > 0.01).all()
+    assert cmp.units.num_rows == 18 and (dist > 1e-3).all() and np.median(dist) > 0.03
     deltas = np.array(cmp.units["act_final_mean_delta"].to_pylist())
     assert np.abs(deltas).max() > 0.1
     by_layer = {r["layer"]: r for r in cmp.layers}
