@@ -440,7 +440,7 @@ def test_ldam_reference_eps_is_not_scale_invariant(digits_model):
     """Why eps_rel exists: with the absolute eps, a tiny activation's gradient drowns in it."""
     base = _run(digits_model, "ldam", 1.0, 1.0, steps=30, **REFERENCE_FORM)
     scaled = _run(digits_model, "ldam", 1e-8, 1.0, steps=30, **REFERENCE_FORM)
-    assert (scaled - base).abs().mean() > 0.05 and off_pixels(scaled, base) >= 0.5  # seeds 0-5: 0.096-0.10, 99%
+    assert (scaled - base).abs().mean() > 0.05 and off_pixels(scaled, base) >= 0.5  # seeds 0-5: mean 0.099-0.106, 99% of pixels
 
 
 @pytest.mark.parametrize("k", [1e-3, 1e3])
