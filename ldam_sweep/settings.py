@@ -23,30 +23,61 @@ FACET_THRESHOLD = 0.095
 
 
 # The revision of the sampler defaults a store is created with (root attr ``sampler_defaults``).
-# A store without it was made when ``ldam``'s defaults were the paper's reference form; its sweep
-# resumes with those defaults, so one store never mixes two samplers. Revision 2: exemplar starts,
-# kernel repulsion, relative eps.
-SAMPLER_DEFAULTS = 2
-REFERENCE_LDAM = {"repel": 0.0, "eps": 1e-8, "eps_rel": 0.0}  # the revision-1 defaults (starts: uniform)
+# A store resumes with the defaults of its own revision, so one store never mixes two samplers.
+# Revision 1 (no attribute): the paper's reference form, uniform starts. Revision 2: exemplar
+# starts, kernel repulsion, relative eps. Revision 3: the data preconditioner, the activation
+# target, a realism term that fades where D calls a sample real, diverse starts, no L2 pull.
+SAMPLER_DEFAULTS = 3
+# What each older revision's ``ldam`` defaults were, as options over today's; init for revision 1.
+REVISION_2_LDAM = {"precondition": "none", "target": None, "realism_scale": "log_d", "start_pool": 0, "l2": 0.1,
+                   "repel": REPEL_DEFAULT, "step_size": 0.01}
+REFERENCE_LDAM = {**REVISION_2_LDAM, "repel": 0.0, "eps": 1e-8, "eps_rel": 0.0}  # revision 1 (starts: uniform)
+STEP_FROM_NOISE = 0.01  # the reference step: chains from uniform noise have far to go
+STEP_FROM_DATA = 0.003  # chains from real exemplars need to move little (docs/method.md, "Realism")
+START_POOL = 32  # ldam's chains start from a diverse subset of this many of a unit's top real exemplars
+
+
+def revision_options(revision: int) -> dict[str, Any]:
+    """The ``ldam`` options that make today's defaults those of a store's sampler revision."""
+    if revision >= SAMPLER_DEFAULTS:
+        return {}
+    return dict(REFERENCE_LDAM if revision <= 1 else REVISION_2_LDAM)
 
 
 class LdamOptions(BaseModel):
-    """Reference-form settings plus the chains' repulsion; the defaults are the ones that worked on
-    the digits demo. ``repel=0, eps=1e-8, eps_rel=0`` is the paper's reference form exactly."""
+    """Reference-form settings plus what keeps samples realistic and varied (docs/method.md); the
+    defaults are the ones measured on the digits demo. ``REFERENCE_LDAM`` is the paper's reference
+    form exactly."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    step_size: float = Field(0.01, gt=0, description="eta: step size in pixel units")
+    step_size: float | Literal["auto"] = Field(
+        "auto", description=f"eta: step size in pixel units; auto: {STEP_FROM_DATA} when chains start from diverse "
+        f"real exemplars, {STEP_FROM_NOISE} otherwise (the reference form)")
     noise: float = Field(0.1, ge=0, description="sigma: initial noise scale of each noise block")
     noise_block: int = Field(100, ge=1, description="steps after which the noise schedule restarts")
-    l2: float = Field(0.1, ge=0, description="c: weight of the L2 prior c*||x||^2")
+    l2: float = Field(0.0, ge=0, description="c: weight of the L2 prior c*||x||^2 (the reference form: 0.1)")
+    precondition: Literal["auto", "covariance", "spectrum", "none"] = Field(
+        "auto", description="shape drift and noise by the real data's covariance: covariance (exact, inputs up to "
+        "3072 values), spectrum (its stationary form, any size), auto (covariance if it fits, else spectrum; none "
+        "without real data), none (the reference form)")
+    target: float | Literal["auto"] | None = Field(
+        "auto", description="the activation term pushes a chain only while its activation is below target x the unit's "
+        "best real activation (its top exemplar); auto: 1.0 when exemplars are given, else off; null: always on")
+    realism_scale: Literal["logit", "log_d"] = Field(
+        "logit", description="what the log D gradient is divided by: the RMS of D's logit gradient (the term fades as "
+        "D calls the sample real) or its own RMS (the reference form: a step of constant size)")
+    start_pool: int = Field(START_POOL, ge=0, description="exemplar starts: chain c starts from the c-th of a diverse "
+                            "subset (farthest-point) of the unit's top start_pool real exemplars; <= chains: the top "
+                            "ones in order (the reference)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the update")
     rms_decay: float = Field(0.9, ge=0, lt=1, description="decay of the per-pixel squared-gradient average")
     eps: float = Field(0.0, ge=0, description="added under the RMS square root (the reference form: 1e-8)")
     eps_rel: float = Field(1e-6, ge=0, description="added under the RMS square root, times the chain's mean "
                            "squared-gradient average: keeps the step invariant to the scale of a and log D")
-    repel: float = Field(REPEL_DEFAULT, ge=0, description="w: weight of the kernel repulsion among a unit's chains "
-                         "(0: none, the reference form)")
+    repel: float | Literal["auto"] = Field(
+        "auto", description="w: weight of the kernel repulsion among a unit's chains (0: none, the reference form); "
+        f"auto: 0 when chains start from diverse exemplars, {REPEL_DEFAULT} otherwise")
     repel_until: float = Field(2 / 3, gt=0, le=1, description="fraction of the steps with the repulsion on; the rest "
                                "close without it")
     bandwidth: float | Literal["auto", "exemplars", "median"] = Field(
@@ -60,7 +91,25 @@ class LdamOptions(BaseModel):
             raise ValueError("eps and eps_rel are both 0: one must be positive (reference form: eps=1e-8, eps_rel=0)")
         if isinstance(self.bandwidth, float) and self.bandwidth <= 0:
             raise ValueError(f"bandwidth must be positive, got {self.bandwidth}")
+        if isinstance(self.step_size, float) and self.step_size <= 0:
+            raise ValueError(f"step_size must be positive, got {self.step_size}")
+        if isinstance(self.repel, float) and self.repel < 0:
+            raise ValueError(f"repel must be >= 0, got {self.repel}")
+        if isinstance(self.target, float) and self.target <= 0:
+            raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {self.target}")
         return self
+
+    def resolved_step(self, diverse_starts: bool) -> float:
+        """The step size: ``auto`` is smaller when chains start from (diverse) real exemplars."""
+        if self.step_size == "auto":
+            return STEP_FROM_DATA if diverse_starts else STEP_FROM_NOISE
+        return float(self.step_size)
+
+    def resolved_repel(self, diverse_starts: bool) -> float:
+        """The repulsion's weight: ``auto`` is 0 when chains start from diverse real exemplars."""
+        if self.repel == "auto":
+            return 0.0 if diverse_starts else REPEL_DEFAULT
+        return float(self.repel)
 
 
 class SgldOptions(BaseModel):

@@ -22,8 +22,9 @@ from ldam_sweep.errors import SamplerError
 from ldam_sweep.model.handle import ModelHandle
 from ldam_sweep.objectives import DEFAULT_BY_KIND, check_objective, unit_objective
 from ldam_sweep.sampling import noise
-from ldam_sweep.sampling.langevin import ChainTensors, run_chains
-from ldam_sweep.sampling.lowpass import exemplar_bandwidth
+from ldam_sweep.sampling.langevin import ChainContext, ChainTensors, run_chains
+from ldam_sweep.sampling.lowpass import exemplar_bandwidth, lowpass
+from ldam_sweep.sampling.precondition import Preconditioner, fit_preconditioner
 from ldam_sweep.settings import default_snapshot_steps, parse_options  # noqa: F401 (re-exported)
 
 SAMPLING_EXEMPLARS = 64  # top real images per unit a sweep hands ``sample``: chain starts and the kernel width
@@ -67,12 +68,36 @@ class ChainResult:
         return self.samples[:, :, -1]
 
 
+def diverse_order(exemplars: torch.Tensor, pool: int, chains: int) -> np.ndarray:
+    """(U, N, C, H, W) exemplars, best first (NaN = missing) -> (U, chains) indices: per unit, the top
+    exemplar, then greedily the one farthest (low-passed, Euclidean) from those already picked, among
+    its top ``pool`` finite ones; cycling when it has fewer than ``chains``."""
+    u, n = exemplars.shape[:2]
+    valid = torch.isfinite(exemplars.flatten(2)).all(-1).sum(1).numpy()  # missing ones come last (topk pads)
+    out = np.zeros((u, chains), dtype=np.int64)
+    for i in range(u):
+        k = int(min(pool, valid[i]))
+        if k <= chains:
+            out[i] = np.arange(chains) % max(k, 1)
+            continue
+        y = lowpass(exemplars[i, :k].float()).flatten(1).double()
+        picked = [0]
+        dmin = ((y - y[0]) ** 2).sum(1)
+        for _ in range(chains - 1):
+            j = int(dmin.argmax())
+            picked.append(j)
+            dmin = torch.minimum(dmin, ((y - y[j]) ** 2).sum(1))
+        out[i] = picked
+    return out
+
+
 def initial_images(
     model: ModelHandle, init: str | np.ndarray | torch.Tensor, keys: torch.Tensor, n_units: int, chains: int,
-    exemplars: torch.Tensor | None = None,
+    exemplars: torch.Tensor | None = None, start_pool: int = 0,
 ) -> torch.Tensor:
     """(B, C, H, W) starting images: per-chain uniform noise in the pixel box, the unit's real
-    exemplars (chain c from its c-th, cycling when it has fewer), or given images."""
+    exemplars (chain c from its c-th, cycling when it has fewer; with ``start_pool`` > chains from
+    the c-th of a diverse subset of its top ``start_pool``, see ``diverse_order``), or given images."""
     lo, hi = model.input.range
     shape = model.input.shape
     if isinstance(init, str):
@@ -84,8 +109,7 @@ def initial_images(
             raise SamplerError(f"init must be 'auto', 'uniform', 'exemplars' or an array of images, got {init!r}")
         if exemplars is None:
             raise SamplerError("init='exemplars' needs the units' exemplar images: sample(..., exemplars=(U, N, C, H, W))")
-        valid = torch.isfinite(exemplars.flatten(2)).all(-1).sum(1).cpu().numpy()  # (U,): topk pads missing ones with NaN
-        pick = np.arange(chains)[None, :] % np.maximum(valid, 1)[:, None]  # (U, chains)
+        pick = diverse_order(exemplars.cpu(), start_pool, chains)  # (U, chains)
         arr = exemplars.cpu()[np.arange(n_units)[:, None], pick].reshape(n_units * chains, *shape)
     else:
         arr = torch.as_tensor(np.asarray(init.detach().cpu() if isinstance(init, torch.Tensor) else init), dtype=torch.float32)
@@ -116,11 +140,12 @@ def _check_exemplars(exemplars: np.ndarray | torch.Tensor | None, n_units: int, 
     return ex
 
 
-def _unit_bandwidths(exemplars: torch.Tensor | None, method: str, options: Any) -> torch.Tensor | None:
+def _unit_bandwidths(exemplars: torch.Tensor | None, method: str, options: Any, diverse: bool = False) -> torch.Tensor | None:
     """(U,) per-unit kernel width from the exemplars for ``ldam``'s repulsion, or None. A unit with
     fewer than 2 exemplars takes the median of the others'; if none has 2, the chains' own
     (median heuristic) is used."""
-    if exemplars is None or method != "ldam" or options.repel == 0 or not isinstance(options.bandwidth, str):
+    if (exemplars is None or method != "ldam" or options.resolved_repel(diverse) == 0
+            or not isinstance(options.bandwidth, str)):
         return None
     if options.bandwidth == "median":
         return None
@@ -131,6 +156,43 @@ def _unit_bandwidths(exemplars: torch.Tensor | None, method: str, options: Any) 
             raise SamplerError("bandwidth='exemplars' needs at least 2 exemplars for some unit")
         return None
     return torch.where(missing, h[~missing].median(), h)
+
+
+def _preconditioner(given: Preconditioner | np.ndarray | torch.Tensor | None, options: Any,
+                    model: ModelHandle) -> Preconditioner | None:
+    """The ldam run's preconditioner on the model's device, or None (``none``, or ``auto`` without data)."""
+    if options.precondition == "none":
+        return None
+    if given is None:
+        if options.precondition == "auto":
+            return None
+        raise SamplerError(f"precondition={options.precondition!r} needs real images: "
+                           "sample(..., preconditioner=real_images (N, C, H, W)) or a fitted one")
+    if not isinstance(given, Preconditioner):
+        given = fit_preconditioner(given, options.precondition)
+        if given is None:
+            return None
+    if tuple(given.shape) != tuple(model.input.shape):
+        raise SamplerError(f"preconditioner is for images {given.shape}, the model takes {model.input.shape}")
+    return given if given.device == model.device else given.to(model.device)
+
+
+@torch.no_grad()
+def _targets(model: ModelHandle, layer: str, objective: str, units: np.ndarray, exemplars: torch.Tensor | None,
+             options: Any) -> torch.Tensor | None:
+    """(U,) per-unit activation target: ``target`` x the activation of the unit's best real image
+    (its first exemplar); +inf (no target) where that is not positive. None when off."""
+    factor = options.target
+    if factor is None or (factor == "auto" and exemplars is None):
+        return None
+    if exemplars is None:
+        raise SamplerError(f"target={factor} is a multiple of each unit's best real activation: it needs the units' "
+                           "exemplars (sample(..., exemplars=...)); target=None turns it off")
+    factor = 1.0 if factor == "auto" else float(factor)
+    best = exemplars[:, 0].to(model.device)
+    idx = torch.from_numpy(units).to(model.device)
+    a = unit_objective(model.activations(best, layer), idx, objective).float()
+    return torch.where(a > 0, a * factor, torch.full_like(a, float("inf")))
 
 
 def _check_discriminator(discriminator: Callable | None, lam: float) -> None:
@@ -159,6 +221,7 @@ def sample(
     objective: str | None = None,
     snapshot_dtype: torch.dtype = torch.float32,
     batch_units: int | None = None,
+    preconditioner: Preconditioner | np.ndarray | torch.Tensor | None = None,
     **sampler_options: Any,
 ) -> ChainResult:
     """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
@@ -169,7 +232,12 @@ def sample(
     ``"uniform"``, ``"exemplars"`` (chain c of unit u starts from the unit's c-th exemplar, cycling
     when it has fewer), one image (C, H, W) shared by every chain, or (U, chains, C, H, W).
     ``exemplars``: (U, N, C, H, W) each unit's top real images, best first (``top_exemplars``;
-    NaN images = missing); they also set the ``ldam`` repulsion's kernel width.
+    NaN images = missing); ``ldam`` starts from a diverse subset of the top ``start_pool``, takes
+    its activation target from the first (the unit's best real image) and sizes its repulsion's
+    kernel by them.
+    ``preconditioner``: ``ldam``'s data preconditioner, fitted (``fit_preconditioner``) or as real
+    images (N, C, H, W) to fit it from (the kind is the ``precondition`` option); without it
+    ``ldam`` runs unpreconditioned (``precondition: auto``) or refuses (``covariance``/``spectrum``).
     ``sampler_options``: the method's settings (see ``LdamOptions`` / ``SgldOptions``).
     ``snapshot_dtype``: the type ``samples`` leave the device in (``torch.float16``, the store's
     type, halves the transfer); traces stay float32.
@@ -196,8 +264,13 @@ def sample(
     n_units = len(unit_arr)
     keys = noise.chain_keys(seed, info.name, unit_arr, chains).to(model.device)
     ex = _check_exemplars(exemplars, n_units, model.input.shape)
-    x0 = initial_images(model, init, keys, n_units, chains, ex)
-    bandwidth = _unit_bandwidths(ex, method, options)
+    ldam = method == "ldam"
+    pool = options.start_pool if ldam else 0
+    x0 = initial_images(model, init, keys, n_units, chains, ex, pool)
+    diverse = ldam and ex is not None and isinstance(init, str) and init in ("auto", "exemplars") and pool > chains
+    bandwidth = _unit_bandwidths(ex, method, options, diverse)
+    pre = _preconditioner(preconditioner, options, model) if ldam else None
+    target = _targets(model, info.name, objective, unit_arr, ex, options) if ldam else None
     dead = _dead_units(model, info.name, objective, unit_arr, x0)
     live = ~dead
     if dead.any():
@@ -205,6 +278,8 @@ def sample(
         keys, x0 = keys[keep], x0[keep]
         if bandwidth is not None:
             bandwidth = bandwidth[torch.from_numpy(live).to(bandwidth.device)]
+        if target is not None:
+            target = target[torch.from_numpy(live).to(target.device)]
     n_live = int(live.sum())
     if batch_units is not None and n_live > batch_units:
         raise SamplerError(f"batch_units={batch_units} is smaller than the {n_live} live units asked for; give at "
@@ -219,6 +294,8 @@ def sample(
             keys, x0, unit_idx = keys[pad], x0[pad], unit_idx[pad.to(unit_idx.device)]
             if bandwidth is not None:
                 bandwidth = bandwidth[torch.arange(batch_units, device=bandwidth.device) % n_live]
+            if target is not None:
+                target = target[torch.arange(batch_units, device=target.device) % n_live]
 
         def activation_fn(x: torch.Tensor) -> torch.Tensor:
             return unit_objective(model.activations(x, info.name), unit_idx, objective)
@@ -227,7 +304,10 @@ def sample(
         out: ChainTensors = run_chains(
             activation_fn, x0, keys, steps=steps, method=method, options=options,
             box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
-            unit_context=None if bandwidth is None else bandwidth.to(model.device),
+            context=ChainContext(
+                bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=pre,
+                target=None if target is None else target.to(model.device).repeat_interleave(chains),
+                diverse_starts=diverse),
         )
         # laid out (unit, chain, ...) on the device, then one transfer per array
         snaps = out.snapshots.detach()[:, :rows].view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)

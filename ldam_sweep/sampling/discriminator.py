@@ -215,17 +215,50 @@ def load_discriminator(source: str | Path | bytes, model: ModelHandle | None = N
     )
 
 
-class _ChainGroup:
-    """Persistent chains of one layer, each chain on its own unit (cycling over the targets)."""
+@dataclass
+class ChainSetting:
+    """How stage 1's chains run: the sweep's rule, and, with real data, its starts and context."""
 
-    def __init__(self, model: ModelHandle, layer: str, units: np.ndarray, objective: str, seed: int, tag: str) -> None:
+    method: str
+    options: Any
+    lam: float
+    real: np.ndarray | None = None  # the training images: exemplar starts and the activation targets
+    preconditioner: Any = None
+
+
+class _ChainGroup:
+    """Persistent chains of one layer, each chain on its own unit (cycling over the targets). With
+    real data and ``ldam`` they start as a sweep's chains do: from the unit's real exemplars (a new one
+    at each re-initialisation, from the diverse subset a sweep starts from), with the same
+    preconditioner and activation target; otherwise from uniform noise."""
+
+    def __init__(self, model: ModelHandle, layer: str, units: np.ndarray, objective: str, seed: int, tag: str,
+                 setting: ChainSetting) -> None:
         self.model, self.layer, self.units, self.objective = model, layer, units, objective
-        self.seed, self.tag = seed, tag
+        self.seed, self.tag, self.setting = seed, tag, setting
         self.unit_idx = torch.from_numpy(units).to(model.device)
         self.generation = 0
         self.draws = 0
         self.advances = 0  # blocks of steps run since the last re-initialisation
+        self.starts = self.target = None
+        if setting.real is not None and setting.method == "ldam" and setting.options.start_pool > 0:
+            self._exemplar_starts()
         self.reinit()
+
+    def _exemplar_starts(self) -> None:
+        from ldam_sweep.sampling.chains import _targets, diverse_order
+        from ldam_sweep.sampling.exemplars import top_exemplars
+
+        o = self.setting.options
+        uniq, inverse = np.unique(self.units, return_inverse=True)
+        images, _ = top_exemplars(self.model, self.layer, uniq, self.objective, torch.from_numpy(self.setting.real),
+                                  o.start_pool)
+        ex = torch.from_numpy(images)
+        per_unit = max(8, int(np.bincount(inverse).max()))  # starts per unit: as many as a sweep's chains, at least
+        order = diverse_order(ex, o.start_pool, per_unit)  # (U, per_unit)
+        self.starts = ex[np.arange(len(uniq))[:, None], order][inverse]  # (slots, per_unit, C, H, W)
+        target = _targets(self.model, self.layer, self.objective, uniq, ex, o)
+        self.target = None if target is None else target[torch.from_numpy(inverse).to(target.device)]
 
     def reinit(self) -> None:
         self.generation += 1
@@ -234,16 +267,25 @@ class _ChainGroup:
         # keyed by chain position, not unit: two chains on one unit must not be copies of each other
         slots = np.arange(len(self.units))
         self.keys = noise.chain_keys(self.seed, f"{self.tag}|{self.layer}|gen{self.generation}", slots, 1).to(self.model.device)
+        if self.starts is not None:  # slot i takes start (i + generation) of its unit's diverse subset
+            pick = (slots + self.generation + (0 if self.tag == "train" else 3)) % self.starts.shape[1]
+            self.x = self.starts[slots, pick].to(self.model.device)
+            return
         lo, hi = self.model.input.range
         self.x = lo + (hi - lo) * noise.uniform(self.keys, 0, self.model.input.shape)
 
-    def advance(self, steps: int, method: str, options: Any, lam: float, log_d: Callable | None) -> None:
+    def advance(self, steps: int, log_d: Callable | None) -> None:
+        from ldam_sweep.sampling.langevin import ChainContext
+
         def act(x: torch.Tensor) -> torch.Tensor:
             return unit_objective(self.model.activations(x, self.layer), self.unit_idx, self.objective)
 
-        out = run_chains(act, self.x, self.keys, steps=steps, method=method, options=options,
-                         box=self.model.input.range, snapshot_steps=[steps], chains=1, lam=lam if log_d else 0.0,
-                         log_d=log_d, draw_offset=self.draws)
+        st = self.setting
+        context = ChainContext(preconditioner=st.preconditioner, target=self.target,
+                               diverse_starts=self.starts is not None)
+        out = run_chains(act, self.x, self.keys, steps=steps, method=st.method, options=st.options,
+                         box=self.model.input.range, snapshot_steps=[steps], chains=1,
+                         lam=st.lam if log_d else 0.0, log_d=log_d, draw_offset=self.draws, context=context)
         self.draws += steps
         self.advances += 1
         self.x = out.snapshots[-1]
@@ -285,6 +327,11 @@ def train_discriminator(
     torch.manual_seed(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
     options = parse_options(s.method, s.sampler)
+    setting = ChainSetting(method=s.method, options=options, lam=s.lam, real=np.ascontiguousarray(real_train, dtype=np.float32))
+    if s.method == "ldam":
+        from ldam_sweep.sampling.precondition import fit_preconditioner
+
+        setting.preconditioner = fit_preconditioner(real_train, options.precondition, device=dev)
     d = Discriminator(discriminator_config(model.input, s.arch)).to(dev)
     opt = torch.optim.Adam(d.parameters(), lr=s.lr, betas=(0.5, 0.999))
     real = torch.from_numpy(np.ascontiguousarray(real_train, dtype=np.float32)).to(dev)
@@ -293,7 +340,7 @@ def train_discriminator(
     for layer, units in _spread([(layer, model.check_units(layer, units)) for layer, units in targets], s.chains):
         info = model.layer(layer)
         objective = objective_for(info.name, info.kind, objectives, info.geometry)
-        groups.append(_ChainGroup(model, info.name, units, objective, s.seed, "train"))
+        groups.append(_ChainGroup(model, info.name, units, objective, s.seed, "train", setting))
 
     def frozen_log_d(x: torch.Tensor) -> torch.Tensor:
         return d(x)
@@ -307,7 +354,7 @@ def train_discriminator(
         g = groups[update % len(groups)]  # one layer's chains per update; the others keep their state
         if g.advances >= s.reinit_every:  # counted per group, so every chain ages reinit_every blocks
             g.reinit()
-        g.advance(s.steps_per_update, s.method, options, s.lam, frozen_log_d if s.lam > 0 else None)
+        g.advance(s.steps_per_update, frozen_log_d if s.lam > 0 else None)
         for p in d.parameters():
             p.requires_grad_(True)
         d.train()
@@ -332,7 +379,7 @@ def train_discriminator(
     d.eval()
     for p in d.parameters():
         p.requires_grad_(False)
-    real_acc, fake_acc = heldout_accuracy(d, model, groups, real_heldout, s, options)
+    real_acc, fake_acc = heldout_accuracy(d, model, groups, real_heldout, s, setting)
     return TrainedDiscriminator(
         module=d.cpu(), settings=s.model_dump(), log=log, heldout_accuracy=(real_acc + fake_acc) / 2,
         heldout_real_accuracy=real_acc, heldout_fake_accuracy=fake_acc, model_fingerprint=model.fingerprint,
@@ -341,15 +388,15 @@ def train_discriminator(
 
 
 def heldout_accuracy(d: Discriminator, model: ModelHandle, groups: list[_ChainGroup], real_heldout: np.ndarray,
-                     s: DiscriminatorSettings, options: Any) -> tuple[float, float]:
+                     s: DiscriminatorSettings, setting: ChainSetting) -> tuple[float, float]:
     """Accuracy on held-out real images and on *fresh* chains (new starts, run with the final D)."""
     dev = model.device
     per_group = max(1, s.eval_chains // len(groups))
     fakes = []
     for g in groups:
         units = np.resize(g.units, per_group)
-        fresh = _ChainGroup(model, g.layer, units, g.objective, s.seed, "heldout")
-        fresh.advance(s.eval_steps, s.method, options, s.lam, d if s.lam > 0 else None)
+        fresh = _ChainGroup(model, g.layer, units, g.objective, s.seed, "heldout", setting)
+        fresh.advance(s.eval_steps, d if s.lam > 0 else None)
         fakes.append(fresh.x)
     with torch.no_grad():
         real = torch.from_numpy(np.ascontiguousarray(real_heldout, dtype=np.float32)).to(dev)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 from pydantic import BaseModel
@@ -33,6 +33,9 @@ from ldam_sweep.errors import SamplerError
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.lowpass import lowpass, pair_sq_dist
 from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from ldam_sweep.sampling.precondition import Preconditioner
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 LogDFn = Callable[[torch.Tensor], torch.Tensor]
@@ -82,16 +85,27 @@ class Step:
         return noise.normal(self.keys, self.draw, tuple(self.x.shape[1:]))
 
 
+@dataclass
+class ChainContext:
+    """What a rule may use beyond its options, fixed for a run. B = units * chains."""
+
+    bandwidth: torch.Tensor | None = None  # (U,) per-unit kernel width of ``ldam``'s repulsion
+    preconditioner: "Preconditioner | None" = None  # drift P and noise P^(1/2) from the real data
+    target: torch.Tensor | None = None  # (B,) the activation above which a chain's activation term is off
+    diverse_starts: bool = False  # chains start from a diverse subset of their unit's exemplars
+
+
 class UpdateRule:
     """One sampler: ``init(x_0)`` allocates its state and returns the x it iterates on,
     ``step(s)`` returns x_{t+1} (detached, or the rule's own leaf tensor)."""
 
     options_type: ClassVar[type[BaseModel]]
 
-    def __init__(self, options: BaseModel) -> None:
+    def __init__(self, options: BaseModel, context: ChainContext | None = None) -> None:
         if not isinstance(options, self.options_type):
             raise TypeError(f"{type(self).__name__} takes {self.options_type.__name__}, got {type(options).__name__}")
         self.options = options
+        self.context = context or ChainContext()
 
     def init(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -102,7 +116,9 @@ class UpdateRule:
 
 class LdamRule(UpdateRule):
     """Reference form: RMS-normalised activation and log D gradients, annealed noise, momentum;
-    plus a kernel repulsion among each unit's chains (``repel`` > 0) that keeps them apart."""
+    plus (the revision-3 defaults) the data preconditioner, the activation target, a realism term
+    that fades where D calls the sample real, and optionally a kernel repulsion among each unit's
+    chains (``repel`` > 0) that keeps them apart."""
 
     options_type = LdamOptions
     options: LdamOptions
@@ -113,6 +129,8 @@ class LdamRule(UpdateRule):
         self.m = torch.zeros_like(x)
         self.force_max: torch.Tensor | None = None  # (U,) running max of each unit's repulsion RMS
         self.h_max: torch.Tensor | None = None  # (U, 1, 1) running max of the median bandwidth
+        self.repel = self.options.resolved_repel(self.context.diverse_starts)
+        self.eta = self.options.resolved_step(self.context.diverse_starts)
         return x
 
     def _rms(self, v: torch.Tensor) -> torch.Tensor:
@@ -125,26 +143,48 @@ class LdamRule(UpdateRule):
 
     def step(self, s: Step) -> torch.Tensor:
         o = self.options
+        ctx = self.context
         xi = s.noise()
         g_a, g_d = s.grads()
         x = s.x.detach()
-        repel = o.repel > 0 and s.chains > 1 and s.t < round(o.repel_until * s.steps)
+        repel = self.repel > 0 and s.chains > 1 and s.t < round(o.repel_until * s.steps)
         force = self._repulsion(s, x, g_d) if repel else None
         rho = o.rms_decay
-        self.v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
+        if ctx.target is not None:  # above its target a chain's activation term is off (its average is kept)
+            below = (s.activation.detach() < ctx.target).to(x.dtype).view(-1, 1, 1, 1)
+            g_a.mul_(below)
+            self.v_a.mul_(1 - below * (1 - rho)).addcmul_(g_a, g_a, value=1 - rho)
+        else:
+            self.v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
         step = g_a.div_(self._rms(self.v_a)).mul_(1 - s.lam)
         if g_d is not None:
             if self.v_d is None:
                 self.v_d = torch.zeros_like(x)
-            self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
-            step.add_(g_d.div_(self._rms(self.v_d)), alpha=s.lam)
+            if o.realism_scale == "logit":
+                # grad log D = (1 - D) grad logit: normalise grad logit and keep the (1 - D) factor, so the
+                # term pushes as hard as D objects and fades where D calls the sample real
+                fake = (-torch.expm1(s.log_d.detach())).clamp_(min=0.0).view(-1, 1, 1, 1)  # 1 - D
+                g_logit = g_d.div_(fake.clamp_min(1e-6))
+                self.v_d.mul_(rho).addcmul_(g_logit, g_logit, value=1 - rho)
+                step.add_(g_logit.div_(self._rms(self.v_d)).mul_(fake), alpha=s.lam)
+            else:
+                self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
+                step.add_(g_d.div_(self._rms(self.v_d)), alpha=s.lam)
         tb = s.t % o.noise_block
-        step.add_(xi, alpha=o.noise / (1.0 + tb * tb))
-        step.add_(x, alpha=-2.0 * o.l2)
-        if force is not None:
-            step.add_(force, alpha=o.repel)
+        sigma = o.noise / (1.0 + tb * tb)
+        pre = ctx.preconditioner
+        if pre is not None:  # the whole move (gradients and repulsion) and the noise in the data's directions
+            if force is not None:
+                step.add_(force, alpha=self.repel)
+            step = pre.drift(step).add_(pre.noise(xi), alpha=sigma)
+            step.add_(x, alpha=-2.0 * o.l2)
+        else:  # the reference form's order of operations (bit for bit)
+            step.add_(xi, alpha=sigma)
+            step.add_(x, alpha=-2.0 * o.l2)
+            if force is not None:
+                step.add_(force, alpha=self.repel)
         self.m.mul_(o.momentum).add_(step, alpha=1 - o.momentum)
-        return (x + o.step_size * self.m).clamp_(*s.box)
+        return (x + self.eta * self.m).clamp_(*s.box)
 
     def _bandwidth(self, s: Step, d2: torch.Tensor) -> torch.Tensor:
         """(U, 1, 1) kernel width: fixed, the unit's exemplars' (``unit_context``), or the SVGD
@@ -257,7 +297,7 @@ def run_chains(
     lam: float = 0.0,
     log_d: LogDFn | None = None,
     draw_offset: int = 0,
-    unit_context: torch.Tensor | None = None,
+    context: ChainContext | None = None,
 ) -> ChainTensors:
     """Run ``steps`` steps of the rule ``RULES[method]`` on the batch ``x0`` (B, C, H, W).
 
@@ -265,7 +305,8 @@ def run_chains(
     realism term, used in the update when ``lam > 0`` and recorded whenever given. ``keys`` (B, 2)
     are the per-chain noise keys (see ``noise``). ``snapshot_steps``: values of t in 1..steps at
     which x_t is kept. ``chains``: chains per unit (element ``u * chains + c`` is chain c of unit
-    u); ``unit_context`` (U, ...): per-unit data handed to the rule.
+    u); ``context``: what the rule may use beyond its options (kernel widths, preconditioner,
+    per-chain activation targets).
     """
     b = x0.shape[0]
     dev = x0.device
@@ -276,7 +317,8 @@ def run_chains(
     real_trace = torch.empty((steps + 1, b), dtype=torch.float32, device=dev)
     if method not in RULES:
         raise SamplerError(f"unknown method {method!r}; allowed: {', '.join(RULES)}")
-    rule = RULES[method](options)
+    context = context or ChainContext()
+    rule = RULES[method](options, context)
     x = rule.init(x0.detach().to(torch.float32).clone())
     stream = noise.NormalStream(keys, tuple(x0.shape[1:]), last_draw=draw_offset + steps)
     for t in range(steps):
@@ -292,7 +334,7 @@ def run_chains(
                 with torch.no_grad():
                     real_trace[t] = log_d(x.detach())
         x = rule.step(Step(t=t, x=x, activation=a, log_d=logd, lam=lam, box=box, chains=chains,
-                           unit_context=unit_context, keys=keys, draw=draw_offset + t + 1, steps=steps,
+                           unit_context=context.bandwidth, keys=keys, draw=draw_offset + t + 1, steps=steps,
                            noise_stream=stream))
         if t + 1 in snap_at:
             snaps[snap_at[t + 1]] = x.detach()
