@@ -174,12 +174,14 @@ def run(
     fresh: bool = typer.Option(False, "--fresh", help="Delete the existing store (made from this or another spec) and "
                                "start over. Committed units are deleted only with --yes or a typed confirmation."),
     yes: bool = typer.Option(False, "--yes", "-y", help="With --fresh: delete committed units without asking."),
+    realism: bool = typer.Option(True, "--realism/--no-realism", help="Measure the samples' realism after the sweep "
+                                 "(stage 3; `ldam-sweep realism STORE` does it later)."),
 ) -> None:
     """Run a sweep; rerunning the same command resumes. Exit 1 if any block failed, 5 if another driver owns the store."""
     from ldam_sweep.cluster.driver import run_sweep
 
     with user_errors():
-        summary = run_sweep(spec, store=store, address=address, fresh=fresh, console=err_console,
+        summary = run_sweep(spec, store=store, address=address, fresh=fresh, console=err_console, realism=realism,
                             confirm_fresh=lambda url, units: yes or _typed_confirmation(url, units))
         _print_summary(summary)
         raise typer.Exit(_exit_code(summary))
@@ -252,12 +254,13 @@ def status(
 
     with user_errors():
         st = open_store(store)
+        realism = st.realism()
         if json_out:
             layer_rows = st.layers()
             failed = st.units(status="failed")
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
                        totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
-                       errors=sorted({e for e in failed["error"].to_pylist() if e}))
+                       errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism))
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
         counts = ("planned", "done", "failed", "corrupt", "pending", "dead")  # dead: of the done units, found dead
@@ -270,6 +273,8 @@ def status(
                 totals[key] += info[key]
         table.add_row("total", "", *(str(totals[k]) for k in counts), "")
         console.print(table)
+        if realism:
+            _print_realism(realism, st.loc.url)
         if totals["corrupt"]:
             console.print(Text.assemble((f"{totals['corrupt']} units corrupt", "red"),
                                         f" (marked by verify --repair): `ldam-sweep run SPEC --store {st.loc.url}` "
@@ -279,6 +284,32 @@ def status(
             errors = sorted(set(failed["error"].to_pylist()))
             console.print(Text.assemble((f"{totals['failed']} units failed", "red"), "; errors: " + " | ".join(
                 e.splitlines()[-1][:200] for e in errors[:5] if e)), highlight=False)
+
+
+def _realism_summary(doc: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The realism record without its per-unit detail (``query`` has that as ``detected_fraction``)."""
+    if doc is None:
+        return None
+    layers = {name: {k: v for k, v in e.items() if k != "detected"} for name, e in (doc.get("layers") or {}).items()}
+    return {k: v for k, v in doc.items() if k not in ("layers", "format")} | {"layers": layers}
+
+
+def _print_realism(doc: dict[str, Any], url: str) -> None:
+    """The realism record as a table: per layer (and all layers), samples beside the units' exemplars."""
+    table = Table(title="realism of the final samples")
+    for col in ("layer", "two-sample", "exemplars", "HF", "exemplars", "samples"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    entries = list((doc.get("layers") or {}).items()) + ([("all layers", doc["pooled"])] if doc.get("pooled") else [])
+    for name, e in entries:
+        stale = "" if doc["current"].get(name, True) else " *"
+        table.add_row(name + stale, *(_fmt(e.get(k)) for k in ("c2st", "c2st_exemplars", "hf_ratio", "hf_ratio_exemplars")),
+                      str(e.get("samples", "")))
+    console.print(table)
+    stale = sorted(name for name, ok in doc["current"].items() if not ok)
+    console.print("two-sample: held-out accuracy of a classifier telling the samples from real images (0.5 = it "
+                  "cannot); HF: fine detail ÷ the real images'; exemplars: the same for the units' top real images"
+                  + (f". * units were committed since: `ldam-sweep realism {url}` re-measures" if stale else ""),
+                  highlight=False, markup=False)
 
 
 QUERY_COLUMNS = ("layer", "unit", "status", "act_start_mean", "act_final_mean", "act_final_max", "realism_final_mean", "exemplar_max")
@@ -321,6 +352,40 @@ def query(
         for r in data:
             out.add_row(*[f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in r.values()])
         console.print(out)
+
+
+@app.command()
+def realism(
+    store: str = typer.Argument(..., help="Store path or URL."),
+    seed: int = typer.Option(0, help="Seed of the two-sample classifiers and of the subsets they see."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
+) -> None:
+    """Measure how far the samples are from the sweep's real data (per layer and unit) and store it."""
+    from ldam_sweep.realism import update_realism
+    from ldam_sweep.store import open_store
+    from ldam_sweep.store.lease import StoreLease
+
+    with user_errors():
+        st = open_store(store)
+        lease = StoreLease.acquire(st.loc, doing="realism", log=_log)  # one writer: refused while a run owns it
+        try:
+            lease.start_heartbeat()
+            doc = update_realism(st, seed=seed, progress=None if json_out else lambda name, e: _log(
+                f"{name}: two-sample {_fmt(e['c2st'])} ({_fmt(e['c2st_exemplars'])}), HF {_fmt(e['hf_ratio'])} "
+                f"({_fmt(e['hf_ratio_exemplars'])})"))
+        finally:
+            lease.release()
+        if json_out:
+            print_json("realism", store=st.loc.url, **(_realism_summary(doc) or {}))
+            return
+        pooled = doc.get("pooled") or {}
+        console.print(f"all layers: two-sample {_fmt(pooled.get('c2st'))} (exemplars {_fmt(pooled.get('c2st_exemplars'))}), "
+                      f"HF {_fmt(pooled.get('hf_ratio'))} (exemplars {_fmt(pooled.get('hf_ratio_exemplars'))}); "
+                      f"stored in {st.loc.join('realism.json')}", highlight=False, markup=False)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 @app.command()

@@ -33,7 +33,7 @@ REVISION_2_LDAM = {"precondition": "none", "target": None, "realism_scale": "log
                    "repel": REPEL_DEFAULT, "step_size": 0.01}
 REFERENCE_LDAM = {**REVISION_2_LDAM, "repel": 0.0, "eps": 1e-8, "eps_rel": 0.0}  # revision 1 (starts: uniform)
 STEP_FROM_NOISE = 0.01  # the reference step: chains from uniform noise have far to go
-STEP_FROM_DATA = 0.003  # chains from real exemplars need to move little (docs/method.md, "Realism")
+STEP_FROM_DATA = 0.0002  # chains from real exemplars move little, in the data's directions (docs/method.md, "Realism")
 START_POOL = 32  # ldam's chains start from a diverse subset of this many of a unit's top real exemplars
 
 

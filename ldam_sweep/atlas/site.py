@@ -32,6 +32,7 @@ from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.atlas.facets import facet_groups
 from ldam_sweep.settings import FACET_THRESHOLD
 from ldam_sweep.store.query import SweepStore, open_store
+from ldam_sweep.store.realism import LOW_REALISM
 
 SCORES = (
     ("activation_ratio", "activation ratio"), ("pixel_diversity", "pixel diversity"),
@@ -41,6 +42,8 @@ SCORES = (
     ("nearest_real", "nearest real"), ("modes", "modes"), ("movement", "movement"), ("ess", "ESS"),
     ("rhat", "split R-hat"), ("act_final_mean", "final activation"), ("exemplar_max", "exemplar max"),
     ("diverged_fraction", "diverged"), ("stuck_fraction", "stuck at box"),
+    ("hf_ratio", "fine detail ÷ real (HF)"), ("detected_fraction", "called generated (two-sample)"),
+    ("saturated_fraction", "saturated chains"), ("frozen_fraction", "frozen chains"),
 )
 PAGE_SIZE = 200
 STATE_FILE = "atlas-state.json"
@@ -57,6 +60,7 @@ img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x
 .controls{margin:.6em 0}.controls>*{margin-right:.6em}.muted{color:#777}.corrupt{color:#b00020}
 .side{display:flex;flex-wrap:wrap;gap:2em;align-items:flex-start}.side>div{max-width:46%}.facet{margin:.3em 0}
 .badge{background:#555;color:#fff;border-radius:3px;padding:0 .4em;font-size:11px}
+.flag{background:#b35c00;color:#fff;border-radius:3px;padding:0 .4em;font-size:11px;margin-right:.3em}
 .deadcell{width:128px;height:128px;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
 """
 
@@ -128,7 +132,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         todo: dict[int, list[dict[str, Any]]] = {}
         for r in lrows:
             key = f"{name}\x00{r['unit']}"
-            stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}"
+            stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}|{r.get('detected_fraction')}"
             if r["status"] in ("ok", "dead"):
                 if state.get(key) != stamp or not unit_page(out, name, r["unit"]).is_file():
                     todo.setdefault(int(r["block"]), []).append(r)
@@ -138,6 +142,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
                 _render_corrupt_unit(st, name, int(r["unit"]), r["error"] or "", out)
             state[key] = stamp
             entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
+                            "flags": unit_flags(r),
                             **{k: (r.get(k) if not isinstance(r.get(k), float) or np.isfinite(r.get(k)) else None)
                                for k, _ in SCORES}})
         lp = st.layer_plan(name)
@@ -171,6 +176,37 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
                        seconds=time.perf_counter() - t0)
 
 
+def unit_flags(row: dict[str, Any]) -> list[str]:
+    """What a person should know before trusting a unit's samples (docs/scores.md)."""
+    flags = []
+    if (row.get("detected_fraction") or 0) >= LOW_REALISM:
+        flags.append("low realism")
+    if (row.get("saturated_fraction") or 0) > 0:
+        flags.append("saturated chains")
+    if (row.get("frozen_fraction") or 0) > 0:
+        flags.append("frozen chains")
+    return flags
+
+
+def _flag_html(flags: list[str]) -> str:
+    return "".join(f"<span class='flag'>{_e(f)}</span>" for f in flags)
+
+
+def _realism_text(doc: dict[str, Any] | None, layer: str | None) -> str:
+    """One line on a layer's (or all layers', for None) realism, or ''."""
+    if not doc:
+        return ""
+    e = (doc.get("pooled") if layer is None else (doc.get("layers") or {}).get(layer)) or {}
+    if e.get("c2st") is None:
+        return ""
+    ex = "" if e.get("c2st_exemplars") is None else f" (its units' exemplars: {e['c2st_exemplars']:.2f})"
+    hf_ex = "" if e.get("hf_ratio_exemplars") is None else f" (exemplars: {e['hf_ratio_exemplars']:.2f})"
+    stale = "" if layer is None or (doc.get("current") or {}).get(layer, True) else \
+        " — units were committed since it was measured: `ldam-sweep realism STORE` re-measures"
+    return (f"realism: a classifier tells the samples from real images with held-out accuracy {e['c2st']:.2f}{ex}, "
+            f"0.5 = indistinguishable; fine detail {e['hf_ratio']:.2f}× the real images'{hf_ex}{stale}")
+
+
 def _render_corrupt_unit(st: SweepStore, layer: str, unit: int, problem: str, out: Path) -> None:
     """The page of a unit whose block failed its checksum: the problem and the repair, no data."""
     s = slug(layer)
@@ -196,6 +232,13 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     dead = row["status"] == "dead"
     parts = [f"<h1>{_e(name)} · unit {unit}</h1>",
              f"<p><a href='../../layers/{s}.html'>back to layer {_e(name)}</a></p>"]
+    flags = unit_flags(row)
+    if flags and not row["status"] == "dead":
+        why = {"low realism": f"the layer's two-sample classifier called {_fmt(row.get('detected_fraction'))} of its "
+                              "samples generated",
+               "saturated chains": f"{_fmt(row.get('saturated_fraction'))} of its chains end mostly on the pixel box's bounds",
+               "frozen chains": f"{_fmt(row.get('frozen_fraction'))} of its chains stopped moving short of the best real image"}
+        parts.append(f"<p>{_flag_html(flags)} " + "; ".join(_e(why[f]) for f in flags) + "</p>")
     side = []
     if dead:
         parts.append(f"<p class='dead'><span class='badge'>dead</span> not sampled: {_e(row.get('error') or '')}</p>")
@@ -271,7 +314,8 @@ LAYER_JS = """
     grid.innerHTML = v.slice(page * size, (page + 1) * size).map(r => r.status === 'ok'
       ? `<div class="cell"><a href="../units/${slug}/${r.unit}.html"><img alt="unit ${r.unit}" src="../img/${slug}/${r.unit}-best.png"></a>`
         + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · facets ${fmt(r.facets)}<br>low-pass div ${fmt(r.lowpass_diversity)}`
-        + `<br>realism ${fmt(r.realism_final_mean)}</div>`
+        + `<br>realism ${fmt(r.realism_final_mean)} · HF ${fmt(r.hf_ratio)}`
+        + (r.flags || []).map(f => `<br><span class="flag">${esc(f)}</span>`).join('') + `</div>`
       : r.status === 'corrupt'
       ? `<div class="cell corrupt"><a href="../units/${slug}/${r.unit}.html"><b>unit ${r.unit}</b></a><br><b>corrupt</b> — run <code>ldam-sweep verify STORE --repair</code></div>`
       : r.status === 'dead'
@@ -295,6 +339,7 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
             f"<p>{_e(info['module_type'])}, {_e(info['kind'])}, output {_e('×'.join(map(str, info['output_shape'])))}, "
             f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done ({info['dead']} dead: "
             f"not sampled), {info['failed']} failed.</p>"
+            + (f"<p>{_e(_realism_text(st.realism(), name))}</p>" if st.realism() else "") +
             f"<div class='controls'><label>sort by <select id='sort'>{options}</select></label>"
             "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
             "<option value='dead'>dead</option><option value='failed'>failed</option><option value='corrupt'>corrupt</option>"
@@ -311,12 +356,15 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -
     attrs = st.attrs
     spec = attrs.get("spec", {})
     rows = []
+    realism = st.realism()
     for info in layers_info:
         frac = info["done"] / info["planned"] if info["planned"] else 0
+        e = ((realism or {}).get("layers") or {}).get(info["name"]) or {}
+        cells = "".join(f"<td>{_e(_fmt(e.get(k)))}</td>" for k in ("c2st", "c2st_exemplars", "hf_ratio", "hf_ratio_exemplars"))
         rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td>"
                     f"<td>{_e(info['module_type'])}</td><td>{_e(info['kind'])}</td><td>{info['units']}</td>"
                     f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['corrupt']}</td><td>{info['pending']}</td><td>{info['dead']}</td>"
-                    f"<td><span class='bar'><span style='width:{100 * frac:.0f}%'></span></span> {100 * frac:.0f}%</td></tr>")
+                    f"<td><span class='bar'><span style='width:{100 * frac:.0f}%'></span></span> {100 * frac:.0f}%</td>{cells}</tr>")
     d = st.discriminator_info()
     d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
               f"fresh chains {d['heldout_fake_accuracy']:.3f})" if d else "none (λ = 0)")
@@ -324,7 +372,15 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -
             f"<p>store <code>{_e(st.loc.url)}</code>, created {_e(attrs.get('created_at', ''))}, "
             f"model fingerprint <code>{_e(attrs['model']['fingerprint'][:12])}</code></p>"
             "<h2>Layers</h2><table><tr><th>layer</th><th>module</th><th>kind</th><th>units</th><th>done</th>"
-            f"<th>failed</th><th>corrupt</th><th>pending</th><th>dead</th><th>completion</th></tr>{''.join(rows)}</table>"
+            "<th>failed</th><th>corrupt</th><th>pending</th><th>dead</th><th>completion</th>"
+            "<th title='held-out accuracy of a classifier telling the samples from real images; 0.5 = indistinguishable'>"
+            "two-sample</th><th>… of exemplars</th><th title='fine detail of the samples ÷ real images'>HF</th>"
+            f"<th>… of exemplars</th></tr>{''.join(rows)}</table>"
+            + (f"<p>{_e(_realism_text(realism, None))}. Two-sample: held-out accuracy of a small CNN telling a layer's "
+               "final samples from as many real images (0.5: it cannot; 1.0: always). HF: the samples' fine detail "
+               "(image minus its blur) ÷ the real images'. The units' own top real images (exemplars) are the floor "
+               "of both: they are real but all of one kind.</p>" if realism else
+               "<p class='muted'>realism not measured (the sweep has no real data, or it ran with --no-realism)</p>") +
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

@@ -53,6 +53,7 @@ class SweepSummary:
     seconds: float
     interrupted: bool = False
     discriminator_accuracy: float | None = None
+    realism: dict[str, Any] | None = None  # stage 3: pooled two-sample accuracy and HF ratio, seconds
     workers: list[str] = field(default_factory=list)
     worker_niceness: list[int] = field(default_factory=list)  # the started actors' nice values (0 = normal)
     # where the time before the first batch went: driver_s (spec, model, plan, store, lease), ray_init_s,
@@ -86,13 +87,15 @@ def run_sweep(
     console: Console | None = None,
     num_cpus: int | None = None,
     confirm_fresh: Callable[[str, int], bool] | None = None,
+    realism: bool = True,
 ) -> SweepSummary:
     """Run (or resume) a whole sweep. Local Ray by default; ``address`` joins an existing cluster.
 
     The driver holds the store's lease from before it touches the store until it returns
     (StoreOwnedError while another driver holds it). ``fresh`` deletes the store and starts over;
     when the store has committed units, ``confirm_fresh(url, units)`` must say yes first
-    (the CLI's ``--yes`` or typed confirmation; None: the caller already asked)."""
+    (the CLI's ``--yes`` or typed confirmation; None: the caller already asked). ``realism``: measure
+    the samples' realism after stage 2 (stage 3; when the job has data and the stored record is not current)."""
     from ldam_sweep.model import load_model
 
     entered = time.perf_counter()
@@ -140,6 +143,9 @@ def run_sweep(
         summary.startup["driver_s"] = time.perf_counter() - entered
         if todo:
             _dispatch(job, doc, loc.url, plan, todo, summary, console, address, num_cpus, lease)
+        if realism and job.data is not None and not summary.interrupted:
+            lease.check(read_generation(loc))
+            summary.realism = _stage3(loc.url, console)
         return summary
     finally:
         lease.release()
@@ -193,6 +199,42 @@ def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> fl
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
+
+
+def _stage3(url: str, console: Console) -> dict[str, Any] | None:
+    """Measure the samples' realism (``ldam_sweep.realism``) unless the stored record is current."""
+    from ldam_sweep.realism import measure_realism
+    from ldam_sweep.store.realism import write_realism
+
+    st = open_store(url)
+    doc = st.realism()
+    measured = [r["name"] for r in st.layers() if r["done"] - r["dead"] > 0]
+    if doc and measured and all(doc["current"].get(name) for name in measured):
+        console.print("stage 3: realism already measured for every committed unit", highlight=False, markup=False)
+    else:
+        console.print("stage 3: realism of the samples (two-sample test: 0.5 = indistinguishable from the real data; "
+                      "HF: fine detail / the real data's; the units' exemplars in brackets) ...",
+                      highlight=False, markup=False)
+
+        def report(name: str, e: dict[str, Any]) -> None:
+            console.print(f"  {name}: two-sample {_num(e['c2st'])} ({_num(e['c2st_exemplars'])}), HF {_num(e['hf_ratio'])} "
+                          f"({_num(e['hf_ratio_exemplars'])}), {e['samples']} samples", highlight=False, markup=False)
+
+        try:
+            doc = measure_realism(st, progress=report)
+            write_realism(st.loc, doc)
+        except OSError as err:
+            raise storage_stop(err, "writing the realism record") or err
+        except (LdamError, ValueError) as err:
+            console.print(f"stage 3: realism not measured: {err}", highlight=False, markup=False)
+            return None
+    pooled = (doc or {}).get("pooled") or {}
+    return {"c2st": pooled.get("c2st"), "c2st_exemplars": pooled.get("c2st_exemplars"),
+            "hf_ratio": pooled.get("hf_ratio"), "seconds": (doc or {}).get("seconds")}
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ldam_sweep.settings import REFERENCE_LDAM, SAMPLER_DEFAULTS
+from ldam_sweep.settings import revision_options
 
 # Test hooks (fault tests only). Blocks named in FAIL_BLOCKS_ENV ("layer:block,layer:block") raise on
 # every attempt. With SIGNAL_DIR_ENV set, each worker writes <dir>/worker-<pid> when it starts, and a
@@ -113,8 +113,8 @@ class SweepWorker:
         self.model = load_model(self.job.model, device=self.device)
         t2 = time.perf_counter()
         self.writer = BlockWriter(url)
-        # stores made before the sampler defaults' revision 2 resume with the defaults they started with
-        self.reference_defaults = int(self.writer.root.attrs.get("sampler_defaults", 1)) < SAMPLER_DEFAULTS
+        # a store resumes with the sampler defaults of the revision it was created with (settings.py)
+        self.revision = int(self.writer.root.attrs.get("sampler_defaults", 1))
         self.url = url
         self.generation = generation  # the store this worker was started for; None: not checked
         self._discriminator = None
@@ -122,11 +122,21 @@ class SweepWorker:
         self._block_writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-writer")
         self.node = self._node_id()
         self.max_batch: int | None = None  # learnt after an out-of-memory split
-        self.real_pool = None  # real images for exemplars and the nearest-real distance
+        self.real_pool = None  # real images for exemplars, the preconditioner, the nearest-real distance
+        self.real_hf = None  # their mean high-frequency energy (hf_ratio)
+        self.preconditioner = None  # ldam's, fitted once from the real pool
         if self.job.data is not None:
             from ldam_sweep.data import real_images
+            from ldam_sweep.sampling.realism import hf_energy
 
             self.real_pool = torch.from_numpy(real_images(self.job.data, self.model.input, "train"))
+            self.real_hf = float(hf_energy(self.real_pool, self.model.input.range).mean())
+            if self.job.sampler.method == "ldam":
+                from ldam_sweep.sampling.precondition import fit_preconditioner
+                from ldam_sweep.settings import parse_options
+
+                kind = parse_options("ldam", {**revision_options(self.revision), **self.job.sampler.options}).precondition
+                self.preconditioner = fit_preconditioner(self.real_pool, kind, device=self.device)
         t3 = time.perf_counter()
         self.batch_units = {lp.name: self._choose_batch_units(lp) for lp in self.writer.plan.layers}
         # where a worker's start-up goes (the sweep summary reports the first worker's)
@@ -167,12 +177,15 @@ class SweepWorker:
 
         s = self.job.sampler
         options, init = s.options, s.init or "auto"
-        if self.reference_defaults and s.method == "ldam":  # a store made before revision 2 keeps its sampler
-            options, init = {**REFERENCE_LDAM, **options}, s.init or "uniform"
+        extra: dict[str, Any] = {}
+        if s.method == "ldam":  # a store made with older defaults keeps its sampler
+            options = {**revision_options(self.revision), **options}
+            init = s.init or ("uniform" if self.revision <= 1 else "auto")
+            extra["preconditioner"] = self.preconditioner
         return dict(chains=s.chains, steps=steps or s.steps, method=s.method, seed=s.seed, lam=s.lam,
                     discriminator=self.discriminator(), snapshot_every=None if steps else s.snapshot_every,
                     objective=self.writer.plan.layer(layer).objective, snapshot_dtype=torch.float16,
-                    init=init, **options)
+                    init=init, **extra, **options)
 
     def _choose_batch_units(self, lp: Any) -> int:
         """Units per batch for a layer: one block with an explicit block size; with ``auto``,
@@ -275,8 +288,8 @@ class SweepWorker:
         from ldam_sweep.sampling.scoring import score_result
 
         k = self.writer.plan.exemplars_k
-        # ldam starts from real exemplars and sizes its repulsion by them (revision 2 of its defaults)
-        ldam = self.job.sampler.method == "ldam" and not self.reference_defaults
+        # ldam starts from real exemplars and takes its targets from them (revisions 2 and later)
+        ldam = self.job.sampler.method == "ldam" and self.revision >= 2
         found = None
         if (k or ldam) and self.real_pool is not None:
             objective = self.writer.plan.layer(layer).objective
@@ -284,7 +297,7 @@ class SweepWorker:
                                   max(k, SAMPLING_EXEMPLARS if ldam else 0))
         result, sizes = self._sample(layer, units, found[0] if ldam and found is not None else None)
         exemplars = (found[0][:, :k], found[1][:, :k]) if k and found is not None else None
-        scores = score_result(self.model, result, real_pool=self.real_pool,
+        scores = score_result(self.model, result, real_pool=self.real_pool, real_hf=self.real_hf,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0],
                               exemplars=None if exemplars is None else exemplars[0])
         return result, exemplars, scores, sizes

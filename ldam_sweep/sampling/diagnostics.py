@@ -5,6 +5,13 @@ Conventions (all documented in docs/scores.md):
 - a chain *diverged* when any of its samples or activations is non-finite: it is flagged (counted
   in ``diverged_fraction``) and left out of every other score; the rest of the block is kept;
 - a chain is *stuck at the box* when >= 95% of its final pixels sit on the pixel-range bounds;
+- a chain is *saturated* when >= 50% of its final pixels sit on the bounds and at least 25 points
+  more of them than of the unit's exemplars' pixels (so a real image's black background does not count);
+- a chain is *frozen* when it stopped short: its final sample is within 1e-3 (RMS, fraction of the
+  range) of its first snapshot while its final activation is below the unit's best real image's
+  (a chain that reached its target and stays there is not frozen);
+- ``hf_ratio``: the high-frequency energy of the final samples (``realism.hf_energy``) divided by
+  that of the real data (1.0 = as much fine detail as real images);
 - ``*_diversity_ratio``: the chains' diversity divided by the same measure over the unit's top real
   exemplars (its finite ones): 1.0 = the chains are as varied as the real images that excite the
   unit most.
@@ -21,6 +28,9 @@ from ldam_sweep.sampling.diversity import (facet_count, feature_diversity, lowpa
                                            pixel_diversity)
 
 STUCK_PIXEL_FRACTION = 0.95
+SATURATED_PIXEL_FRACTION = 0.5
+SATURATED_MARGIN = 0.25
+FROZEN_RMS = 1e-3
 BOUNDARY_TOL = 1e-3
 
 
@@ -71,12 +81,14 @@ def unit_scores(
     exemplar_features: torch.Tensor | None = None,
     burn_in: int | None = None,
     device: torch.device | str = "cpu",
+    real_hf: float | None = None,
 ) -> list[dict[str, Any]]:
     """One dict of score columns per unit. ``samples`` (U, K, S, C, H, W), ``activation`` (U, K, T+1),
     ``features`` (U, K, F) of the final samples, ``real_pool`` (N, C, H, W) for the nearest-real
     distance, ``exemplar_max`` (U,) the unit's maximum over real data (for the activation ratio),
     ``exemplars`` (U, k, C, H, W) and ``exemplar_features`` (U, k, F) the unit's top real images and
-    their features (for the diversity ratios; NaN exemplars are left out)."""
+    their features (for the diversity ratios; NaN exemplars are left out), ``real_hf`` the real data's
+    mean high-frequency energy (for ``hf_ratio``)."""
     dev = torch.device(device)
     s = torch.from_numpy(np.ascontiguousarray(samples)).to(dev).float()  # float16 samples: widened on the device
     act = torch.from_numpy(np.ascontiguousarray(activation)).to(dev)
@@ -91,7 +103,29 @@ def unit_scores(
 
     fin = torch.where(valid.view(u, k, 1, 1, 1), final, torch.full_like(final, lo))
     at_bound = ((fin - lo).abs() < BOUNDARY_TOL * width) | ((fin - hi).abs() < BOUNDARY_TOL * width)
-    stuck = (at_bound.flatten(2).float().mean(-1) >= STUCK_PIXEL_FRACTION) & valid
+    bound_frac = at_bound.flatten(2).float().mean(-1)  # (U, K)
+    stuck = (bound_frac >= STUCK_PIXEL_FRACTION) & valid
+    floor = torch.zeros((u, 1), device=dev)
+    if exemplars is not None:
+        ex_all = exemplars.to(dev).float()
+        ex_ok = torch.isfinite(ex_all.flatten(2)).all(-1)
+        ex_b = (((ex_all - lo).abs() < BOUNDARY_TOL * width) | ((ex_all - hi).abs() < BOUNDARY_TOL * width))
+        ex_frac = ex_b.flatten(2).float().mean(-1)
+        floor = (torch.where(ex_ok, ex_frac, torch.zeros_like(ex_frac)).sum(-1) / ex_ok.sum(-1).clamp_min(1)).unsqueeze(-1)
+    saturated = (bound_frac >= SATURATED_PIXEL_FRACTION) & (bound_frac >= floor + SATURATED_MARGIN) & valid
+    first = torch.where(valid.view(u, k, 1, 1, 1), s[:, :, 0], torch.full_like(final, lo))
+    still = ((fin - first).flatten(2).double().pow(2).mean(-1).sqrt() / width) < FROZEN_RMS
+    if exemplar_max is not None:
+        emax = torch.as_tensor(np.asarray(exemplar_max, dtype=np.float64), device=dev).view(u, 1)
+        short = ~(act[..., -1].double() >= emax)  # NaN best: no reference, any still chain counts
+        still = still & short
+    frozen = still & valid
+    hf = torch.full((u,), float("nan"), device=dev)
+    if real_hf is not None and real_hf > 0:
+        from ldam_sweep.sampling.realism import hf_energy
+
+        per_chain = torch.from_numpy(hf_energy(fin.flatten(0, 1), value_range)).to(dev).view(u, k).double() / real_hf
+        hf = _masked_mean(per_chain, valid)
 
     post = [i for i, t in enumerate(snapshot_steps.tolist()) if t > burn]
     movement = torch.full((u,), float("nan"), device=dev)
@@ -149,6 +183,8 @@ def unit_scores(
             "activation_ratio": _f(ratio[i]), "nearest_real": _f(nearest[i]), "movement": _f(movement[i]),
             "ess": _f(ess[i]), "rhat": _f(rhat[i]),
             "diverged_fraction": float(1 - n_valid[i].item() / k), "stuck_fraction": float(stuck[i].sum().item() / k),
+            "saturated_fraction": float(saturated[i].sum().item() / k), "frozen_fraction": float(frozen[i].sum().item() / k),
+            "hf_ratio": _f(hf[i]),
         }
         if real_mean is not None:
             row["realism_final_mean"] = _f(real_mean[i])

@@ -150,8 +150,11 @@ class LdamRule(UpdateRule):
         repel = self.repel > 0 and s.chains > 1 and s.t < round(o.repel_until * s.steps)
         force = self._repulsion(s, x, g_d) if repel else None
         rho = o.rms_decay
+        held = None  # (B, C, H, W) grad a of the chains at or above their target, where D must not lower a
         if ctx.target is not None:  # above its target a chain's activation term is off (its average is kept)
             below = (s.activation.detach() < ctx.target).to(x.dtype).view(-1, 1, 1, 1)
+            if g_d is not None:
+                held = g_a * (1 - below)
             g_a.mul_(below)
             self.v_a.mul_(1 - below * (1 - rho)).addcmul_(g_a, g_a, value=1 - rho)
         else:
@@ -166,7 +169,10 @@ class LdamRule(UpdateRule):
                 fake = (-torch.expm1(s.log_d.detach())).clamp_(min=0.0).view(-1, 1, 1, 1)  # 1 - D
                 g_logit = g_d.div_(fake.clamp_min(1e-6))
                 self.v_d.mul_(rho).addcmul_(g_logit, g_logit, value=1 - rho)
-                step.add_(g_logit.div_(self._rms(self.v_d)).mul_(fake), alpha=s.lam)
+                realism = g_logit.div_(self._rms(self.v_d)).mul_(fake)
+                if held is not None:
+                    realism = _keep_level(realism, held, ctx.preconditioner)
+                step.add_(realism, alpha=s.lam)
             else:
                 self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
                 step.add_(g_d.div_(self._rms(self.v_d)), alpha=s.lam)
@@ -230,6 +236,16 @@ class LdamRule(UpdateRule):
 
 
 _TINY = torch.finfo(torch.float32).tiny
+
+
+def _keep_level(d: torch.Tensor, g: torch.Tensor, pre: "Preconditioner | None") -> torch.Tensor:
+    """d minus its part that would lower a to first order, for the chains whose rows of g (grad a)
+    are non-zero: the move P d must not decrease a, so remove c g with c = min(0, g.Pd) / g.Pg."""
+    pg = g if pre is None else pre.drift(g)
+    num = (pg * d).sum(dim=(1, 2, 3), keepdim=True)
+    den = (pg * g).sum(dim=(1, 2, 3), keepdim=True)
+    c = torch.where(den > 0, num.clamp(max=0.0) / den.clamp_min(_TINY), torch.zeros_like(num))
+    return d - c * g
 
 
 class SgldRule(UpdateRule):

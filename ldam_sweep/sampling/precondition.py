@@ -14,8 +14,9 @@ whatever its source. Two forms:
   spectrum of the images (one per frequency, shared by the channels) and M the channels' 3x3
   covariance; applied with two FFTs per image. Natural images have S ~ 1/f^2: the step becomes smooth.
 
-Both are scaled so their largest eigenvalue is 1: a step never grows, it loses the directions that
-real data does not use.
+Both are scaled to keep the size of white noise: E||P xi||^2 = E||xi||^2 (the mean squared eigenvalue
+is 1), so ``step_size`` means the same for any data and image size: P takes the step's size from the
+directions real data does not use and gives it to those it does.
 """
 
 from __future__ import annotations
@@ -121,8 +122,9 @@ def fit_preconditioner(images: np.ndarray | torch.Tensor, kind: str = "auto",
         if top <= 0:
             raise SamplerError("preconditioner: the real images are all the same; nothing to precondition with")
         keep = ev > EIGEN_FLOOR * top
-        pre = Preconditioner(kind="covariance", shape=shape, basis=vec[:, keep].float().contiguous(),
-                             weight=(ev[keep] / top).float())
+        w = ev[keep] / top
+        w = w / (w.pow(2).sum() / len(ev)).sqrt()  # mean squared eigenvalue over all D directions: 1
+        pre = Preconditioner(kind="covariance", shape=shape, basis=vec[:, keep].float().contiguous(), weight=w.float())
         return pre.to(device)
     c = shape[0]
     mixing = torch.ones(1, 1, dtype=torch.float64)
@@ -138,7 +140,11 @@ def fit_preconditioner(images: np.ndarray | torch.Tensor, kind: str = "auto",
         x = torch.einsum("ij,bjhw->bihw", inv, x)
     else:
         half = mixing
-    power = torch.fft.rfft2(x).abs().pow(2).mean(dim=(0, 1))
-    pre = Preconditioner(kind="spectrum", shape=shape, spectrum=(power / power.max()).float(),
+    full = torch.fft.fft2(x).abs().pow(2).mean(dim=(0, 1))  # (H, W): every frequency, for the scale
+    full = full / full.max()
+    m_eig = torch.linalg.eigvalsh(mixing).clamp_min(0)
+    scale = (full.pow(2).mean() * m_eig.pow(2).mean()).sqrt()  # root mean squared eigenvalue of M (x) S
+    power = full[:, : shape[2] // 2 + 1] / scale
+    pre = Preconditioner(kind="spectrum", shape=shape, spectrum=power.float(),
                          mixing=mixing.float(), mixing_half=half.float())
     return pre.to(device)

@@ -59,6 +59,9 @@ FILE_SCHEMA = pa.schema([
     ("rhat", pa.float32()),
     ("diverged_fraction", pa.float32()),
     ("stuck_fraction", pa.float32()),
+    ("saturated_fraction", pa.float32()),  # these three came with the realism scores (older parts: null)
+    ("frozen_fraction", pa.float32()),
+    ("hf_ratio", pa.float32()),
     ("seconds", pa.float32()),
     ("batch_units", pa.int32()),  # live units sampled together with this one (null before it existed; see sample())
     ("worker", pa.string()),

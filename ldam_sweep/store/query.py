@@ -15,6 +15,7 @@ from ldam_sweep.planning import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
 from ldam_sweep.store.location import StoreLocation
+from ldam_sweep.store.realism import read_realism, unit_flags
 from ldam_sweep.store.unitview import UnitView
 from ldam_sweep.store.writer import block_checksum
 
@@ -59,10 +60,39 @@ class SweepStore:
         return self
 
     def _latest_rows(self) -> pa.Table:
-        """The de-duplicated manifest, read once and cached (``refresh()`` re-reads it)."""
+        """The de-duplicated manifest, read once and cached (``refresh()`` re-reads it), with the
+        realism record's per-unit ``detected_fraction`` (null where it was not measured)."""
         if self._latest is None:
-            self._latest = manifest.latest_per_unit(manifest.read(self.loc))
+            table = manifest.latest_per_unit(manifest.read(self.loc))
+            self._realism = read_realism(self.loc)
+            detected = [None] * table.num_rows
+            if self._realism and table.num_rows:
+                flags = {name: unit_flags(self._realism, name) for name in (self._realism.get("layers") or {})}
+                layers, units = table["layer"].to_pylist(), table["unit"].to_pylist()
+                detected = [flags.get(layer, {}).get(unit) for layer, unit in zip(layers, units)]
+            self._latest = table.append_column(pa.field("detected_fraction", pa.float32()),
+                                               pa.array(detected, type=pa.float32()))
         return self._latest
+
+    def realism(self) -> dict[str, Any] | None:
+        """The realism record (``ldam-sweep realism``; docs/scores.md), with ``current`` per layer:
+        False where units were committed to the layer after it was measured. None if never measured."""
+        doc = read_realism(self.loc)
+        if doc is None:
+            return None
+        marks = doc.get("commits") or {}
+        now = self.commit_marks(list(marks))
+        return {**doc, "current": {name: now[name] == mark for name, mark in marks.items()}}
+
+    def commit_marks(self, layers: list[str]) -> dict[str, dict[str, Any]]:
+        """Per layer: its committed rows and the newest commit time (what a realism record was measured from)."""
+        table = self.units(status=None)
+        marks = {}
+        for name in layers:
+            rows = table.filter(pc.equal(table["layer"], name))
+            newest = pc.max(rows["committed_at"]).as_py() if rows.num_rows else None
+            marks[name] = {"rows": rows.num_rows, "newest_commit": None if newest is None else newest.isoformat()}
+        return marks
 
     # -- metadata ----------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
