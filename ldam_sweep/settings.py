@@ -32,8 +32,10 @@ SAMPLER_DEFAULTS = 3
 REVISION_2_LDAM = {"precondition": "none", "target": None, "realism_scale": "log_d", "start_pool": 0, "l2": 0.1,
                    "repel": REPEL_DEFAULT, "step_size": 0.01}
 REFERENCE_LDAM = {**REVISION_2_LDAM, "repel": 0.0, "eps": 1e-8, "eps_rel": 0.0}  # revision 1 (starts: uniform)
-STEP_FROM_NOISE = 0.01  # the reference step: chains from uniform noise have far to go
-STEP_FROM_DATA = 0.0002  # chains from real exemplars move little, in the data's directions (docs/method.md, "Realism")
+STEP_FROM_NOISE = 0.01  # the reference step
+# With the data preconditioner (scaled to keep white noise's size, it lengthens steps along the data's
+# main directions ~15x on the digits): chains from real exemplars need to move little (docs/method.md)
+STEP_FROM_DATA = 0.0002
 START_POOL = 32  # ldam's chains start from a diverse subset of this many of a unit's top real exemplars
 
 
@@ -52,8 +54,8 @@ class LdamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     step_size: float | Literal["auto"] = Field(
-        "auto", description=f"eta: step size in pixel units; auto: {STEP_FROM_DATA} when chains start from diverse "
-        f"real exemplars, {STEP_FROM_NOISE} otherwise (the reference form)")
+        "auto", description=f"eta: step size in pixel units; auto: {STEP_FROM_DATA} with the data preconditioner "
+        f"(which lengthens steps along the data's main directions), {STEP_FROM_NOISE} without (the reference form)")
     noise: float = Field(0.1, ge=0, description="sigma: initial noise scale of each noise block")
     noise_block: int = Field(100, ge=1, description="steps after which the noise schedule restarts")
     l2: float = Field(0.0, ge=0, description="c: weight of the L2 prior c*||x||^2 (the reference form: 0.1)")
@@ -99,10 +101,10 @@ class LdamOptions(BaseModel):
             raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {self.target}")
         return self
 
-    def resolved_step(self, diverse_starts: bool) -> float:
-        """The step size: ``auto`` is smaller when chains start from (diverse) real exemplars."""
+    def resolved_step(self, preconditioned: bool) -> float:
+        """The step size: ``auto`` is smaller with the data preconditioner."""
         if self.step_size == "auto":
-            return STEP_FROM_DATA if diverse_starts else STEP_FROM_NOISE
+            return STEP_FROM_DATA if preconditioned else STEP_FROM_NOISE
         return float(self.step_size)
 
     def resolved_repel(self, diverse_starts: bool) -> float:
@@ -158,7 +160,7 @@ class DiscriminatorSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    updates: int = Field(200, ge=1, description="D updates (each after a block of Langevin steps)")
+    updates: int = Field(400, ge=1, description="D updates (each after a block of Langevin steps)")
     steps_per_update: int = Field(20, ge=1, description="Langevin steps of the chains between D updates")
     chains: int = Field(64, ge=2, description="persistent chains, spread over the target units")
     batch: int = Field(64, ge=2, description="D batch: half chain samples, half real images")

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import ldam_sweep as ls
+from ldam_sweep.settings import REFERENCE_LDAM
 from ldam_sweep.data import digits, image_folder, npy_images, photo_crops, real_images
 from ldam_sweep.errors import DataError
 from ldam_sweep.sampling.discriminator import (
@@ -37,8 +38,17 @@ def digits_split():
 
 @pytest.fixture(scope="session")
 def d_lam0(digits_model, digits_split):
+    """The paper's setting (reference form: chains from uniform noise), where D has much to learn."""
     train, (test, _) = digits_split
-    return train_discriminator(digits_model, [("fc2", range(10))], train, test, {"updates": 40, "lam": 0.0})
+    return train_discriminator(digits_model, [("fc2", range(10))], train, test,
+                               {"updates": 40, "lam": 0.0, "sampler": REFERENCE_LDAM})
+
+
+@pytest.fixture(scope="session")
+def d_ref05(digits_model, digits_split):
+    train, (test, _) = digits_split
+    return train_discriminator(digits_model, [("fc2", range(10))], train, test,
+                               {"updates": 60, "lam": 0.5, "sampler": REFERENCE_LDAM})
 
 
 @pytest.fixture(scope="session")
@@ -56,10 +66,13 @@ def _nearest_real_rms(samples: np.ndarray, real: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="session")
-def lambda_sweep(digits_model, d_lam05):
+def lambda_sweep(digits_model, d_ref05):
+    """lambda in the paper's setting: the reference form from uniform noise, with a D trained against it
+    (today's default, which starts from real exemplars, is compared with it in test_realism.py)."""
     out = {}
     for lam in (0.0, 0.5, 1.0):
-        res = ls.sample(digits_model, "fc2", range(10), chains=4, steps=300, lam=lam, discriminator=d_lam05.module)
+        res = ls.sample(digits_model, "fc2", range(10), chains=4, steps=300, lam=lam, discriminator=d_ref05.module,
+                        **REFERENCE_LDAM)
         with torch.no_grad():
             pred = digits_model.forward(torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))).argmax(1).numpy()
         out[lam] = (res, float((pred.reshape(10, 4) == np.arange(10)[:, None]).mean()))
@@ -68,16 +81,17 @@ def lambda_sweep(digits_model, d_lam05):
 
 @pytest.fixture(scope="session")
 def old_and_new_default(digits_model, d_lam05, digits_split):
-    """fc2 at lambda 0.5, 5 classes x 6 chains, same D and seeds: the paper's reference form (old
-    default) and the new default (repulsion among a unit's chains, starts from its exemplars)."""
+    """fc2 at lambda 0.5, 5 classes x 6 chains, same D and seeds: the paper's reference form (the
+    first default) and today's default (diverse starts from the unit's exemplars, the data preconditioner,
+    the activation target)."""
     from ldam_sweep.sampling.exemplars import top_exemplars
 
     train, _ = digits_split
     units = np.arange(0, 10, 2)
     ex, _ = top_exemplars(digits_model, "fc2", units, "logit", torch.from_numpy(train), 64)
     kw = dict(chains=6, steps=300, lam=0.5, discriminator=d_lam05.module, exemplars=ex)
-    return {"old": ls.sample(digits_model, "fc2", units, repel=0.0, eps=1e-8, eps_rel=0.0, init="uniform", **kw),
-            "new": ls.sample(digits_model, "fc2", units, **kw)}
+    return {"old": ls.sample(digits_model, "fc2", units, init="uniform", **REFERENCE_LDAM, **kw),
+            "new": ls.sample(digits_model, "fc2", units, preconditioner=train, **kw)}
 
 
 def test_new_default_samples_the_class_not_one_image_and_stays_realistic(digits_model, old_and_new_default, digits_split):
@@ -148,6 +162,7 @@ def test_rgb_path_resnet18_with_d_on_photo_crops():
     train, test = photo_crops(spec_in, 256, "train"), photo_crops(spec_in, 64, "test")
     trained = train_discriminator(model, [("layer2", range(8))], train, test, {
         "updates": 30, "steps_per_update": 4, "chains": 16, "batch": 32, "eval_chains": 16, "eval_steps": 10, "lam": 0.0,
+        "sampler": REFERENCE_LDAM,  # chains from noise: something for 30 updates to learn (real starts barely move)
     })
     assert isinstance(trained.module.net, ResidualDiscriminator)
     print(f"RGB D held-out accuracy {trained.heldout_accuracy:.3f} in {trained.seconds:.1f}s")
@@ -209,13 +224,25 @@ def factory_digits_like(tmp_path_factory):
 
 
 def test_training_chains_are_distinct_and_cover_every_layer(digits_model):
-    from ldam_sweep.sampling.discriminator import _ChainGroup, _spread
+    from ldam_sweep.data import digits
+    from ldam_sweep.sampling.discriminator import ChainSetting, _ChainGroup, _spread
+    from ldam_sweep.settings import parse_options
 
     groups = _spread([("fc2", np.arange(10))], 32)
     assert [(l, len(u)) for l, u in groups] == [("fc2", 32)]
-    g = _ChainGroup(digits_model, "fc2", groups[0][1], "logit", 0, "train")
+    noise_only = ChainSetting(method="ldam", options=parse_options("ldam", {}), lam=0.5)
+    g = _ChainGroup(digits_model, "fc2", groups[0][1], "logit", 0, "train", noise_only)
     flat = g.x.flatten(1)
     assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 0.1  # chains on one unit are not copies
+    # with real data, stage 1's chains start as a sweep's do: from their units' real exemplars, no two alike
+    train = digits(28, "train")[0]
+    g = _ChainGroup(digits_model, "fc2", groups[0][1], "logit", 0, "train",
+                    ChainSetting(method="ldam", options=parse_options("ldam", {}), lam=0.5, real=train))
+    flat = g.x.flatten(1)
+    assert torch.cdist(flat, flat).fill_diagonal_(1.0).min() > 0.1
+    nearest = torch.cdist(flat, torch.from_numpy(train).flatten(1)).min(1).values
+    assert (nearest < 0.05).all()  # every start is a training digit (two distinct digits are ~6 apart)
+    assert g.target is not None and torch.isfinite(g.target).all()  # and climbs to its unit's best one
     many = _spread([("conv2", np.arange(32)), ("fc1", np.arange(128)), ("fc2", np.arange(10))], 16)
     assert {l for l, _ in many} == {"conv2", "fc1", "fc2"}
 

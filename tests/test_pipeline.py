@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ldam_sweep as ls
+from ldam_sweep.settings import REFERENCE_LDAM
 from ldam_sweep.cluster.worker import WRITE_GATE_ENV, SweepWorker, set_determinism
 from ldam_sweep.planning import BlockTask, pack_batch, sweep_store_plan
 from ldam_sweep.spec import parse_job
@@ -240,7 +241,7 @@ def test_a_store_made_before_the_new_sampler_defaults_resumes_with_its_own(tmp_p
     del root.attrs["sampler_defaults"]  # as every store written before the attribute existed
     s = SPEC["sampler"]
     reference = ls.sample(digits_model, "fc1", list(range(8)), chains=s["chains"], steps=s["steps"], seed=s["seed"],
-                          init="uniform", repel=0.0, eps=1e-8, eps_rel=0.0)
+                          init="uniform", **REFERENCE_LDAM)
     for url, expect_reference in ((old, True), (new, False)):
         commit(url, SweepWorker(doc, url, num_threads=1).run_batch("fc1", [(0, list(range(8)))], [1])[0])
         stored = ls.open_store(url).samples("fc1", 3)

@@ -212,12 +212,16 @@ def test_digits_vit_logits_with_a_trained_d_stay_the_class_and_look_like_digits(
     from test_discriminator import _nearest_real_rms
 
     from ldam_sweep.sampling.discriminator import train_discriminator
+    from ldam_sweep.settings import REFERENCE_LDAM
 
     train, (test, _) = digits(28, "train")[0], digits(28, "test")
-    d = train_discriminator(vit_model, [("head", range(10))], train, test, {"updates": 40, "lam": 0.5})
+    # the paper's setting (reference form, chains from uniform noise), as test_discriminator's lambda tests
+    d = train_discriminator(vit_model, [("head", range(10))], train, test,
+                            {"updates": 40, "lam": 0.5, "sampler": REFERENCE_LDAM})
     out = {}
     for lam in (0.0, 0.5):
-        res = ls.sample(vit_model, "head", range(10), chains=4, steps=200, lam=lam, discriminator=d.module)
+        res = ls.sample(vit_model, "head", range(10), chains=4, steps=200, lam=lam, discriminator=d.module,
+                        **REFERENCE_LDAM)
         with torch.no_grad():
             pred = vit_model.forward(torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))).argmax(1).numpy()
         out[lam] = (float((pred.reshape(10, 4) == np.arange(10)[:, None]).mean()), _nearest_real_rms(res.final_samples, test))

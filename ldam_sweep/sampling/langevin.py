@@ -130,7 +130,7 @@ class LdamRule(UpdateRule):
         self.force_max: torch.Tensor | None = None  # (U,) running max of each unit's repulsion RMS
         self.h_max: torch.Tensor | None = None  # (U, 1, 1) running max of the median bandwidth
         self.repel = self.options.resolved_repel(self.context.diverse_starts)
-        self.eta = self.options.resolved_step(self.context.diverse_starts)
+        self.eta = self.options.resolved_step(self.context.preconditioner is not None)
         return x
 
     def _rms(self, v: torch.Tensor) -> torch.Tensor:
