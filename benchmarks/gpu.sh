@@ -31,6 +31,10 @@ bench e2e_r18_auto benchmarks/end_to_end.py --device $DEVICE $QUICK "${R18[@]}" 
     --out "$OUT/end_to_end_resnet18_224_layer3_auto.json"
 bench hwlimit_r18 benchmarks/hardware_limit.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 224 \
     --layer layer3 --units 32 --chains 8 --steps 20 --out "$OUT/hardware_limit_resnet18_224_layer3.json"
+# the realism defaults' cost per step (exemplar starts, spectrum preconditioner, target) over revision 2's, at lambda 0.5
+bench hwlimit_r18_realism benchmarks/hardware_limit.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 224 \
+    --layer layer3 --units 32 --chains 8 --steps 20 --data --baseline revision2 \
+    --out "$OUT/hardware_limit_resnet18_224_layer3_realism.json"
 # a unit's samples: the same batch again, alone, in another batch of the same size; what determinism costs
 bench repro_r18 benchmarks/reproducibility.py --device $DEVICE $QUICK --model torchvision:resnet18 --size 224 \
     --layer layer3 --out "$OUT/reproducibility_resnet18_224_layer3.json"

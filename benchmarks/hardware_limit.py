@@ -14,6 +14,9 @@ the element-wise work (torch.compile, CUDA graphs) could win per step.
     python benchmarks/hardware_limit.py --quick               # seconds; run by the test suite
     python benchmarks/hardware_limit.py --baseline '{"repel": 0, "eps": 1e-8, "eps_rel": 0}'
         # also lambda = 0.5 with these sampler options, interleaved: the default's cost per step over them
+    python benchmarks/hardware_limit.py --data --baseline revision2
+        # the lambda = 0.5 runs as a sweep with data runs them (exemplar starts, the data preconditioner,
+        # the activation target; digits for a 1x28x28 model, else photo crops), beside revision 2's defaults
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ def bare_images_per_s(model: ls.ModelHandle, layer: str, units: list[int], chain
         done += a.numel()
     sync(model.device)
     return done / (time.perf_counter() - t0), done
+
+
+def real_data(model: ls.ModelHandle, layer: str, units: list[int]) -> dict:
+    """What a sweep with data hands ``ls.sample``: the units' top real exemplars and the preconditioner."""
+    from ldam_sweep.data import digits, photo_crops
+    from ldam_sweep.objectives import DEFAULT_BY_KIND
+    from ldam_sweep.sampling.exemplars import top_exemplars
+    from ldam_sweep.sampling.precondition import fit_preconditioner
+
+    shape = tuple(model.input.shape)
+    pool = digits(28, "train")[0] if shape == (1, 28, 28) else photo_crops(model.input, 300, "train")
+    ex, _ = top_exemplars(model, layer, units, DEFAULT_BY_KIND[model.layer(layer).kind], torch.from_numpy(pool), 64)
+    return {"exemplars": ex, "preconditioner": fit_preconditioner(pool, device=model.device)}
 
 
 def sampler_seconds(model: ls.ModelHandle, layer: str, units: list[int], chains: int, steps: int,
@@ -121,7 +137,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians reported")
     ap.add_argument("--device", default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--baseline", default=None, help="sampler options (JSON) to time at lambda = 0.5 beside the default")
+    ap.add_argument("--baseline", default=None, help="sampler options (JSON, or 'revision2') to time at lambda = 0.5 "
+                    "beside the default")
+    ap.add_argument("--data", action="store_true", help="lambda = 0.5 runs with real data: exemplars and preconditioner")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "hardware_limit.json"))
     args = ap.parse_args()
     if args.quick:
@@ -130,18 +148,24 @@ def main() -> None:
     model = load_bench_model(args.model, args.size, args.device)
     units = list(range(min(args.units, model.layer(args.layer).units)))
     d = Discriminator(discriminator_config(model.input)).to(model.device).eval()
-    baseline = json.loads(args.baseline) if args.baseline else None
+    baseline = None
+    if args.baseline:
+        from ldam_sweep.settings import REVISION_2_LDAM
+
+        baseline = dict(REVISION_2_LDAM) if args.baseline == "revision2" else json.loads(args.baseline)
+    data = real_data(model, args.layer, units) if args.data else {}
     runs = []
     for _ in range(args.repeats):  # interleaved: the runs in each repeat see the same machine state
         t1, work1 = sampler_seconds(model, args.layer, units, args.chains, args.steps)
         t2, _ = sampler_seconds(model, args.layer, units, args.chains, 2 * args.steps)
         run = (bare_images_per_s(model, args.layer, units, args.chains, args.steps),
                (work1 / t1, work1),
-               sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5, discriminator=d),
+               sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5, discriminator=d,
+                                         **data),
                (2 * t1 - t2, 0), (t2 - t1, 0))
         if baseline is not None:
             run += (sampler_chain_steps_per_s(model, args.layer, units, args.chains, args.steps, lam=0.5,
-                                              discriminator=d, **baseline),)
+                                              discriminator=d, **data, **baseline),)
         runs.append(run)
     work = {k: {n for _, n in col} for k, col in zip(("bare", "lam0", "lam05"), zip(*runs))}
     runs = [tuple(rate for rate, _ in run) for run in runs]
@@ -152,7 +176,7 @@ def main() -> None:
                                for r in runs)
     record = {
         "benchmark": "hardware_limit", "model": model.name, "layer": args.layer, "units": len(units), "chains": args.chains,
-        "steps": args.steps, "repeats": args.repeats, "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
+        "steps": args.steps, "repeats": args.repeats, "lam05_with_data": bool(args.data), "memory_format": model.memory_format, "device": str(model.device), "machine": platform.machine()
         + (f", {torch.cuda.get_device_name(0)}" if model.device.type == "cuda" else f", {torch.get_num_threads()} threads"),
         "bare_image_steps": sorted(work["bare"]), "sampler_lam0_chain_steps": sorted(work["lam0"]),
         "sampler_lam05_chain_steps": sorted(work["lam05"]),

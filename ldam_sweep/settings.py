@@ -64,8 +64,9 @@ class LdamOptions(BaseModel):
         "3072 values), spectrum (its stationary form, any size), auto (covariance if it fits, else spectrum; none "
         "without real data), none (the reference form)")
     target: float | Literal["auto"] | None = Field(
-        "auto", description="the activation term pushes a chain only while its activation is below target x the unit's "
-        "best real activation (its top exemplar); auto: 1.0 when exemplars are given, else off; null: always on")
+        "auto", description="the activation term pushes a chain while its activation is below target x the unit's "
+        "best real activation (its top exemplar), fading to 0 over the 1% above it; auto: 1.0 when exemplars are "
+        "given, else off; null: always on")
     realism_scale: Literal["logit", "log_d"] = Field(
         "logit", description="what the log D gradient is divided by: the RMS of D's logit gradient (the term fades as "
         "D calls the sample real) or its own RMS (the reference form: a step of constant size)")

@@ -138,7 +138,7 @@ def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(gpu_quick):
     records = gpu_quick.records
     assert sorted({r["benchmark"] for r in records.values()}) == [
         "batching", "end_to_end", "hardware_limit", "peers", "pipeline", "reproducibility", "scaling", "variants", "vit"]
-    assert len(records) == 16
+    assert len(records) == 17
     assert records["end_to_end_resnet18_224_layer3_auto"]["model"] == "torchvision:resnet18"
     assert records["end_to_end_resnet18_224_layer3_auto_nondeterministic"]["deterministic"] is False
     assert records["end_to_end_resnet18_224_layer3_32"]["deterministic"] is True
@@ -180,6 +180,10 @@ def test_hardware_limit_benchmark_quick_mode(gpu_quick):
         assert rec["step_noise_ms"] > 0 and rec["step_update_ms_repulsion_off"] > 0
         assert rec["step_update_ms_repulsion_on"] > rec["step_update_ms_repulsion_off"]
         assert 0 < rec["step_noise_update_share"] < 1
+    # with real data (exemplar starts, preconditioner, target) beside revision 2's defaults, one repeat each
+    rec = record(gpu_quick, "hwlimit_r18_realism", "hardware_limit_resnet18_224_layer3_realism")
+    assert rec["lam05_with_data"] is True and rec["baseline_options"]["precondition"] == "none"
+    assert rec["sampler_lam05_chain_steps"] == [4 * 4 * 3] and rec["cost_per_step_vs_baseline_lam05"] > 0
 
 
 @GPU_SH_TIMEOUT

@@ -139,8 +139,10 @@ def test_a_batch_of_several_blocks_stores_what_one_block_tasks_store(tmp_path, d
     for a, b in zip(rows_batched, rows_single):
         assert [r["unit"] for r in a] == [r["unit"] for r in b]
         for ra, rb in zip(a, b):
+            # rounding only: fc1's GEMM rounds by batch size, and the activation target's update is continuous in
+            # the activation (measured: samples <= 4e-7 apart per pixel, nearest_real 1.1e-6 on a value of 0.0075)
             for key in ("act_final_mean", "pixel_diversity", "feature_diversity", "nearest_real", "exemplar_max"):
-                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+                assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-5), key
     for rows in (rows_batched, rows_single):
         commit(batched if rows is rows_batched else single, [r for block in rows for r in block])
     a, b = ls.open_store(batched), ls.open_store(single)

@@ -28,12 +28,13 @@ from ldam_sweep.data import digits
 from ldam_sweep.sampling.diversity import pairwise_rms
 from ldam_sweep.sampling.scoring import score_result
 from ldam_sweep.sampling.discriminator import train_discriminator
+from ldam_sweep.settings import REFERENCE_LDAM
 
 VARIANTS = {
     "am (baseline)": dict(method="am"),
-    "ldam reference form (repel 0)": dict(method="ldam", repel=0.0, eps=1e-8, eps_rel=0.0),
-    "ldam default (repulsion, exemplar starts)": dict(method="ldam"),
-    "ldam reference, σ=0.3 restart every 10": dict(method="ldam", noise=0.3, noise_block=10, repel=0.0, eps=1e-8, eps_rel=0.0),
+    "ldam reference form": dict(method="ldam", **REFERENCE_LDAM),
+    "ldam default (diverse real starts, preconditioner, target)": dict(method="ldam"),
+    "ldam reference, σ=0.3 restart every 10": dict(method="ldam", **{**REFERENCE_LDAM, "noise": 0.3, "noise_block": 10}),
     "sgld (ε=1e-3, T=0.01)": dict(method="sgld"),
 }
 
@@ -65,7 +66,7 @@ def main() -> None:
     if any(lam > 0 for lam in args.lams):
         t0 = time.perf_counter()
         d = train_discriminator(model, [(l.name, range(l.units)) for l in model.layers], train, test,
-                                {"updates": 200, "lam": 0.5}).module
+                                {"updates": 400, "lam": 0.5}).module
         print(f"discriminator trained in {time.perf_counter() - t0:.0f}s")
     pool = torch.from_numpy(train)
     from ldam_sweep.sampling.exemplars import top_exemplars
@@ -78,10 +79,11 @@ def main() -> None:
             if kw["method"] == "am" and lam > 0:
                 continue
             common = dict(chains=args.chains, steps=args.steps, lam=lam, discriminator=d, snapshot_every=max(1, args.steps // 12))
-            # ldam's default starts from the units' exemplars (as a sweep with data does); the reference form from noise
-            ex = ex64 if name.startswith("ldam default") else None
-            same = ls.sample(model, "fc2", range(10), init=start, exemplars=ex, **common, **kw)
-            free = ls.sample(model, "fc2", range(10), exemplars=ex, **common, **kw)
+            # ldam's default starts from the units' exemplars and moves in the data's directions (as a sweep
+            # with data does); the reference form from noise
+            data = dict(exemplars=ex64, preconditioner=train) if name.startswith("ldam default") else {}
+            same = ls.sample(model, "fc2", range(10), init=start, **data, **common, **kw)
+            free = ls.sample(model, "fc2", range(10), **data, **common, **kw)
             s_same = score_result(model, same, real_pool=test, exemplar_max=ex_act[:, 0])
             s_free = score_result(model, free, real_pool=test, exemplar_max=ex_act[:, 0])
             mean = lambda scores, key: float(np.nanmean([v[key] if v[key] is not None else np.nan for v in scores.values()]))  # noqa: E731

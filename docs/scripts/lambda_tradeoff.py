@@ -35,7 +35,7 @@ def nearest_real_rms(samples: np.ndarray, real: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--discriminator", default=None, help="a trained D file (default: train one, ~70 s)")
+    ap.add_argument("--discriminator", default=None, help="a trained D file (default: train one against the logits' chains, 400 updates)")
     ap.add_argument("--chains", type=int, default=3)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default=str(ROOT / "docs" / "images" / "lambda_tradeoff.png"))
@@ -46,7 +46,7 @@ def main() -> None:
         trained = load_discriminator(args.discriminator, model)
     else:
         t0 = time.perf_counter()
-        trained = train_discriminator(model, [("fc2", range(10))], train[0], test, {"updates": 200, "lam": 0.5})
+        trained = train_discriminator(model, [("fc2", range(10))], train[0], test, {"updates": 400, "lam": 0.5})
         print(f"trained D in {time.perf_counter() - t0:.0f}s: held-out accuracy {trained.heldout_accuracy:.3f}")
     ref = class_max_logits(model.net)
     exemplars, _ = top_exemplars(model, "fc2", np.arange(10), "logit", torch.from_numpy(train[0]), SAMPLING_EXEMPLARS)
@@ -54,7 +54,7 @@ def main() -> None:
     for lam in LAMBDAS:
         t0 = time.perf_counter()
         res = ls.sample(model, "fc2", range(10), chains=args.chains, steps=args.steps, lam=lam, discriminator=trained.module,
-                        exemplars=exemplars)
+                        exemplars=exemplars, preconditioner=train[0])
         secs = time.perf_counter() - t0
         with torch.no_grad():
             pred = model.forward(torch.from_numpy(res.final_samples.reshape(-1, 1, 28, 28))).argmax(1).numpy()

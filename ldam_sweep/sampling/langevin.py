@@ -150,13 +150,16 @@ class LdamRule(UpdateRule):
         repel = self.repel > 0 and s.chains > 1 and s.t < round(o.repel_until * s.steps)
         force = self._repulsion(s, x, g_d) if repel else None
         rho = o.rms_decay
-        held = None  # (B, C, H, W) grad a of the chains at or above their target, where D must not lower a
-        if ctx.target is not None:  # above its target a chain's activation term is off (its average is kept)
-            below = (s.activation.detach() < ctx.target).to(x.dtype).view(-1, 1, 1, 1)
+        held = None  # (B, 1, 1, 1) how far each chain is into its target band, where D must not lower a
+        if ctx.target is not None:
+            # the activation term fades linearly from the target to TARGET_BAND above it (its running average
+            # fades with it): continuous in a, so a 1-ulp difference in the activation (another batch size
+            # changes a GEMM's rounding) changes the step by a rounding-sized amount, never on or off
+            h = _below_target(s.activation.detach(), ctx.target).to(x.dtype).view(-1, 1, 1, 1)
             if g_d is not None:
-                held = g_a * (1 - below)
-            g_a.mul_(below)
-            self.v_a.mul_(1 - below * (1 - rho)).addcmul_(g_a, g_a, value=1 - rho)
+                held, direction = 1 - h, g_a.clone()
+            self.v_a.mul_(1 - h * (1 - rho)).addcmul_(g_a, g_a * h, value=1 - rho)
+            g_a.mul_(h)
         else:
             self.v_a.mul_(rho).addcmul_(g_a, g_a, value=1 - rho)
         step = g_a.div_(self._rms(self.v_a)).mul_(1 - s.lam)
@@ -171,7 +174,7 @@ class LdamRule(UpdateRule):
                 self.v_d.mul_(rho).addcmul_(g_logit, g_logit, value=1 - rho)
                 realism = g_logit.div_(self._rms(self.v_d)).mul_(fake)
                 if held is not None:
-                    realism = _keep_level(realism, held, ctx.preconditioner)
+                    realism = _keep_level(realism, direction, held, ctx.preconditioner)
                 step.add_(realism, alpha=s.lam)
             else:
                 self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
@@ -236,16 +239,25 @@ class LdamRule(UpdateRule):
 
 
 _TINY = torch.finfo(torch.float32).tiny
+TARGET_BAND = 0.01  # the activation term fades over [target, target * 1.01]
 
 
-def _keep_level(d: torch.Tensor, g: torch.Tensor, pre: "Preconditioner | None") -> torch.Tensor:
-    """d minus its part that would lower a to first order, for the chains whose rows of g (grad a)
-    are non-zero: the move P d must not decrease a, so remove c g with c = min(0, g.Pd) / g.Pg."""
+def _below_target(a: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) weight of the activation term: 1 below the target, falling linearly to 0 at
+    target * (1 + TARGET_BAND); 1 where the target is infinite (no positive real activation)."""
+    ramp = ((target * (1 + TARGET_BAND) - a) / (TARGET_BAND * target)).clamp_(0.0, 1.0)
+    return torch.where(torch.isfinite(target), ramp, torch.ones_like(ramp))
+
+
+def _keep_level(d: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, pre: "Preconditioner | None") -> torch.Tensor:
+    """d minus ``weight`` times its part that would lower a to first order (g = grad a): the move P d
+    must not decrease a, so remove c g with c = min(0, g.Pd) / g.Pg; weight (B, 1, 1, 1) is how far a
+    chain is into its target band (0 below the target: nothing removed; 1 at its top: all of it)."""
     pg = g if pre is None else pre.drift(g)
     num = (pg * d).sum(dim=(1, 2, 3), keepdim=True)
     den = (pg * g).sum(dim=(1, 2, 3), keepdim=True)
     c = torch.where(den > 0, num.clamp(max=0.0) / den.clamp_min(_TINY), torch.zeros_like(num))
-    return d - c * g
+    return d - (weight * c) * g
 
 
 class SgldRule(UpdateRule):
