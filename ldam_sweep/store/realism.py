@@ -23,9 +23,10 @@ from ldam_sweep.store.location import StoreLocation
 
 REALISM_FILE = "realism.json"
 FORMAT = "ldam-sweep-realism-v1"
-# A unit is flagged "low realism" when the layer's two-sample classifier calls at least this fraction
-# of its samples generated (held out): 7 of 8 chains.
-LOW_REALISM = 0.875
+# A unit is flagged "low realism" when the layer's two-sample classifier calls every one of its samples
+# generated (held out). A pointer, not a verdict: at a layer accuracy p about p^chains of the units are
+# flagged by chance (0.75 and 8 chains: 10%; a layer the classifier always sees through: all of them).
+LOW_REALISM = 1.0
 
 
 def read_realism(loc: StoreLocation) -> dict[str, Any] | None:
