@@ -190,16 +190,17 @@ def run(
 @app.command()
 def demo(
     store: Optional[str] = typer.Option(None, help="Store path (default storage/demo.zarr)."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller demo (fewer steps and D updates) for a first look."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller demo (fewer steps and D updates, no realism "
+                               "measurement: `ldam-sweep realism STORE` adds it) for a first look."),
 ) -> None:
     """Sweep the whole built-in digits-cnn (every layer, every unit) with a discriminator trained on
-    digits, then build its HTML atlas."""
+    digits, measure how realistic the samples are, then build its HTML atlas."""
     from ldam_sweep.cluster.demo import demo_job
     from ldam_sweep.cluster.driver import run_sweep
 
     with user_errors():
         job = demo_job(quick=quick)
-        summary = run_sweep(job, store=store, console=err_console)
+        summary = run_sweep(job, store=store, console=err_console, realism=not quick)
         _print_summary(summary)
         from ldam_sweep.atlas.site import build_atlas
 
