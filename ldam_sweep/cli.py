@@ -297,6 +297,7 @@ def _realism_summary(doc: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _print_realism(doc: dict[str, Any], url: str) -> None:
     """The realism record as a table: per layer (and all layers), samples beside the units' exemplars."""
+    from ldam_sweep.realism import fmt as _fmt
     table = Table(title="realism of the final samples")
     for col in ("layer", "two-sample", "exemplars", "HF", "exemplars", "samples"):
         table.add_column(col, justify="left" if col == "layer" else "right")
@@ -362,7 +363,7 @@ def realism(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Measure how far the samples are from the sweep's real data (per layer and unit) and store it."""
-    from ldam_sweep.realism import update_realism
+    from ldam_sweep.realism import fmt as _fmt, layer_line, update_realism
     from ldam_sweep.store import open_store
     from ldam_sweep.store.lease import StoreLease
 
@@ -371,9 +372,7 @@ def realism(
         lease = StoreLease.acquire(st.loc, doing="realism", log=_log)  # one writer: refused while a run owns it
         try:
             lease.start_heartbeat()
-            doc = update_realism(st, seed=seed, progress=None if json_out else lambda name, e: _log(
-                f"{name}: two-sample {_fmt(e['c2st'])} ({_fmt(e['c2st_exemplars'])}), HF {_fmt(e['hf_ratio'])} "
-                f"({_fmt(e['hf_ratio_exemplars'])})"))
+            doc = update_realism(st, seed=seed, progress=None if json_out else lambda name, e: _log(layer_line(name, e)))
         finally:
             lease.release()
         if json_out:
@@ -383,10 +382,6 @@ def realism(
         console.print(f"all layers: two-sample {_fmt(pooled.get('c2st'))} (exemplars {_fmt(pooled.get('c2st_exemplars'))}), "
                       f"HF {_fmt(pooled.get('hf_ratio'))} (exemplars {_fmt(pooled.get('hf_ratio_exemplars'))}); "
                       f"stored in {st.loc.join('realism.json')}", highlight=False, markup=False)
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
 
 
 @app.command()

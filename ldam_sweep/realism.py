@@ -127,6 +127,17 @@ def measure_realism(store: SweepStore, *, layers: list[str] | None = None, seed:
     }
 
 
+def layer_line(name: str, entry: dict[str, Any]) -> str:
+    """One layer's entry as progress output: samples, with the units' exemplars in brackets."""
+    return (f"{name}: two-sample {fmt(entry.get('c2st'))} ({fmt(entry.get('c2st_exemplars'))}), "
+            f"HF {fmt(entry.get('hf_ratio'))} ({fmt(entry.get('hf_ratio_exemplars'))}), {entry.get('samples')} samples")
+
+
+def fmt(v: float | None) -> str:
+    """A realism number for people: two decimals, or n/a where it was not measured."""
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def update_realism(store: SweepStore, *, seed: int = 0, progress: Callable | None = None) -> dict[str, Any]:
     """Measure and store the record; returns it as ``store.realism()`` reads it."""
     write_realism(store.loc, measure_realism(store, seed=seed, progress=progress))

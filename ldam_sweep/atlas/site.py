@@ -123,6 +123,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     state: dict[str, str] = {} if force or not state_path.is_file() else json.loads(state_path.read_text())
     rows = st.units(status=None)
     layers_info = st.layers()
+    realism = st.realism()  # the layer pages' and the index's realism lines
     rendered = skipped = 0
     for info in layers_info:
         name = info["name"]
@@ -169,8 +170,8 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORES}}
                     for u in planned if int(u) not in seen]
         (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
-        _write_layer_page(st, info, out)
-    _write_index(st, layers_info, out)
+        _write_layer_page(st, info, realism, out)
+    _write_index(st, layers_info, realism, out)
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
@@ -331,7 +332,7 @@ LAYER_JS = """
 """
 
 
-def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
+def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, Any] | None, out: Path) -> None:
     name, s = info["name"], slug(info["name"])
     options = "<option value='unit'>unit</option>" + "".join(
         f"<option value='{k}'>{_e(label)}</option>" for k, label in SCORES)
@@ -339,7 +340,7 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
             f"<p>{_e(info['module_type'])}, {_e(info['kind'])}, output {_e('×'.join(map(str, info['output_shape'])))}, "
             f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done ({info['dead']} dead: "
             f"not sampled), {info['failed']} failed.</p>"
-            + (f"<p>{_e(_realism_text(st.realism(), name))}</p>" if st.realism() else "") +
+            + (f"<p>{_e(_realism_text(realism, name))}</p>" if realism else "") +
             f"<div class='controls'><label>sort by <select id='sort'>{options}</select></label>"
             "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
             "<option value='dead'>dead</option><option value='failed'>failed</option><option value='corrupt'>corrupt</option>"
@@ -352,11 +353,10 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], out: Path) -> None:
     (out / "layers" / f"{s}.html").write_text(page)
 
 
-def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], out: Path) -> None:
+def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dict[str, Any] | None, out: Path) -> None:
     attrs = st.attrs
     spec = attrs.get("spec", {})
     rows = []
-    realism = st.realism()
     for info in layers_info:
         frac = info["done"] / info["planned"] if info["planned"] else 0
         e = ((realism or {}).get("layers") or {}).get(info["name"]) or {}

@@ -203,7 +203,7 @@ WORKER_NICENESS_ENV = "RAY_worker_niceness"
 
 def _stage3(url: str, console: Console) -> dict[str, Any] | None:
     """Measure the samples' realism (``ldam_sweep.realism``) unless the stored record is current."""
-    from ldam_sweep.realism import measure_realism
+    from ldam_sweep.realism import layer_line, measure_realism
     from ldam_sweep.store.realism import write_realism
 
     st = open_store(url)
@@ -217,8 +217,7 @@ def _stage3(url: str, console: Console) -> dict[str, Any] | None:
                       highlight=False, markup=False)
 
         def report(name: str, e: dict[str, Any]) -> None:
-            console.print(f"  {name}: two-sample {_num(e['c2st'])} ({_num(e['c2st_exemplars'])}), HF {_num(e['hf_ratio'])} "
-                          f"({_num(e['hf_ratio_exemplars'])}), {e['samples']} samples", highlight=False, markup=False)
+            console.print("  " + layer_line(name, e), highlight=False, markup=False)
 
         try:
             doc = measure_realism(st, progress=report)
@@ -231,10 +230,6 @@ def _stage3(url: str, console: Console) -> dict[str, Any] | None:
     pooled = (doc or {}).get("pooled") or {}
     return {"c2st": pooled.get("c2st"), "c2st_exemplars": pooled.get("c2st_exemplars"),
             "hf_ratio": pooled.get("hf_ratio"), "seconds": (doc or {}).get("seconds")}
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
 
 
 def _init_ray(address: str | None, num_cpus: int | None) -> bool:

@@ -102,15 +102,17 @@ def unit_scores(
     burn = steps // 2 if burn_in is None else burn_in
 
     fin = torch.where(valid.view(u, k, 1, 1, 1), final, torch.full_like(final, lo))
-    at_bound = ((fin - lo).abs() < BOUNDARY_TOL * width) | ((fin - hi).abs() < BOUNDARY_TOL * width)
-    bound_frac = at_bound.flatten(2).float().mean(-1)  # (U, K)
+    def bound_fraction(x: torch.Tensor) -> torch.Tensor:  # (U, K, C, H, W) -> (U, K): pixels on the box's bounds
+        at_bound = ((x - lo).abs() < BOUNDARY_TOL * width) | ((x - hi).abs() < BOUNDARY_TOL * width)
+        return at_bound.flatten(2).float().mean(-1)
+
+    bound_frac = bound_fraction(fin)
     stuck = (bound_frac >= STUCK_PIXEL_FRACTION) & valid
     floor = torch.zeros((u, 1), device=dev)
     if exemplars is not None:
         ex_all = exemplars.to(dev).float()
         ex_ok = torch.isfinite(ex_all.flatten(2)).all(-1)
-        ex_b = (((ex_all - lo).abs() < BOUNDARY_TOL * width) | ((ex_all - hi).abs() < BOUNDARY_TOL * width))
-        ex_frac = ex_b.flatten(2).float().mean(-1)
+        ex_frac = bound_fraction(ex_all)
         floor = (torch.where(ex_ok, ex_frac, torch.zeros_like(ex_frac)).sum(-1) / ex_ok.sum(-1).clamp_min(1)).unsqueeze(-1)
     saturated = (bound_frac >= SATURATED_PIXEL_FRACTION) & (bound_frac >= floor + SATURATED_MARGIN) & valid
     first = torch.where(valid.view(u, k, 1, 1, 1), s[:, :, 0], torch.full_like(final, lo))

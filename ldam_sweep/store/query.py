@@ -64,7 +64,7 @@ class SweepStore:
         realism record's per-unit ``detected_fraction`` (null where it was not measured)."""
         if self._latest is None:
             table = manifest.latest_per_unit(manifest.read(self.loc))
-            self._realism = read_realism(self.loc)
+            self._realism = read_realism(self.loc)  # cached with the manifest it describes
             detected = [None] * table.num_rows
             if self._realism and table.num_rows:
                 flags = {name: unit_flags(self._realism, name) for name in (self._realism.get("layers") or {})}
@@ -76,8 +76,10 @@ class SweepStore:
 
     def realism(self) -> dict[str, Any] | None:
         """The realism record (``ldam-sweep realism``; docs/scores.md), with ``current`` per layer:
-        False where units were committed to the layer after it was measured. None if never measured."""
-        doc = read_realism(self.loc)
+        False where units were committed to the layer after it was measured. None if never measured.
+        Read with the manifest (``refresh()`` re-reads both)."""
+        self._latest_rows()
+        doc = self._realism
         if doc is None:
             return None
         marks = doc.get("commits") or {}
