@@ -261,7 +261,8 @@ def status(
             failed = st.units(status="failed")
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
                        totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
-                       errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism))
+                       errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism),
+                       integrity=st.verification())
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
         counts = ("planned", "done", "failed", "corrupt", "pending", "dead")  # dead: of the done units, found dead
@@ -276,6 +277,7 @@ def status(
         console.print(table)
         if realism:
             _print_realism(realism, st.loc.url)
+        _print_integrity(st)
         if totals["corrupt"]:
             console.print(Text.assemble((f"{totals['corrupt']} units corrupt", "red"),
                                         f" (marked by verify --repair): `ldam-sweep run SPEC --store {st.loc.url}` "
@@ -285,6 +287,28 @@ def status(
             errors = sorted(set(failed["error"].to_pylist()))
             console.print(Text.assemble((f"{totals['failed']} units failed", "red"), "; errors: " + " | ".join(
                 e.splitlines()[-1][:200] for e in errors[:5] if e)), highlight=False)
+
+
+def _print_integrity(st: Any) -> None:
+    """What the last ``verify`` found, for readers: corrupt blocks, and units committed since."""
+    v = st.verification()
+    verify = f"`ldam-sweep verify {st.loc.url}`"
+    if v["corrupt"]:
+        console.print(Text.assemble((f"{v['corrupt']} units in corrupt blocks", "red"), f" (found by verify at "
+                                    f"{v['verified_at']}, or by this read): {verify[:-1]} --repair`, then "
+                                    f"`ldam-sweep run SPEC --store {st.loc.url}` redoes them"), highlight=False)
+    if v["state"] == "damaged":
+        console.print(f"integrity: the last verify's record (verify.json) is damaged: {verify} writes it again",
+                      highlight=False, markup=False)
+    elif v["state"] == "never":
+        console.print(f"integrity: this store has not been verified ({v['unverified']} units): {verify} checks "
+                      "every file and block", highlight=False, markup=False)
+    elif v["state"] == "stale":
+        console.print(f"integrity: verified at {v['verified_at']}; {v['unverified']} units committed since have not "
+                      f"been verified: {verify}", highlight=False, markup=False)
+    elif not v["corrupt"]:
+        console.print(f"integrity: verified at {v['verified_at']}: every file and committed block intact",
+                      highlight=False, markup=False)
 
 
 def _realism_summary(doc: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -314,7 +338,8 @@ def _print_realism(doc: dict[str, Any], url: str) -> None:
                   highlight=False, markup=False)
 
 
-QUERY_COLUMNS = ("layer", "unit", "status", "act_start_mean", "act_final_mean", "act_final_max", "realism_final_mean", "exemplar_max")
+QUERY_COLUMNS = ("layer", "unit", "status", "integrity", "act_start_mean", "act_final_mean", "act_final_max",
+                 "realism_final_mean", "exemplar_max")
 
 
 @app.command()
@@ -349,11 +374,16 @@ def query(
             raise StoreError(f"unknown column(s) {unknown}; columns: {', '.join(table.column_names)}")
         out = Table(title=f"{table.num_rows} units")
         for c in cols:
-            out.add_column(c, justify="left" if c in ("layer", "status") else "right")
+            out.add_column(c, justify="left" if c in ("layer", "status", "integrity") else "right")
         data = table.select(cols).to_pylist()
         for r in data:
             out.add_row(*[f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in r.values()])
         console.print(out)
+        marks = table["integrity"].to_pylist()
+        if "corrupt" in marks or "unverified" in marks:
+            console.print(f"integrity: {marks.count('corrupt')} corrupt (their blocks failed a check: `ldam-sweep verify "
+                          f"{st.loc.url} --repair`), {marks.count('unverified')} unverified (committed since the last "
+                          f"`ldam-sweep verify {st.loc.url}`, or never verified)", highlight=False, markup=False)
 
 
 @app.command()
@@ -418,38 +448,61 @@ def show(
 def verify(
     store: str = typer.Argument(..., help="Store path or URL."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Every planned block: ok, corrupt, failed or missing."),
-    repair: bool = typer.Option(False, "--repair", help="Mark every block with a problem as corrupt, so the next "
-                                "`ldam-sweep run` redoes exactly those blocks."),
+    repair: bool = typer.Option(False, "--repair", help="Repair what can be repaired without losing good data (metadata, "
+                                "damaged files set aside) and mark every block with a problem as corrupt, in one commit, "
+                                "so the next `ldam-sweep run` redoes exactly those blocks."),
 ) -> None:
-    """Check every committed block: readable, right shape, finite, checksum matches. Exit 1 on problems
-    (also with --repair, which marks them for the next run)."""
+    """Check every file the store depends on (metadata, discriminator, manifest, lease, records) and every
+    committed block (readable, right shape, finite, checksum matches); record the result for readers.
+    Exit 1 on problems (also with --repair, which fixes or marks them for the next run)."""
     from ldam_sweep.store import open_store, repair_store, verify_store
-    from ldam_sweep.store.verify import block_states
+    from ldam_sweep.store.location import StoreLocation
+    from ldam_sweep.store.verify import BlockProblem, StoreProblem, block_states, record_verification
 
     with user_errors():
-        st = open_store(store)
-        checked, problems = verify_store(st)
-        repaired = repair_store(st, problems) if repair and problems else 0
+        loc = StoreLocation.parse(store)
+        checked, problems = verify_store(loc)
+        files = [p for p in problems if isinstance(p, StoreProblem)]
+        blocks = [p for p in problems if isinstance(p, BlockProblem)]
+        report = repair_store(loc, problems) if repair and problems else None
+        st = None
+        if not any(p.kind in ("root", "unrepairable") for p in files) or (report and not report.left):
+            st = open_store(store)
+            if report is None:
+                record_verification(st, blocks, files)
         if json_out:
-            blocks = block_states(st, problems)
-            print_json("verify", store=st.loc.url, ok=not problems, checked=checked, repaired_units=repaired,
-                       counts={s: sum(b["state"] == s for b in blocks) for s in ("ok", "corrupt", "failed", "missing")},
-                       problems=[str(p) for p in problems], blocks=blocks)
+            states = block_states(st, blocks) if st is not None else []
+            print_json("verify", store=loc.url, ok=not problems, checked=checked,
+                       repaired_units=report.units_marked if report else 0,
+                       repaired_files=(report.fixed if report else []),
+                       unrepaired=[str(p) for p in (report.left if report else [])],
+                       counts={s: sum(b["state"] == s for b in states) for s in ("ok", "corrupt", "failed", "missing")},
+                       problems=[str(p) for p in problems], files=[str(p) for p in files], blocks=states)
             raise typer.Exit(1 if problems else 0)
         for p in problems:
             err_console.print(Text.assemble(("problem: ", "red"), str(p)), highlight=False)
         if not problems:
-            console.print(f"ok: {checked} committed blocks verified", highlight=False)
+            console.print(f"ok: every file and {checked} committed blocks verified", highlight=False)
             return
-        blocks = len({(p.layer, p.block) for p in problems})
-        err_console.print(f"{len(problems)} problem(s) in {blocks} of {checked} committed blocks", highlight=False)
-        if repair:
-            err_console.print(f"repaired: {blocks} block(s), {repaired} units marked corrupt; redo them with "
-                              f"`ldam-sweep run SPEC --store {st.loc.url}` (SPEC: the job spec this store was made from)",
-                              highlight=False, markup=False)
+        nblocks = len({(p.layer, p.block) for p in blocks})
+        unchecked = " (blocks not checked: the root metadata is damaged)" if any(
+            p.kind in ("root", "unrepairable") for p in files) else ""
+        err_console.print(f"{len(problems)} problem(s): {len(files)} file(s), {nblocks} of {checked} committed blocks"
+                          + unchecked, highlight=False)
+        spec_run = f"`ldam-sweep run SPEC --store {loc.url}` (SPEC: the job spec this store was made from)"
+        if report is not None:
+            for line in report.fixed or []:
+                err_console.print(f"repaired: {line}", highlight=False, markup=False)
+            for p in report.left or []:
+                err_console.print(Text.assemble(("not repaired: ", "red"), str(p)), highlight=False)
+            if report.units_marked:
+                err_console.print(f"repaired: {report.units_marked} units marked corrupt (one commit)", highlight=False)
+            if report.rerun:
+                err_console.print(f"next: {spec_run} redoes what was marked or set aside", highlight=False, markup=False)
+        elif any(p.kind == "unrepairable" for p in files):
+            pass  # its line names --fresh
         else:
-            err_console.print(f"to repair: `ldam-sweep verify {st.loc.url} --repair` (marks these blocks corrupt), "
-                              f"then `ldam-sweep run SPEC --store {st.loc.url}` (redoes exactly them)",
+            err_console.print(f"to repair: `ldam-sweep verify {loc.url} --repair`, then {spec_run}",
                               highlight=False, markup=False)
         raise typer.Exit(1)
 

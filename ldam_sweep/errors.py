@@ -43,6 +43,13 @@ class CorruptBlockError(StoreError):
     exit_code = 1
 
 
+class StoreDamagedError(StoreError):
+    """A file the store depends on (its metadata, its discriminator, a manifest part) is damaged:
+    ``ldam-sweep verify STORE`` says which and what repairs it."""
+
+    exit_code = 1
+
+
 class RayStartError(LdamError):
     """Ray could not be started or joined."""
 

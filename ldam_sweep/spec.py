@@ -145,7 +145,7 @@ class DataSpec(BaseModel):
 
 
 def format_validation_error(err: ValidationError, where: str) -> str:
-    """Turn pydantic's error list into lines 'field.path: message (got value)'."""
+    """Turn pydantic's error list into one line of 'field.path: message (got value)', separated by '; '."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -156,8 +156,8 @@ def format_validation_error(err: ValidationError, where: str) -> str:
         shown = repr(got) if not isinstance(got, dict) else "{...}"
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  {loc}: {msg} (got {shown})")
-    return f"invalid {where}:\n" + "\n".join(lines)
+        lines.append(f"{loc}: {msg} (got {shown})")
+    return f"invalid {where}: " + "; ".join(lines)  # one line: every field that is wrong
 
 
 def parse_model_spec(value: "ModelSpec | dict[str, Any] | str") -> ModelSpec:
@@ -183,6 +183,16 @@ def parse_model_spec(value: "ModelSpec | dict[str, Any] | str") -> ModelSpec:
         raise SpecError(format_validation_error(err, "model spec")) from None
 
 
+def yaml_error_line(err: yaml.YAMLError) -> str:
+    """A YAML parser's message in one line: where (line and column, from 1) and what it expected."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    context, cmark = getattr(err, "context", None), getattr(err, "context_mark", None)
+    opened = f" ({context} at line {cmark.line + 1}, column {cmark.column + 1})" if context and cmark is not None else ""
+    return f"{where}{problem}{opened}"
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file, turning I/O and syntax problems into SpecError naming the file."""
     p = Path(path)
@@ -191,7 +201,7 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
-        raise SpecError(f"spec file {str(p)!r} is not valid YAML: {err}") from None
+        raise SpecError(f"spec file {str(p)!r} is not valid YAML: {yaml_error_line(err)}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise SpecError(f"spec file {str(p)!r} cannot be read as YAML text: {err}") from None
 

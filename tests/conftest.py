@@ -138,3 +138,18 @@ def dead_channel_model(tmp_path_factory):
     sys.path.insert(0, str(folder))
     yield {"factory": "dead_channel_model_for_test:build", "input": {"channels": 1, "height": 28, "width": 28}}, folder
     sys.path.remove(str(folder))
+
+
+def edit_root_attrs(url: str, change) -> None:
+    """Edit a store's root attributes in place (``change(attrs)`` mutates the dict), as an older
+    ldam-sweep left them, and seal them again: the store stays intact for verify and readers."""
+    import json
+
+    from ldam_sweep.store.integrity import ATTRS_SEAL, write_root
+    from ldam_sweep.store.location import StoreLocation
+
+    loc = StoreLocation.parse(url)
+    attrs = json.loads(loc.fs.cat_file(loc.join("zarr.json")))["attributes"]
+    attrs.pop(ATTRS_SEAL, None)
+    change(attrs)
+    write_root(loc, attrs)

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 import ldam_sweep as ls
 from ldam_sweep.errors import StoreOwnedError, StoreReplacedError
 from ldam_sweep.store import commit, create_store, verify_store
+from ldam_sweep.store.integrity import ATTRS_SEAL, METADATA_KEY, ROOT_COPY
 from ldam_sweep.store.layout import read_generation
 from ldam_sweep.store.lease import INTERVAL_ENV, MISSED_ENV, NO_HEARTBEAT_ENV, LEASE_FILE, StoreLease, read_lease
 from ldam_sweep.store.manifest import FILE_SCHEMA
@@ -203,11 +204,13 @@ def test_old_part_files_read_back_a_null_generation_and_verify_checks_rows(tmp_p
     assert [str(p) for p in problems] == [
         f"layer 'fc2' block 1: manifest rows of units [2] were not written for this store: generation None, "
         f"the store's is {generation}"]
-    # a store made before generations existed: null is its generation
+    # a store made before generations existed (and before its root was sealed): null is its generation
     zmeta = Path(url, "zarr.json")
     meta = json.loads(zmeta.read_text())
-    del meta["attributes"]["generation"]
+    for key in ("generation", ATTRS_SEAL, METADATA_KEY):
+        del meta["attributes"][key]
     zmeta.write_text(json.dumps(meta))
+    Path(url, ROOT_COPY).unlink()
     assert read_generation(url) == ""
     assert [str(p) for p in verify_store(ls.open_store(url))[1]] == [  # null is fine now, the uuid is not
         f"layer 'fc2' block 0: manifest rows of units [0, 1] were not written for this store: generation {generation}, "
@@ -247,7 +250,7 @@ def test_fresh_without_yes_is_refused_with_the_unit_count(tmp_path, digits_model
     assert result.exit_code == 2 and "Type the store's name (kept.zarr)" in " ".join(result.output.split())
     st = ls.open_store(url)
     assert st.units().num_rows == 2 and read_generation(url) == generation and read_lease(url) is None
-    assert sorted(os.listdir(url)) == ["layers", "manifest", "zarr.json"]
+    assert sorted(os.listdir(url)) == ["layers", "manifest", "root-copy.json", "zarr.json"]
 
 
 def test_fresh_on_a_store_without_commits_needs_no_confirmation(tmp_path, digits_model):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ldam_sweep as ls
+from conftest import edit_root_attrs
 from ldam_sweep.settings import REFERENCE_LDAM
 from ldam_sweep.cluster.worker import WRITE_GATE_ENV, SweepWorker, set_determinism
 from ldam_sweep.planning import BlockTask, pack_batch, sweep_store_plan
@@ -235,12 +236,9 @@ def test_a_store_made_before_the_new_sampler_defaults_resumes_with_its_own(tmp_p
     """A store without the ``sampler_defaults`` attribute was made when ldam's defaults were the
     reference form (no repulsion, eps 1e-8, uniform starts): its remaining blocks are sampled that
     way, so one store never mixes two samplers; a new store samples with today's defaults."""
-    import zarr
-
     doc = {**SPEC, "data": {"source": "digits", "limit": 64}, "exemplars": 3}
     old, new = _store(tmp_path, "old", doc, digits_model), _store(tmp_path, "new", doc, digits_model)
-    root = zarr.open_group(old, mode="r+")
-    del root.attrs["sampler_defaults"]  # as every store written before the attribute existed
+    edit_root_attrs(old, lambda attrs: attrs.pop("sampler_defaults"))  # as every store written before the attribute existed
     s = SPEC["sampler"]
     reference = ls.sample(digits_model, "fc1", list(range(8)), chains=s["chains"], steps=s["steps"], seed=s["seed"],
                           init="uniform", **REFERENCE_LDAM)

@@ -75,4 +75,4 @@ def test_create_write_commit_query_on_s3(s3_endpoint, digits_model):
     out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
-    assert "ok: 2 committed blocks verified" in out.stdout
+    assert "ok: every file and 2 committed blocks verified" in out.stdout

@@ -133,7 +133,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         todo: dict[int, list[dict[str, Any]]] = {}
         for r in lrows:
             key = f"{name}\x00{r['unit']}"
-            stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}|{r.get('detected_fraction')}"
+            stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}|{r.get('detected_fraction')}|{r.get('integrity')}"
             if r["status"] in ("ok", "dead"):
                 if state.get(key) != stamp or not unit_page(out, name, r["unit"]).is_file():
                     todo.setdefault(int(r["block"]), []).append(r)
@@ -187,6 +187,23 @@ def unit_flags(row: dict[str, Any]) -> list[str]:
     if (row.get("frozen_fraction") or 0) > 0:
         flags.append("frozen chains")
     return flags
+
+
+def _integrity_text(st: SweepStore) -> str:
+    """What the last ``ldam-sweep verify`` found (or that it never ran since the last write)."""
+    v = st.verification()
+    verify = f"ldam-sweep verify {st.loc.url}"
+    if v["state"] == "never":
+        text = f"not verified: `{verify}` checks every file and block (units are marked unverified until then)"
+    elif v["state"] == "damaged":
+        text = f"the last verify's record is damaged: `{verify}` writes it again"
+    elif v["state"] == "stale":
+        text = f"verified at {v['verified_at']}; {v['unverified']} units committed since are unverified: `{verify}`"
+    else:
+        text = f"verified at {v['verified_at']}" + ("" if v["corrupt"] else ": every file and committed block intact")
+    if v["corrupt"]:
+        text += f"; {v['corrupt']} units in corrupt blocks: `{verify} --repair`, then `ldam-sweep run SPEC --store {st.loc.url}`"
+    return text
 
 
 def _flag_html(flags: list[str]) -> str:
@@ -381,6 +398,7 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
                "(image minus its blur) ÷ the real images'. The units' own top real images (exemplars) are the floor "
                "of both: they are real but all of one kind.</p>" if realism else
                "<p class='muted'>realism not measured (the sweep has no real data, or it ran with --no-realism)</p>") +
+            f"<h2>Integrity</h2><p>{_e(_integrity_text(st))}</p>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

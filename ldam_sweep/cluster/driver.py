@@ -24,7 +24,8 @@ from rich.console import Console
 from rich.text import Text
 
 from ldam_sweep.cluster.progress import SweepProgress
-from ldam_sweep.errors import LdamError, RayStartError, StorageStopError, StoreError, StoreReplacedError
+from ldam_sweep.errors import (LdamError, RayStartError, StorageStopError, StoreDamagedError, StoreError,
+                               StoreReplacedError)
 from ldam_sweep.planning import (BlockTask, StorePlan, block_tasks, check_block_memory, pack_batch, store_url,
                                  sweep_store_plan)
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
@@ -127,6 +128,8 @@ def run_sweep(
             raise storage_stop(err, "creating the store") or StoreError(
                 f"cannot create the store at {url!r}: {type(err).__name__}: {err}") from None
         lease.set_generation(read_generation(loc) or "")
+        if state == "same" and not fresh:
+            _check_files(loc)
         console.print(f"store {loc.url}: {len(plan.layers)} layers, {sum(lp.planned_units() for lp in plan.layers)} "
                       f"units, {len(tasks)} blocks", highlight=False, markup=False)
 
@@ -147,6 +150,11 @@ def run_sweep(
             lease.check(read_generation(loc))
             summary.realism = _stage3(loc.url, console)
         return summary
+    except OSError as err:  # a full disk anywhere (stage 1 included): exit 4, not a traceback or exit 2
+        stop = storage_stop(err, "writing to the store")
+        if stop is None:
+            raise
+        raise stop from None
     finally:
         lease.release()
 
@@ -166,36 +174,77 @@ def _confirm_fresh(loc: StoreLocation, confirm: Callable[[str, int], bool] | Non
 
 
 def _stage1(job: JobSpec, model: Any, st: Any, url: str, console: Console) -> float | None:
-    """Train or load the discriminator once and keep it in the store; a resumed sweep reuses it."""
+    """Train or load the discriminator once and keep it in the store; a resumed sweep reuses it once
+    its bytes match the checksum its record names. One that is incomplete (a stage 1 cut short) or
+    damaged is made again, and must be the one the committed blocks were sampled with."""
     if job.discriminator is None:
         return None
-    info = st.discriminator_info()
-    if info is not None:
-        console.print(f"stage 1: discriminator already in the store (held-out accuracy {info['heldout_accuracy']:.3f})",
-                      highlight=False, markup=False)
+    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    state, why = st.discriminator_state()
+    if state == "legacy" and not _legacy_discriminator_intact(st, model):
+        state, why = "corrupt", "its weights do not match the digest its record names"
+    if state in ("ok", "legacy"):
+        info = st.discriminator_info()
+        say(f"stage 1: discriminator already in the store (held-out accuracy {info['heldout_accuracy']:.3f})")
         return float(info["heldout_accuracy"])
+    if state != "absent":
+        say(f"stage 1: the stored discriminator is {state} ({why}); making it again")
     from ldam_sweep.model.loading import default_device
     from ldam_sweep.stage import discriminator_record, job_discriminator
 
+    used = {d for d in st.units(status=("ok", "dead"))["discriminator"].to_pylist() if d}
     model.to(default_device())
     t0 = time.perf_counter()
     what = "loading" if job.discriminator.file is not None else "training"
-    console.print(f"stage 1: {what} the discriminator on {model.device} ...", highlight=False, markup=False)
+    say(f"stage 1: {what} the discriminator on {model.device} ...")
     last = [time.perf_counter()]
 
     def report(i: int, stats: dict) -> None:
         if time.perf_counter() - last[0] > 10:
             last[0] = time.perf_counter()
-            console.print(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}", highlight=False, markup=False)
+            say(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}")
 
     trained = job_discriminator(job, model, progress=report)
     model.to("cpu")
     assert trained is not None
-    write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
-    console.print(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} "
-                  f"(real {trained.heldout_real_accuracy:.3f}, fresh chains {trained.heldout_fake_accuracy:.3f}) "
-                  f"in {time.perf_counter() - t0:.0f}s", highlight=False, markup=False)
+    if used and used != {trained.digest()}:
+        raise StoreDamagedError(
+            f"stage 1: the discriminator made again (digest {trained.digest()[:12]}) is not the one the committed "
+            f"units of {url!r} were sampled with ({', '.join(sorted(d[:12] for d in used))}): training on another "
+            "machine, thread count or library version gives other weights. The store cannot be completed "
+            f"consistently: start it over with `ldam-sweep run SPEC --store {url} --fresh`, or use it as it is.")
+    try:
+        write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
+    except OSError as err:
+        raise storage_stop(err, "writing the discriminator (stage 1)") or err from None
+    say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
+        f"fresh chains {trained.heldout_fake_accuracy:.3f}) in {time.perf_counter() - t0:.0f}s")
     return trained.heldout_accuracy
+
+
+def _legacy_discriminator_intact(st: Any, model: Any) -> bool:
+    """A discriminator stored before its bytes had a checksum: its weights match its record's digest."""
+    import warnings
+
+    from ldam_sweep.sampling.discriminator import load_discriminator
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_discriminator(st.discriminator_bytes(), model).digest() == st.discriminator_info().get("digest")
+    except LdamError:
+        return False
+
+
+def _check_files(loc: StoreLocation) -> None:
+    """Before a run resumes a store: its metadata and manifest parts are intact (``verify`` checks
+    the same); the discriminator is stage 1's, the realism record stage 3's to check and redo."""
+    from ldam_sweep.store.verify import file_problems
+
+    problems = [p for p in file_problems(loc)[0] if p.kind not in ("discriminator", "realism", "lease", "verify-record")]
+    if problems:
+        raise StoreDamagedError(f"store {loc.url!r} is damaged: {problems[0]}" + (
+            f" (and {len(problems) - 1} more: `ldam-sweep verify {loc.url}` lists them)" if len(problems) > 1 else ""))
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"

@@ -117,6 +117,7 @@ class SweepWorker:
         self.revision = int(self.writer.root.attrs.get("sampler_defaults", 1))
         self.url = url
         self.generation = generation  # the store this worker was started for; None: not checked
+        self.discriminator_digest: str | None = None  # the loaded discriminator's, stamped into the rows
         self._discriminator = None
         self._device_lock = threading.Lock()  # one batch on the device at a time
         self._block_writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-writer")
@@ -166,10 +167,12 @@ class SweepWorker:
             from ldam_sweep.sampling.discriminator import load_discriminator
             from ldam_sweep.store import open_store
 
-            blob = open_store(self.url).discriminator_bytes()
+            st = open_store(self.url)
+            blob = st.discriminator_bytes()  # checked against the sha256 its record names (StoreDamagedError)
             if blob is None:
                 raise RuntimeError(f"store {self.url!r} holds no discriminator yet (stage 1 did not finish)")
             self._discriminator = load_discriminator(blob, self.model).module.to(self.device)
+            self.discriminator_digest = (st.discriminator_info() or {}).get("digest")
         return self._discriminator
 
     def _sample_kwargs(self, layer: str, steps: int | None = None) -> dict[str, Any]:
@@ -333,7 +336,8 @@ class SweepWorker:
                                       activation=result.activation[part],
                                       realism=None if result.realism is None else result.realism[part],
                                       dead=None if result.dead is None else result.dead[part])
-            columns = {u: {**scores.get(u, {}), "batch_units": sizes[u]} for u in block_units}  # dead units: no scores
+            columns = {u: {**scores.get(u, {}), "batch_units": sizes[u], "discriminator": self.discriminator_digest}
+                       for u in block_units}  # dead units: no scores
             self._check_generation(layer, block, "wrote nothing")
             rows = self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
                                      exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),

@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ldam_sweep.errors import StoreError
+from ldam_sweep import failpoints
+from ldam_sweep.errors import StoreDamagedError, StoreError
 from ldam_sweep.planning import LayerPlan, StorePlan, identity_changes, plan_store
 from ldam_sweep.settings import SAMPLER_DEFAULTS
+from ldam_sweep.store.integrity import (ATTRS_SEAL, DISCRIMINATOR_SEAL, METADATA_KEY, ROOT_COPY, read_bytes, seal,
+                                        seal_state, sha256, write_root)
 from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
 
@@ -61,7 +64,12 @@ def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = Fals
     loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
     fs = loc.fs
     if fs.exists(loc.join("zarr.json")):
-        attrs = _read_root_attrs(loc)
+        try:
+            attrs = _read_root_attrs(loc)
+        except StoreDamagedError:
+            if fresh:  # ours (it has a root copy), damaged: --fresh may delete it
+                return "other"
+            raise
         same = attrs.get("plan_hash") == plan.plan_hash()
         if not (attrs.get("format") == FORMAT_NAME or "plan_hash" in attrs):
             raise StoreError(f"{loc.url!r} is a Zarr group but not an ldam-sweep store; nothing was changed "
@@ -107,6 +115,15 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
         "model": {"name": plan.model_name, "fingerprint": plan.model_fingerprint},
         "versions": package_versions(),
     })
+    create_layers(root, plan)
+    failpoints.hit("metadata.before-root")
+    # the format marker, the children's checksums and the seal: one atomic root write, then its copy
+    write_root(loc, {**dict(root.attrs), "format": FORMAT_NAME, METADATA_KEY: metadata_sums(loc, plan)})
+    return loc
+
+
+def create_layers(root: zarr.Group, plan: StorePlan) -> None:
+    """Every layer's group and arrays under ``root`` (also used to rebuild damaged metadata: integrity.py)."""
     layers = root.create_group("layers")
     for lp in plan.layers:
         g = layers.create_group(encode_name(lp.name), attributes={
@@ -117,16 +134,48 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
         for a in plan.arrays(lp).values():
             g.create_array(a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards, fill_value=np.nan,
                            dimension_names=list(a.dims))
-    root.attrs.update({"format": FORMAT_NAME})
-    return loc
+
+
+def child_metadata_paths(plan: Any) -> list[str]:
+    """Every group's and array's zarr.json below the root that ``create_store`` writes, relative to the store."""
+    paths = ["layers/zarr.json"]
+    for lp in plan.layers:
+        paths.append(f"{layer_path(lp.name)}/zarr.json")
+        paths += [f"{layer_path(lp.name)}/{name}/zarr.json" for name in plan.arrays(lp)]
+    return paths
+
+
+def expected_metadata(plan: Any) -> dict[str, bytes]:
+    """The zarr.json of every group and array below the root, as ``create_store`` writes them for
+    ``plan``: built the same way in memory, so a damaged one is rebuilt from the plan alone."""
+    mem: dict[str, Any] = {}
+    root = zarr.open_group(zarr.storage.MemoryStore(mem), mode="w")
+    create_layers(root, plan)
+    return {path: mem[path].to_bytes() for path in child_metadata_paths(plan)}
+
+
+def metadata_sums(loc: StoreLocation, plan: Any) -> dict[str, str]:
+    """sha256 of every child zarr.json as stored now (what the root records at creation)."""
+    out = {}
+    for path in child_metadata_paths(plan):
+        data = read_bytes(loc, path)
+        if data is None:
+            raise FileNotFoundError(loc.join(path))
+        out[path] = sha256(data)
+    return out
 
 
 def _clear(loc: StoreLocation) -> None:
     """Delete an ldam-sweep store's contents except its lease. The format marker goes first, so an
     interrupted deletion leaves an unfinished store (recreated by the next run), and zarr.json last."""
     fs = loc.fs
+    if fs.exists(loc.join(ROOT_COPY)):  # first: a half-deleted store must not be restorable from its copy
+        fs.rm(loc.join(ROOT_COPY))
     root_meta = loc.join("zarr.json")
-    meta = json.loads(fs.cat_file(root_meta))
+    try:
+        meta = json.loads(fs.cat_file(root_meta))
+    except ValueError:  # a damaged root (--fresh on a store verify cannot repair)
+        meta = {}
     if meta.get("attributes", {}).pop("format", None) is not None:
         fs.pipe_file(root_meta, json.dumps(meta).encode())
     for path in fs.ls(loc.root, detail=False):
@@ -150,6 +199,9 @@ def read_generation(url: str | StoreLocation) -> str | None:
         meta = json.loads(loc.fs.cat_file(loc.join("zarr.json")))
     except FileNotFoundError:
         return None
+    except ValueError:
+        raise StoreError(f"the root metadata (zarr.json) of store {loc.url!r} is damaged: `ldam-sweep verify "
+                         f"{loc.url} --repair` restores it from its copy") from None
     attrs = meta.get("attributes", {})
     return str(attrs.get("generation", "")) if attrs.get("format") == FORMAT_NAME else None
 
@@ -177,21 +229,39 @@ def _identity_changes(attrs: dict[str, Any], plan: StorePlan) -> list[str]:
 
 
 def _read_root_attrs(loc: StoreLocation) -> dict[str, Any]:
+    """The root's attributes; StoreDamagedError when they are damaged in a store of ours (one with a root copy)."""
+    damaged = StoreDamagedError(f"the root metadata (zarr.json) of store {loc.url!r} is damaged: `ldam-sweep verify "
+                                f"{loc.url} --repair` restores it from its copy; nothing was changed")
     try:
-        return dict(loc.open_group(mode="r").attrs)
+        attrs = dict(loc.open_group(mode="r").attrs)
     except Exception as err:
+        if loc.fs.exists(loc.join(ROOT_COPY)):
+            raise damaged from None
         raise StoreError(f"{loc.url!r} has a zarr.json but cannot be opened as a Zarr group: {err}") from None
+    if seal_state(attrs, ATTRS_SEAL) == "broken":
+        raise damaged
+    return attrs
 
 
 def write_discriminator(url: str | StoreLocation, blob: bytes, attrs: dict[str, Any]) -> None:
     """Keep the frozen discriminator in the store (driver only, once): its saved file's bytes as a
     uint8 array ``discriminator/file`` and its training record ``attrs`` (settings, per-update log,
-    held-out accuracy) as attrs of ``discriminator/``. Read back with ``SweepStore.discriminator_bytes``."""
+    held-out accuracy) as attrs of ``discriminator/``. Read back with ``SweepStore.discriminator_bytes``.
+
+    The record is the commit, written last: the group starts without one, the bytes follow, and
+    only then the sealed record naming the sha256 of the bytes and of the array's metadata. A store
+    whose discriminator has no record, or bytes that do not match it, has none (stage 1 redoes it)."""
     loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
     root = loc.open_group(mode="r+")
     data = np.frombuffer(blob, dtype=np.uint8)
     if "discriminator" in root:
         del root["discriminator"]
-    g = root.create_group("discriminator", attributes=attrs)
+    g = root.create_group("discriminator")
+    failpoints.hit("discriminator.before-bytes")
     arr = g.create_array("file", shape=data.shape, dtype="uint8", chunks=data.shape)
     arr[:] = data
+    failpoints.hit("discriminator.before-record")
+    meta = loc.fs.cat_file(loc.join("discriminator", "file", "zarr.json"))
+    g.attrs.put(seal({**attrs, "file_sha256": sha256(blob), "file_bytes": len(blob), "file_meta_sha256": sha256(meta)},
+                     DISCRIMINATOR_SEAL))
+

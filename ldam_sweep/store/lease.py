@@ -133,8 +133,11 @@ class _LocalLeaseFile:
         try:
             os.write(fd, data)
             os.fsync(fd)
-        finally:
+        except OSError:  # a full disk: the file this call created goes, not a torn lease
             os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
 
     def create(self, data: bytes) -> Any:
         os.makedirs(self.folder, exist_ok=True)
@@ -146,8 +149,12 @@ class _LocalLeaseFile:
         if current is None or current[0] != expect:
             raise LeaseConflict
         tmp = os.path.join(self.folder, f".{LEASE_FILE}.{uuid.uuid4().hex}.tmp")
-        self._write_new(tmp, data, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        os.replace(tmp, self.path)
+        try:
+            self._write_new(tmp, data, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.replace(tmp, self.path)
+        finally:
+            if os.path.exists(tmp):  # a failed write (a full disk) leaves nothing behind
+                os.remove(tmp)
         return data
 
     def take(self, data: bytes, token: Any, expect: bytes) -> Any:

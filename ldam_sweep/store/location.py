@@ -10,6 +10,7 @@ import os
 import re
 import tempfile
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,6 +82,25 @@ class StoreLocation:
 
     def open_group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]
+
+    def write_atomic(self, path: str, data: bytes) -> None:
+        """Replace the file at ``path`` (a full path, e.g. from ``join``) whole: locally a temp file
+        beside it, fsynced, then renamed over it (a failed write, a full disk, leaves nothing behind);
+        on an object store one PUT (the object appears whole or not at all)."""
+        if not self.is_local:
+            self.fs.pipe_file(path, data)
+            return
+        folder, name = os.path.split(path)
+        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # atomic within one directory
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def check_writable(url: str) -> None:

@@ -10,9 +10,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ldam_sweep.errors import CorruptBlockError, StoreError, did_you_mean, repair_hint
+from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
 from ldam_sweep.planning import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
+from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
+                                        seal_state)
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
 from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.store.realism import read_realism, unit_flags
@@ -23,6 +25,8 @@ if TYPE_CHECKING:
     from ldam_sweep.find import FindResult
 
 TRACE_KINDS = ("activation", "realism")
+# columns of ``units()`` that the reader adds from the store's records (realism.json, verify.json), not the manifest
+READER_COLUMNS = ("detected_fraction", "integrity")
 
 
 def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> list[str]:
@@ -45,14 +49,27 @@ class SweepStore:
         try:
             self.root = self.loc.open_group(mode="r")
         except Exception as err:
+            if fs.exists(self.loc.join(ROOT_COPY)):  # ours, with a damaged root
+                raise StoreDamagedError(f"the root metadata (zarr.json) of store {self.loc.url!r} is damaged ({type(err).__name__}): "
+                                        f"`ldam-sweep verify {self.loc.url} --repair` restores it from its copy") from None
             raise StoreError(f"{self.loc.url!r} is not a readable Zarr group: {err}") from None
         self.attrs: dict[str, Any] = dict(self.root.attrs)
+        if seal_state(self.attrs, ATTRS_SEAL) == "broken":
+            raise StoreDamagedError(f"the root metadata (zarr.json) of store {self.loc.url!r} does not match its checksum: "
+                                    f"`ldam-sweep verify {self.loc.url} --repair` restores it from its copy")
         if self.attrs.get("format") != FORMAT_NAME:
             raise StoreError(f"{self.loc.url!r} is a Zarr group but not an ldam-sweep store (no format={FORMAT_NAME!r} attribute)")
         self.plan = StorePlan.from_json(self.attrs["plan"])
         self._latest: pa.Table | None = None
         self._model: Any = None  # the store's model, loaded by the first find()
         self._verified: set[tuple[str, int, str]] = set()  # (layer, block, checksum) whose data matched
+        self._found_corrupt: set[tuple[str, int]] = set()  # (layer, block) whose data did not, when read here
+        self._skip_parts: frozenset[str] = frozenset()
+
+    def ignoring_parts(self, paths: set[str]) -> "SweepStore":
+        """Read the manifest without these part files (damaged ones ``verify`` found); re-reads it."""
+        self._skip_parts = frozenset(paths)
+        return self.refresh()
 
     def refresh(self) -> "SweepStore":
         """Forget the cached manifest: the next query sees commits made since it was read."""
@@ -63,16 +80,53 @@ class SweepStore:
         """The de-duplicated manifest, read once and cached (``refresh()`` re-reads it), with the
         realism record's per-unit ``detected_fraction`` (null where it was not measured)."""
         if self._latest is None:
-            table = manifest.latest_per_unit(manifest.read(self.loc))
+            table = manifest.latest_per_unit(manifest.read(self.loc, skip=self._skip_parts))
             self._realism = read_realism(self.loc)  # cached with the manifest it describes
             detected = [None] * table.num_rows
             if self._realism and table.num_rows:
                 flags = {name: unit_flags(self._realism, name) for name in (self._realism.get("layers") or {})}
                 layers, units = table["layer"].to_pylist(), table["unit"].to_pylist()
                 detected = [flags.get(layer, {}).get(unit) for layer, unit in zip(layers, units)]
-            self._latest = table.append_column(pa.field("detected_fraction", pa.float32()),
-                                               pa.array(detected, type=pa.float32()))
+            table = table.append_column(pa.field("detected_fraction", pa.float32()), pa.array(detected, type=pa.float32()))
+            self._verify_state, self._verify_doc = read_verify_record(self.loc)
+            self._latest = table.append_column(pa.field("integrity", pa.string()), self._integrity(table))
         return self._latest
+
+    def _integrity(self, table: pa.Table) -> pa.Array:
+        """Per row: "verified" (committed before the last ``verify``, which found its block intact),
+        "corrupt" (its block failed the last ``verify``, or a read by this object), "unverified"
+        (committed after the last verify, or never verified); null for rows that are not ok or dead."""
+        doc = self._verify_doc or {}
+        newest = doc.get("newest_commit_us", -1)
+        bad = {(layer, int(block)) for layer, block in doc.get("corrupt_blocks", [])}
+        out = []
+        rows = zip(table["layer"].to_pylist(), table["block"].to_pylist(), table["status"].to_pylist(),
+                   table["committed_at"].cast("int64").to_pylist())
+        for layer, block, status, at in rows:
+            if status not in ("ok", "dead"):
+                out.append(None)
+            elif (layer, block) in self._found_corrupt or ((layer, block) in bad and at is not None and at <= newest):
+                out.append("corrupt")
+            else:
+                out.append("verified" if at is not None and at <= newest else "unverified")
+        return pa.array(out, type=pa.string())
+
+    def verification(self) -> dict[str, Any]:
+        """What the last ``ldam-sweep verify`` found, as readers show it: ``state`` "never" (not
+        verified), "current" (nothing committed since), "stale" (units committed since) or
+        "damaged" (its record cannot be read), when, and the units per ``integrity`` value."""
+        table = self.units(status=("ok", "dead"))
+        counts = {k: 0 for k in ("verified", "unverified", "corrupt")}
+        for v in table["integrity"].to_pylist():
+            counts[v] += 1
+        doc = self._verify_doc
+        if self._verify_state == "corrupt":
+            state = "damaged"
+        elif doc is None:
+            state = "never"
+        else:
+            state = "stale" if counts["unverified"] else "current"
+        return {"state": state, "verified_at": (doc or {}).get("verified_at"), "ok": (doc or {}).get("ok"), **counts}
 
     def realism(self) -> dict[str, Any] | None:
         """The realism record (``ldam-sweep realism``; docs/scores.md), with ``current`` per layer:
@@ -134,7 +188,7 @@ class SweepStore:
         """Every published row, duplicates included (the raw commit log)."""
         if layer is not None:
             self.layer_plan(layer)
-        return manifest.read(self.loc, layer)
+        return manifest.read(self.loc, layer, skip=self._skip_parts)
 
     def units(
         self,
@@ -229,12 +283,21 @@ class SweepStore:
         try:
             got = block_checksum({name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in names})
         except Exception as err:  # a torn or garbled object: zarr or the codec cannot decode it
+            self._mark_corrupt(lp.name, block)
             raise CorruptBlockError(f"layer {lp.name!r} block {block} cannot be read ({type(err).__name__}: "
                                     f"{str(err)[:200]}); {self.repair_hint()}") from None
         if got != expected:
+            self._mark_corrupt(lp.name, block)
             raise CorruptBlockError(f"layer {lp.name!r} block {block} is corrupt: its stored data does not match the "
                                     f"checksum recorded at commit; {self.repair_hint()}")
         self._verified.add(key)
+
+    def _mark_corrupt(self, layer: str, block: int) -> None:
+        """From now on this object's ``units()`` shows the block's units with integrity "corrupt"."""
+        self._found_corrupt.add((layer, block))
+        if self._latest is not None:
+            i = self._latest.column_names.index("integrity")
+            self._latest = self._latest.set_column(i, "integrity", self._integrity(self._latest))
 
     def _array(self, layer: str, name: str):
         try:
@@ -278,17 +341,35 @@ class SweepStore:
         return images, np.asarray(self._array(layer, "exemplar_activation")[unit])
 
     def discriminator_info(self) -> dict[str, Any] | None:
-        """The stored discriminator's training record (accuracy, settings, log), or None."""
-        if "discriminator" not in self.root:
+        """The stored discriminator's training record (accuracy, settings, log), or None (none
+        stored, or one whose record is incomplete or damaged: ``discriminator_state``)."""
+        if self.discriminator_state()[0] not in ("ok", "legacy"):
             return None
-        return dict(self.root["discriminator"].attrs)
+        return discriminator_record(self.loc)
+
+    def discriminator_state(self) -> tuple[str, str]:
+        """(state, what is wrong): "absent", "ok", "legacy" (stored before its bytes had a
+        checksum), "incomplete" or "corrupt" (see ``integrity.discriminator_state``)."""
+        return discriminator_state(self.loc)
 
     def discriminator_bytes(self) -> bytes | None:
-        """The frozen discriminator the sweep used, as its saved file's bytes, or None. Load it with
-        ``ldam_sweep.sampling.discriminator.load_discriminator(blob, model)``."""
+        """The frozen discriminator the sweep used, as its saved file's bytes, or None. Checked
+        against the sha256 its record names on every call: StoreDamagedError when they differ. Load
+        it with ``ldam_sweep.sampling.discriminator.load_discriminator(blob, model)``."""
         if "discriminator" not in self.root:
             return None
-        return bytes(np.asarray(self.root["discriminator/file"][:]))
+        try:
+            blob = bytes(np.asarray(self.root["discriminator/file"][:]))
+        except Exception:
+            blob = None
+        state, why = discriminator_state(self.loc, blob)
+        if state == "absent":
+            return None
+        if state not in ("ok", "legacy") or blob is None:
+            raise StoreDamagedError(f"the discriminator stored in {self.loc.url!r} is {state}: {why or 'its bytes cannot be read'}; "
+                                    f"`ldam-sweep run SPEC --store {self.loc.url}` trains it again (stage 1) and checks it "
+                                    "is the one the committed blocks used")
+        return blob
 
     def snapshot_steps(self) -> np.ndarray:
         return np.asarray(self.plan.snapshot_steps)

@@ -1,7 +1,7 @@
 """The store's realism record: ``<store>/realism.json``, written after a sweep (``ldam-sweep realism``).
 
 One JSON document, replaced whole and atomically (temp file + rename locally, one PUT on an object
-store), so a reader sees the old record or the new one. It says for which committed units it was
+store), so a reader sees the old record or the new one, and sealed (``sha256``: of its own JSON). It says for which committed units it was
 measured (per layer: the count and the newest commit time), so readers can tell a record that a
 later commit made stale. Layout (``ldam_sweep/realism.py`` computes it, docs/scores.md explains it):
 
@@ -15,10 +15,9 @@ later commit made stale. Layout (``ldam_sweep/realism.py`` computes it, docs/sco
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from typing import Any
 
+from ldam_sweep.store.integrity import seal, seal_state
 from ldam_sweep.store.location import StoreLocation
 
 REALISM_FILE = "realism.json"
@@ -30,36 +29,32 @@ LOW_REALISM = 1.0
 
 
 def read_realism(loc: StoreLocation) -> dict[str, Any] | None:
-    """The store's realism record, or None when none was measured (or it cannot be read)."""
+    """The store's realism record, or None when none was measured (or it is damaged: ``realism_state``)."""
+    state, doc = realism_state(loc)
+    return doc if state == "ok" else None
+
+
+def realism_state(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
+    """("absent" | "ok" | "corrupt", the record): a record is sealed (it carries the sha256 of its
+    own JSON); one written before seals existed reads as "ok" when it parses."""
     path = loc.join(REALISM_FILE)
-    fs = loc.fs
     try:
-        if not fs.exists(path):
-            return None
-        doc = json.loads(fs.cat_file(path))
+        doc = json.loads(loc.fs.cat_file(path))
+    except FileNotFoundError:
+        return "absent", None
     except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and doc.get("format") == FORMAT else None
+        return "corrupt", None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or seal_state(doc) == "broken":
+        return "corrupt", None
+    return "ok", {k: v for k, v in doc.items() if k != "sha256"}
 
 
 def write_realism(loc: StoreLocation, doc: dict[str, Any]) -> str:
     """Replace the record atomically; returns its path."""
-    doc = {"format": FORMAT, **doc}
+    doc = seal({"format": FORMAT, **doc})
     data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode()
     path = loc.join(REALISM_FILE)
-    if loc.is_local:
-        tmp = loc.join(f".{REALISM_FILE}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # atomic within one directory
-        finally:
-            if os.path.exists(tmp):  # a failed write (a full disk) leaves nothing behind
-                os.remove(tmp)
-    else:
-        loc.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
+    loc.write_atomic(path, data)
     return path
 
 

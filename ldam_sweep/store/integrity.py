@@ -1,0 +1,170 @@
+"""Checksums of everything a store depends on besides its blocks (whose checksums the manifest
+holds), and rebuilding what can be rebuilt.
+
+- **JSON records** (the root's attributes, the discriminator's record, ``realism.json``,
+  ``verify.json``) are *sealed*: they carry the sha256 of their own canonical JSON, so a changed
+  value is found even where the JSON still parses.
+- **Metadata**: the root's attributes record the sha256 of every group's and array's
+  ``zarr.json`` (``metadata_sha256``) as written at creation. Those files follow from the plan
+  the root records, so ``layout.expected_metadata`` rebuilds them byte for byte.
+- **The root** itself has a verbatim copy, ``root-copy.json``, written after it: the one file
+  that cannot be rebuilt from anything else is kept twice, and each copy checks itself.
+- **The discriminator's record** names the sha256 of its bytes and of its array's metadata.
+- **Manifest parts** carry the sha256 of their bytes in their name (``manifest.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import zarr
+
+from ldam_sweep.store.location import StoreLocation
+
+ROOT_COPY = "root-copy.json"
+SEAL_KEY = "sha256"  # in a sealed record: the sha256 of the record's canonical JSON without this key
+ATTRS_SEAL = "attrs_sha256"  # the root's attributes' seal (a name no older root attribute uses)
+METADATA_KEY = "metadata_sha256"  # root attribute: {path of a zarr.json below the root: sha256 of its bytes}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical(doc: Any) -> bytes:
+    """One byte string per JSON value: sorted keys, no spaces (what a seal hashes)."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def seal(doc: dict[str, Any], key: str = SEAL_KEY) -> dict[str, Any]:
+    """``doc`` (as JSON reads it back) with its seal under ``key``."""
+    body = json.loads(canonical({k: v for k, v in doc.items() if k != key}))
+    return {**body, key: sha256(canonical(body))}
+
+
+def seal_state(doc: Any, key: str = SEAL_KEY) -> str:
+    """"ok" (the seal matches), "none" (a record written before seals existed) or "broken"."""
+    if not isinstance(doc, dict):
+        return "broken"
+    if key not in doc:
+        return "none"
+    return "ok" if doc[key] == sha256(canonical({k: v for k, v in doc.items() if k != key})) else "broken"
+
+
+def read_bytes(loc: StoreLocation, path: str) -> bytes | None:
+    """A store file's bytes (``path`` relative to the store), None when it does not exist."""
+    try:
+        return loc.fs.cat_file(loc.join(path))
+    except FileNotFoundError:
+        return None
+
+
+def write_root(loc: StoreLocation, attrs: dict[str, Any]) -> None:
+    """Replace the root's attributes (sealed) and then its copy, each whole: a reader sees the old
+    root or the new one, and a crash between the two leaves one good copy that repair restores."""
+    meta = json.loads(loc.fs.cat_file(loc.join("zarr.json")))
+    meta["attributes"] = seal(attrs, ATTRS_SEAL)
+    data = json.dumps(meta, indent=2).encode()
+    loc.write_atomic(loc.join("zarr.json"), data)
+    loc.write_atomic(loc.join(ROOT_COPY), data)
+
+
+def root_state(data: bytes | None) -> tuple[str, dict[str, Any] | None]:
+    """(state, the root metadata document) of a root zarr.json or its copy: "ok", "none" (made
+    before seals existed), "missing" or "broken" (not JSON, or its seal does not match)."""
+    if data is None:
+        return "missing", None
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return "broken", None
+    if not group_shaped(meta):
+        return "broken", None
+    state = seal_state(meta["attributes"], ATTRS_SEAL)
+    return state, meta if state != "broken" else None
+
+
+def group_shaped(meta: Any) -> bool:
+    """A group's zarr.json as zarr 3 writes it, field for field outside its attributes (which a seal covers)."""
+    return (isinstance(meta, dict) and set(meta) <= {"attributes", "zarr_format", "node_type", "consolidated_metadata"}
+            and isinstance(meta.get("attributes"), dict) and meta.get("zarr_format") == 3
+            and meta.get("node_type") == "group" and meta.get("consolidated_metadata") is None)
+
+
+# -- the discriminator ------------------------------------------------------------------------------
+
+DISCRIMINATOR_SEAL = "record_sha256"
+
+
+def discriminator_state(loc: StoreLocation, blob: bytes | None = None) -> tuple[str, str]:
+    """(state, what is wrong) of the stored discriminator. States: "absent"; "ok" (its sealed
+    record names the sha256 of its bytes and of its array's metadata, and both match); "legacy" (a
+    record from before those checksums: its bytes are not checked); "incomplete" (a group without a
+    record: a stage 1 that stopped before its commit); "corrupt". ``blob``: the bytes, when read already."""
+    meta_bytes = read_bytes(loc, "discriminator/zarr.json")
+    if meta_bytes is None:
+        return ("absent", "") if not loc.fs.exists(loc.join("discriminator")) else ("incomplete", "its group has no metadata")
+    try:
+        meta = json.loads(meta_bytes)
+    except ValueError:
+        return "corrupt", "its record (discriminator/zarr.json) is not valid JSON"
+    if not group_shaped(meta):
+        return "corrupt", "its record (discriminator/zarr.json) is not a Zarr group's metadata"
+    record = meta["attributes"]
+    if not record:
+        return "incomplete", "it has no record: stage 1 stopped before it finished writing it"
+    seal_ok = seal_state(record, DISCRIMINATOR_SEAL)
+    if seal_ok == "broken":
+        return "corrupt", "its record (discriminator/zarr.json) does not match its checksum"
+    if seal_ok == "none" or "file_sha256" not in record:
+        return "legacy", ""
+    array_meta = read_bytes(loc, "discriminator/file/zarr.json")
+    if array_meta is None or sha256(array_meta) != record["file_meta_sha256"]:
+        return "corrupt", "its array's metadata (discriminator/file/zarr.json) is missing or does not match its record"
+    if blob is None:
+        try:
+            blob = bytes(zarr.open_array(loc.zarr_store(read_only=True), path="discriminator/file", mode="r")[:])
+        except Exception as err:
+            return "corrupt", f"its bytes cannot be read ({type(err).__name__}: {str(err)[:200]})"
+    if len(blob) != record["file_bytes"] or sha256(blob) != record["file_sha256"]:
+        return "corrupt", "its bytes do not match the sha256 its record names"
+    return "ok", ""
+
+
+def discriminator_record(loc: StoreLocation) -> dict[str, Any] | None:
+    """The discriminator's record without its checksums (None when there is none)."""
+    data = read_bytes(loc, "discriminator/zarr.json")
+    if data is None:
+        return None
+    try:
+        attrs = json.loads(data).get("attributes") or None
+    except (ValueError, AttributeError):
+        return None
+    hidden = (DISCRIMINATOR_SEAL, "file_sha256", "file_bytes", "file_meta_sha256")
+    return None if attrs is None else {k: v for k, v in attrs.items() if k not in hidden}
+
+
+# -- what verify found, for readers ----------------------------------------------------------------
+
+VERIFY_FILE = "verify.json"
+VERIFY_FORMAT = "ldam-sweep-verify-v1"
+
+
+def write_verify_record(loc: StoreLocation, doc: dict[str, Any]) -> None:
+    loc.write_atomic(loc.join(VERIFY_FILE), json.dumps(seal({"format": VERIFY_FORMAT, **doc}), indent=1).encode())
+
+
+def read_verify_record(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
+    """("absent" | "ok" | "corrupt", the record) of ``verify.json``: what the last ``verify`` found."""
+    data = read_bytes(loc, VERIFY_FILE)
+    if data is None:
+        return "absent", None
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return "corrupt", None
+    if seal_state(doc) != "ok" or doc.get("format") != VERIFY_FORMAT:
+        return "corrupt", None
+    return "ok", doc
