@@ -271,3 +271,100 @@ def test_spec_errors_are_one_line_with_where(tmp_path):
         assert out.exit_code == 2
         assert f"sampler.{field}: Input should be {allowed} (got {value})" in one_line_error(out.output)
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.fixture
+def tiny_fs(tmp_path):
+    """A real 96 KiB tmpfs (needs root and a sandbox that allows mounts): the store's metadata fits, the
+    discriminator does not."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_in_stage_1_exits_4_and_the_next_run_makes_the_discriminator_again(swept, tiny_fs, tmp_path):
+    """Case 1 of the issue on a real tmpfs: exit 4 (not 2) with one line, no stray temp file, and
+    after the disk grows, the next run neither trusts the half-written discriminator nor fails on it."""
+    spec, original, env = swept
+    url = tiny_fs / "s.zarr"
+    out = cli("run", spec, "--store", url, env=env, cwd=tmp_path)
+    assert out.returncode == 4, out.stderr
+    line = one_line_error(out.stderr)
+    assert "No space left on device" in line and "discriminator (stage 1)" in line and "rerun the same command" in line
+    assert not [p for p in tiny_fs.rglob("*") if p.name.endswith(".tmp")]
+    assert ls.open_store(str(url)).discriminator_info() is None
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_fs)], check=True)
+    out = cli("run", spec, "--store", url, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert invoke("verify", url).exit_code == 0
+    assert_equal_stores(original, str(url))
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for c in children.get(p, []):
+            if c not in found:
+                found.add(c)
+                todo.append(c)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_ray_head_that_disappears_mid_run_exits_3_and_leaves_nothing_running(swept, tmp_path):
+    """Case 5: the GCS killed while a block runs. Ray's client would end the driver after 60 s with
+    exit 1 and its own message; the driver stops first: one line, exit 3, the lease released, none
+    of the Ray processes it started still running. The same command then resumes."""
+    import os
+    import signal
+    import tempfile
+    import time
+
+    from ldam_sweep.cluster.worker import HOLD_BLOCKS_ENV, SIGNAL_DIR_ENV
+    from ldam_sweep.store.lease import read_lease
+
+    spec, _, env = swept
+    signals, ray_tmp = tmp_path / "signals", Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))
+    signals.mkdir()
+    url = tmp_path / "h.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", "run", str(spec), "--store", str(url)], cwd=tmp_path,
+                            env={**env, "COLUMNS": "400", "RAY_TMPDIR": str(ray_tmp), "LDAM_SWEEP_HEAD_LOST_AFTER": "3",
+                                 HOLD_BLOCKS_ENV: "conv2:1", SIGNAL_DIR_ENV: str(signals)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (signals / "held-conv2-1").exists():  # a block is running: Ray is up and working
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        ours = descendants(proc.pid)
+        gcs = [p for p in ours if b"gcs_server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(gcs) == 1 and read_lease(str(url)) is not None
+        os.kill(gcs[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert proc.returncode == 3, err
+    line = one_line_error(err)
+    assert "the Ray head" in line and "rerun the same command" in line and "Failed to connect to GCS" not in err
+    assert read_lease(str(url)) is None
+    assert not [p for p in ours if alive(p)]
+    out = cli("run", spec, "--store", url, env=env, cwd=tmp_path)
+    assert out.returncode == 0 and "already committed" in out.stderr, out.stderr

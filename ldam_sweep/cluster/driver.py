@@ -443,6 +443,8 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
     t_ray = time.perf_counter()
     started = _init_ray(address, num_cpus)
     summary.startup["ray_init_s"] = time.perf_counter() - t_ray
+    watch = HeadWatch(lease, started, console)
+    watch.start()
     res = job.resources
     gpus = res.gpus_per_actor
     if gpus == "auto":
@@ -529,9 +531,93 @@ def _dispatch(job: JobSpec, doc: dict[str, Any], url: str, plan: StorePlan, todo
                 summary.workers = sorted(workers)
                 summary.worker_niceness = sorted(set(pool.niceness.values()))
                 summary.startup.update(pool.first_ready)
+                watch.stop()
                 pool.kill()
                 if started:
                     ray.shutdown()
+
+
+HEAD_LOST_ENV = "LDAM_SWEEP_HEAD_LOST_AFTER"  # seconds the Ray head may be unreachable (default 10)
+
+
+class HeadWatch:
+    """Watches the Ray head (its GCS) while blocks run. Ray's own client gives up after 60 s without
+    the GCS and ends the process from C++ (exit 1, "Failed to connect to GCS", no cleanup). Before
+    that, when the GCS has refused connections for ``HEAD_LOST_ENV`` seconds, this thread prints one
+    line, releases the lease, stops the Ray processes this driver started, and exits 3: committed
+    blocks stay committed and the same command resumes once the cluster is back."""
+
+    def __init__(self, lease: StoreLease | None, started: bool, console: Console) -> None:
+        self.lease, self.started, self.console = lease, started, console
+        self.after = float(os.environ.get(HEAD_LOST_ENV, 10.0))
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import ray
+
+        address = ray.get_runtime_context().gcs_address
+        host, _, port = address.rpartition(":")
+        self._thread = threading.Thread(target=self._watch, args=(host, int(port)), name="ldam-sweep-head", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self, host: str, port: int) -> None:
+        import socket
+
+        lost_since = None
+        while not self._stop.wait(1.0):
+            try:
+                socket.create_connection((host, port), timeout=2.0).close()
+                lost_since = None
+            except OSError:
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since >= self.after and not self._stop.is_set():
+                    self._head_lost(f"{host}:{port}")
+                    return
+
+    def _head_lost(self, address: str) -> None:
+        self.console.print(f"error: the Ray head ({address}) stopped answering for {self.after:.0f}s; the sweep stopped. "
+                           "Committed blocks are intact: start the cluster again and rerun the same command to resume.",
+                           highlight=False, markup=False, soft_wrap=True)
+        try:
+            if self.lease is not None:
+                self.lease.release()
+            if self.started:  # the local Ray this driver started: none of its processes outlive it
+                import ray
+
+                _kill_local_ray(ray._private.worker._global_node)
+        finally:
+            os._exit(RayStartError.exit_code)
+
+
+def _kill_local_ray(node: Any) -> None:
+    """SIGKILL the local Ray this driver started: every process the node started and all their
+    descendants (Ray's agents and workers rename themselves, so they are found by parentage)."""
+    if node is None:
+        return
+    roots = {info.process.pid for infos in node.all_processes.values() for info in infos if info.process is not None}
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    todo, found = list(roots), set()
+    while todo:
+        pid = todo.pop()
+        if pid not in found and pid != os.getpid():
+            found.add(pid)
+            todo += children.get(pid, [])
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 class _StopNow(BaseException):
