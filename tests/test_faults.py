@@ -376,6 +376,7 @@ def test_a_full_disk_stops_the_sweep_once_with_exit_4(small_fs, tmp_path, model_
     line = one_line_error(out.stderr)
     assert "No space left on device" in line and "rerun the same command" in line
     filler.unlink()
+    assert not [p.name for p in Path(url).iterdir() if p.name.endswith(".tmp")]  # no stray lease or record temp file
     st = ls.open_store(url)
     assert st.manifest().num_rows == rows_before  # the block was not retried max_attempts times, nothing recorded
     assert invoke("verify", url).exit_code == 0  # committed blocks intact

@@ -20,6 +20,7 @@ import ldam_sweep as ls
 from ldam_sweep.cli import app
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.store import BlockWriter, StoreError, commit, create_store, failed_rows, verify_store
+from ldam_sweep.store import manifest
 from ldam_sweep.store.layout import plan_store
 from ldam_sweep.store.writer import KILL_AFTER_ENV
 
@@ -164,13 +165,17 @@ def test_failed_block_is_recorded_and_not_readable(store, digits_model):
 def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
     url, plan = store
     results = write_and_commit(url, digits_model, plan, "fc2", [0, 1])
+    # verify --repair's tombstones: one part at the top of the manifest with the layer as a column
+    manifest.publish(ls.open_store(url).loc, [{"layer": "fc2", "unit": 0, "block": 0, "status": "corrupt"}], one_part=True)
     code = textwrap.dedent(f"""
         import json, sys
         import numpy as np, zarr, pyarrow.dataset as pds, duckdb
         root = zarr.open_group({url!r}, mode="r")
         s = root["layers/fc2/samples"][5]
         t = pds.dataset({url!r} + "/manifest", format="parquet", partitioning="hive").to_table()
-        d = duckdb.sql("SELECT layer, count(*) AS n FROM read_parquet('{url}/manifest/*/*.parquet', hive_partitioning=true) GROUP BY layer").fetchall()
+        d = duckdb.sql("SELECT coalesce(layer, regexp_extract(filename, 'layer=([^/]+)/', 1)) AS layer, status, count(*) "
+                       "FROM read_parquet('{url}/manifest/**/*.parquet', hive_partitioning=false, union_by_name=true, "
+                       "filename=true) GROUP BY ALL ORDER BY ALL").fetchall()
         print(json.dumps({{"shape": list(s.shape), "mean": float(np.asarray(s, dtype=np.float64).mean()),
                           "rows": t.num_rows, "layers": sorted(set(t["layer"].to_pylist())), "duck": d,
                           "imported": any(m.startswith("ldam_sweep") for m in sys.modules)}}))
@@ -181,7 +186,7 @@ def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
     assert got["imported"] is False
     assert got["shape"] == [CHAINS, 2, 1, 28, 28]
     assert got["mean"] == pytest.approx(float(results[1].samples[1].astype(np.float16).astype(np.float64).mean()), rel=1e-4)
-    assert got["rows"] == 8 and got["layers"] == ["fc2"] and got["duck"] == [["fc2", 8]]
+    assert got["rows"] == 9 and got["layers"] == ["fc2"] and got["duck"] == [["fc2", "corrupt", 1], ["fc2", "ok", 8]]
 
 
 # argv: store, blocks, and optionally a folder: the writer then puts <folder>/ready-<pid> there once

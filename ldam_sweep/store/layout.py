@@ -2,14 +2,16 @@
 
     <store>/zarr.json                     root attrs: spec as submitted, spec hash, plan, model
                                           fingerprint, package versions, created_at, generation
-                                          (a uuid per creation; absent in stores made before it)
+                                          (a uuid per creation; absent in stores made before it),
+                                          the sha256 of every child zarr.json and the attrs' seal
+    <store>/root-copy.json                the root zarr.json's copy (integrity.py)
     <store>/lease.json                    the running driver's lease (see lease.py)
     <store>/layers/<layer>/samples        (unit, chain, snapshot, C, H, W) float16, NaN fill;
                                           shard = one block of units, inner chunk = one unit
     <store>/layers/<layer>/activation     (unit, chain, step) float32, NaN fill; chunk = one block
     <store>/layers/<layer>/realism        same, when a discriminator is used
     <store>/layers/<layer>/exemplars      (unit, k, C, H, W) float16 + exemplar_activation (unit, k)
-    <store>/discriminator/                the frozen discriminator (weights, log, accuracy)
+    <store>/discriminator/                the frozen discriminator (bytes; its record, written last)
     <store>/manifest/layer=<layer>/part-*.parquet   the commit log (see manifest.py)
 
 Every array's grid on the unit axis equals the layer's block size, so a block is exactly one
