@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -153,3 +154,26 @@ def edit_root_attrs(url: str, change) -> None:
     attrs.pop(ATTRS_SEAL, None)
     change(attrs)
     write_root(loc, attrs)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(folder, size: str):
+    """A real tmpfs of ``size`` (e.g. "8m") mounted at a new ``folder`` (needs root and a sandbox that
+    allows mounts; the test is skipped otherwise), unmounted afterwards."""
+    import subprocess
+
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def one_line_error(text: str) -> str:
+    """The one 'error: ...' line of a command's output (log lines may precede it), and nothing after it."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0] == len(lines) - 1, text
+    return lines[-1]

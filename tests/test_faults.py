@@ -21,6 +21,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from conftest import mounted_tmpfs, one_line_error
+
 import ldam_sweep as ls
 from ldam_sweep.cli import app
 from ldam_sweep.errors import CorruptBlockError
@@ -84,14 +86,6 @@ def block_object(url: str, layer: str, array: str, block: int) -> Path:
     st = ls.open_store(url)
     key = st.plan.arrays(layer)[array].block_key(block)
     return Path(url) / "layers" / layer / array / key
-
-
-def one_line_error(text: str) -> str:
-    """The one 'error: ...' line of a command's output (log lines may precede it), and nothing after it."""
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0] == len(lines) - 1, text
-    return lines[-1]
 
 
 # -- repair ---------------------------------------------------------------------------------------
@@ -341,12 +335,8 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_ray_process(tmp_path, model_c
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 8 MiB tmpfs (needs root and a sandbox that allows mounts)."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "fs", "8m") as mnt:
+        yield mnt
 
 
 def test_a_full_disk_stops_the_sweep_once_with_exit_4(small_fs, tmp_path, model_cache):

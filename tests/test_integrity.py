@@ -17,6 +17,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import mounted_tmpfs, one_line_error
+
 import ldam_sweep as ls
 from ldam_sweep.cli import app
 from ldam_sweep.failpoints import ENV as FAILPOINTS
@@ -52,13 +54,6 @@ def cli(*args: str, env: dict, cwd: Path, **extra: str) -> subprocess.CompletedP
 
 def invoke(*args):
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400"})
-
-
-def one_line_error(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0] == len(lines) - 1, text
-    return lines[-1]
 
 
 def flip(path: Path, at: float = 0.5, mask: int = 0x40) -> None:
@@ -263,12 +258,8 @@ def test_spec_errors_are_one_line_with_where(tmp_path):
 def tiny_fs(tmp_path):
     """A real 96 KiB tmpfs (needs root and a sandbox that allows mounts): the store's metadata fits, the
     discriminator does not."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
+    with mounted_tmpfs(tmp_path / "fs", "96k") as mnt:
+        yield mnt
 
 
 def test_a_full_disk_in_stage_1_exits_4_and_the_next_run_makes_the_discriminator_again(swept, tiny_fs, tmp_path):

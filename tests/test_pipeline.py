@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import collections
-import json
 
 import numpy as np
 import pyarrow as pa

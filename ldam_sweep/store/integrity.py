@@ -61,6 +61,16 @@ def read_bytes(loc: StoreLocation, path: str) -> bytes | None:
         return None
 
 
+def parse_json(data: bytes | None) -> tuple[str, Any]:
+    """("missing", None) for no file, ("broken", None) for bytes that are not JSON, else ("ok", the value)."""
+    if data is None:
+        return "missing", None
+    try:
+        return "ok", json.loads(data)
+    except ValueError:
+        return "broken", None
+
+
 def write_root(loc: StoreLocation, attrs: dict[str, Any]) -> None:
     """Replace the root's attributes (sealed) and then its copy, each whole: a reader sees the old
     root or the new one, and a crash between the two leaves one good copy that repair restores."""
@@ -74,14 +84,9 @@ def write_root(loc: StoreLocation, attrs: dict[str, Any]) -> None:
 def root_state(data: bytes | None) -> tuple[str, dict[str, Any] | None]:
     """(state, the root metadata document) of a root zarr.json or its copy: "ok", "none" (made
     before seals existed), "missing" or "broken" (not JSON, or its seal does not match)."""
-    if data is None:
-        return "missing", None
-    try:
-        meta = json.loads(data)
-    except ValueError:
-        return "broken", None
-    if not group_shaped(meta):
-        return "broken", None
+    state, meta = parse_json(data)
+    if state != "ok" or not group_shaped(meta):
+        return state if state != "ok" else "broken", None
     state = seal_state(meta["attributes"], ATTRS_SEAL)
     return state, meta if state != "broken" else None
 
@@ -106,9 +111,8 @@ def discriminator_state(loc: StoreLocation, blob: bytes | None = None) -> tuple[
     meta_bytes = read_bytes(loc, "discriminator/zarr.json")
     if meta_bytes is None:
         return ("absent", "") if not loc.fs.exists(loc.join("discriminator")) else ("incomplete", "its group has no metadata")
-    try:
-        meta = json.loads(meta_bytes)
-    except ValueError:
+    state, meta = parse_json(meta_bytes)
+    if state != "ok":
         return "corrupt", "its record (discriminator/zarr.json) is not valid JSON"
     if not group_shaped(meta):
         return "corrupt", "its record (discriminator/zarr.json) is not a Zarr group's metadata"
@@ -158,13 +162,9 @@ def write_verify_record(loc: StoreLocation, doc: dict[str, Any]) -> None:
 
 def read_verify_record(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
     """("absent" | "ok" | "corrupt", the record) of ``verify.json``: what the last ``verify`` found."""
-    data = read_bytes(loc, VERIFY_FILE)
-    if data is None:
+    state, doc = parse_json(read_bytes(loc, VERIFY_FILE))
+    if state == "missing":
         return "absent", None
-    try:
-        doc = json.loads(data)
-    except ValueError:
-        return "corrupt", None
-    if seal_state(doc) != "ok" or doc.get("format") != VERIFY_FORMAT:
+    if state != "ok" or seal_state(doc) != "ok" or doc.get("format") != VERIFY_FORMAT:
         return "corrupt", None
     return "ok", doc

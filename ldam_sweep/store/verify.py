@@ -119,7 +119,7 @@ def file_problems(loc: StoreLocation) -> tuple[list[StoreProblem], dict[str, Any
     repair = f"`ldam-sweep verify {url} --repair`"
     out: list[StoreProblem] = []
     root_bytes, copy_bytes = read_bytes(loc, "zarr.json"), read_bytes(loc, ROOT_COPY)
-    (root_ok, root), (copy_ok, copy) = root_state(root_bytes), root_state(copy_bytes)
+    (root_ok, root), (_, copy) = root_state(root_bytes), root_state(copy_bytes)
     if root is None and copy is None:
         what = "missing" if root_bytes is None else "damaged"
         if copy_bytes is None and root_ok == "missing":
