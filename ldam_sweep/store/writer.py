@@ -20,8 +20,9 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from ldam_sweep.errors import StoreError
+from ldam_sweep.errors import StoreDamagedError, StoreError
 from ldam_sweep.planning import ARRAY_NAMES, LayerPlan, StorePlan
+from ldam_sweep.store.integrity import ATTRS_SEAL, seal_state
 from ldam_sweep.store.layout import layer_path
 from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.version import __version__
@@ -91,6 +92,9 @@ class BlockWriter:
         attrs = dict(self.root.attrs)
         if "plan" not in attrs:
             raise StoreError(f"{self.loc.url!r} is not an ldam-sweep store (no plan in zarr.json)")
+        if seal_state(attrs, ATTRS_SEAL) == "broken":  # the plan a worker writes by must be the store's
+            raise StoreDamagedError(f"the root metadata (zarr.json) of store {self.loc.url!r} does not match its "
+                                    f"checksum: `ldam-sweep verify {self.loc.url} --repair` restores it from its copy")
         self.plan = StorePlan.from_json(attrs["plan"])
         self.spec_hash = attrs["spec_hash"]
         self.generation = attrs.get("generation")  # stamped into the rows; None in stores made before it
