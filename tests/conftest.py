@@ -177,3 +177,38 @@ def one_line_error(text: str) -> str:
     errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     assert len(errors) == 1 and errors[0] == len(lines) - 1, text
     return lines[-1]
+
+
+# A small sweep with everything a store can hold: a discriminator, exemplars, realism (3 blocks:
+# conv2 0-3, conv2 4-7, fc2 0-3). The fault tests (test_faults, test_integrity) copy it and break it.
+SWEEP_SPEC = {
+    "name": "integrity",
+    "model": {"zoo": "digits-cnn"},
+    "layers": ["conv2", "fc2"],
+    "units": {"conv2": "0-7", "fc2": "0-3"},
+    "sampler": {"steps": 10, "chains": 2, "seed": 1, "lam": 0.5},
+    "discriminator": {"train": {"updates": 5}},
+    "data": {"source": "digits", "limit": 64},
+    "exemplars": 2,
+    "resources": {"actors": 1, "block_size": 4, "commit_every": 1, "max_attempts": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def finished_sweep(tmp_path_factory, model_cache):
+    """(spec path, store path, environment) of one uninterrupted ``ldam-sweep run`` of SWEEP_SPEC
+    (a real process, local Ray), shared read-only: tests break copies of it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    folder = tmp_path_factory.mktemp("finished-sweep")
+    spec = folder / "job.yaml"
+    spec.write_text(yaml.safe_dump(SWEEP_SPEC))
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
+    url = str(folder / "s.zarr")
+    out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "run", str(spec), "--store", url], env=env, cwd=folder,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return spec, url, env

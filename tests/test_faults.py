@@ -64,14 +64,9 @@ def invoke(*args: str):
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, model_cache) -> tuple[Path, str]:
-    """One uninterrupted sweep (3 blocks: conv2 0-3, conv2 4-7, fc2 0-3), shared read-only."""
-    folder = tmp_path_factory.mktemp("swept")
-    spec = write_spec(folder)
-    url = str(folder / "faults.zarr")
-    out = cli_run("run", str(spec), "--store", url, env=env_for(model_cache), cwd=folder)
-    assert out.returncode == 0, out.stderr
-    return spec, url
+def swept(finished_sweep) -> tuple[Path, str]:
+    """One uninterrupted sweep (3 blocks: conv2 0-3, conv2 4-7, fc2 0-3, with a discriminator), shared read-only."""
+    return finished_sweep[0], finished_sweep[1]
 
 
 @pytest.fixture

@@ -13,38 +13,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import mounted_tmpfs, one_line_error
+from conftest import SWEEP_SPEC, mounted_tmpfs, one_line_error
 
 import ldam_sweep as ls
 from ldam_sweep.cli import app
 from ldam_sweep.failpoints import ENV as FAILPOINTS
-from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import ROOT_COPY
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = {
-    "name": "integrity",
-    "model": {"zoo": "digits-cnn"},
-    "layers": ["conv2", "fc2"],
-    "units": {"conv2": "0-7", "fc2": "0-3"},
-    "sampler": {"steps": 10, "chains": 2, "seed": 1, "lam": 0.5},
-    "discriminator": {"train": {"updates": 5}},
-    "data": {"source": "digits", "limit": 64},
-    "exemplars": 2,
-    "resources": {"actors": 1, "block_size": 4, "commit_every": 1, "max_attempts": 2},
-}
 runner = CliRunner()
-
-
-def write_spec(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "job.yaml"
-    path.write_text(yaml.safe_dump(SPEC))
-    return path
 
 
 def cli(*args: str, env: dict, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
@@ -75,15 +58,9 @@ def assert_equal_stores(a_url: str, b_url: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory, model_cache) -> tuple[Path, str, dict]:
+def swept(finished_sweep) -> tuple[Path, str, dict]:
     """One uninterrupted sweep with a discriminator, exemplars and a realism record (read-only)."""
-    folder = tmp_path_factory.mktemp("integrity")
-    spec = write_spec(folder)
-    env = {**__import__("os").environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
-    url = str(folder / "s.zarr")
-    out = cli("run", spec, "--store", url, env=env, cwd=folder)
-    assert out.returncode == 0, out.stderr
-    return spec, url, env
+    return finished_sweep
 
 
 @pytest.fixture
@@ -144,65 +121,60 @@ def test_a_flipped_discriminator_bit_is_found_and_repair_plus_run_restores_the_s
     assert_equal_stores(original, copy)
     # made again where it comes out different (another machine, thread count): refused, naming --fresh
     flip(Path(copy, "discriminator", "file", "c", "0"))
-    out = cli("run", spec, "--store", copy, env=env, cwd=tmp_path, OMP_NUM_THREADS="1")  # the fixture trained on 2
-    if "is not the one the committed units" not in out.stderr:
+    torch.set_num_threads(1)  # the fixture trained on 2 (conftest restores the pool after the test)
+    out = invoke("run", spec, "--store", copy)  # in-process: refused in stage 1, before Ray would start
+    if "is not the one the committed units" not in out.output:
         pytest.skip("training on 1 thread gave the same weights here")
-    assert out.returncode == 1 and "the stored discriminator is corrupt" in out.stderr
-    line = one_line_error(out.stderr)
+    assert out.exit_code == 1 and "the stored discriminator is corrupt" in out.output
+    line = one_line_error(out.output)
     assert "--fresh" in line and "cannot be completed consistently" in line
 
 
-def test_damaged_metadata_and_manifest_parts_are_rebuilt_without_touching_good_data(swept, copy, tmp_path):
-    """Case 3: garbage in a layer group's, an array's, the layers group's and the root's zarr.json, a
-    flipped manifest part and a corrupt block of the same layer: verify finds each, repair rebuilds
-    the metadata from the plan (the root from its copy), sets the part aside, and run redoes the rest."""
+def test_damaged_metadata_and_parts_are_rebuilt_and_repair_is_one_commit(swept, copy, tmp_path):
+    """Cases 3 and 4: garbage in the root's, the layers group's, a layer group's and an array's
+    zarr.json, a flipped manifest part (conv2 block 1's rows) and corrupt blocks in two layers.
+    verify finds each; `run` refuses in one line; a repair SIGKILLed before its commit publishes
+    nothing; the next repair rebuilds the metadata from the plan (the root from its copy), sets the
+    part aside, and publishes both layers' tombstones in one part; run then redoes the rest."""
     spec, original, env = swept
     for rel in ("zarr.json", "layers/zarr.json", "layers/conv2/zarr.json", "layers/conv2/samples/zarr.json"):
         Path(copy, rel).write_text("garbage{")
-    fc2_part = next(Path(copy, "manifest", "layer=fc2").glob("part-*.parquet"))
-    flip(fc2_part, at=0.3)
+    block1 = [p for p in Path(copy, "manifest", "layer=conv2").glob("part-*.parquet")
+              if set(pq.read_table(p)["block"].to_pylist()) == {1}]
+    assert len(block1) == 1
+    flip(block1[0], at=0.3)
     flip(Path(copy, "layers", "conv2", "samples", "c", "0", "0", "0", "0", "0", "0"), at=0.3)
+    flip(Path(copy, "layers", "fc2", "activation", "c", "0", "0", "0"), at=0.4)
 
     out = invoke("status", copy)  # readers refuse a damaged root and say what repairs it
     assert out.exit_code == 1 and "verify" in out.output and "--repair" in out.output
-    out = cli("run", spec, "--store", copy, env=env, cwd=tmp_path)
-    assert out.returncode == 1 and "damaged" in one_line_error(out.stderr) and "--repair" in out.stderr
+    out = invoke("run", spec, "--store", copy)
+    assert out.exit_code == 1 and "damaged" in one_line_error(out.output) and "--repair" in out.output
     out = invoke("verify", copy)
     assert out.exit_code == 1 and "zarr.json: the root metadata is damaged" in out.output
+
+    def parts() -> set[str]:
+        return {str(p) for p in Path(copy, "manifest").rglob("part-*.parquet")}
+
+    before = parts()
+    out = cli("verify", copy, "--repair", env=env, cwd=tmp_path, **{FAILPOINTS: "repair.before-commit=kill"})
+    assert out.returncode == -9
+    assert parts() == before - {str(block1[0])}  # the damaged part was set aside; no tombstone was published
+    assert {r["status"] for r in ls.open_store(copy).units(status=None).to_pylist()} == {"ok"}
     out = invoke("verify", copy, "--repair")
     assert out.exit_code == 1, out.output
     for rel in ("zarr.json: restored from its copy", "layers/zarr.json: rebuilt from the plan",
-                "layers/conv2/zarr.json: rebuilt", "layers/conv2/samples/zarr.json: rebuilt",
-                f"manifest/layer=fc2/{fc2_part.name}: set aside in quarantine/"):
-        assert f"repaired: {rel}" in out.output, out.output
-    assert "4 units marked corrupt" in out.output
-    assert list(Path(copy, "quarantine").rglob("part-*.parquet")) and not fc2_part.exists()
+                "layers/conv2/zarr.json: rebuilt", "layers/conv2/samples/zarr.json: rebuilt"):
+        assert f"repaired: {rel}" in out.output or "problem: " + rel.split(":")[0] not in out.output, out.output
+    assert "8 units marked corrupt (one commit)" in out.output
+    assert list(Path(copy, "quarantine").rglob("part-*.parquet")) and not block1[0].exists()
+    new = parts() - before
+    assert len(new) == 1 and "/layer=" not in new.pop()  # one part, at the top: both layers' rows
+    assert {d["name"]: d["corrupt"] for d in ls.open_store(copy).layers()} == {"conv2": 4, "fc2": 4}
     out = cli("run", spec, "--store", copy, "--no-realism", env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
-    assert "1 of 3 blocks already committed, 2 to run" in out.stderr
+    assert "0 of 3 blocks already committed, 3 to run" in out.stderr
     assert invoke("verify", copy).exit_code == 0
-    assert_equal_stores(original, copy)
-
-
-def test_repair_is_one_atomic_commit_across_layers(swept, copy, tmp_path):
-    """Case 4: SIGKILL in verify --repair before its commit publishes nothing; the repair that
-    follows publishes the tombstones of both layers in one part."""
-    spec, original, env = swept
-    flip(Path(copy, "layers", "conv2", "samples", "c", "1", "0", "0", "0", "0", "0"), at=0.4)
-    flip(Path(copy, "layers", "fc2", "activation", "c", "0", "0", "0"), at=0.4)
-    parts = set(manifest.part_files(ls.open_store(copy).loc))
-    out = cli("verify", copy, "--repair", env=env, cwd=tmp_path, **{FAILPOINTS: "repair.before-commit=kill"})
-    assert out.returncode == -9
-    assert set(manifest.part_files(ls.open_store(copy).loc)) == parts
-    assert {r["status"] for r in ls.open_store(copy).units(status=None).to_pylist()} == {"ok"}
-    out = invoke("verify", copy, "--repair")
-    assert out.exit_code == 1 and "8 units marked corrupt (one commit)" in out.output
-    new = set(manifest.part_files(ls.open_store(copy).loc)) - parts
-    assert len(new) == 1 and "/layer=" not in new.pop()  # one part, at the top: both layers' rows
-    counts = {d["name"]: d["corrupt"] for d in ls.open_store(copy).layers()}
-    assert counts == {"conv2": 4, "fc2": 4}
-    out = cli("run", spec, "--store", copy, "--no-realism", env=env, cwd=tmp_path)
-    assert out.returncode == 0 and "1 of 3 blocks already committed, 2 to run" in out.stderr, out.stderr
     assert_equal_stores(original, copy)
 
 
@@ -245,7 +217,7 @@ def test_spec_errors_are_one_line_with_where(tmp_path):
     assert "is not valid YAML: line 3, column 7: expected ',' or '}'" in one_line_error(out.output)
     for field, value, allowed in (("chains", 0, "greater than or equal to 1"), ("steps", -1, "greater than or equal to 1"),
                                   ("lam", 2, "less than or equal to 1")):
-        doc = json.loads(json.dumps(SPEC))
+        doc = json.loads(json.dumps(SWEEP_SPEC))
         doc["sampler"][field] = value
         bad.write_text(yaml.safe_dump(doc))
         out = invoke("run", bad, "--store", tmp_path / "s.zarr")
@@ -268,9 +240,9 @@ def test_a_full_disk_in_stage_1_exits_4_and_the_next_run_makes_the_discriminator
     nor fails on it: it makes it again, and the store equals an uninterrupted run."""
     spec, original, env = swept
     url = tiny_fs / "s.zarr"
-    out = cli("run", spec, "--store", url, env=env, cwd=tmp_path)
-    assert out.returncode == 4, out.stderr
-    line = one_line_error(out.stderr)
+    out = invoke("run", spec, "--store", url)  # in-process: stage 1 fails before Ray would start
+    assert out.exit_code == 4, out.output
+    line = one_line_error(out.output)
     assert "No space left on device" in line and "discriminator (stage 1)" in line and "rerun the same command" in line
     assert not [p for p in tiny_fs.rglob("*") if p.name.endswith(".tmp")]
     assert ls.open_store(str(url)).discriminator_info() is None
