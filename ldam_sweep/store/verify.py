@@ -72,7 +72,7 @@ def verify_store(store: SweepStore | str | StoreLocation) -> tuple[int, list[Any
     """(number of committed blocks checked, problems found: ``StoreProblem`` for damaged files,
     ``BlockProblem`` for blocks and rows). Blocks of a layer whose metadata is damaged, and every
     block when the root is, are not checked (``repair_store`` rebuilds the metadata first)."""
-    loc = store.loc if isinstance(store, SweepStore) else (store if isinstance(store, StoreLocation) else StoreLocation.parse(store))
+    loc = _location(store)
     problems, attrs = file_problems(loc)
     if attrs is None or any(p.kind in ("root", "unrepairable") for p in problems):
         return 0, problems
@@ -82,6 +82,12 @@ def verify_store(store: SweepStore | str | StoreLocation) -> tuple[int, list[Any
     skip = {p.layer_name for p in problems if p.kind == "metadata" and p.layer_name}
     checked, block_problems = _block_problems(store, skip)
     return checked, problems + block_problems
+
+
+def _location(store: SweepStore | str | StoreLocation) -> StoreLocation:
+    if isinstance(store, SweepStore):
+        return store.loc
+    return store if isinstance(store, StoreLocation) else StoreLocation.parse(store)
 
 
 def _block_problems(store: SweepStore, skip_layers: set[str]) -> tuple[int, list[BlockProblem]]:
@@ -322,7 +328,7 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
     lease; then check the blocks again and mark every block with a problem as corrupt: one tombstone
     row per committed unit, for all layers in one manifest part (one atomic commit). The newest row
     of each unit wins, so those blocks stop counting as done and the next ``run`` redoes exactly them."""
-    loc = store.loc if isinstance(store, SweepStore) else (store if isinstance(store, StoreLocation) else StoreLocation.parse(store))
+    loc = _location(store)
     report = RepairReport(fixed=[], left=[])
     fs = loc.fs
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
