@@ -65,6 +65,7 @@ class SweepStore:
         self._verified: set[tuple[str, int, str]] = set()  # (layer, block, checksum) whose data matched
         self._found_corrupt: set[tuple[str, int]] = set()  # (layer, block) whose data did not, when read here
         self._skip_parts: frozenset[str] = frozenset()
+        self._discriminator: tuple[str, str, bytes | None] | None = None  # _discriminator_check's result
 
     def ignoring_parts(self, paths: set[str]) -> "SweepStore":
         """Read the manifest without these part files (damaged ones ``verify`` found); re-reads it."""
@@ -72,7 +73,8 @@ class SweepStore:
         return self.refresh()
 
     def refresh(self) -> "SweepStore":
-        """Forget the cached manifest: the next query sees commits made since it was read."""
+        """Forget the cached manifest (and discriminator check): the next query sees commits made since."""
+        self._discriminator = None
         self._latest = None
         return self
 
@@ -350,19 +352,27 @@ class SweepStore:
     def discriminator_state(self) -> tuple[str, str]:
         """(state, what is wrong): "absent", "ok", "legacy" (stored before its bytes had a
         checksum), "incomplete" or "corrupt" (see ``integrity.discriminator_state``)."""
-        return discriminator_state(self.loc)
+        return self._discriminator_check()[:2]
+
+    def _discriminator_check(self) -> tuple[str, str, bytes | None]:
+        """(state, what is wrong, its bytes): read and checked once per object (``refresh()`` forgets
+        it), so the state, the record and the bytes a caller gets are of one read."""
+        if self._discriminator is None:
+            blob = None
+            if "discriminator" in self.root:
+                try:
+                    blob = bytes(np.asarray(self.root["discriminator/file"][:]))
+                except Exception:  # discriminator_state reads it again and says why
+                    pass
+            self._discriminator = (*discriminator_state(self.loc, blob), blob)
+        return self._discriminator
 
     def discriminator_bytes(self) -> bytes | None:
         """The frozen discriminator the sweep used, as its saved file's bytes, or None. Checked
-        against the sha256 its record names on every call: StoreDamagedError when they differ. Load
-        it with ``ldam_sweep.sampling.discriminator.load_discriminator(blob, model)``."""
-        if "discriminator" not in self.root:
-            return None
-        try:
-            blob = bytes(np.asarray(self.root["discriminator/file"][:]))
-        except Exception:
-            blob = None
-        state, why = discriminator_state(self.loc, blob)
+        against the sha256 its record names (once per object; the bytes returned are the ones
+        checked): StoreDamagedError when they differ. Load it with
+        ``ldam_sweep.sampling.discriminator.load_discriminator(blob, model)``."""
+        state, why, blob = self._discriminator_check()
         if state == "absent":
             return None
         if state not in ("ok", "legacy") or blob is None:
