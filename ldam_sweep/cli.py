@@ -107,15 +107,18 @@ def layers(
                        layers=[layer.as_dict() for layer in model.layers],
                        skipped=[s.as_dict() for s in model.skipped])
             return
-        table = Table(title=f"{model.name}: input {model.input.shape}, {len(model.layers)} layers")
-        for col in ("layer", "module", "kind", "units", "output shape", "objective", "aliases"):
-            table.add_column(col, justify="right" if col == "units" else "left")
+        from ldam_sweep.termtable import mark, print_table
+
+        rows, details = [], {}  # details: a token layout, stated once in a note -> its marker
         for layer in model.layers:
-            table.add_row(
-                layer.name, layer.module_type, layer.kind, str(layer.units),
-                "×".join(map(str, layer.output_shape)), _objective_note(layer), ", ".join(layer.aliases),
-            )
-        console.print(table)
+            objective, full = layer.default_objective, _objective_note(layer)
+            if full != objective:
+                objective += details.setdefault(full, mark(len(details) + 1))
+            rows.append((layer.name, layer.module_type, layer.kind, layer.units, "×".join(map(str, layer.output_shape)),
+                         objective, ", ".join(layer.aliases)))
+        print_table(console, f"{model.name}: input {model.input.shape}, {len(model.layers)} layers",
+                    ("layer", "module", "kind", "units", "output shape", "objective", "aliases"), rows,
+                    keys=("layer",), right=("units",), notes=[f"{m} {full}" for full, m in details.items()])
         console.print(f"total units: {sum(layer.units for layer in model.layers)}")
         if model.skipped:
             console.print(f"not layers ({len(model.skipped)} modules that run but have no single visualisable output):")
@@ -124,7 +127,8 @@ def layers(
 
 
 def _objective_note(layer) -> str:
-    """The layer's default objective, and for token layers how its tokens are laid out."""
+    """The layer's default objective, and for token layers how its tokens are laid out (`layers`
+    shows this once, as a note under the table, and marks the rows it applies to)."""
     g = layer.geometry
     if g is None:
         return layer.default_objective
@@ -337,8 +341,8 @@ def _print_realism(doc: dict[str, Any], url: str) -> None:
                   highlight=False, markup=False)
 
 
-QUERY_COLUMNS = ("layer", "unit", "status", "integrity", "act_start_mean", "act_final_mean", "act_final_max",
-                 "realism_final_mean", "exemplar_max")
+QUERY_COLUMNS = ("layer", "unit", "status", "integrity", "label", "label_purity", "act_final_mean", "exemplar_max",
+                 "realism_final_mean")
 
 
 @app.command()
@@ -346,6 +350,8 @@ def query(
     store: str = typer.Argument(..., help="Store path or URL."),
     layer: Optional[str] = typer.Option(None, help="Only this layer."),
     unit: Optional[int] = typer.Option(None, help="Only this unit."),
+    label: Optional[str] = typer.Option(None, help="Only units with this label (their top exemplars' class, else the "
+                                        "network's reading of their samples; case-insensitive), as the atlas search."),
     status_: str = typer.Option("ok", "--status", help="ok, dead, failed, corrupt, or all."),
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
@@ -362,7 +368,7 @@ def query(
         if status_ not in ("ok", "dead", "failed", "corrupt", "all"):
             raise StoreError(f"--status must be ok, dead, failed, corrupt or all, got {status_!r}")
         st = open_store(store)
-        table = st.units(layer, unit=unit, status=None if status_ == "all" else status_, sort=sort,
+        table = st.units(layer, unit=unit, label=label, status=None if status_ == "all" else status_, sort=sort,
                          descending=not ascending, limit=limit)
         if json_out:
             print_json("query", store=st.loc.url, count=table.num_rows, units=table.to_pylist())
@@ -371,13 +377,11 @@ def query(
         unknown = [c for c in cols if c not in table.column_names]
         if unknown:
             raise StoreError(f"unknown column(s) {unknown}; columns: {', '.join(table.column_names)}")
-        out = Table(title=f"{table.num_rows} units")
-        for c in cols:
-            out.add_column(c, justify="left" if c in ("layer", "status", "integrity") else "right")
-        data = table.select(cols).to_pylist()
-        for r in data:
-            out.add_row(*[f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v)) for v in r.values()])
-        console.print(out)
+        from ldam_sweep.termtable import print_table
+
+        data = [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in table.select(cols).to_pylist()]
+        print_table(console, f"{table.num_rows} units", cols, data, keys=("layer", "unit"),
+                    right=[c for c in cols if c not in ("layer", "status", "integrity")])
         marks = table["integrity"].to_pylist()
         if "corrupt" in marks or "unverified" in marks:
             console.print(f"integrity: {marks.count('corrupt')} corrupt (their blocks failed a check: `ldam-sweep verify "
@@ -595,14 +599,18 @@ def find(
                                                           for h in result.for_image(i)]}
                                 for i, name in enumerate(result.names)])
             return
+        from ldam_sweep.termtable import print_table
+
         for i, name in enumerate(result.names):
-            table = Table(title=name)
-            for col in ("rank", "layer", "unit", "ratio", "activation", "reference", "reference of", "atlas page"):
-                table.add_column(col, justify="left" if col in ("layer", "reference of", "atlas page") else "right")
-            for h in result.for_image(i):
-                table.add_row(str(h["rank"]), h["layer"], str(h["unit"]), f"{h['ratio']:.3g}", f"{h['activation']:.4g}",
-                              f"{h['reference']:.4g}", h["reference_column"], h["atlas_page"] or "")
-            console.print(table)
+            hits = result.for_image(i)
+            print_table(console, name, ("rank", "layer", "unit", "label", "ratio", "activation", "reference",
+                                        "reference of", "atlas page"),
+                        [(h["rank"], h["layer"], h["unit"], h["label"], f"{h['ratio']:.3g}", f"{h['activation']:.4g}",
+                          f"{h['reference']:.4g}", h["reference_column"],
+                          h["atlas_page"] and Path(h["atlas_page"]).relative_to(result.atlas).as_posix()) for h in hits],
+                        keys=("rank", "layer", "unit"), right=("rank", "unit", "ratio", "activation", "reference"),
+                        notes=[f"atlas pages (each unit page's stable link) are under {result.atlas}"]
+                        if result.atlas is not None and any(h["atlas_page"] for h in hits) else [])
         _log(f"model loaded in {result.load_seconds:.2f}s; {len(result.names)} image(s) ranked in {result.compute_seconds:.3f}s")
 
 

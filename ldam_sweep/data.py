@@ -164,25 +164,72 @@ def real_images(source: Any, input_spec: Any, split: Split = "train") -> np.ndar
     digits: the fixed 25% held-out split; photos: disjoint regions; folder / npy: every 4th
     image (by sorted order) is held out.
     """
+    return real_data(source, input_spec, split)[0]
+
+
+def real_data(source: Any, input_spec: Any, split: Split = "train") -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """(images, labels, class names) of a DataSpec for the given split, as ``real_images`` splits
+    them. Labels are class indices into the names, or None for unlabelled data: digits (the digit),
+    a folder whose every image sits in a class subfolder (the subfolder's name: torchvision's
+    ImageFolder convention), an npy source with a ``labels`` array; photos have none."""
     c, h, w = input_spec.shape
     lo, hi = input_spec.range
     if source.source == "digits":
         if h != w or c not in (1, 3):
             raise DataError(f"digits need a square 1- or 3-channel input, the model takes {input_spec.shape}")
-        imgs, _ = digits(h, split)
+        imgs, labels = digits(h, split)
         imgs = np.repeat(imgs, c, axis=1) if c == 3 else imgs
         imgs = lo + (hi - lo) * imgs
-        out = imgs[: source.limit] if source.limit else imgs
-        return fit_images(out, input_spec, what="digits")
+        n = source.limit or len(imgs)
+        return fit_images(imgs[:n], input_spec, what="digits"), labels[:n], [str(d) for d in range(10)]
     if source.source == "photos":
         return photo_crops(input_spec, source.count if split != "test" else max(64, source.count // 4),
-                           "test" if split == "test" else "train", seed=source.seed)
-    imgs = image_folder(source.path, input_spec) if source.source == "folder" else npy_images(source.path, input_spec)
+                           "test" if split == "test" else "train", seed=source.seed), None, None
+    if source.source == "folder":
+        imgs = image_folder(source.path, input_spec)
+        labels, names = folder_labels(source.path)
+    else:
+        imgs = npy_images(source.path, input_spec)
+        labels, names = npy_labels(source.labels, len(imgs)) if getattr(source, "labels", None) else (None, None)
     if split == "all":
-        return imgs[: source.limit] if source.limit else imgs
-    held = np.zeros(len(imgs), dtype=bool)
-    held[3::4] = True
-    if held.sum() == 0 or (~held).sum() == 0:
-        raise DataError(f"{source.source} {str(source.path)!r} has {len(imgs)} image(s); at least 4 are needed for a held-out split")
-    out = imgs[held] if split == "test" else imgs[~held]
-    return out[: source.limit] if source.limit else out
+        pick = np.arange(len(imgs))
+    else:
+        held = np.zeros(len(imgs), dtype=bool)
+        held[3::4] = True
+        if held.sum() == 0 or (~held).sum() == 0:
+            raise DataError(f"{source.source} {str(source.path)!r} has {len(imgs)} image(s); at least 4 are needed for a held-out split")
+        pick = np.flatnonzero(held if split == "test" else ~held)
+    pick = pick[: source.limit] if source.limit else pick
+    return imgs[pick], None if labels is None else labels[pick], names
+
+
+def folder_labels(path: str | Path) -> tuple[np.ndarray | None, list[str] | None]:
+    """Class indices of ``image_files(path)`` (in that order) and the class names: the first-level
+    subfolder each image sits in, names sorted. (None, None) when any image is not in a subfolder."""
+    root = Path(path)
+    files = image_files(root)
+    tops = [f.relative_to(root).parts for f in files]
+    if any(len(parts) < 2 for parts in tops):
+        return None, None
+    names = sorted({parts[0] for parts in tops})
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[parts[0]] for parts in tops], dtype=np.int64), names
+
+
+def npy_labels(path: str | Path, n: int) -> tuple[np.ndarray, list[str]]:
+    """An npy source's labels: a 1-D .npy of N integers or strings (loaded without pickle), one per
+    image; class names are the sorted distinct values as text."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data.labels: .npy file {str(p)!r} does not exist")
+    try:
+        arr = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"data.labels: .npy file {str(p)!r} cannot be read without pickle: {err}") from None
+    if arr.ndim != 1 or len(arr) != n or arr.dtype.kind not in "iuU":
+        raise DataError(f"data.labels: {str(p)!r} must be a 1-D array of {n} integers or strings (one per image), "
+                        f"got shape {arr.shape} dtype {arr.dtype}")
+    text = arr.astype(str)
+    names = [str(v) for v in sorted(set(arr.tolist()))]  # integers in numeric order, strings in text order
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index[v] for v in text.tolist()], dtype=np.int64), names

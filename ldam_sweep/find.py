@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from ldam_sweep.atlas.format import unit_page
 from ldam_sweep.errors import DataError, StoreError
+from ldam_sweep.store.query import display_label
 
 if TYPE_CHECKING:
     from ldam_sweep.model.handle import ModelHandle
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 HIT_SCHEMA = pa.schema([
     ("image", pa.int32()), ("name", pa.string()), ("rank", pa.int32()), ("layer", pa.string()), ("unit", pa.int32()),
     ("ratio", pa.float64()), ("activation", pa.float64()), ("reference", pa.float64()),
-    ("reference_column", pa.string()), ("atlas_page", pa.string()),
+    ("reference_column", pa.string()), ("label", pa.string()), ("atlas_page", pa.string()),
 ])
 
 Images = Any  # an array (N, C, H, W) / (C, H, W), an image file, a folder of them, or a list of files / arrays
@@ -44,6 +45,7 @@ class FindResult:
     hits: pa.Table
     names: list[str]
     notes: list[str] = field(default_factory=list)
+    atlas: Path | None = None  # the atlas its ``atlas_page`` links point into
     load_seconds: float = 0.0
     compute_seconds: float = 0.0
 
@@ -139,6 +141,7 @@ def find_units(store: "SweepStore", images: Images, *, layer: str | None = None,
     notes: list[str] = []
     targets: dict[str, tuple[np.ndarray, str]] = {}
     refs: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # layer -> (reference, uses exemplar)
+    labels: dict[str, np.ndarray] = {}  # layer -> each usable unit's label (display_label)
     for lp in layers:
         rows = committed.filter(pc.equal(committed["layer"], lp.name))
         if rows.num_rows == 0:
@@ -154,6 +157,8 @@ def find_units(store: "SweepStore", images: Images, *, layer: str | None = None,
                          "(reference activation not positive)")
         if usable.any():
             targets[lp.name] = (rows["unit"].to_numpy()[usable].astype(np.int64), lp.objective)
+            labels[lp.name] = np.array([display_label(r) for r in rows.select(["label", "sample_label"]).to_pylist()],
+                                       dtype=object)[usable]
             refs[lp.name] = (ref[usable], has_exemplar[usable])
     acts = unit_activations(model, x, targets, batch=batch) if targets else {}
     site = Path(atlas) if atlas is not None else default_atlas(store)
@@ -165,6 +170,7 @@ def find_units(store: "SweepStore", images: Images, *, layer: str | None = None,
         unit_col = np.concatenate([targets[n][0] for n in acts])
         ref_col = np.concatenate([refs[n][0] for n in acts])
         exemplar_col = np.concatenate([refs[n][1] for n in acts])
+        label_col = np.concatenate([labels[n] for n in acts])
         act = np.concatenate([acts[n] for n in acts], axis=1)  # (N, all units)
         ratio = act / ref_col
         k = min(top, ratio.shape[1])
@@ -180,9 +186,9 @@ def find_units(store: "SweepStore", images: Images, *, layer: str | None = None,
             rows_out.append({
                 "image": i, "name": name, "rank": rank, "layer": layer_col[j], "unit": int(unit_col[j]),
                 "ratio": float(ratio[i, j]), "activation": float(act[i, j]), "reference": float(ref_col[j]),
-                "reference_column": "exemplar_max" if exemplar_col[j] else "act_final_mean",
+                "reference_column": "exemplar_max" if exemplar_col[j] else "act_final_mean", "label": label_col[j],
                 "atlas_page": str(page) if page is not None and page.is_file() else None,
             })
     hits = pa.Table.from_pylist(rows_out, schema=HIT_SCHEMA)
     return FindResult(hits=hits, names=names, notes=notes, load_seconds=load_seconds,
-                      compute_seconds=time.perf_counter() - t0)
+                      compute_seconds=time.perf_counter() - t0, atlas=site)

@@ -88,7 +88,7 @@ class LayerPlan:
 
 
 # The order of a block's arrays (the block checksum hashes them in this order).
-ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation")
+ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts")
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,7 @@ class StorePlan:
     model_name: str = ""
     model_fingerprint: str = ""
     spec: dict[str, Any] = field(default_factory=dict)  # the job spec as submitted
+    starts: bool = False  # keep each chain's starting image (array ``starts``); stores made before it have none
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -129,11 +130,16 @@ class StorePlan:
             out += [ArraySpec("exemplars", (lp.units, k, *image), "float16", chunks=(b, k, *image),
                               dims=("unit", "rank", "c", "y", "x")),
                     ArraySpec("exemplar_activation", (lp.units, k), "float32", chunks=(b, k), dims=("unit", "rank"))]
+        if self.starts:
+            out.append(ArraySpec("starts", (lp.units, ch, *image), "float16", chunks=(b, ch, *image),
+                                 dims=("unit", "chain", "c", "y", "x")))
         return {a.name: a for a in out}
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [asdict(lp) for lp in self.layers]
+        if not self.starts:  # a plan without starts keeps the JSON (and plan_hash) of stores made before it
+            del d["starts"]
         return json.loads(json.dumps(d))  # tuples -> lists, exactly as stored in zarr.json
 
     @classmethod
@@ -147,7 +153,7 @@ class StorePlan:
             layers=layers, chains=d["chains"], steps=d["steps"], snapshot_steps=tuple(d["snapshot_steps"]),
             image_shape=tuple(d["image_shape"]), value_range=tuple(d["value_range"]),  # type: ignore[arg-type]
             realism=d["realism"], exemplars_k=d["exemplars_k"], model_name=d["model_name"],
-            model_fingerprint=d["model_fingerprint"], spec=d["spec"],
+            model_fingerprint=d["model_fingerprint"], spec=d["spec"], starts=bool(d.get("starts", False)),
         )
 
     def identity_spec(self) -> dict[str, Any]:
@@ -164,10 +170,13 @@ class StorePlan:
             # the memory layout changes results by float rounding only, like running on other hardware
             # (which a resume allows); float32 is left out so specs written before the field existed
             # keep their identity. bf16 changes the method's numerics and stays in.
-            model = {k: v for k, v in spec["model"].items() if k != "memory_format"}
+            # class names (labels) name outputs for the atlas and change no sample either
+            model = {k: v for k, v in spec["model"].items() if k not in ("memory_format", "labels")}
             if model.get("precision") == "float32":
                 model.pop("precision")
             spec["model"] = model
+        if isinstance(spec.get("data"), dict) and "labels" in spec["data"]:
+            spec["data"] = {k: v for k, v in spec["data"].items() if k != "labels"}
         return spec
 
     def spec_hash(self) -> str:
@@ -190,6 +199,7 @@ def plan_store(
     exemplars_k: int = 0,
     objective: Mapping[str, str] | None = None,
     spec: dict[str, Any] | None = None,
+    starts: bool = False,
 ) -> StorePlan:
     """A StorePlan for ``model``: ``layers`` maps layer name -> selected units (None: all);
     ``objective`` is the job spec's ``objective:`` map (by layer kind or name)."""
@@ -206,7 +216,7 @@ def plan_store(
         layers=tuple(plans), chains=chains, steps=steps, snapshot_steps=tuple(snapshot_steps),
         image_shape=tuple(model.input.shape), value_range=tuple(model.input.range),  # type: ignore[arg-type]
         realism=realism, exemplars_k=exemplars_k, model_name=model.name,
-        model_fingerprint=model.fingerprint, spec=dict(spec or {}),
+        model_fingerprint=model.fingerprint, spec=dict(spec or {}), starts=starts,
     )
 
 
@@ -260,7 +270,7 @@ def sweep_store_plan(job: JobSpec, model: ModelHandle, spec_doc: dict[str, Any])
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
         block_size=job.resources.grid_units, realism=job.discriminator is not None,
         exemplars_k=job.exemplars if job.data is not None else 0,
-        objective=job_objectives(job, model), spec=spec_doc,
+        objective=job_objectives(job, model), spec=spec_doc, starts=True,
     )
 
 

@@ -63,6 +63,8 @@ class ModelSpec(BaseModel):
     a sweep's identity (a resume may change it, as it may change hardware).
     ``precision: bf16`` runs the model under ``torch.autocast(bfloat16)`` (tensor cores on a GPU);
     the chains' state, noise and update stay float32.
+    ``labels``: a text file naming the model's output classes, one per line (the network's reading
+    of each unit's samples); the zoo's digits models name theirs, torchvision's take ImageNet's.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -74,6 +76,7 @@ class ModelSpec(BaseModel):
     weights: Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     input: InputSpec | None = None
+    labels: Path | None = Field(None, description="text file: the model's output class names, one per line")
     memory_format: Literal["auto", "contiguous", "channels_last"] = Field(
         "auto", description="layout of conv weights and activations; auto: channels_last when the model has a Conv2d "
         "and runs with it (up to 2x faster at large batches on CPU, a wash at small ones: benchmarks/README.md)")
@@ -125,12 +128,15 @@ class DataSpec(BaseModel):
     ``source``: ``digits`` (scikit-learn, offline), ``photos`` (random crops of scikit-learn's two
     sample photographs, offline), ``folder`` (PNG/JPEG under ``path``, recursive) or ``npy``
     (an (N, C, H, W) array in the model's pixel range at ``path``).
+    Labels (units' exemplar labels): digits' classes, a folder's class subfolders, an npy source's
+    ``labels`` (a 1-D .npy of N integers or strings); photos have none.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     source: Literal["digits", "photos", "folder", "npy"]
     path: Path | None = None
+    labels: Path | None = Field(None, description="npy only: a 1-D .npy of one label (integer or string) per image")
     limit: int | None = Field(None, ge=1, description="use at most this many images per split")
     count: int = Field(512, ge=8, description="photos: number of training crops")
     seed: int = 0
@@ -141,6 +147,9 @@ class DataSpec(BaseModel):
             raise ValueError(f"source {self.source!r} needs a path")
         if self.source in ("digits", "photos") and self.path is not None:
             raise ValueError(f"source {self.source!r} ships with scikit-learn and takes no path")
+        if self.labels is not None and self.source != "npy":
+            raise ValueError(f"labels is for the npy source; {self.source!r} has its own (digits: the digit; folder: "
+                             "its class subfolders; photos: none)")
         return self
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 import ldam_sweep as ls
+from ldam_sweep.atlas.format import unit_page
 from ldam_sweep.atlas.site import build_atlas, slug
 from ldam_sweep.data import digits
 from ldam_sweep.sampling.chains import default_snapshot_steps
-from ldam_sweep.sampling.exemplars import top_exemplars
+from ldam_sweep.sampling.exemplars import exemplar_pass, top_exemplars, unit_label_columns
 from ldam_sweep.sampling.scoring import score_result
 from ldam_sweep.store import BlockWriter, commit, create_store
 from ldam_sweep.store.layout import plan_store
@@ -25,6 +26,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="make test installs Debian's chromium; run it through make")
 
 EVIL = "<script>alert('pwned')</script>"
+DIGITS = [str(d) for d in range(10)]
 FACTORY = f'''
 from collections import OrderedDict
 from torch import nn
@@ -34,13 +36,22 @@ def build():
 '''
 
 
-def _sweep_block(url, model, layer, block, pool):
+def _sweep_block(url, model, layer, block, pool, labels=None):
+    """Sample, score and commit one block the way a worker does; ``labels``: the pool's digit classes
+    (the store then gets labels, activation histograms and chain starts, as today's sweeps do)."""
     w = BlockWriter(url)
     lp = w.plan.layer(layer)
     res = ls.sample(model, layer, lp.block_units(block), chains=3, steps=30, snapshot_every=10)
-    ex = top_exemplars(model, layer, res.units, lp.objective, pool, 4)
+    if labels is None:  # a store as written before labels existed
+        ex = top_exemplars(model, layer, res.units, lp.objective, pool, 4)
+        extra = {}
+    else:
+        found = exemplar_pass(model, layer, res.units, lp.objective, pool, 4, labels=labels, class_names=DIGITS)
+        ex = (found.images, found.activations)
+        extra = unit_label_columns(model, res, found)
     scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0], exemplars=ex[0])
-    commit(url, w.write(layer, block, res, exemplars=ex, unit_columns=scores))
+    columns = {u: {**scores.get(u, {}), **extra.get(u, {})} for u in map(int, res.units)}
+    commit(url, w.write(layer, block, res, exemplars=ex, unit_columns=columns))
 
 
 @pytest.fixture(scope="module")
@@ -55,23 +66,27 @@ def atlas_site(tmp_path_factory, digits_model, dead_channel_model):
     finally:
         sys.path.remove(str(tmp))
     dead = ls.load_model(dead_channel_model[0], device="cpu")
-    pool = torch.from_numpy(digits(28, "train")[0])
+    images, labels = digits(28, "train")
+    pool = torch.from_numpy(images)
     stores = {}
+    # the digits store is written as today's sweeps write (labels, histograms, chain starts); the
+    # other two as older code wrote them, so their atlas shows what such stores have
     for key, model, layers in (("digits", digits_model, {"fc2": None, "conv2": list(range(8))}), ("evil", evil, {EVIL: None}),
                                ("dead", dead, {"relu": None})):
         url = str(tmp / f"{key}.zarr")
         plan = plan_store(model, layers, chains=3, steps=30, snapshot_steps=default_snapshot_steps(30, 10), block_size=4,
-                          exemplars_k=4, spec={"name": key, "note": EVIL})
+                          exemplars_k=4, spec={"name": key, "note": EVIL}, starts=key == "digits")
         create_store(url, plan)
         for lp in plan.layers:
             for b in lp.planned_blocks():
                 if (key, lp.name, b) != ("digits", "fc2", 2):  # leave one block pending
-                    _sweep_block(url, model, lp.name, b, pool)
+                    _sweep_block(url, model, lp.name, b, pool, labels if key == "digits" else None)
         stores[key] = url
     report = build_atlas(stores["digits"], tmp / "site")
     evil_report = build_atlas(stores["evil"], tmp / "evil-site")
     build_atlas(stores["dead"], tmp / "dead-site")
-    return {"tmp": tmp, "stores": stores, "report": report, "evil": evil_report, "model": digits_model, "pool": pool}
+    return {"tmp": tmp, "stores": stores, "report": report, "evil": evil_report, "model": digits_model, "pool": pool,
+            "labels": labels}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +147,7 @@ def test_browse_index_layer_unit(atlas_site, browser):
     side = page.locator(".side > div h2").all_inner_texts()
     assert side == ["Final samples by facet", "Dataset exemplars (top real images)"]
     loaded = _images_loaded(page)
-    assert len(loaded) == 2 + facets and all(w > 0 for w in loaded)  # chains x snapshots, facets, exemplars
+    assert len(loaded) == 3 + facets and all(w > 0 for w in loaded)  # chains x snapshots, facets, exemplars, change
     page.screenshot(path=str(atlas_site["tmp"] / "unit.png"), full_page=True)
     assert (atlas_site["tmp"] / "unit.png").stat().st_size > 10_000
     assert all(u.startswith("file://") for u in requests)  # nothing fetched from the network
@@ -195,7 +210,94 @@ def test_rebuild_renders_only_what_changed(atlas_site):
     assert first.units_rendered == 16 and first.units_skipped == 0
     again = build_atlas(url, site)
     assert again.units_rendered == 0 and again.units_skipped == 16
-    _sweep_block(url, atlas_site["model"], "fc2", 2, atlas_site["pool"])
+    _sweep_block(url, atlas_site["model"], "fc2", 2, atlas_site["pool"], atlas_site["labels"])
     third = build_atlas(url, site)
     assert third.units_rendered == 2 and third.units_skipped == 16
     assert (site / "units" / slug("fc2") / "9.html").is_file()
+
+
+def test_search_lists_units_by_label_across_layers_and_opens_them(atlas_site, browser):
+    """Typing a label ("1": the fixture's conv2 channels and fc2's logit 1 have it) in the index lists
+    every unit with that label (the API's units(label=...)) in every layer, before the units numbered
+    1; a click opens the unit's page."""
+    st = ls.open_store(atlas_site["stores"]["digits"])
+    want = {(r["layer"], r["unit"]) for r in st.units(label="1", status=("ok", "dead")).to_pylist()}
+    assert {layer for layer, _ in want} == {"fc2", "conv2"}  # labels in both layers
+    assert st.units("fc2", label="3")["unit"].to_pylist() == [3]  # a logit's label is its own class
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto((atlas_site["tmp"] / "site" / "index.html").as_uri())
+    page.fill("#search", "1")
+    page.wait_for_selector("tr.hit")
+    hits = [r.split("\t") for r in page.locator("tr.hit").all_inner_texts()]
+    labelled = [(layer, int(unit.removeprefix("unit "))) for layer, unit, label, *_ in hits if label == "1"]
+    assert set(labelled) == want and len(labelled) == len(want)
+    assert [h[2] for h in hits[: len(want)]] == ["1"] * len(want)  # the label's units come first
+    numbered = [(layer, unit) for layer, unit, label, *_ in hits if label != "1"]
+    assert numbered == [("conv2", "unit 1")]  # then the units numbered 1 (fc2's unit 1 is labelled 1)
+    assert float(page.locator("#found").get_attribute("data-ms")) < 1000
+    assert page.evaluate("location.hash") == "#q=1"  # the search itself has a link
+    layer, unit = labelled[0]
+    page.locator("tr.hit a").first.click()
+    page.wait_for_selector("h2")
+    assert page.inner_text("h1") == f"{layer} · unit {unit}"
+    assert "label 1:" in page.inner_text("p.label")
+    # words combine: a layer and unit:N find that one unit; a bare number is a label or a unit number
+    page.goto((atlas_site["tmp"] / "site" / "index.html").as_uri() + "#q=conv2%20unit:5")
+    page.wait_for_selector("tr.hit")
+    assert [r.split("\t")[:2] for r in page.locator("tr.hit").all_inner_texts()] == [["conv2", "unit 5"]]
+    page.fill("#search", "conv2 5")
+    fives = {r.split("\t")[1] for r in page.locator("tr.hit").all_inner_texts()}
+    assert fives == {f"unit {u}" for u in st.units("conv2", label="5")["unit"].to_pylist()} | {"unit 5"}
+
+
+def test_unit_page_shows_histogram_markers_and_what_each_chain_changed(atlas_site, browser):
+    st = ls.open_store(atlas_site["stores"]["digits"])
+    row = st.units("fc2", unit=1).to_pylist()[0]
+    assert sum(row["data_hist"]) == len(atlas_site["pool"]) and row["data_hist_lo"] < row["data_hist_hi"]
+    site = atlas_site["tmp"] / "site"
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(unit_page(site, "fc2", 1).as_uri())
+    hist = page.locator("figure.hist svg")
+    assert hist.locator("rect.bin").count() == sum(1 for c in row["data_hist"] if c > 0)
+    assert hist.locator(".mark-exemplar").count() == 4  # the top-4 exemplars
+    assert hist.locator(".mark-sample").count() == 3  # one per chain's final sample
+    ex_act = st.exemplars("fc2", 1)[1]
+    titles = hist.locator(".mark-exemplar title").all_text_contents()
+    assert titles == [f"exemplar {v:.3g}" for v in ex_act]
+    assert f"Above 0 on {row['data_active_fraction']:.4g}" in page.inner_text("figure.hist figcaption")
+    change = page.locator("img.change")
+    assert change.count() == 1 and change.evaluate("e => e.complete && e.naturalWidth") > 0
+    assert "What each chain changed" in page.inner_text("body")
+    link = page.inner_text("code.stable-link")
+    assert (site / link).resolve() == unit_page(site, "fc2", 1).resolve()
+    # the strip is start | final | change of each chain: its start and final halves are the stored images
+    from PIL import Image
+
+    strip = np.asarray(Image.open(site / "img" / slug("fc2") / "1-change.png").convert("RGB"))
+    assert strip.shape[0] > 3 * 28 and strip.shape[1] > 3 * 28
+    assert page.locator("svg polyline").count() == 3  # the activation traces are still there
+    page.screenshot(path=str(atlas_site["tmp"] / "unit-labelled.png"), full_page=True)
+
+
+def test_a_store_written_before_labels_builds_its_atlas_without_them(atlas_site, browser):
+    page = browser.new_page()
+    site = atlas_site["tmp"] / "evil-site"
+    page.goto((site / "index.html").as_uri())
+    page.fill("#search", "0")  # no labels: only units numbered 0
+    page.wait_for_selector("tr.hit")
+    assert [r.split("\t")[1] for r in page.locator("tr.hit").all_inner_texts()] == ["unit 0"]
+    page.locator("tr.hit a").first.click()
+    page.wait_for_selector("h2")
+    text = page.inner_text("body")
+    assert "What each chain changed" not in text and "Activation on real data" not in text and "Chains × snapshots" in text
+
+
+def test_layer_page_filters_by_label(atlas_site, browser):
+    page = browser.new_page()
+    page.goto((atlas_site["tmp"] / "site" / "layers" / f"{slug('conv2')}.html").as_uri())
+    st = ls.open_store(atlas_site["stores"]["digits"])
+    label = st.units("conv2", sort="label_purity", limit=1)["label"][0].as_py()
+    page.fill("#label", label)
+    want = st.units("conv2", label=label).num_rows
+    assert page.inner_text("#count") == f"{want} of 8 units" and want >= 1
+    assert all(t == f"label {label}" for t in page.locator(".cell .label").all_inner_texts())

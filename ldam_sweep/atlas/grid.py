@@ -69,3 +69,39 @@ def save_grid(path: str | Path, *args, **kwargs) -> Path:
     p.parent.mkdir(parents=True, exist_ok=True)
     render_grid(*args, **kwargs).save(p, format="PNG")
     return p
+
+
+def diverging(diff: np.ndarray, scale: float) -> np.ndarray:
+    """(..., H, W) signed values -> (..., H, W, 3) uint8 on a blue-white-red map: white at 0,
+    full red at +scale (brighter), full blue at -scale (darker)."""
+    t = np.clip(np.nan_to_num(diff / scale), -1.0, 1.0)
+    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    rgb = np.stack([1 - neg, 1 - pos - neg, 1 - pos], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def render_change(starts: np.ndarray, finals: np.ndarray, value_range: tuple[float, float], *,
+                  scale: int | None = None, labels: Sequence[str] | None = None) -> tuple[Image.Image, float]:
+    """Per chain (row): its start | its final image | final − start on a diverging map (channels
+    averaged; red: brighter in the final image, blue: darker). The map's full colour is the
+    largest change among the chains, as a share of the pixel range, which is returned with it."""
+    lo, hi = value_range
+    diff = (np.asarray(finals, np.float32) - np.asarray(starts, np.float32)).mean(axis=-3) / (hi - lo)  # (chains, H, W)
+    finite = np.abs(diff[np.isfinite(diff)])
+    full = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    chains, c, h, w = starts.shape
+    scale = scale or max(1, 96 // max(h, w))
+    pair = render_grid(np.stack([starts, finals], 1), value_range, scale=scale, pad=2,
+                       row_labels=labels, col_labels=["start", "final"])
+    maps = diverging(diff, full)
+    head = 14
+    canvas = Image.new("RGB", (pair.width + w * scale + 6, pair.height), "white")
+    canvas.paste(pair, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pair.width + 1, 1), f"change (±{full:.2g})", fill="black", font=ImageFont.load_default())
+    for r in range(chains):
+        tile = Image.fromarray(maps[r]).resize((w * scale, h * scale), Image.NEAREST)
+        x, y = pair.width, head + 2 + r * (h * scale + 2)
+        canvas.paste(tile, (x, y))
+        draw.rectangle((x - 1, y - 1, x + w * scale, y + h * scale), outline=(170, 170, 170))  # white is "no change"
+    return canvas, full

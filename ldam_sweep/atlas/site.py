@@ -27,11 +27,11 @@ import numpy as np
 from ldam_sweep.atlas.format import escape as _e
 from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.format import slug, unit_page
-from ldam_sweep.atlas.grid import render_grid
+from ldam_sweep.atlas.grid import render_change, render_grid
 from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.atlas.facets import facet_groups
 from ldam_sweep.settings import FACET_THRESHOLD
-from ldam_sweep.store.query import SweepStore, open_store
+from ldam_sweep.store.query import SweepStore, display_label, open_store
 from ldam_sweep.store.realism import LOW_REALISM
 
 SCORES = (
@@ -44,7 +44,12 @@ SCORES = (
     ("diverged_fraction", "diverged"), ("stuck_fraction", "stuck at box"),
     ("hf_ratio", "fine detail ÷ real (HF)"), ("detected_fraction", "called generated (two-sample)"),
     ("saturated_fraction", "saturated chains"), ("frozen_fraction", "frozen chains"),
+    ("label_purity", "label purity (top exemplars in its class)"), ("label_base_rate", "label's base rate (real pool)"),
+    ("sample_label_share", "chains read as the network's class"), ("label_match", "chains read as the label"),
+    ("data_active_fraction", "active (> 0) on real images"), ("data_p50", "median on real images"),
+    ("data_p99", "99th percentile on real images"),
 )
+TEXT_COLUMNS = ("label", "sample_label")  # a layer page's rows carry these beside the scores
 PAGE_SIZE = 200
 STATE_FILE = "atlas-state.json"
 
@@ -103,6 +108,66 @@ def _svg_traces(trace: np.ndarray, title: str, width: int = 520, height: int = 1
             f"height='{height}' role='img' aria-label='{_e(title)}'>{axis}{''.join(lines)}</svg></figure>")
 
 
+def _svg_histogram(row: dict[str, Any], exemplar_acts: np.ndarray | None, final_acts: np.ndarray | None,
+                   width: int = 520, height: int = 150) -> str:
+    """The unit's activation over the real pool (bars: log(1 + images) per bin) with ticks for its
+    top exemplars (blue, below the axis) and its chains' final samples (orange, above)."""
+    counts = row.get("data_hist")
+    if not counts:
+        return ""
+    counts = np.asarray(counts, dtype=np.float64)
+    lo, hi = float(row["data_hist_lo"]), float(row["data_hist_hi"])
+    marks = [np.asarray(a, dtype=np.float64)[np.isfinite(a)] for a in (exemplar_acts, final_acts) if a is not None]
+    xmin = min([lo, *[float(m.min()) for m in marks if m.size]])
+    xmax = max([hi, *[float(m.max()) for m in marks if m.size]])
+    xmax = xmax if xmax > xmin else xmin + 1.0
+    pad, base = 30, height - 34
+
+    def x(v: float) -> float:
+        return pad + (width - pad - 8) * (v - xmin) / (xmax - xmin)
+
+    edges = np.linspace(lo, hi, len(counts) + 1)
+    top = np.log1p(counts.max()) or 1.0
+    bars = "".join(f"<rect class='bin' x='{x(edges[i]):.1f}' y='{base - (base - 8) * np.log1p(c) / top:.1f}' "
+                   f"width='{max(0.5, x(edges[i + 1]) - x(edges[i]) - 0.5):.1f}' height='{(base - 8) * np.log1p(c) / top:.1f}' "
+                   f"fill='#9bb'><title>{edges[i]:.3g} to {edges[i + 1]:.3g}: {int(c)} images</title></rect>"
+                   for i, c in enumerate(counts) if c > 0)
+    zero = (f"<line x1='{x(0):.1f}' x2='{x(0):.1f}' y1='4' y2='{base}' stroke='#888' stroke-dasharray='3,3'/>"
+            if xmin < 0 < xmax else "")
+    ticks = ""
+    if exemplar_acts is not None:
+        ticks += "".join(f"<line class='mark-exemplar' x1='{x(v):.1f}' x2='{x(v):.1f}' y1='{base + 2}' y2='{base + 12}' "
+                         f"stroke='#1f5fbf' stroke-width='2'><title>exemplar {v:.3g}</title></line>" for v in marks[0])
+    if final_acts is not None:
+        ticks += "".join(f"<path class='mark-sample' d='M{x(v):.1f},{14} l-4,-8 h8 z' fill='#e67300'>"
+                         f"<title>final sample {v:.3g}</title></path>" for v in marks[-1])
+    axis = (f"<line x1='{pad}' x2='{width - 8}' y1='{base}' y2='{base}' stroke='#444'/>"
+            f"<text x='{pad}' y='{height - 6}' font-size='10'>{xmin:.3g}</text>"
+            f"<text x='{width - 60}' y='{height - 6}' font-size='10'>{xmax:.3g}</text>")
+    n = int(counts.sum())
+    caption = (f"activation over {n} real images (bars: log(1 + images) per bin); blue ticks: the top exemplars; "
+               f"orange: the chains' final samples. Above 0 on {_fmt(row.get('data_active_fraction'))} of them; median "
+               f"{_fmt(row.get('data_p50'))}, 90th percentile {_fmt(row.get('data_p90'))}, 99th {_fmt(row.get('data_p99'))}")
+    return (f"<figure class='hist'><figcaption>{_e(caption)}</figcaption><svg xmlns='http://www.w3.org/2000/svg' "
+            f"width='{width}' height='{height}' role='img' aria-label='activation histogram'>{axis}{zero}{bars}{ticks}</svg></figure>")
+
+
+def label_text(row: dict[str, Any]) -> str:
+    """A unit's label line: its exemplars' class with purity and base rate, and the network's reading."""
+    def pct(v: Any) -> str:
+        return "–" if v is None else f"{100 * v:.0f}%"
+
+    parts = []
+    if row.get("label") is not None:
+        parts.append(f"label {row['label']}: {pct(row.get('label_purity'))} of its top exemplars are {row['label']} "
+                     f"({pct(row.get('label_base_rate'))} of the real images are)")
+    if row.get("sample_label") is not None:
+        match = "" if row.get("label_match") is None else f"; {pct(row['label_match'])} of chains read as its label"
+        parts.append(f"the network reads its samples as {row['sample_label']} "
+                     f"({pct(row.get('sample_label_share'))} of chains{match})")
+    return "; ".join(parts)
+
+
 @dataclass
 class AtlasReport:
     out: Path
@@ -121,14 +186,17 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     (out / "style.css").write_text(CSS)
     state_path = out / STATE_FILE
     state: dict[str, str] = {} if force or not state_path.is_file() else json.loads(state_path.read_text())
-    rows = st.units(status=None)
+    by_layer: dict[str, list[dict[str, Any]]] = {}
+    for r in st.units(status=None).to_pylist():
+        by_layer.setdefault(r["layer"], []).append(r)
     layers_info = st.layers()
     realism = st.realism()  # the layer pages' and the index's realism lines
     rendered = skipped = 0
-    for info in layers_info:
+    search: list[list[Any]] = []  # the index's search rows (search.js)
+    for li, info in enumerate(layers_info):
         name = info["name"]
         s = slug(name)
-        lrows = [r for r in rows.to_pylist() if r["layer"] == name]
+        lrows = by_layer.get(name, [])
         entries = []
         todo: dict[int, list[dict[str, Any]]] = {}
         for r in lrows:
@@ -143,7 +211,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
                 _render_corrupt_unit(st, name, int(r["unit"]), r["error"] or "", out)
             state[key] = stamp
             entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
-                            "flags": unit_flags(r),
+                            "flags": unit_flags(r), **{k: r.get(k) for k in TEXT_COLUMNS},
                             **{k: (r.get(k) if not isinstance(r.get(k), float) or np.isfinite(r.get(k)) else None)
                                for k, _ in SCORES}})
         lp = st.layer_plan(name)
@@ -170,11 +238,26 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORES}}
                     for u in planned if int(u) not in seen]
         (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
+        search += [search_row(li, e) for e in entries]
         _write_layer_page(st, info, realism, out)
+    names = [[info["name"], slug(info["name"])] for info in layers_info]
+    (out / "data" / "search.js").write_text(f"window.ATLAS_SEARCH = {_json_for_script({'layers': names, 'units': search})};\n")
     _write_index(st, layers_info, realism, out)
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
+
+
+def search_row(layer_index: int, entry: dict[str, Any]) -> list[Any]:
+    """A unit as the index's search sees it: [layer index, unit, label or "", where the label comes
+    from ("exemplars", "network" or ""), its purity or share, flags (status and unit_flags, as
+    search words such as "dead" or "low-realism")]."""
+    label = display_label(entry)
+    source = "" if label is None else ("exemplars" if entry.get("label") is not None else "network")
+    strength = entry.get("label_purity") if source == "exemplars" else entry.get("sample_label_share")
+    flags = ([] if entry["status"] == "ok" else [entry["status"]]) + [f.replace(" ", "-") for f in entry.get("flags") or []]
+    return [layer_index, int(entry["unit"]), label or "", source,
+            None if strength is None else round(float(strength), 3), " ".join(flags)]
 
 
 def unit_flags(row: dict[str, Any]) -> list[str]:
@@ -257,6 +340,10 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
                "saturated chains": f"{_fmt(row.get('saturated_fraction'))} of its chains end mostly on the pixel box's bounds",
                "frozen chains": f"{_fmt(row.get('frozen_fraction'))} of its chains stopped moving short of the best real image"}
         parts.append(f"<p>{_flag_html(flags)} " + "; ".join(_e(why[f]) for f in flags) + "</p>")
+    if label_text(row):
+        parts.append(f"<p class='label'>{_e(label_text(row))}</p>")
+    link = unit_page(Path("."), name, unit).as_posix()
+    parts.append(f"<p class='muted'>stable link (from the atlas folder): <code class='stable-link'>{_e(link)}</code></p>")
     side = []
     if dead:
         parts.append(f"<p class='dead'><span class='badge'>dead</span> not sampled: {_e(row.get('error') or '')}</p>")
@@ -291,6 +378,18 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
                         f"<img class='pix' alt='exemplars' src='../../img/{s}/{unit}-exemplars.png'></div>")
     if side:
         parts.append(f"<div class='side'>{''.join(side)}</div>")
+    if not dead and "starts" in data and np.isfinite(data["starts"].astype(np.float32)).all():
+        strip, full = render_change(data["starts"].astype(np.float32), samples[:, -1], vr, scale=max(1, 64 // h),
+                                    labels=[f"chain {c}" for c in range(len(samples))])
+        strip.save(img_dir / f"{unit}-change.png", compress_level=1)
+        parts.append("<h2>What each chain changed</h2><p class='muted'>start | final | final − start (channels averaged): "
+                     f"red where the final image is brighter, blue where darker; full colour = {full:.2g} of the pixel "
+                     "range (this unit's largest change)</p>"
+                     f"<img class='pix change' alt='start, final and change per chain' src='../../img/{s}/{unit}-change.png'>")
+    hist = _svg_histogram(row, data["exemplar_activation"] if "exemplar_activation" in data else None,
+                          None if dead else act[:, -1])
+    if hist:
+        parts.append("<h2>Activation on real data</h2>" + hist)
     if not dead:
         parts.append("<h2>Traces</h2>" + _svg_traces(act, "activation per step (one line per chain)"))
         if "realism" in data:
@@ -318,9 +417,12 @@ LAYER_JS = """
   let page = 0;
   function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
   function fmt(v){return (v === null || v === undefined) ? '–' : (typeof v === 'number' ? Number(v.toPrecision(4)) : esc(v));}
+  const labelIn = document.getElementById('label');
+  function shown(r){ return r.label ?? r.sample_label ?? null; }  // display_label: exemplars' class, else the network's reading
   function view(){
-    const key = sortSel.value, f = filt.value, min = parseFloat(minIn.value);
+    const key = sortSel.value, f = filt.value, min = parseFloat(minIn.value), lab = labelIn.value.trim().toLowerCase();
     let v = rows.filter(r => f === 'all' || r.status === f);
+    if (lab) v = v.filter(r => shown(r) !== null && String(shown(r)).toLowerCase() === lab);
     if (!isNaN(min) && key !== 'unit') v = v.filter(r => r[key] !== null && r[key] >= min);
     v.sort((a, b) => key === 'unit' ? a.unit - b.unit : ((b[key] ?? -Infinity) - (a[key] ?? -Infinity)));
     return v;
@@ -333,6 +435,7 @@ LAYER_JS = """
       ? `<div class="cell"><a href="../units/${slug}/${r.unit}.html"><img alt="unit ${r.unit}" src="../img/${slug}/${r.unit}-best.png"></a>`
         + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · facets ${fmt(r.facets)}<br>low-pass div ${fmt(r.lowpass_diversity)}`
         + `<br>realism ${fmt(r.realism_final_mean)} · HF ${fmt(r.hf_ratio)}`
+        + (shown(r) !== null ? `<br><span class="label">label ${esc(shown(r))}</span>` : '')
         + (r.flags || []).map(f => `<br><span class="flag">${esc(f)}</span>`).join('') + `</div>`
       : r.status === 'corrupt'
       ? `<div class="cell corrupt"><a href="../units/${slug}/${r.unit}.html"><b>unit ${r.unit}</b></a><br><b>corrupt</b> — run <code>ldam-sweep verify STORE --repair</code></div>`
@@ -343,7 +446,7 @@ LAYER_JS = """
     pager.innerHTML = Array.from({length: pages}, (_, i) => i === page ? `<b>${i + 1}</b>` : `<a href="#" data-p="${i}">${i + 1}</a>`).join(' ');
   }
   pager.addEventListener('click', e => { if (e.target.dataset.p) { e.preventDefault(); page = +e.target.dataset.p; render(); } });
-  [sortSel, filt, minIn].forEach(el => el.addEventListener('input', () => { page = 0; render(); }));
+  [sortSel, filt, minIn, labelIn].forEach(el => el.addEventListener('input', () => { page = 0; render(); }));
   render();
 })();
 """
@@ -362,12 +465,69 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, A
             "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
             "<option value='dead'>dead</option><option value='failed'>failed</option><option value='corrupt'>corrupt</option>"
             "<option value='pending'>pending</option></select></label>"
-            "<label>min value <input id='min' type='number' step='any' size='6'></label><span id='count'></span></div>"
+            "<label>min value <input id='min' type='number' step='any' size='6'></label>"
+            "<label>label <input id='label' type='search' size='8'></label><span id='count'></span></div>"
             "<div id='pager'></div><div class='grid' id='grid'></div>"
             f"<script src='../data/{s}.js'></script><script>{LAYER_JS % PAGE_SIZE}</script>")
     page = _page(f"layer {name}", body, 1).replace("<body>", f"<body data-slug='{_e(s)}'>", 1)
     (out / "layers").mkdir(parents=True, exist_ok=True)
     (out / "layers" / f"{s}.html").write_text(page)
+
+
+SEARCH_JS = """
+(function(){
+  const S = window.ATLAS_SEARCH, box = document.getElementById('search'), out = document.getElementById('results'),
+        found = document.getElementById('found'), limit = %d;
+  const layers = S.layers.map(l => ({name: l[0], lower: l[0].toLowerCase(), slug: l[1]}));
+  function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
+  // how well one unit matches one term: 0 best, -1 no match (the rules: docs/atlas.md)
+  function rank(u, term){
+    const L = layers[u[0]], label = u[2].toLowerCase(), flags = u[5] ? u[5].split(' ') : [];
+    const i = term.indexOf(':');
+    if (i > 0){
+      const k = term.slice(0, i), v = term.slice(i + 1);
+      if (k === 'layer') return L.lower === v ? 0 : (L.lower.includes(v) ? 1 : -1);
+      if (k === 'unit') return String(u[1]) === v ? 0 : -1;
+      if (k === 'label') return label === v ? 0 : -1;
+      if (k === 'is') return flags.includes(v) ? 0 : -1;
+      return -1;
+    }
+    if (label === term || flags.includes(term)) return 0;
+    if (L.lower === term) return 1;
+    if (/^[0-9]+$/.test(term) && String(u[1]) === term) return 2;
+    return /[a-z]/.test(term) && L.lower.includes(term) ? 3 : -1;  // "3" is a label or unit, not part of "relu3"
+  }
+  function search(q){
+    const whole = q.trim().toLowerCase(), terms = whole.split(/\\s+/).filter(Boolean), hits = [];
+    if (!terms.length) return hits;
+    for (const u of S.units){
+      let r = 0;  // a label of several words matches the whole query
+      if (u[2].toLowerCase() !== whole){
+        for (const t of terms){ const x = rank(u, t); if (x < 0){ r = -1; break; } r += x; }
+      }
+      if (r >= 0) hits.push([r, u]);
+    }
+    hits.sort((a, b) => a[0] - b[0] || (b[1][4] ?? -1) - (a[1][4] ?? -1) || a[1][0] - b[1][0] || a[1][1] - b[1][1]);
+    return hits;
+  }
+  function render(){
+    const q = box.value, t0 = performance.now(), hits = search(q);
+    history.replaceState(null, '', q ? '#q=' + encodeURIComponent(q) : '#');
+    found.textContent = q.trim() ? hits.length + ' units match' + (hits.length > limit ? ' (first ' + limit + ' shown)' : '') : '';
+    found.dataset.ms = (performance.now() - t0).toFixed(1);
+    out.innerHTML = hits.length ? '<tr><th>layer</th><th>unit</th><th>label</th><th>from</th><th>purity / share</th><th>flags</th></tr>' +
+      hits.slice(0, limit).map(([r, u]) => {
+        const L = layers[u[0]], page = `units/${L.slug}/${u[1]}.html`, linked = !/\\b(pending|failed)\\b/.test(u[5]);
+        return `<tr class="hit"><td>${esc(L.name)}</td><td>${linked ? `<a href="${page}">unit ${u[1]}</a>` : 'unit ' + u[1]}</td>` +
+          `<td>${esc(u[2])}</td><td>${u[3]}</td><td>${u[4] ?? '–'}</td><td>${esc(u[5])}</td></tr>`;
+      }).join('') : '';
+  }
+  box.addEventListener('input', render);
+  if (location.hash.startsWith('#q=')){ box.value = decodeURIComponent(location.hash.slice(3)); }
+  render();
+})();
+"""
+SEARCH_LIMIT = 200
 
 
 def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dict[str, Any] | None, out: Path) -> None:
@@ -399,6 +559,13 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
                "of both: they are real but all of one kind.</p>" if realism else
                "<p class='muted'>realism not measured (the sweep has no real data, or it ran with --no-realism)</p>") +
             f"<h2>Integrity</h2><p>{_e(_integrity_text(st))}</p>"
+            "<h2>Find units</h2><p class='controls'><input id='search' type='search' size='40' autocomplete='off' "
+            "placeholder='a label, a layer, a unit, dead, low-realism …' aria-label='search units'> <span id='found'></span></p>"
+            "<p class='muted'>Words must all match: a label (its top exemplars' class, else the network's reading of "
+            "its samples), a flag (dead, corrupt, failed, pending, low-realism, saturated-chains, frozen-chains), a "
+            "layer name or part of one, a unit number; or layer:NAME, unit:N, label:X, is:FLAG.</p>"
+            "<table id='results'></table>"
+            f"<script src='data/search.js'></script><script>{SEARCH_JS % SEARCH_LIMIT}</script>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

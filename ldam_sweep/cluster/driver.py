@@ -30,7 +30,7 @@ from ldam_sweep.planning import (BlockTask, StorePlan, block_tasks, check_block_
                                  sweep_store_plan)
 from ldam_sweep.spec import JobSpec, load_spec, parse_job
 from ldam_sweep.store import commit, create_store, failed_rows, open_store
-from ldam_sweep.store.layout import check_store, committed_unit_count, read_generation, write_discriminator
+from ldam_sweep.store.layout import as_stored, check_store, committed_unit_count, read_generation, write_discriminator
 from ldam_sweep.store.lease import StoreLease
 from ldam_sweep.store.location import StoreLocation, check_writable
 
@@ -106,11 +106,12 @@ def run_sweep(
     # everything that can be wrong with the spec fails here, before any work
     check_writable(url)
     model = load_model(job.model, device="cpu", log=lambda m: console.print(Text(m, style="dim")))
+    loc = StoreLocation.parse(url)
     plan = sweep_store_plan(job, model, doc)
+    plan = plan if fresh else as_stored(loc, plan)  # a store made before chain starts were kept resumes without them
     check_block_memory(plan)
     check_stage_inputs(job, model)
     tasks = block_tasks(plan)
-    loc = StoreLocation.parse(url)
     try:
         state = check_store(loc, plan, fresh=fresh)
         lease = StoreLease.acquire(loc, doing="--fresh" if fresh else "this run",

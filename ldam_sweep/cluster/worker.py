@@ -126,11 +126,13 @@ class SweepWorker:
         self.real_pool = None  # real images for exemplars, the preconditioner, the nearest-real distance
         self.real_hf = None  # their mean high-frequency energy (hf_ratio)
         self.preconditioner = None  # ldam's, fitted once from the real pool
+        self.pool_labels = self.data_classes = None  # the real pool's class indices and names (labelled data)
         if self.job.data is not None:
-            from ldam_sweep.data import real_images
+            from ldam_sweep.data import real_data
             from ldam_sweep.sampling.realism import hf_energy
 
-            self.real_pool = torch.from_numpy(real_images(self.job.data, self.model.input, "train"))
+            images, self.pool_labels, self.data_classes = real_data(self.job.data, self.model.input, "train")
+            self.real_pool = torch.from_numpy(images)
             self.real_hf = float(hf_energy(self.real_pool, self.model.input.range).mean())
             if self.job.sampler.method == "ldam":
                 from ldam_sweep.sampling.precondition import fit_preconditioner
@@ -283,11 +285,12 @@ class SweepWorker:
 
     def _device_phase(self, layer: str, units: list[int]):
         """Exemplars, sampling and scores of the batch (tensor math on the model's device). ``ldam``
-        starts each chain from one of its unit's best real images, so exemplars come first."""
+        starts each chain from one of its unit's best real images, so exemplars come first; the
+        same pass gives each unit's activation distribution over the pool and its label."""
         import numpy as np
 
         from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
-        from ldam_sweep.sampling.exemplars import top_exemplars
+        from ldam_sweep.sampling.exemplars import LABEL_K, exemplar_pass, unit_label_columns
         from ldam_sweep.sampling.scoring import score_result
 
         k = self.writer.plan.exemplars_k
@@ -296,13 +299,16 @@ class SweepWorker:
         found = None
         if (k or ldam) and self.real_pool is not None:
             objective = self.writer.plan.layer(layer).objective
-            found = top_exemplars(self.model, layer, np.asarray(units), objective, self.real_pool,
-                                  max(k, SAMPLING_EXEMPLARS if ldam else 0))
-        result, sizes = self._sample(layer, units, found[0] if ldam and found is not None else None)
-        exemplars = (found[0][:, :k], found[1][:, :k]) if k and found is not None else None
+            found = exemplar_pass(self.model, layer, np.asarray(units), objective, self.real_pool,
+                                  max(k, SAMPLING_EXEMPLARS if ldam else 0), labels=self.pool_labels,
+                                  class_names=self.data_classes, label_k=k or LABEL_K)
+        result, sizes = self._sample(layer, units, found.images if ldam and found is not None else None)
+        exemplars = (found.images[:, :k], found.activations[:, :k]) if k and found is not None else None
         scores = score_result(self.model, result, real_pool=self.real_pool, real_hf=self.real_hf,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0],
                               exemplars=None if exemplars is None else exemplars[0])
+        for u, columns in unit_label_columns(self.model, result, found).items():  # dead units: the pool's only
+            scores[u] = {**scores.get(u, {}), **columns}
         return result, exemplars, scores, sizes
 
     def run_batch(self, layer: str, blocks: list[tuple[int, list[int]]], attempts: list[int]) -> list[list[dict[str, Any]]]:

@@ -37,8 +37,10 @@ class ModelHandle:
         scripted: bool = False,
         memory_format: str = "auto",
         precision: str = "float32",
+        class_names: list[str] | None = None,
     ) -> None:
         self.name = name
+        self.class_names = class_names  # the output classes' names (None: numbered), for the network's reading of samples
         self.input = input_spec
         self.device = torch.device(device)
         self.metadata = dict(metadata or {})

@@ -16,7 +16,7 @@ from torch import nn
 
 from ldam_sweep.errors import ModelError, did_you_mean
 from ldam_sweep.model.handle import ModelHandle
-from ldam_sweep.model.zoo import load_zoo_model
+from ldam_sweep.model.zoo import load_zoo_model, zoo_class_names
 from ldam_sweep.spec import InputSpec, ModelSpec, parse_model_spec
 
 RANDOM_WEIGHTS_SEED = 0  # torchvision models without a weights file: the same random network in every process
@@ -65,7 +65,32 @@ def load_model(
     if spec.weights is not None:
         metadata["weights"] = str(spec.weights)
     return ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted,
-                       memory_format=spec.memory_format, precision=spec.precision)
+                       memory_format=spec.memory_format, precision=spec.precision, class_names=class_names(spec))
+
+
+def class_names(spec: ModelSpec) -> list[str] | None:
+    """The model's output class names: the spec's ``labels`` file (one per line), else the zoo's
+    (digits models: "0".."9"), else ImageNet's for a torchvision classifier with 1000 outputs
+    (from torchvision's weight metadata, on disk); None when unknown (classes are then numbered)."""
+    if spec.labels is not None:
+        try:
+            names = [line.strip() for line in Path(spec.labels).read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise ModelError(f"model.labels: cannot read {str(spec.labels)!r}: {err}") from None
+        if not names:
+            raise ModelError(f"model.labels: {str(spec.labels)!r} names no class (one class name per line)")
+        return names
+    if spec.zoo:
+        return zoo_class_names(spec.zoo)
+    if spec.torchvision and spec.kwargs.get("num_classes", 1000) == 1000:
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(spec.torchvision)
+            return list(next(iter(weights)).meta["categories"])
+        except (ValueError, KeyError, StopIteration):
+            return None
+    return None
 
 
 SAVE_STATE_DICT = "save only the tensors with `torch.save(model.state_dict(), path)`"

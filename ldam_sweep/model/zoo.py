@@ -163,6 +163,12 @@ def zoo_entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
+def zoo_class_names(name: str) -> list[str]:
+    """The output classes of a zoo model: every one is trained on the digits, so "0".."9"."""
+    zoo_entry(name)
+    return [str(d) for d in range(10)]
+
+
 def load_zoo_model(name: str, *, log: Callable[[str], None] | None = None) -> tuple[nn.Module, InputSpec, dict]:
     """The trained zoo model (training it once and caching), its input spec and its training metrics."""
     entry = zoo_entry(name)

@@ -47,6 +47,7 @@ class ChainResult:
     activation: np.ndarray  # (U, chains, steps + 1) float32: a(x_t), t = 0 (start) .. steps (final)
     realism: np.ndarray | None = None  # (U, chains, steps + 1) log D(x_t), when a discriminator is given
     dead: np.ndarray | None = None  # (U,) bool: activation and input gradient 0 at every start; not sampled (NaN)
+    starts: np.ndarray | None = None  # (U, chains, C, H, W) each chain's starting image (x_0), snapshot dtype
 
     @property
     def chains(self) -> int:
@@ -273,6 +274,7 @@ def sample(
     target = _targets(model, info.name, objective, unit_arr, ex, options) if ldam else None
     dead = _dead_units(model, info.name, objective, unit_arr, x0)
     live = ~dead
+    starts_all = x0  # every unit's starts (the dead ones' too: the images they were found dead on)
     if dead.any():
         keep = torch.from_numpy(np.repeat(live, chains)).to(model.device)
         keys, x0 = keys[keep], x0[keep]
@@ -314,6 +316,7 @@ def sample(
         traces = [t[:, :rows] for t in (out.activation, *([] if out.realism is None else [out.realism]))]
         host = _to_host([snaps.to(snapshot_dtype, memory_format=torch.contiguous_format),
                          *(t.detach().T.reshape(n_live, chains, steps + 1) for t in traces)])
+    starts = _to_host([starts_all.detach().reshape(n_units, chains, *shape).to(snapshot_dtype)])[0]
     if host and n_live == n_units:  # no dead unit: the transferred arrays are the result
         samples, act, real = host[0], host[1], (host[2] if discriminator is not None else None)
     else:  # NaN rows for the dead units; allocated only then (at 224 px a batch's samples are ~300 MB)
@@ -328,7 +331,7 @@ def sample(
     return ChainResult(
         layer=info.name, units=unit_arr, objective=objective, method=method, seed=int(seed), lam=float(lam),
         steps=steps, options=options.model_dump(), snapshot_steps=np.asarray(snap_steps, dtype=np.int64),
-        samples=samples, activation=act, realism=real, dead=dead,
+        samples=samples, activation=act, realism=real, dead=dead, starts=starts,
     )
 
 

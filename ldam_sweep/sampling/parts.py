@@ -27,4 +27,5 @@ def concat_results(parts: list[ChainResult]) -> ChainResult:
         activation=np.concatenate([p.activation for p in parts]),
         realism=realism,
         dead=dead,
+        starts=None if first.starts is None else np.concatenate([p.starts for p in parts]),  # type: ignore[misc]
     )

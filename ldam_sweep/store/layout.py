@@ -20,6 +20,7 @@ storage object per array: writers of different blocks never share an object.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import uuid
@@ -30,7 +31,7 @@ import numpy as np
 import zarr
 
 from ldam_sweep import failpoints
-from ldam_sweep.errors import StoreDamagedError, StoreError
+from ldam_sweep.errors import LdamError, StoreDamagedError, StoreError
 from ldam_sweep.planning import LayerPlan, StorePlan, identity_changes, plan_store
 from ldam_sweep.settings import SAMPLER_DEFAULTS
 from ldam_sweep.store.integrity import (ATTRS_SEAL, DISCRIMINATOR_SEAL, METADATA_KEY, ROOT_COPY, read_bytes, seal,
@@ -57,6 +58,20 @@ def package_versions() -> dict[str, str]:
 
 def layer_path(name: str) -> str:
     return f"layers/{encode_name(name)}"
+
+
+def as_stored(url: str | StoreLocation, plan: StorePlan) -> StorePlan:
+    """``plan``, or the same plan without chain starts when the store at ``url`` was made from that
+    (by code from before ``starts`` existed): such a store resumes as it is, without the array."""
+    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    if not plan.starts or not loc.fs.exists(loc.join("zarr.json")):
+        return plan
+    try:
+        stored = _read_root_attrs(loc).get("plan_hash")
+    except LdamError:
+        return plan  # check_store says what is wrong
+    older = dataclasses.replace(plan, starts=False)
+    return older if stored == older.plan_hash() != plan.plan_hash() else plan
 
 
 def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = False) -> str:

@@ -68,6 +68,20 @@ FILE_SCHEMA = pa.schema([
     ("saturated_fraction", pa.float32()),  # these three came with the realism scores (older parts: null)
     ("frozen_fraction", pa.float32()),
     ("hf_ratio", pa.float32()),
+    # a unit's label and its activation over the real pool (the exemplar pass; older parts: null)
+    ("label", pa.string()),  # most common class among its top exemplars
+    ("label_purity", pa.float32()),  # that class's share of them
+    ("label_base_rate", pa.float32()),  # that class's share of the real pool
+    ("sample_label", pa.string()),  # the class the whole network assigns most of its final samples
+    ("sample_label_share", pa.float32()),  # the share of chains assigned it
+    ("label_match", pa.float32()),  # the share of chains the network assigns the exemplar label
+    ("data_active_fraction", pa.float32()),  # share of real images on which the unit is above 0
+    ("data_p50", pa.float32()),
+    ("data_p90", pa.float32()),
+    ("data_p99", pa.float32()),
+    ("data_hist", pa.list_(pa.int32())),  # histogram of its activation over the pool (HIST_BINS bins)
+    ("data_hist_lo", pa.float32()),  # ... between these two values
+    ("data_hist_hi", pa.float32()),
     ("seconds", pa.float32()),
     ("batch_units", pa.int32()),  # live units sampled together with this one (null before it existed; see sample())
     ("worker", pa.string()),

@@ -34,7 +34,13 @@ def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> 
     names = ["samples", "activation"] + (["realism"] if plan.realism else [])
     if with_exemplars and plan.exemplars_k:
         names += ["exemplars", "exemplar_activation"]
-    return names
+    return names + (["starts"] if plan.starts else [])
+
+
+def display_label(row: dict[str, Any]) -> str | None:
+    """The label a unit is listed and searched by (``units(label=...)``, the atlas): its exemplars'
+    class (``label``), else the class the network reads its samples as (``sample_label``)."""
+    return row.get("label") if row.get("label") is not None else row.get("sample_label")
 
 
 class SweepStore:
@@ -197,6 +203,7 @@ class SweepStore:
         layer: str | None = None,
         *,
         unit: int | None = None,
+        label: str | None = None,
         status: str | Sequence[str] | None = "ok",
         where: pc.Expression | None = None,
         sort: str | None = None,
@@ -208,6 +215,8 @@ class SweepStore:
         The manifest is read once per ``SweepStore`` and cached; call ``refresh()`` to see commits
         made after that (a sweep still running).
 
+        ``label``: units whose label is this text, case-insensitively (``display_label``: the class of
+        their top exemplars, else the network's reading of their samples; the atlas search's rule).
         ``status``: "ok" (default), "dead" (found dead, not sampled), "failed", "corrupt" (marked by
         ``verify --repair``), several of them as a list, or None for every row. ``where``: any pyarrow compute
         expression over manifest columns, e.g. ``pc.field("act_final_mean") > 10``. ``sort``: any
@@ -219,6 +228,9 @@ class SweepStore:
             table = table.filter(pc.equal(table["layer"], layer))
         if unit is not None:
             table = table.filter(pc.equal(table["unit"], unit))
+        if label is not None:
+            shown = pc.utf8_lower(pc.coalesce(table["label"], table["sample_label"]))
+            table = table.filter(pc.fill_null(pc.equal(shown, str(label).lower()), False))
         if status is not None:
             table = table.filter(pc.is_in(table["status"], pa.array([status] if isinstance(status, str) else list(status))))
         if where is not None:

@@ -41,6 +41,7 @@ class BlockResult(Protocol):
     activation: np.ndarray  # (unit, chain, steps + 1)
     realism: np.ndarray | None
     dead: np.ndarray | None  # (unit,) bool: not sampled (its arrays are NaN); None = every unit sampled
+    starts: np.ndarray | None  # (unit, chain, C, H, W) each chain's first image (stores whose plan keeps starts)
     dead_reason: str
     objective: str
     method: str
@@ -127,6 +128,10 @@ class BlockWriter:
             values["realism"] = result.realism
         if plan.exemplars_k and exemplars is not None:
             values["exemplars"], values["exemplar_activation"] = exemplars
+        if plan.starts:
+            if getattr(result, "starts", None) is None:
+                raise StoreError(f"the store keeps chain starts but the result for block {block} of {lp.name!r} has none")
+            values["starts"] = result.starts
         out: dict[str, np.ndarray] = {}
         whole = len(units) == hi - lo  # the block's every unit (the grid's last block may be shorter)
         for name, spec in plan.arrays(lp).items():
