@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 
 from ldam_sweep.atlas.format import unit_page
 from ldam_sweep.errors import DataError, StoreError
-from ldam_sweep.store.query import display_label
+from ldam_sweep.store.manifest import display_label
 
 if TYPE_CHECKING:
     from ldam_sweep.model.handle import ModelHandle

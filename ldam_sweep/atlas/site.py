@@ -31,7 +31,8 @@ from ldam_sweep.atlas.grid import render_change, render_grid
 from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.atlas.facets import facet_groups
 from ldam_sweep.settings import FACET_THRESHOLD
-from ldam_sweep.store.query import SweepStore, display_label, open_store
+from ldam_sweep.store.manifest import display_label
+from ldam_sweep.store.query import SweepStore, open_store
 from ldam_sweep.store.realism import LOW_REALISM
 
 SCORES = (

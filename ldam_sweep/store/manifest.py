@@ -101,6 +101,12 @@ _FORMAT = pds.ParquetFileFormat(
 STALE_TMP_SECONDS = 3600  # far longer than any publish takes: an older temp part is a dead writer's
 
 
+def display_label(row: dict[str, Any]) -> str | None:
+    """The label a unit is listed and searched by (``units(label=...)``, the atlas): its exemplars'
+    class (``label``), else the class the network reads its samples as (``sample_label``)."""
+    return row.get("label") if row.get("label") is not None else row.get("sample_label")
+
+
 def remove_stale_temp_parts(folder: str, older_than: float = STALE_TMP_SECONDS) -> list[str]:
     """Delete the dot-prefixed temp parts (``.part-*.tmp``) in a local manifest folder that are older
     than ``older_than`` seconds: a publish killed before its rename leaves one behind. Returns them."""

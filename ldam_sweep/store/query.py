@@ -37,12 +37,6 @@ def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> 
     return names + (["starts"] if plan.starts else [])
 
 
-def display_label(row: dict[str, Any]) -> str | None:
-    """The label a unit is listed and searched by (``units(label=...)``, the atlas): its exemplars'
-    class (``label``), else the class the network reads its samples as (``sample_label``)."""
-    return row.get("label") if row.get("label") is not None else row.get("sample_label")
-
-
 class SweepStore:
     """A read-only view of a sweep store."""
 
