@@ -47,6 +47,30 @@ def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
 
     img = np.asarray(Image.open(tmp_path / "demo-atlas" / "img" / slug("fc2") / "3-chains.png").convert("L"))
     assert img.shape[0] > 4 * 28 * 3 and img.std() > 30  # 4 chain rows of real pictures
+    # labels: each class logit is labelled its own class (by its exemplars and by the network's reading)
+    assert fc2["label"].to_pylist() == [str(u) for u in range(10)] == fc2["sample_label"].to_pylist()
+    assert all(p >= 0.5 for p in fc2["label_purity"].to_pylist())
+    agree = st.label_agreement()
+    assert agree["fc2"]["agree"] == 1.0 and agree["fc2"]["chance"] == pytest.approx(0.1)
+    # ... and the network's reading agrees with the exemplars' class above chance in the hidden layers
+    assert all(agree[name]["agree"] > agree[name]["chance"] for name in ("conv2", "fc1", "relu3"))
+    # the same units for a label from the CLI's table and JSON, the Python API and the atlas's search index
+    api = {(r["layer"], r["unit"]) for r in st.units(label="3").to_pylist()}
+    assert len(api) > 10 and len({layer for layer, _ in api}) >= 3
+    doc = json.loads(subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "query", str(store), "--label", "3", "--json"],
+                                    capture_output=True, text=True, env=env, check=True).stdout)
+    assert {(r["layer"], r["unit"]) for r in doc["units"]} == api and doc["count"] == len(api)
+    table = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "query", str(store), "--label", "3",
+                            "--columns", "layer,unit,label"], capture_output=True, text=True, env={**env, "COLUMNS": "200"},
+                           check=True).stdout
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in table.splitlines() if line.startswith("│")]
+    assert {(layer, int(unit)) for layer, unit, _ in rows} == api and {label for *_, label in rows} == {"3"}
+    search = json.loads((tmp_path / "demo-atlas" / "data" / "search.js").read_text().split("=", 1)[1].rstrip().rstrip(";"))
+    names = [name for name, _ in search["layers"]]
+    assert {(names[u[0]], u[1]) for u in search["units"] if u[2] == "3"} == api
+    # chains keep their starts: an exemplar start, and a final image that moved away from it
+    starts = st.read_block("fc2", 0, ["starts"])["starts"][3].astype(np.float32)
+    assert np.isfinite(starts).all() and np.abs(st.samples("fc2", 3)[:, -1] - starts).mean() > 1e-3
 
 
 def run_quick(script: str, tmp_path: Path) -> dict:
@@ -166,6 +190,9 @@ def test_atlas_benchmark_quick_mode(tmp_path):
     rec = run_quick("atlas", tmp_path)
     assert rec["units"] == 200 and rec["pages"] == 200 + 2 + 1  # unit pages, layer pages, index
     assert rec["units_rendered"] == 200 and rec["rebuild_units_rendered"] == 0  # the rebuild re-rendered nothing
+    # Chromium searched the index and filtered the largest layer page by a label, and timed both
+    assert rec["search_found"].endswith("units match") and rec["search_rows_shown"] > 0 and rec["search_ms"] > 0
+    assert rec["layer_filter_count"].endswith("of 100 units") and rec["layer_filter_ms"] > 0
 
 
 @GPU_SH_TIMEOUT

@@ -535,10 +535,13 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
     attrs = st.attrs
     spec = attrs.get("spec", {})
     rows = []
+    agreement = st.label_agreement()
     for info in layers_info:
         frac = info["done"] / info["planned"] if info["planned"] else 0
         e = ((realism or {}).get("layers") or {}).get(info["name"]) or {}
         cells = "".join(f"<td>{_e(_fmt(e.get(k)))}</td>" for k in ("c2st", "c2st_exemplars", "hf_ratio", "hf_ratio_exemplars"))
+        a = agreement.get(info["name"])
+        cells += f"<td>{a['agree']:.2f} ({a['chance']:.2f}; {a['units']} units)</td>" if a else "<td>–</td>"
         rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td>"
                     f"<td>{_e(info['module_type'])}</td><td>{_e(info['kind'])}</td><td>{info['units']}</td>"
                     f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['corrupt']}</td><td>{info['pending']}</td><td>{info['dead']}</td>"
@@ -553,7 +556,9 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
             "<th>failed</th><th>corrupt</th><th>pending</th><th>dead</th><th>completion</th>"
             "<th title='held-out accuracy of a classifier telling the samples from real images; 0.5 = indistinguishable'>"
             "two-sample</th><th>… of exemplars</th><th title='fine detail of the samples ÷ real images'>HF</th>"
-            f"<th>… of exemplars</th></tr>{''.join(rows)}</table>"
+            "<th>… of exemplars</th><th title='units whose top exemplars are at least half one class: the share whose "
+            "samples the network reads as that class (chance in brackets)'>labels agree (chance)</th></tr>"
+            f"{''.join(rows)}</table>"
             + (f"<p>{_e(_realism_text(realism, None))}. Two-sample: held-out accuracy of a small CNN telling a layer's "
                "final samples from as many real images (0.5: it cannot; 1.0: always). HF: the samples' fine detail "
                "(image minus its blur) ÷ the real images'. The units' own top real images (exemplars) are the floor "

@@ -13,7 +13,6 @@ loses only uncommitted work, which is rerun.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import threading
@@ -338,10 +337,7 @@ class SweepWorker:
             part = slice(lo, lo + len(block_units))
             if gate:
                 _wait_for_other_sampling(Path(gate), {f"sampling-{layer}-{b}" for b, _ in blocks})
-            sub = dataclasses.replace(result, units=result.units[part], samples=result.samples[part],
-                                      activation=result.activation[part],
-                                      realism=None if result.realism is None else result.realism[part],
-                                      dead=None if result.dead is None else result.dead[part])
+            sub = result.take(part)
             columns = {u: {**scores.get(u, {}), "batch_units": sizes[u], "discriminator": self.discriminator_digest}
                        for u in block_units}  # dead units: no scores
             self._check_generation(layer, block, "wrote nothing")

@@ -12,6 +12,8 @@ for a sample. Dropping them changes nothing for the others: a chain depends only
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -67,6 +69,15 @@ class ChainResult:
     def final_samples(self) -> np.ndarray:
         """(U, chains, C, H, W) each chain's final state."""
         return self.samples[:, :, -1]
+
+    def take(self, units: slice) -> "ChainResult":
+        """The result of a range of its units (every per-unit array sliced alike; views, no copy)."""
+        def cut(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[units]
+
+        return dataclasses.replace(self, units=self.units[units], samples=self.samples[units],
+                                   activation=self.activation[units], realism=cut(self.realism), dead=cut(self.dead),
+                                   starts=cut(self.starts))
 
 
 def diverse_order(exemplars: torch.Tensor, pool: int, chains: int) -> np.ndarray:

@@ -3,6 +3,7 @@ a block that is written but not committed (a crashed attempt) is never visible."
 
 from __future__ import annotations
 
+import collections
 import time
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
@@ -151,6 +152,26 @@ class SweepStore:
             newest = pc.max(rows["committed_at"]).as_py() if rows.num_rows else None
             marks[name] = {"rows": rows.num_rows, "newest_commit": None if newest is None else newest.isoformat()}
         return marks
+
+    def label_agreement(self, min_purity: float = 0.5) -> dict[str, dict[str, Any]]:
+        """Per layer: of the units whose ``label_purity`` is at least ``min_purity`` and whose samples
+        the network read, the share whose ``sample_label`` is their ``label`` ("samples and exemplars
+        tell the same story"), and chance: the share expected if the two were drawn independently
+        from their own distributions over those units (sum over classes of the product of shares)."""
+        table = self.units(status="ok")
+        out: dict[str, dict[str, Any]] = {}
+        for lp in self.plan.layers:
+            rows = [r for r in table.filter(pc.equal(table["layer"], lp.name)).select(
+                ["label", "label_purity", "sample_label"]).to_pylist()
+                if r["label"] is not None and r["sample_label"] is not None and (r["label_purity"] or 0) >= min_purity]
+            if not rows:
+                continue
+            n = len(rows)
+            labels = collections.Counter(r["label"] for r in rows)
+            readings = collections.Counter(r["sample_label"] for r in rows)
+            out[lp.name] = {"units": n, "agree": sum(r["label"] == r["sample_label"] for r in rows) / n,
+                            "chance": sum(labels[c] * readings[c] for c in labels) / n ** 2}
+        return out
 
     # -- metadata ----------------------------------------------------------------------------
     def spec(self) -> dict[str, Any]:
