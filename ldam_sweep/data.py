@@ -118,15 +118,20 @@ def load_image(path: str | Path, input_spec: Any) -> np.ndarray:
         raise DataError(f"image file {str(path)!r} cannot be read: {err}") from None
 
 
+def _load_npy(p: Path, what: str) -> np.ndarray:
+    """A .npy file loaded without pickle (no code runs); DataError naming ``what`` it is for."""
+    if not p.is_file():
+        raise DataError(f"{what}.npy file {str(p)!r} does not exist")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as err:
+        raise DataError(f"{what}.npy file {str(p)!r} cannot be read as a numeric array (loaded without pickle): {err}") from None
+
+
 def npy_images(path: str | Path, input_spec: Any) -> np.ndarray:
     """A .npy array of images (N, C, H, W), already in the model's pixel range (loaded without pickle)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f".npy file {str(p)!r} does not exist")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise DataError(f".npy file {str(p)!r} cannot be read as a numeric array: {err}") from None
+    arr = _load_npy(p, "")
     if arr.ndim == 4 and arr.shape[1] != input_spec.channels and arr.shape[-1] == input_spec.channels:
         raise DataError(f".npy file {str(p)!r} looks channels-last {arr.shape}; save it as (N, C, H, W)")
     if arr.ndim == 4 and arr.shape[1] != input_spec.channels:
@@ -220,12 +225,7 @@ def npy_labels(path: str | Path, n: int) -> tuple[np.ndarray, list[str]]:
     """An npy source's labels: a 1-D .npy of N integers or strings (loaded without pickle), one per
     image; class names are the sorted distinct values as text."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"data.labels: .npy file {str(p)!r} does not exist")
-    try:
-        arr = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as err:
-        raise DataError(f"data.labels: .npy file {str(p)!r} cannot be read without pickle: {err}") from None
+    arr = _load_npy(p, "data.labels: ")
     if arr.ndim != 1 or len(arr) != n or arr.dtype.kind not in "iuU":
         raise DataError(f"data.labels: {str(p)!r} must be a 1-D array of {n} integers or strings (one per image), "
                         f"got shape {arr.shape} dtype {arr.dtype}")

@@ -264,7 +264,7 @@ def test_unit_page_shows_histogram_markers_and_what_each_chain_changed(atlas_sit
     ex_act = st.exemplars("fc2", 1)[1]
     titles = hist.locator(".mark-exemplar title").all_text_contents()
     assert titles == [f"exemplar {v:.3g}" for v in ex_act]
-    assert f"Above 0 on {row['data_active_fraction']:.4g}" in page.inner_text("figure.hist figcaption")
+    assert f"Above 0 on {100 * row['data_active_fraction']:.0f}% of them" in page.inner_text("figure.hist figcaption")
     change = page.locator("img.change")
     assert change.count() == 1 and change.evaluate("e => e.complete && e.naturalWidth") > 0
     assert "What each chain changed" in page.inner_text("body")

@@ -98,7 +98,7 @@ def render_change(starts: np.ndarray, finals: np.ndarray, value_range: tuple[flo
     canvas = Image.new("RGB", (pair.width + w * scale + 6, pair.height), "white")
     canvas.paste(pair, (0, 0))
     draw = ImageDraw.Draw(canvas)
-    draw.text((pair.width + 1, 1), f"change (±{full:.2g})", fill="black", font=ImageFont.load_default())
+    draw.text((pair.width + 1, 1), "change", fill="black", font=ImageFont.load_default())  # its scale: the caption
     for r in range(chains):
         tile = Image.fromarray(maps[r]).resize((w * scale, h * scale), Image.NEAREST)
         x, y = pair.width, head + 2 + r * (h * scale + 2)

@@ -147,7 +147,7 @@ def _svg_histogram(row: dict[str, Any], exemplar_acts: np.ndarray | None, final_
             f"<text x='{width - 60}' y='{height - 6}' font-size='10'>{xmax:.3g}</text>")
     n = int(counts.sum())
     caption = (f"activation over {n} real images (bars: log(1 + images) per bin); blue ticks: the top exemplars; "
-               f"orange: the chains' final samples. Above 0 on {_fmt(row.get('data_active_fraction'))} of them; median "
+               f"orange: the chains' final samples. Above 0 on {100 * (row.get('data_active_fraction') or 0):.0f}% of them; median "
                f"{_fmt(row.get('data_p50'))}, 90th percentile {_fmt(row.get('data_p90'))}, 99th {_fmt(row.get('data_p99'))}")
     return (f"<figure class='hist'><figcaption>{_e(caption)}</figcaption><svg xmlns='http://www.w3.org/2000/svg' "
             f"width='{width}' height='{height}' role='img' aria-label='activation histogram'>{axis}{zero}{bars}{ticks}</svg></figure>")
