@@ -73,13 +73,15 @@ def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
     assert np.isfinite(starts).all() and np.abs(st.samples("fc2", 3)[:, -1] - starts).mean() > 1e-3
 
 
-def run_quick(script: str, tmp_path: Path) -> dict:
-    """Run a benchmark script in its quick mode for real and return the JSON record it wrote."""
+def run_quick(script: str, tmp_path: Path, model_cache: Path | None = None) -> dict:
+    """Run a benchmark script in its quick mode for real and return the JSON record it wrote
+    (``model_cache``: the session's zoo cache, for scripts that load a model)."""
     out_json = tmp_path / f"{script}.json"
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--out", str(out_json), *(
             ["--dir", str(tmp_path)] if script in ("store", "atlas") else [])],
         capture_output=True, text=True,
+        env=None if model_cache is None else {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache)},
     )
     assert run.returncode == 0, run.stderr
     rec = json.loads(out_json.read_text())
@@ -193,6 +195,15 @@ def test_atlas_benchmark_quick_mode(tmp_path):
     # Chromium searched the index and filtered the largest layer page by a label, and timed both
     assert rec["search_found"].endswith("units match") and rec["search_rows_shown"] > 0 and rec["search_ms"] > 0
     assert rec["layer_filter_count"].endswith("of 100 units") and rec["layer_filter_ms"] > 0
+
+
+def test_labels_benchmark_quick_mode(tmp_path, model_cache):
+    rec = run_quick("labels", tmp_path, model_cache)
+    for layer, units in (("conv2", 32), ("fc1", 128)):
+        r = rec[layer]
+        assert r["units"] == units and min(r["exemplar_pass_before_s"], r["exemplar_pass_now_s"], r["sample_reading_s"],
+                                           r["sampling_s"]) > 0
+        assert rec[f"{layer}_added_share"] == r["added_share_of_batch"]
 
 
 @GPU_SH_TIMEOUT

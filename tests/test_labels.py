@@ -144,3 +144,42 @@ def test_exemplar_pass_matches_top_exemplars(digits_model):
     scores = pool_scores(digits_model, "conv2", np.arange(4), "channel", pool).numpy()
     np.testing.assert_allclose(found.activations, -np.sort(-scores, axis=0)[:5].T, rtol=1e-6)
     assert (found.order >= 0).all() and all("label" not in c for c in found.columns)  # no labels given: none
+
+
+def test_a_store_made_before_chain_starts_resumes_verifies_and_builds_its_atlas(tmp_path, digits_model, model_cache):
+    """A store whose plan has no ``starts`` array (made by the code before it) resumes under today's
+    code as it is: same plan hash, no new array, verify clean, and its atlas builds without strips."""
+    import dataclasses
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    import ldam_sweep as ls
+    from ldam_sweep.atlas.site import build_atlas
+
+    doc = {"name": "old", "model": {"zoo": "digits-cnn"}, "layers": ["fc2"], "units": {"fc2": "0-7"},
+           "sampler": {"steps": 4, "chains": 2, "seed": 0}, "data": {"source": "digits", "limit": 64}, "exemplars": 2,
+           "resources": {"actors": 1, "block_size": 4}}
+    job = parse_job(doc)
+    spec_doc = job.model_dump(mode="json", exclude_none=True)
+    old_plan = dataclasses.replace(sweep_store_plan(job, digits_model, spec_doc), starts=False)
+    url = str(tmp_path / "old.zarr")
+    create_store(url, old_plan)
+    from ldam_sweep.store import commit
+
+    commit(url, SweepWorker(spec_doc, url, num_threads=1).run_batch("fc2", [(0, [0, 1, 2, 3])], [1])[0])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "run", str(tmp_path / "job.yaml"), "--store", url,
+                          "--no-realism"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "resume: 1 of 2 blocks already committed" in out.stderr
+    st = ls.open_store(url)
+    assert st.plan.starts is False and st.attrs["plan_hash"] == old_plan.plan_hash() and "starts" not in st.plan.arrays("fc2")
+    assert st.units("fc2").num_rows == 8 and st.units("fc2", label="5")["unit"].to_pylist() == [5]
+    verify = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], env=env, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    report = build_atlas(st, tmp_path / "site")
+    assert report.units_rendered == 8 and not list((tmp_path / "site" / "img").rglob("*-change.png"))

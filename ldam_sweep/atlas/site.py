@@ -213,8 +213,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
             state[key] = stamp
             entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
                             "flags": unit_flags(r), **{k: r.get(k) for k in TEXT_COLUMNS},
-                            **{k: (r.get(k) if not isinstance(r.get(k), float) or np.isfinite(r.get(k)) else None)
-                               for k, _ in SCORES}})
+                            **{k: _short(r.get(k)) for k, _ in SCORES}})
         lp = st.layer_plan(name)
         corrupt: dict[int, str] = {}  # unit -> why its block cannot be shown
         for block, brows in todo.items():  # read each block's arrays once, then render its units
@@ -247,6 +246,14 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
+
+
+def _short(v: Any) -> Any:
+    """A score as a layer page's data carries it: 4 significant digits (what the page shows), None
+    for a missing or non-finite value."""
+    if isinstance(v, float):
+        return float(f"{v:.4g}") if np.isfinite(v) else None
+    return v
 
 
 def search_row(layer_index: int, entry: dict[str, Any]) -> list[Any]:
