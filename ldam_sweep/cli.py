@@ -351,7 +351,8 @@ def query(
     layer: Optional[str] = typer.Option(None, help="Only this layer."),
     unit: Optional[int] = typer.Option(None, help="Only this unit."),
     label: Optional[str] = typer.Option(None, help="Only units with this label (their top exemplars' class, else the "
-                                        "network's reading of their samples; case-insensitive), as the atlas search."),
+                                        "network's reading of their samples; case-insensitive). With --status all: "
+                                        "the units the atlas search lists for it."),
     status_: str = typer.Option("ok", "--status", help="ok, dead, failed, corrupt, or all."),
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),

@@ -210,13 +210,16 @@ def real_data(source: Any, input_spec: Any, split: Split = "train") -> tuple[np.
 
 def folder_labels(path: str | Path) -> tuple[np.ndarray | None, list[str] | None]:
     """Class indices of ``image_files(path)`` (in that order) and the class names: the first-level
-    subfolder each image sits in, names sorted. (None, None) when any image is not in a subfolder."""
+    subfolder each image sits in, names sorted. (None, None) when any image is not in a subfolder,
+    or when there is only one subfolder."""
     root = Path(path)
     files = image_files(root)
     tops = [f.relative_to(root).parts for f in files]
     if any(len(parts) < 2 for parts in tops):
         return None, None
     names = sorted({parts[0] for parts in tops})
+    if len(names) < 2:  # one subfolder (e.g. train/) is a place, not a class
+        return None, None
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[parts[0]] for parts in tops], dtype=np.int64), names
 

@@ -170,13 +170,10 @@ class StorePlan:
             # the memory layout changes results by float rounding only, like running on other hardware
             # (which a resume allows); float32 is left out so specs written before the field existed
             # keep their identity. bf16 changes the method's numerics and stays in.
-            # class names (labels) name outputs for the atlas and change no sample either
-            model = {k: v for k, v in spec["model"].items() if k not in ("memory_format", "labels")}
+            model = {k: v for k, v in spec["model"].items() if k != "memory_format"}
             if model.get("precision") == "float32":
                 model.pop("precision")
             spec["model"] = model
-        if isinstance(spec.get("data"), dict) and "labels" in spec["data"]:
-            spec["data"] = {k: v for k, v in spec["data"].items() if k != "labels"}
         return spec
 
     def spec_hash(self) -> str:

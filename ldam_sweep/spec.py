@@ -230,9 +230,9 @@ def load_model_spec(ref: str | Path) -> ModelSpec:
 
 
 def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
-    """Relative weight/TorchScript paths in a spec file are relative to that file."""
+    """Relative weight/TorchScript/labels paths in a spec file are relative to that file."""
     updates = {}
-    for name in ("weights", "torchscript"):
+    for name in ("weights", "torchscript", "labels"):
         val = getattr(spec, name)
         if val is not None and not val.is_absolute():
             updates[name] = (base / val).resolve()
@@ -451,6 +451,9 @@ def resolve_job_paths(job: JobSpec, base: Path) -> JobSpec:
     updates: dict[str, Any] = {"model": _resolve_paths(job.model, base)}
     if job.discriminator is not None and job.discriminator.file is not None and not job.discriminator.file.is_absolute():
         updates["discriminator"] = job.discriminator.model_copy(update={"file": (base / job.discriminator.file).resolve()})
-    if job.data is not None and job.data.path is not None and not job.data.path.is_absolute():
-        updates["data"] = job.data.model_copy(update={"path": (base / job.data.path).resolve()})
+    if job.data is not None:
+        paths = {name: (base / getattr(job.data, name)).resolve() for name in ("path", "labels")
+                 if getattr(job.data, name) is not None and not getattr(job.data, name).is_absolute()}
+        if paths:
+            updates["data"] = job.data.model_copy(update=paths)
     return job.model_copy(update=updates)

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="make test installs Deb
 
 EVIL = "<script>alert('pwned')</script>"
 DIGITS = [str(d) for d in range(10)]
+EVIL_CLASSES = [f"<img src=x onerror=alert({d})>" for d in range(10)]  # class names (folder names) with markup
 FACTORY = f'''
 from collections import OrderedDict
 from torch import nn
@@ -36,7 +37,7 @@ def build():
 '''
 
 
-def _sweep_block(url, model, layer, block, pool, labels=None):
+def _sweep_block(url, model, layer, block, pool, labels=None, names=DIGITS):
     """Sample, score and commit one block the way a worker does; ``labels``: the pool's digit classes
     (the store then gets labels, activation histograms and chain starts, as today's sweeps do)."""
     w = BlockWriter(url)
@@ -46,7 +47,7 @@ def _sweep_block(url, model, layer, block, pool, labels=None):
         ex = top_exemplars(model, layer, res.units, lp.objective, pool, 4)
         extra = {}
     else:
-        found = exemplar_pass(model, layer, res.units, lp.objective, pool, 4, labels=labels, class_names=DIGITS)
+        found = exemplar_pass(model, layer, res.units, lp.objective, pool, 4, labels=labels, class_names=names)
         ex = (found.images, found.activations)
         extra = unit_label_columns(model, res, found)
     scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0], exemplars=ex[0])
@@ -69,18 +70,19 @@ def atlas_site(tmp_path_factory, digits_model, dead_channel_model):
     images, labels = digits(28, "train")
     pool = torch.from_numpy(images)
     stores = {}
-    # the digits store is written as today's sweeps write (labels, histograms, chain starts); the
-    # other two as older code wrote them, so their atlas shows what such stores have
+    # the digits and evil stores are written as today's sweeps write (labels, histograms, chain
+    # starts; the evil store's class names are markup); the dead one as older code wrote it
     for key, model, layers in (("digits", digits_model, {"fc2": None, "conv2": list(range(8))}), ("evil", evil, {EVIL: None}),
                                ("dead", dead, {"relu": None})):
         url = str(tmp / f"{key}.zarr")
         plan = plan_store(model, layers, chains=3, steps=30, snapshot_steps=default_snapshot_steps(30, 10), block_size=4,
-                          exemplars_k=4, spec={"name": key, "note": EVIL}, starts=key == "digits")
+                          exemplars_k=4, spec={"name": key, "note": EVIL}, starts=key != "dead")
         create_store(url, plan)
         for lp in plan.layers:
             for b in lp.planned_blocks():
                 if (key, lp.name, b) != ("digits", "fc2", 2):  # leave one block pending
-                    _sweep_block(url, model, lp.name, b, pool, labels if key == "digits" else None)
+                    _sweep_block(url, model, lp.name, b, pool, None if key == "dead" else labels,
+                                 EVIL_CLASSES if key == "evil" else DIGITS)
         stores[key] = url
     report = build_atlas(stores["digits"], tmp / "site")
     evil_report = build_atlas(stores["evil"], tmp / "evil-site")
@@ -168,6 +170,17 @@ def test_script_in_a_layer_name_is_text_not_code(atlas_site, browser):
     assert EVIL in page.inner_text("h1")
     assert dialogs == []
     assert (site / "layers" / f"{slug(EVIL)}.html").is_file() and "<" not in slug(EVIL)
+    # labels made of markup are text on the unit page, in the layer page's cells and in the search
+    label = ls.open_store(atlas_site["stores"]["evil"]).units(EVIL, unit=0)["label"][0].as_py()
+    assert label in EVIL_CLASSES and label in page.inner_text("p.label")
+    page.goto((site / "layers" / f"{slug(EVIL)}.html").as_uri())
+    page.wait_for_selector(".cell .label")
+    assert f"label {label}" in page.locator(".cell .label").all_inner_texts()
+    page.goto((site / "index.html").as_uri())
+    page.fill("#search", label)
+    page.wait_for_selector("tr.hit")
+    assert label in [r.split("\t")[2] for r in page.locator("tr.hit").all_inner_texts()]
+    assert page.locator("img").count() == 0 and dialogs == []
 
 
 def test_new_scores_sort_the_layer_page(atlas_site, browser):
@@ -281,7 +294,7 @@ def test_unit_page_shows_histogram_markers_and_what_each_chain_changed(atlas_sit
 
 def test_a_store_written_before_labels_builds_its_atlas_without_them(atlas_site, browser):
     page = browser.new_page()
-    site = atlas_site["tmp"] / "evil-site"
+    site = atlas_site["tmp"] / "dead-site"
     page.goto((site / "index.html").as_uri())
     page.fill("#search", "0")  # no labels: only units numbered 0
     page.wait_for_selector("tr.hit")

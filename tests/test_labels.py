@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import ldam_sweep as ls
 from ldam_sweep.cluster.worker import SweepWorker
 from ldam_sweep.data import digits, folder_labels, npy_labels, real_data
 from ldam_sweep.errors import DataError
@@ -54,6 +55,9 @@ def test_label_sources_and_their_errors(tmp_path, digits_model):
     img.save(tmp_path / "mixed" / "cat" / "a.png")
     img.save(tmp_path / "mixed" / "b.png")
     assert folder_labels(tmp_path / "mixed") == (None, None)
+    (tmp_path / "one" / "train").mkdir(parents=True)
+    img.save(tmp_path / "one" / "train" / "a.png")
+    assert folder_labels(tmp_path / "one") == (None, None)  # one subfolder is a place, not a class
     np.save(tmp_path / "y.npy", np.array([10, 2, 2, 10]))
     labels, names = npy_labels(tmp_path / "y.npy", 4)
     assert names == ["2", "10"] and labels.tolist() == [1, 0, 0, 1]  # integers in numeric order
@@ -67,6 +71,26 @@ def test_label_sources_and_their_errors(tmp_path, digits_model):
     assert len(images) == 6 and names == ["even", "odd"] and labels.tolist() == [1, 0, 1, 1, 0, 1]  # every 4th held out
     with pytest.raises(ValueError, match="labels is for the npy source"):
         DataSpec(source="digits", labels=tmp_path / "y.npy")
+
+
+def test_model_class_names_from_a_labels_file_relative_to_the_spec(tmp_path, model_cache):
+    import yaml
+
+    from ldam_sweep.errors import ModelError
+    from ldam_sweep.spec import load_spec
+
+    (tmp_path / "specs").mkdir()
+    (tmp_path / "specs" / "classes.txt").write_text("".join(f"digit {d}\n" for d in range(10)))
+    (tmp_path / "specs" / "three.txt").write_text("a\nb\nc\n")
+    (tmp_path / "specs" / "x.npy").write_bytes(b"")
+    doc = {"name": "n", "model": {"zoo": "digits-cnn", "labels": "classes.txt"}, "layers": ["fc2"],
+           "data": {"source": "npy", "path": "x.npy", "labels": "y.npy"}}
+    (tmp_path / "specs" / "job.yaml").write_text(yaml.safe_dump(doc))
+    job = load_spec(tmp_path / "specs" / "job.yaml")  # relative paths are relative to the spec file
+    assert job.model.labels == tmp_path / "specs" / "classes.txt" and job.data.labels == tmp_path / "specs" / "y.npy"
+    assert ls.load_model(job.model, device="cpu").class_names == [f"digit {d}" for d in range(10)]
+    with pytest.raises(ModelError, match=r"model.labels: .*three.txt' names 3 classes, but the model has 10 outputs"):
+        ls.load_model({"zoo": "digits-cnn", "labels": str(tmp_path / "specs" / "three.txt")}, device="cpu")
 
 
 def _folder_of_digits(root, size=28):
@@ -136,14 +160,54 @@ def test_photos_have_no_labels_but_the_network_still_reads_the_samples(tmp_path,
     assert all(sum(r["data_hist"]) == 64 for r in rows.values())  # the distribution needs no labels
 
 
-def test_exemplar_pass_matches_top_exemplars(digits_model):
+def test_exemplar_pass_against_a_direct_computation(digits_model):
+    """Top-5 images, their activations and the distribution columns of 4 conv2 channels, against the
+    channel means of the layer's output computed here in one forward pass."""
     pool = torch.from_numpy(digits(28, "train")[0])
     found = exemplar_pass(digits_model, "conv2", np.arange(4), "channel", pool, 5)
-    from ldam_sweep.sampling.exemplars import pool_scores
+    with torch.no_grad():
+        direct = digits_model.activations(pool, "conv2")[:, :4].mean((2, 3)).numpy().astype(np.float64)  # (N, 4)
+    best = np.argsort(-direct, axis=0, kind="stable")[:5].T  # (4, 5)
+    np.testing.assert_allclose(found.activations, np.take_along_axis(direct.T, best, 1), rtol=1e-5)
+    np.testing.assert_array_equal(found.images, pool.numpy()[found.order])  # the images are the pool's, in rank order
+    assert (np.sort(found.order, 1) == np.sort(best, 1)).mean() > 0.9  # the same images (up to float ties)
+    for u, col in enumerate(found.columns):
+        assert col["data_active_fraction"] == pytest.approx(float((direct[:, u] > 0).mean()))
+        assert col["data_p50"] == pytest.approx(float(np.median(direct[:, u])), rel=1e-4, abs=1e-6)
+        assert "label" not in col  # no labels given: none
+    assert found.columns != [{}] * 4 and top_exemplars_has_no_columns(digits_model, pool)
 
-    scores = pool_scores(digits_model, "conv2", np.arange(4), "channel", pool).numpy()
-    np.testing.assert_allclose(found.activations, -np.sort(-scores, axis=0)[:5].T, rtol=1e-6)
-    assert (found.order >= 0).all() and all("label" not in c for c in found.columns)  # no labels given: none
+
+def top_exemplars_has_no_columns(model, pool) -> bool:
+    """``top_exemplars`` (the discriminator's and the scripts' call) skips the distributions."""
+    from ldam_sweep.sampling.exemplars import top_exemplars
+
+    images, acts = top_exemplars(model, "fc2", np.arange(2), "logit", pool, 3)
+    return images.shape == (2, 3, 1, 28, 28) and acts.shape == (2, 3)
+
+
+def test_non_finite_activations_and_non_classifiers_do_not_fail_a_batch(digits_model):
+    cols = distribution_columns(np.array([[1.0, np.nan], [np.inf, np.nan], [3.0, np.nan]]))
+    assert sum(cols[0]["data_hist"]) == 2 and cols[0]["data_hist_hi"] == 3.0 and cols[1] == {}
+    from torch import nn
+
+    from ldam_sweep.model.handle import ModelHandle
+    from ldam_sweep.sampling.exemplars import sample_label_columns
+
+    class TwoOutputs(nn.Module):  # (logits, features): a classifier whose output is not one tensor
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(1, 4, 5), nn.Linear(4 * 24 * 24, 10)
+
+        def forward(self, x):
+            h = self.conv(x).flatten(1)
+            return self.fc(h), h
+
+    model = ModelHandle(TwoOutputs(), digits_model.input, name="two")
+    final = np.random.default_rng(0).random((2, 3, 1, 28, 28), dtype=np.float32)
+    assert sample_label_columns(model, final, None, [None, None]) == [{}, {}]
+    reading = sample_label_columns(digits_model, final, DIGITS, ["3", None])
+    assert all(r["sample_label"] in DIGITS for r in reading) and reading[1]["label_match"] is None
 
 
 def test_a_store_made_before_chain_starts_resumes_verifies_and_builds_its_atlas(tmp_path, digits_model, model_cache):

@@ -94,6 +94,7 @@ def render_change(starts: np.ndarray, finals: np.ndarray, value_range: tuple[flo
     pair = render_grid(np.stack([starts, finals], 1), value_range, scale=scale, pad=2,
                        row_labels=labels, col_labels=["start", "final"])
     maps = diverging(diff, full)
+    maps[~np.isfinite(diff).all(axis=(1, 2))] = 160  # a diverged chain: grey, not white ("no change")
     head = 14
     canvas = Image.new("RGB", (pair.width + w * scale + 6, pair.height), "white")
     canvas.paste(pair, (0, 0))

@@ -449,7 +449,8 @@ LAYER_JS = """
       ? `<div class="cell corrupt"><a href="../units/${slug}/${r.unit}.html"><b>unit ${r.unit}</b></a><br><b>corrupt</b> — run <code>ldam-sweep verify STORE --repair</code></div>`
       : r.status === 'dead'
       ? `<div class="cell dead"><a href="../units/${slug}/${r.unit}.html"><div class="deadcell">not sampled</div></a>`
-        + `<b>unit ${r.unit}</b> <span class="badge">dead</span></div>`
+        + `<b>unit ${r.unit}</b> <span class="badge">dead</span>`
+        + (shown(r) !== null ? `<br><span class="label">label ${esc(shown(r))}</span>` : '') + `</div>`
       : `<div class="cell"><b>unit ${r.unit}</b><br>${r.status}${r.error ? ': ' + esc(r.error) : ''}</div>`).join('');
     pager.innerHTML = Array.from({length: pages}, (_, i) => i === page ? `<b>${i + 1}</b>` : `<a href="#" data-p="${i}">${i + 1}</a>`).join(' ');
   }
@@ -488,7 +489,7 @@ SEARCH_JS = """
         found = document.getElementById('found'), limit = %d;
   const layers = S.layers.map(l => ({name: l[0], lower: l[0].toLowerCase(), slug: l[1]}));
   function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
-  // how well one unit matches one term: 0 best, -1 no match (the rules: docs/atlas.md)
+  // how well one unit matches one term: 0 best, -1 no match (the rules: docs/atlas.md, "Search")
   function rank(u, term){
     const L = layers[u[0]], label = u[2].toLowerCase(), flags = u[5] ? u[5].split(' ') : [];
     const i = term.indexOf(':');
@@ -531,7 +532,7 @@ SEARCH_JS = """
       }).join('') : '';
   }
   box.addEventListener('input', render);
-  if (location.hash.startsWith('#q=')){ box.value = decodeURIComponent(location.hash.slice(3)); }
+  if (location.hash.startsWith('#q=')){ try { box.value = decodeURIComponent(location.hash.slice(3)); } catch (e) {} }
   render();
 })();
 """

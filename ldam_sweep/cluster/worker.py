@@ -296,10 +296,10 @@ class SweepWorker:
         # ldam starts from real exemplars and takes its targets from them (revisions 2 and later)
         ldam = self.job.sampler.method == "ldam" and self.revision >= 2
         found = None
-        if (k or ldam) and self.real_pool is not None:
+        if self.real_pool is not None:  # exemplars, labels and distributions: one pass over the pool
             objective = self.writer.plan.layer(layer).objective
             found = exemplar_pass(self.model, layer, np.asarray(units), objective, self.real_pool,
-                                  max(k, SAMPLING_EXEMPLARS if ldam else 0), labels=self.pool_labels,
+                                  max(k, LABEL_K, SAMPLING_EXEMPLARS if ldam else 0), labels=self.pool_labels,
                                   class_names=self.data_classes, label_k=k or LABEL_K)
         result, sizes = self._sample(layer, units, found.images if ldam and found is not None else None)
         exemplars = (found.images[:, :k], found.activations[:, :k]) if k and found is not None else None

@@ -214,6 +214,15 @@ class ModelHandle:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The model's class logits (N, classes) for pixel-space images, float32; None when the model
+        is not a classifier (its output is not one (N, classes) tensor that discovery calls a logit layer)."""
+        if not any(layer.kind == "logit" for layer in self.layers):
+            return None
+        with self._autocast():
+            out = self.net(self.normalize(x))
+        return out.float() if isinstance(out, torch.Tensor) and out.ndim == 2 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The whole model on pixel-space images (normalisation included); float32 out."""
         with self._autocast():

@@ -64,8 +64,13 @@ def load_model(
         input_spec = spec.input
     if spec.weights is not None:
         metadata["weights"] = str(spec.weights)
-    return ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted,
-                       memory_format=spec.memory_format, precision=spec.precision, class_names=class_names(spec))
+    handle = ModelHandle(net, input_spec, name=spec.source, device=dev, metadata=metadata, scripted=scripted,
+                         memory_format=spec.memory_format, precision=spec.precision, class_names=class_names(spec))
+    outputs = [layer.units for layer in handle.layers if layer.kind == "logit"]
+    if spec.labels is not None and handle.class_names is not None and outputs and outputs[0] != len(handle.class_names):
+        raise ModelError(f"model.labels: {str(spec.labels)!r} names {len(handle.class_names)} classes, but the model has "
+                         f"{outputs[0]} outputs: give one class name per line, one line per output")
+    return handle
 
 
 def class_names(spec: ModelSpec) -> list[str] | None:

@@ -46,7 +46,7 @@ def pool_scores(model: ModelHandle, layer: str, units: np.ndarray, objective: st
 
 def exemplar_pass(model: ModelHandle, layer: str, units: np.ndarray, objective: str, pool: torch.Tensor, k: int, *,
                   labels: np.ndarray | None = None, class_names: Sequence[str] | None = None,
-                  label_k: int | None = None, batch: int = 512) -> ExemplarPass:
+                  label_k: int | None = None, distributions: bool = True, batch: int = 512) -> ExemplarPass:
     """Top-k exemplars, the activation distribution over ``pool`` and (with ``labels``: the pool's
     class indices into ``class_names``) each unit's label from its top ``label_k`` exemplars."""
     all_scores = pool_scores(model, layer, units, objective, pool, batch)  # (N, U)
@@ -60,8 +60,7 @@ def exemplar_pass(model: ModelHandle, layer: str, units: np.ndarray, objective: 
         images = torch.cat([images, pad], 1)
         vals = torch.cat([vals, torch.full((len(units), k - kk), float("nan"))], 1)
         order_np = np.concatenate([order_np, np.full((len(units), k - kk), -1)], 1)
-    scores = all_scores.cpu().numpy()
-    columns = distribution_columns(scores)
+    columns = distribution_columns(all_scores.cpu().numpy()) if distributions else [{} for _ in units]
     if labels is not None and class_names is not None:
         for col, lab in zip(columns, label_columns(order_np[:, : label_k or k], labels, class_names)):
             col.update(lab)
@@ -71,7 +70,7 @@ def exemplar_pass(model: ModelHandle, layer: str, units: np.ndarray, objective: 
 def top_exemplars(model: ModelHandle, layer: str, units: np.ndarray, objective: str, pool: torch.Tensor, k: int,
                   batch: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """(images (U, k, C, H, W), activations (U, k)) of the k real images that excite each unit most."""
-    found = exemplar_pass(model, layer, units, objective, pool, k, batch=batch)
+    found = exemplar_pass(model, layer, units, objective, pool, k, distributions=False, batch=batch)
     return found.images, found.activations
 
 
@@ -79,15 +78,18 @@ def distribution_columns(scores: np.ndarray) -> list[dict[str, Any]]:
     """(N, U) activations over the pool -> per unit: the fraction above zero, quantiles and a
     HIST_BINS-bin histogram between its min and max (manifest columns ``data_*``)."""
     s = np.asarray(scores, dtype=np.float64)
-    q = np.quantile(s, list(QUANTILES.values()), axis=0)  # (Q, U)
-    lo, hi = s.min(0), s.max(0)
     out = []
     for u in range(s.shape[1]):
-        top = hi[u] if hi[u] > lo[u] else lo[u] + 1e-6  # a constant unit: every image in the first bin
-        counts = np.histogram(s[:, u], bins=HIST_BINS, range=(lo[u], top))[0]
-        out.append({"data_active_fraction": float((s[:, u] > 0).mean()),
-                    **{name: float(q[i, u]) for i, name in enumerate(QUANTILES)},
-                    "data_hist": counts.astype(np.int32).tolist(), "data_hist_lo": float(lo[u]), "data_hist_hi": float(top)})
+        v = s[np.isfinite(s[:, u]), u]  # a non-finite activation (an overflowing model) is left out
+        if v.size == 0:
+            out.append({})
+            continue
+        lo, hi = float(v.min()), float(v.max())
+        top = hi if hi > lo else lo + 1e-6  # a constant unit: every image in the first bin
+        counts = np.histogram(v, bins=HIST_BINS, range=(lo, top))[0]
+        q = np.quantile(v, list(QUANTILES.values()))
+        out.append({"data_active_fraction": float((v > 0).mean()), **{name: float(q[i]) for i, name in enumerate(QUANTILES)},
+                    "data_hist": counts.astype(np.int32).tolist(), "data_hist_lo": lo, "data_hist_hi": top})
     return out
 
 
@@ -125,16 +127,17 @@ def sample_label_columns(model: ModelHandle, final: np.ndarray, class_names: Seq
     """The whole network's reading of each unit's final samples ((U, chains, C, H, W); NaN chains
     are left out): ``sample_label`` (the class most chains are assigned), ``sample_label_share``
     (the share of chains assigned it) and ``label_match`` (the share of chains assigned the unit's
-    exemplar label). Empty dicts when the model's output is not (N, classes) logits."""
+    exemplar label); shares are of the chains that did not diverge. Empty dicts when the model is not
+    a classifier (``ModelHandle.logits``)."""
     u, c = final.shape[:2]
     x = torch.as_tensor(np.ascontiguousarray(final), dtype=torch.float32).flatten(0, 1)
     ok = torch.isfinite(x.flatten(1)).all(1)
     if not ok.any():
         return [{} for _ in range(u)]
-    parts = [model.forward(x[ok][i : i + batch].to(model.device)) for i in range(0, int(ok.sum()), batch)]
-    logits = torch.cat(parts)
-    if logits.ndim != 2:
+    parts = [model.logits(x[ok][i : i + batch].to(model.device)) for i in range(0, int(ok.sum()), batch)]
+    if any(p is None for p in parts):  # not a classifier: no reading
         return [{} for _ in range(u)]
+    logits = torch.cat(parts)
     names = list(class_names) if class_names is not None and len(class_names) == logits.shape[1] \
         else [str(i) for i in range(logits.shape[1])]
     pred = np.full(u * c, -1)

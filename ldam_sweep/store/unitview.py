@@ -70,6 +70,8 @@ class UnitView:
     def __repr__(self) -> str:
         ratio = self.scores.get("activation_ratio")
         extra = f", activation ratio {ratio:.3g}" if isinstance(ratio, float) else ""
+        if self.scores.get("label") is not None:
+            extra += f", label {self.scores['label']} (purity {self.scores.get('label_purity') or 0:.2f})"
         return (f"UnitView({self.layer!r}, unit {self.unit}: {self.samples.shape[0]} chains x "
                 f"{self.samples.shape[1]} snapshots of {tuple(self.samples.shape[2:])}, final activation "
                 f"{np.nanmean(self.activation[:, -1]):.4g}{extra})")
