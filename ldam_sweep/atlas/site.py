@@ -348,8 +348,9 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
                "saturated chains": f"{_fmt(row.get('saturated_fraction'))} of its chains end mostly on the pixel box's bounds",
                "frozen chains": f"{_fmt(row.get('frozen_fraction'))} of its chains stopped moving short of the best real image"}
         parts.append(f"<p>{_flag_html(flags)} " + "; ".join(_e(why[f]) for f in flags) + "</p>")
-    if label_text(row):
-        parts.append(f"<p class='label'>{_e(label_text(row))}</p>")
+    label = label_text(row)
+    if label:
+        parts.append(f"<p class='label'>{_e(label)}</p>")
     link = unit_page(Path("."), name, unit).as_posix()
     parts.append(f"<p class='muted'>stable link (from the atlas folder): <code class='stable-link'>{_e(link)}</code></p>")
     side = []
@@ -386,8 +387,9 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
                         f"<img class='pix' alt='exemplars' src='../../img/{s}/{unit}-exemplars.png'></div>")
     if side:
         parts.append(f"<div class='side'>{''.join(side)}</div>")
-    if not dead and "starts" in data and np.isfinite(data["starts"].astype(np.float32)).all():
-        strip, full = render_change(data["starts"].astype(np.float32), samples[:, -1], vr, scale=max(1, 64 // h),
+    starts = data["starts"].astype(np.float32) if "starts" in data else None
+    if not dead and starts is not None and np.isfinite(starts).all():
+        strip, full = render_change(starts, samples[:, -1], vr, scale=max(1, 64 // h),
                                     labels=[f"chain {c}" for c in range(len(samples))])
         strip.save(img_dir / f"{unit}-change.png", compress_level=1)
         parts.append("<h2>What each chain changed</h2><p class='muted'>start | final | final − start (channels averaged): "
@@ -416,6 +418,8 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     page.write_text(_page(f"{name} unit {unit}", "".join(parts), 2))
 
 
+# HTML-escaping in the pages' scripts (names and labels from the model, the spec and the data)
+ESC_JS = """function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}"""
 LAYER_JS = """
 (function(){
   const rows = window.ATLAS_LAYER, slug = document.body.dataset.slug, size = %d;
@@ -423,7 +427,6 @@ LAYER_JS = """
         minIn = document.getElementById('min'), grid = document.getElementById('grid'),
         pager = document.getElementById('pager'), count = document.getElementById('count');
   let page = 0;
-  function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
   function fmt(v){return (v === null || v === undefined) ? '–' : (typeof v === 'number' ? Number(v.toPrecision(4)) : esc(v));}
   const labelIn = document.getElementById('label');
   function shown(r){ return r.label ?? r.sample_label ?? null; }  // display_label: exemplars' class, else the network's reading
@@ -477,7 +480,7 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, A
             "<label>min value <input id='min' type='number' step='any' size='6'></label>"
             "<label>label <input id='label' type='search' size='8'></label><span id='count'></span></div>"
             "<div id='pager'></div><div class='grid' id='grid'></div>"
-            f"<script src='../data/{s}.js'></script><script>{LAYER_JS % PAGE_SIZE}</script>")
+            f"<script src='../data/{s}.js'></script><script>{ESC_JS}{LAYER_JS % PAGE_SIZE}</script>")
     page = _page(f"layer {name}", body, 1).replace("<body>", f"<body data-slug='{_e(s)}'>", 1)
     (out / "layers").mkdir(parents=True, exist_ok=True)
     (out / "layers" / f"{s}.html").write_text(page)
@@ -488,7 +491,6 @@ SEARCH_JS = """
   const S = window.ATLAS_SEARCH, box = document.getElementById('search'), out = document.getElementById('results'),
         found = document.getElementById('found'), limit = %d;
   const layers = S.layers.map(l => ({name: l[0], lower: l[0].toLowerCase(), slug: l[1]}));
-  function esc(s){return String(s).replace(/[&<>"']/g, c => ({'&':'&amp;','<':'&lt;','>':'&gt;','"':'&quot;',"'":'&#39;'}[c]));}
   // how well one unit matches one term: 0 best, -1 no match (the rules: docs/atlas.md, "Search")
   function rank(u, term){
     const L = layers[u[0]], label = u[2].toLowerCase(), flags = u[5] ? u[5].split(' ') : [];
@@ -579,7 +581,7 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
             "its samples), a flag (dead, corrupt, failed, pending, low-realism, saturated-chains, frozen-chains), a "
             "layer name or part of one, a unit number; or layer:NAME, unit:N, label:X, is:FLAG.</p>"
             "<table id='results'></table>"
-            f"<script src='data/search.js'></script><script>{SEARCH_JS % SEARCH_LIMIT}</script>"
+            f"<script src='data/search.js'></script><script>{ESC_JS}{SEARCH_JS % SEARCH_LIMIT}</script>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))
