@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench install clean browser
+.PHONY: demo test test-fast bench install clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ browser:
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The quick tier (tests marked fast): every module's logic without Ray, a sweep or Chromium, in under 2 min on 2 cores
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m fast
 
 # The CPU benchmarks behind benchmarks/README.md (~20 min on 2 cores); on a GPU: bash benchmarks/gpu.sh
 bench: $(STAMP)

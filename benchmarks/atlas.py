@@ -30,7 +30,7 @@ from ldam_sweep.atlas.site import build_atlas, slug
 from ldam_sweep.sampling.chains import ChainResult
 from ldam_sweep.sampling.exemplars import HIST_BINS
 from ldam_sweep.store import BlockWriter, commit, create_store, open_store
-from ldam_sweep.store.layout import LayerPlan, StorePlan
+from ldam_sweep.store.schema import LayerPlan, StorePlan
 from record import report
 
 CHAINS, STEPS, SNAPS, SHAPE, K = 8, 300, (75, 150, 225, 300), (1, 28, 28), 8

@@ -26,7 +26,7 @@ from ldam_sweep.find import find_units, store_model
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.sampling.exemplars import top_exemplars
 from ldam_sweep.store import BlockWriter, commit, create_store
-from ldam_sweep.store.layout import plan_store
+from ldam_sweep.planning import plan_store
 
 
 def build_store(url: str, chains: int, steps: int, k: int) -> int:

@@ -22,7 +22,7 @@ import ldam_sweep as ls
 from record import report
 from ldam_sweep.sampling.chains import ChainResult
 from ldam_sweep.store import BlockWriter, commit, create_store
-from ldam_sweep.store.layout import LayerPlan, StorePlan
+from ldam_sweep.store.schema import LayerPlan, StorePlan
 
 CHAINS, STEPS, SNAPS, SHAPE = 8, 300, (75, 150, 225, 300), (1, 28, 28)
 

@@ -25,17 +25,19 @@ _LAZY = {
     "load_spec": "ldam_sweep.spec", "load_model_spec": "ldam_sweep.spec", "JobSpec": "ldam_sweep.spec",
     "ModelSpec": "ldam_sweep.spec", "InputSpec": "ldam_sweep.spec",
     "open_store": "ldam_sweep.store.query", "SweepStore": "ldam_sweep.store.query",
+    "Finder": "ldam_sweep.find", "find_units": "ldam_sweep.find",
 }
 
 __all__ = [
-    "ChainResult", "CompareError", "DataError", "InputSpec", "JobSpec", "LayerError", "LayerInfo", "LdamError",
+    "ChainResult", "CompareError", "DataError", "Finder", "InputSpec", "JobSpec", "LayerError", "LayerInfo", "LdamError",
     "ModelError", "ModelHandle", "ModelSpec", "RandomWeightsWarning", "SamplerError", "SpecError", "StoreError",
-    "SweepStore", "SweepSummary", "__version__", "load_model", "load_model_spec", "load_spec", "open_store",
+    "SweepStore", "SweepSummary", "__version__", "find_units", "load_model", "load_model_spec", "load_spec", "open_store",
     "run_sweep", "sample",
 ]
 
 if TYPE_CHECKING:
     from ldam_sweep.cluster.driver import SweepSummary, run_sweep
+    from ldam_sweep.find import Finder, find_units
     from ldam_sweep.model import LayerInfo, ModelHandle, RandomWeightsWarning, load_model
     from ldam_sweep.sampling import ChainResult, sample
     from ldam_sweep.spec import InputSpec, JobSpec, ModelSpec, load_model_spec, load_spec

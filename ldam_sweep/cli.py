@@ -1,5 +1,5 @@
 """The ``ldam-sweep`` command. Errors print one clear message, no traceback, and exit with the
-error's code (the table in README.md, "Sweeps")."""
+error's code (docs/guarantees.md, "Exit codes")."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ldam_sweep.errors import LdamError
+from ldam_sweep.store.schema import QUERY_COLUMNS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -54,7 +55,7 @@ def _log(msg: str) -> None:
     err_console.print(Text(msg, style="dim"), highlight=False)
 
 
-JSON_HELP = "Print one JSON object on stdout instead of tables (see README: JSON output)."
+JSON_HELP = "Print one JSON object on stdout instead of tables (see docs/spec.md: JSON output)."
 
 
 def json_safe(value: Any) -> Any:
@@ -137,7 +138,7 @@ def _objective_note(layer) -> str:
 
 
 def _print_summary(summary) -> None:
-    from ldam_sweep.cluster.driver import summary_line
+    from ldam_sweep.cluster.events import summary_line
 
     console.print(
         f"sweep {'interrupted' if summary.interrupted else 'finished'}: {summary.done_blocks} blocks run "
@@ -341,10 +342,6 @@ def _print_realism(doc: dict[str, Any], url: str) -> None:
                   highlight=False, markup=False)
 
 
-QUERY_COLUMNS = ("layer", "unit", "status", "integrity", "label", "label_purity", "act_final_mean", "exemplar_max",
-                 "realism_final_mean")
-
-
 @app.command()
 def query(
     store: str = typer.Argument(..., help="Store path or URL."),
@@ -427,19 +424,15 @@ def show(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a PNG of one unit: chains (rows) x snapshots (columns), labelled with activations."""
-    import numpy as np
-
-    from ldam_sweep.atlas.grid import save_grid
     from ldam_sweep.store import open_store
 
     with user_errors():
         st = open_store(store)
-        samples = st.samples(layer, unit)
-        act = st.trace(layer, unit)
-        steps = st.snapshot_steps()
-        labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
-        path = save_grid(output, samples, st.plan.value_range, row_labels=[f"chain {c}" for c in range(len(samples))],
-                         cell_labels=labels)
+        view = st.unit(layer, unit)
+        samples, steps = view.samples, view.snapshot_steps
+        output.parent.mkdir(parents=True, exist_ok=True)
+        view.image().save(output, format="PNG")
+        path = output
         if json_out:
             print_json("show", store=st.loc.url, layer=layer, unit=unit, paths=[str(path)], chains=samples.shape[0],
                        snapshot_steps=steps.tolist())

@@ -100,7 +100,7 @@ def write_report(cmp: Comparison, a: SweepStore, b: SweepStore, out_dir: str, to
     """An HTML page with the per-layer summary and side-by-side samples of the units that changed most."""
     from pathlib import Path
 
-    from ldam_sweep.atlas.grid import render_grid
+    from ldam_sweep.render import render_grid
 
     out = Path(out_dir)
     (out / "img").mkdir(parents=True, exist_ok=True)

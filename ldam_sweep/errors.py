@@ -5,7 +5,7 @@ from __future__ import annotations
 
 class LdamError(Exception):
     """Base class for every error ldam-sweep raises for a user to act on; the CLI prints these
-    without a traceback and exits with the class's ``exit_code`` (the table in README.md, "Sweeps")."""
+    without a traceback and exits with the class's ``exit_code`` (docs/guarantees.md, "Exit codes")."""
 
     exit_code: int = 2  # bad input: spec, arguments, files the spec names, a store from another spec
 

@@ -1,4 +1,4 @@
-"""Which units respond to *this* image? ``ldam-sweep find`` and ``SweepStore.find``.
+"""Which units respond to *this* image? ``ldam-sweep find``, ``Finder`` and ``find_units``.
 
 The images go through the store's model once (batched, stopped at the deepest layer asked), each
 swept unit's activation is computed with the layer's stored objective, and units are ranked by
@@ -6,7 +6,8 @@ activation ÷ reference: the unit's top dataset exemplar (``exemplar_max``) wher
 exemplars, else its chains' final mean activation (``act_final_mean``). A ratio near 1 means the
 image excites the unit as much as the best real image (or the sampled images) did.
 
-This module stands above the store: it takes an open store and imports the model code lazily.
+This module stands above the store: it takes an open store and imports the model code lazily;
+the store never imports it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -22,7 +23,7 @@ import pyarrow.compute as pc
 
 from ldam_sweep.atlas.format import unit_page
 from ldam_sweep.errors import DataError, StoreError
-from ldam_sweep.store.manifest import display_label
+from ldam_sweep.store.schema import display_label
 
 if TYPE_CHECKING:
     from ldam_sweep.model.handle import ModelHandle
@@ -52,6 +53,28 @@ class FindResult:
     def for_image(self, i: int) -> list[dict[str, Any]]:
         """The hits of image ``i``, best first."""
         return self.hits.filter(pc.equal(self.hits["image"], i)).to_pylist()
+
+
+class Finder:
+    """``find_units`` for one store, keeping the store's model (loaded on the first ``find``;
+    ``model`` overrides it): ``Finder(ls.open_store(url)).find(images, top=5)``."""
+
+    def __init__(self, store: "SweepStore", model: "ModelHandle | None" = None) -> None:
+        self.store, self.model = store, model
+
+    def find(self, images: Images, layer: str | None = None, top: int = 10, *,
+             atlas: str | Path | None = None) -> FindResult:
+        """The ``top`` units per image by activation ÷ the unit's reference (top exemplar, else final
+        chain mean). ``images``: (N, C, H, W) / (C, H, W) arrays in the model's pixel range, image
+        files, folders. ``load_seconds`` is the model's load time on the first call, then 0."""
+        load_seconds = 0.0
+        if self.model is None:
+            t0 = time.perf_counter()
+            self.model = store_model(self.store)
+            load_seconds = time.perf_counter() - t0
+        result = find_units(self.store, images, layer=layer, top=top, model=self.model, atlas=atlas)
+        result.load_seconds = load_seconds
+        return result
 
 
 def store_model(store: "SweepStore", device: Any = None) -> "ModelHandle":

@@ -10,6 +10,7 @@ planning code can ask which objective a layer uses without loading the sampler.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -174,14 +175,40 @@ def objective_for(layer_name: str, layer_kind: str, requested: Mapping[str, str]
     return check_objective(name, layer_kind, layer_name, geometry)
 
 
-def _reduce(objective: str) -> Callable[[Any], Any]:
+@dataclass(frozen=True)
+class UnitObjective:
+    """A canonical objective string (``check_objective``'s), parsed once: its table entry and its
+    parameter. ``str()`` gives the string back (what the manifest and the plan keep)."""
+
+    text: str
+    entry: Objective
+    arg: int | None
+
+    def reduce(self, acts: Any) -> Any:
+        return self.entry.reduce(acts, self.arg)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(objective: str) -> UnitObjective:
     base, arg = split_objective(objective)
-    fn = OBJECTIVES[base].reduce
-    value = None if arg is None else int(arg)
-    return lambda acts: fn(acts, value)
+    if base not in OBJECTIVES:
+        raise SamplerError(f"unknown objective {objective!r}; allowed: {', '.join(OBJECTIVES)}")
+    return UnitObjective(objective, OBJECTIVES[base], None if arg is None else int(arg))
 
 
-def unit_objective(acts: Any, units: Any, objective: str) -> Any:
+def parse_objective(objective: "str | UnitObjective") -> UnitObjective:
+    """The objective as an object, made once per distinct string (a sampler's step does not parse it)."""
+    return objective if isinstance(objective, UnitObjective) else _parse(objective)
+
+
+def _reduce(objective: "str | UnitObjective") -> Callable[[Any], Any]:
+    return parse_objective(objective).reduce
+
+
+def unit_objective(acts: Any, units: Any, objective: "str | UnitObjective") -> Any:
     """(B,) activation of each batch element's own unit ``units[i]``: one gather of its channel,
     then the reduction. Gathering first gives the same floats as the samplers before the table
     (reducing all C channels first rounds the channel mean differently) at no measurable cost."""
@@ -190,6 +217,6 @@ def unit_objective(acts: Any, units: Any, objective: str) -> Any:
     return _reduce(objective)(acts.gather(1, idx)).squeeze(1)
 
 
-def units_objective(acts: Any, units: Any, objective: str) -> Any:
+def units_objective(acts: Any, units: Any, objective: "str | UnitObjective") -> Any:
     """(N, U): every image's activation for each of the given units (exemplar ranking)."""
     return _reduce(objective)(acts[:, units.to(device=acts.device).long()])

@@ -1,187 +1,29 @@
 """Planning a sweep: everything is resolved and checked before any work starts.
 
-What a job sweeps (layers, units, objectives), the store plan that fixes the store's shapes and
-arrays, the identity that decides whether a store may be resumed, and the block tasks. The store
-reads its plan from here; this module imports no store code and no torch.
+``resolve(job, model)`` makes the one ``SweepPlan`` a sweep runs by: what it sweeps (layers,
+units, objectives), the store plan that fixes the store's shapes and arrays (``store.schema``),
+the sampler's settings parsed once for the store's sampler revision, and the block tasks. The
+driver, stage 1 and the workers all use that object; none derives it again. Also here: packing
+blocks into batches and the memory estimate of a block. No torch is imported here.
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
-import math
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+import dataclasses
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
-from ldam_sweep.errors import LdamError, SamplerError, SpecError, StoreError
+from ldam_sweep.errors import LdamError, SamplerError, SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, objective_for
-from ldam_sweep.settings import default_snapshot_steps
-from ldam_sweep.spec import AUTO_GRID_UNITS, JobSpec, parse_units
+from ldam_sweep.settings import SAMPLER_DEFAULTS, default_snapshot_steps, parse_options, revision_options
+from ldam_sweep.spec import JobSpec, SamplerSpec, parse_units
+from ldam_sweep.store.schema import LayerPlan, StorePlan
 
 if TYPE_CHECKING:
     from ldam_sweep.model.handle import ModelHandle
-
-
-@dataclass(frozen=True)
-class ArraySpec:
-    """One array of a layer as the store keeps it. The unit axis comes first and its storage grid
-    (shard, else chunk) equals the block size, so a block is exactly one storage object."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    chunks: tuple[int, ...]
-    dims: tuple[str, ...]
-    shards: tuple[int, ...] | None = None
-
-    def block_key(self, block: int) -> str:
-        """The storage key (relative to the array) of the one object holding ``block``."""
-        return "c/" + "/".join([str(block)] + ["0"] * (len(self.shape) - 1))
-
-    def block_shape(self, units: int) -> tuple[int, ...]:
-        """Shape of a region of ``units`` units."""
-        return (units, *self.shape[1:])
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    """One layer as the sweep will store it."""
-
-    name: str
-    kind: str
-    module_type: str
-    units: int  # all units of the layer; the unit axis is indexed by unit id
-    output_shape: tuple[int, ...]
-    block_size: int
-    objective: str
-    selected: tuple[int, ...] | None = None  # None: every unit
-
-    @property
-    def n_blocks(self) -> int:
-        return math.ceil(self.units / self.block_size)
-
-    def block_bounds(self, block: int) -> tuple[int, int]:
-        if not 0 <= block < self.n_blocks:
-            raise StoreError(f"block {block} is out of range for layer {self.name!r} (0..{self.n_blocks - 1})")
-        lo = block * self.block_size
-        return lo, min(lo + self.block_size, self.units)
-
-    def block_units(self, block: int) -> list[int]:
-        """The units of ``block`` that the sweep samples."""
-        lo, hi = self.block_bounds(block)
-        if self.selected is None:
-            return list(range(lo, hi))
-        return [u for u in self.selected if lo <= u < hi]
-
-    def planned_blocks(self) -> list[int]:
-        return [b for b in range(self.n_blocks) if self.block_units(b)]
-
-    def planned_units(self) -> int:
-        return self.units if self.selected is None else len(self.selected)
-
-    def block_of(self, unit: int) -> int:
-        return unit // self.block_size
-
-
-# The order of a block's arrays (the block checksum hashes them in this order).
-ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts")
-
-
-@dataclass(frozen=True)
-class StorePlan:
-    """Everything that fixes the store's shapes. Built by the driver from the job spec and model."""
-
-    layers: tuple[LayerPlan, ...]
-    chains: int
-    steps: int
-    snapshot_steps: tuple[int, ...]
-    image_shape: tuple[int, int, int]
-    value_range: tuple[float, float]
-    realism: bool = False
-    exemplars_k: int = 0
-    model_name: str = ""
-    model_fingerprint: str = ""
-    spec: dict[str, Any] = field(default_factory=dict)  # the job spec as submitted
-    starts: bool = False  # keep each chain's starting image (array ``starts``); stores made before it have none
-
-    def layer(self, name: str) -> LayerPlan:
-        for lp in self.layers:
-            if lp.name == name:
-                return lp
-        raise StoreError(f"layer {name!r} is not in this store; layers: {', '.join(lp.name for lp in self.layers)}")
-
-    def arrays(self, layer: str | LayerPlan) -> dict[str, ArraySpec]:
-        """The one description of a layer's arrays (in ``ARRAY_NAMES`` order): what the store
-        creates, what a writer writes per block, what verify and readers read back."""
-        lp = layer if isinstance(layer, LayerPlan) else self.layer(layer)
-        b, ch, s, t = lp.block_size, self.chains, len(self.snapshot_steps), self.steps + 1
-        image = tuple(self.image_shape)
-        out = [ArraySpec("samples", (lp.units, ch, s, *image), "float16", chunks=(1, ch, s, *image),
-                         shards=(b, ch, s, *image), dims=("unit", "chain", "snapshot", "c", "y", "x")),
-               ArraySpec("activation", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step"))]
-        if self.realism:
-            out.append(ArraySpec("realism", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step")))
-        if self.exemplars_k:
-            k = self.exemplars_k
-            out += [ArraySpec("exemplars", (lp.units, k, *image), "float16", chunks=(b, k, *image),
-                              dims=("unit", "rank", "c", "y", "x")),
-                    ArraySpec("exemplar_activation", (lp.units, k), "float32", chunks=(b, k), dims=("unit", "rank"))]
-        if self.starts:
-            out.append(ArraySpec("starts", (lp.units, ch, *image), "float16", chunks=(b, ch, *image),
-                                 dims=("unit", "chain", "c", "y", "x")))
-        return {a.name: a for a in out}
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["layers"] = [asdict(lp) for lp in self.layers]
-        if not self.starts:  # a plan without starts keeps the JSON (and plan_hash) of stores made before it
-            del d["starts"]
-        return json.loads(json.dumps(d))  # tuples -> lists, exactly as stored in zarr.json
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "StorePlan":
-        layers = tuple(
-            LayerPlan(**{**lp, "output_shape": tuple(lp["output_shape"]),
-                         "selected": None if lp["selected"] is None else tuple(lp["selected"])})
-            for lp in d["layers"]
-        )
-        return cls(
-            layers=layers, chains=d["chains"], steps=d["steps"], snapshot_steps=tuple(d["snapshot_steps"]),
-            image_shape=tuple(d["image_shape"]), value_range=tuple(d["value_range"]),  # type: ignore[arg-type]
-            realism=d["realism"], exemplars_k=d["exemplars_k"], model_name=d["model_name"],
-            model_fingerprint=d["model_fingerprint"], spec=d["spec"], starts=bool(d.get("starts", False)),
-        )
-
-    def identity_spec(self) -> dict[str, Any]:
-        """The spec without what may change between runs of one sweep: where the store is and
-        how many actors / attempts / commits (the block size stays: it fixes the store's grid)."""
-        spec = dict(self.spec)
-        spec.pop("store", None)
-        if isinstance(spec.get("resources"), dict):
-            # block_size auto is a grid of 32 units: the same store as an explicit 32 (and as the
-            # default before auto existed); how actors batch the blocks is not the sweep's identity
-            spec["resources"] = {k: (AUTO_GRID_UNITS if v == "auto" else v)
-                                 for k, v in spec["resources"].items() if k == "block_size"}
-        if isinstance(spec.get("model"), dict):
-            # the memory layout changes results by float rounding only, like running on other hardware
-            # (which a resume allows); float32 is left out so specs written before the field existed
-            # keep their identity. bf16 changes the method's numerics and stays in.
-            model = {k: v for k, v in spec["model"].items() if k != "memory_format"}
-            if model.get("precision") == "float32":
-                model.pop("precision")
-            spec["model"] = model
-        return spec
-
-    def spec_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity_spec(), sort_keys=True, default=str).encode()).hexdigest()
-
-    def plan_hash(self) -> str:
-        d = {**self.to_json(), "spec": json.loads(json.dumps(self.identity_spec(), default=str))}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def plan_store(
@@ -233,9 +75,10 @@ def job_targets(job: JobSpec, model: ModelHandle) -> list[tuple[str, np.ndarray]
     return out
 
 
-def job_objectives(job: JobSpec, model: ModelHandle) -> dict[str, str]:
-    """The objective of every layer the job sweeps."""
-    targets = job_targets(job, model)
+def job_objectives(job: JobSpec, model: ModelHandle,
+                   targets: list[tuple[str, np.ndarray]] | None = None) -> dict[str, str]:
+    """The objective of every layer the job sweeps (``targets``: ``job_targets``' when known)."""
+    targets = job_targets(job, model) if targets is None else targets
     swept = {name for name, _ in targets}
     requested = dict(job.objective)  # kinds as given; layer names (aliases too) under the layer's name
     for key, objective in job.objective.items():
@@ -259,16 +102,87 @@ def job_objectives(job: JobSpec, model: ModelHandle) -> dict[str, str]:
 
 
 def sweep_store_plan(job: JobSpec, model: ModelHandle, spec_doc: dict[str, Any]) -> StorePlan:
-    """The store's shapes for this job and model (layer names, units, blocks, chains, steps)."""
+    """The store's shapes for this job and model (``resolve(...).store``)."""
+    return resolve(job, model, spec_doc).store
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """The sampler as a sweep's workers run it, parsed once: the job's settings over the defaults of
+    the store's sampler ``revision`` (a store resumes with the sampler it was made with)."""
+
+    method: str
+    chains: int
+    steps: int
+    seed: int
+    lam: float
+    snapshot_every: int | None
+    init: str
+    options: Any  # settings.LdamOptions | SgldOptions | AmOptions
+    revision: int
+
+    @classmethod
+    def of(cls, spec: SamplerSpec, revision: int = SAMPLER_DEFAULTS) -> "SamplerPlan":
+        options, init = spec.options, spec.init or "auto"
+        if spec.method == "ldam":
+            options = {**revision_options(revision), **options}
+            init = spec.init or ("uniform" if revision <= 1 else "auto")
+        return cls(spec.method, spec.chains, spec.steps, spec.seed, spec.lam, spec.snapshot_every, init,
+                   parse_options(spec.method, options), revision)
+
+    @property
+    def starts_from_exemplars(self) -> bool:
+        """``ldam`` from revision 2 on starts each chain from its unit's real exemplars and takes its targets from them."""
+        return self.method == "ldam" and self.revision >= 2
+
+    def kwargs(self) -> dict[str, Any]:
+        """``sample()``'s keyword arguments for these settings (the options already parsed)."""
+        return dict(chains=self.chains, steps=self.steps, method=self.method, seed=self.seed, lam=self.lam,
+                    snapshot_every=self.snapshot_every, init=self.init, options=self.options)
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """Everything a sweep derives from its job spec and model, made once by ``resolve``."""
+
+    job: JobSpec
+    doc: dict[str, Any]  # the spec as JSON (the store keeps it)
+    targets: tuple[tuple[str, np.ndarray], ...]  # (layer, selected units), in sweep order
+    objectives: dict[str, str]  # layer -> objective
+    store: StorePlan
+    sampler: SamplerPlan
+
+    @property
+    def tasks(self) -> list["BlockTask"]:
+        """The (layer, block) tasks, in sweep order."""
+        return block_tasks(self.store)
+
+    def with_store(self, store: StorePlan) -> "SweepPlan":
+        """This plan writing into a store made from ``store`` (e.g. one made before chain starts were kept)."""
+        return dataclasses.replace(self, store=store)
+
+    def with_revision(self, revision: int) -> "SweepPlan":
+        """This plan with the sampler defaults of a store of sampler ``revision``."""
+        return self if revision == self.sampler.revision else dataclasses.replace(
+            self, sampler=SamplerPlan.of(self.job.sampler, revision))
+
+
+def resolve(job: JobSpec, model: ModelHandle, doc: dict[str, Any] | None = None) -> SweepPlan:
+    """The sweep's plan: the job's targets and objectives against ``model`` (checked: SpecError),
+    the store plan and the sampler's settings (today's sampler revision; ``with_revision`` for a
+    store made with another). ``doc``: the spec's JSON (default: the job's)."""
+    doc = job.model_dump(mode="json", exclude_none=True) if doc is None else doc
     targets = job_targets(job, model)
+    objectives = job_objectives(job, model, targets)
     layers = {name: (None if len(units) == model.layer(name).units else units.tolist()) for name, units in targets}
-    return plan_store(
+    store = plan_store(
         model, layers, chains=job.sampler.chains, steps=job.sampler.steps,
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
         block_size=job.resources.grid_units, realism=job.discriminator is not None,
         exemplars_k=job.exemplars if job.data is not None else 0,
-        objective=job_objectives(job, model), spec=spec_doc, starts=True,
+        objective=objectives, spec=doc, starts=True,
     )
+    return SweepPlan(job, doc, tuple(targets), objectives, store, SamplerPlan.of(job.sampler))
 
 
 @dataclass(frozen=True)
@@ -297,11 +211,6 @@ def pack_batch(queue: collections.deque[BlockTask], batch_units: int) -> list[Bl
         size += len(queue[0].units)
         batch.append(queue.popleft())
     return batch
-
-
-def store_url(job: JobSpec, override: str | None) -> str:
-    """--store, else the spec's store, else storage/<name>.zarr under the current directory."""
-    return override or job.store or str(Path("storage") / f"{job.name}.zarr")
 
 
 @dataclass(frozen=True)
@@ -389,23 +298,3 @@ def check_block_memory(plan: StorePlan, limit_bytes: int | None = None) -> Block
             f"~{est.host_bytes / gib:.1f} GiB of memory (the largest part, {part}: {est.parts[part] / gib:.1f} GiB), "
             f"over the limit of {limit_bytes / gib:.1f} GiB (half of this machine's memory); lower {MEMORY_SETTINGS[part]}")
     return est
-
-
-def identity_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -> list[str]:
-    """The fields that differ between two identity specs, as 'path: old -> new' (dotted paths into
-    nested mappings; a missing field shows as 'unset'), at most ``limit`` of them."""
-
-    def flat(d: Any, prefix: str = "") -> dict[str, Any]:
-        if not isinstance(d, dict) or not d:
-            return {prefix: d}
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-
-    a, b = flat(json.loads(json.dumps(old, default=str))), flat(json.loads(json.dumps(new, default=str)))
-    missing = object()
-    changes = [f"{k}: {'unset' if a.get(k, missing) is missing else json.dumps(a[k])} -> "
-               f"{'unset' if b.get(k, missing) is missing else json.dumps(b[k])}"
-               for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)]
-    return changes[:limit] + ([f"... and {len(changes) - limit} more"] if len(changes) > limit else [])

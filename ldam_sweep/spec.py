@@ -457,3 +457,9 @@ def resolve_job_paths(job: JobSpec, base: Path) -> JobSpec:
         if paths:
             updates["data"] = job.data.model_copy(update=paths)
     return job.model_copy(update=updates)
+
+
+def job_doc(spec: "JobSpec | dict[str, Any] | str | Path") -> tuple[JobSpec, dict[str, Any]]:
+    """A job spec (object, dict or YAML path) as the validated JobSpec and its JSON document."""
+    job = spec if isinstance(spec, JobSpec) else parse_job(spec) if isinstance(spec, dict) else load_spec(spec)
+    return job, job.model_dump(mode="json", exclude_none=True)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ldam_sweep.cluster.driver import WORKER_NICENESS_ENV
+from ldam_sweep.cluster.runtime import WORKER_NICENESS_ENV
 
 # The tests that start Ray themselves (ray.cluster_utils.Cluster for multi-node) get what
 # run_sweep gives a local Ray: workers at normal priority, not Ray's nice 15 (see _init_ray).
@@ -77,7 +77,7 @@ def exemplar_store(tmp_path_factory, digits_model):
     from ldam_sweep.sampling.exemplars import top_exemplars
     from ldam_sweep.sampling.scoring import score_result
     from ldam_sweep.store import BlockWriter, commit, create_store, failed_rows
-    from ldam_sweep.store.layout import plan_store
+    from ldam_sweep.planning import plan_store
 
     url = str(tmp_path_factory.mktemp("exemplars") / "sweep.zarr")
     sampler = {"method": "ldam", "steps": 20, "chains": 2, "seed": 0}

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ldam_sweep.planning import StorePlan
+from ldam_sweep.store.schema import StorePlan
+
+pytestmark = pytest.mark.fast  # the whole file is in the quick tier (make test-fast)
 
 # A plan exactly as zarr.json stores it (attrs "plan"), with a spec that has every field the
 # identity rules treat specially: store, resources, model.memory_format, model.precision float32.
@@ -58,9 +60,9 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(tree: ast.AST, modules: set[str], package: str) -> set[str]:
+def _imports(tree: ast.AST, modules: set[str], package: str, type_checking: bool = False) -> set[str]:
     """Every ldam_sweep module imported anywhere in ``tree`` (functions included), except under
-    ``if TYPE_CHECKING:``. ``from a import b`` points at ``a.b`` when that is a module."""
+    ``if TYPE_CHECKING:`` unless ``type_checking``. ``from a import b`` points at ``a.b`` when that is a module."""
     found: set[str] = set()
 
     def nearest(name: str) -> str | None:
@@ -69,7 +71,7 @@ def _imports(tree: ast.AST, modules: set[str], package: str) -> set[str]:
         return name or None
 
     def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and _is_type_checking(node):
+        if isinstance(node, ast.If) and _is_type_checking(node) and not type_checking:
             for child in node.orelse:
                 visit(child)
             return
@@ -90,12 +92,12 @@ def _imports(tree: ast.AST, modules: set[str], package: str) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(type_checking: bool = False) -> dict[str, set[str]]:
     paths = _module_names()
     graph = {}
     for name, path in paths.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        graph[name] = _imports(ast.parse(path.read_text()), set(paths), package) - {name}
+        graph[name] = _imports(ast.parse(path.read_text()), set(paths), package, type_checking) - {name}
     return graph
 
 
@@ -127,6 +129,7 @@ def test_the_graph_walker_sees_lazy_imports_and_skips_type_checking():
            "def f():\n    from ldam_sweep import c\n    import ldam_sweep.d.e\n")
     mods = {"ldam_sweep", "ldam_sweep.b", "ldam_sweep.c", "ldam_sweep.d"}
     assert _imports(ast.parse(src), mods, "ldam_sweep") == {"ldam_sweep.c", "ldam_sweep.d"}
+    assert _imports(ast.parse(src), mods, "ldam_sweep", type_checking=True) == {"ldam_sweep.b", "ldam_sweep.c", "ldam_sweep.d"}
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
@@ -146,8 +149,31 @@ def test_store_never_imports_the_sampler():
         if name.startswith(("ldam_sweep.store", "ldam_sweep.planning", "ldam_sweep.atlas")):
             bad = sorted(d for d in deps if d.startswith(("ldam_sweep.sampling", "ldam_sweep.model", "ldam_sweep.cluster")))
             assert bad == [], f"{name} imports {bad}"
-        if name == "ldam_sweep.planning":
-            assert not any(d.startswith("ldam_sweep.store") for d in deps), "planning must not import the store"
+        if name == "ldam_sweep.planning":  # the store's schema is the store's; planning builds plans of it
+            assert {d for d in deps if d.startswith("ldam_sweep.store")} <= {"ldam_sweep.store.schema"}, deps
+        if name.startswith("ldam_sweep.store"):
+            assert "ldam_sweep.planning" not in deps, f"{name} imports planning: the store stands below it"
+
+
+def test_the_store_stands_below_find_atlas_sampling_model_and_cluster():
+    """Nothing in ldam_sweep/store imports find, atlas, sampling, model or cluster: not at the top,
+    not lazily inside a function, not under TYPE_CHECKING (the store is the bottom layer readers share)."""
+    above = ("ldam_sweep.find", "ldam_sweep.atlas", "ldam_sweep.sampling", "ldam_sweep.model", "ldam_sweep.cluster")
+    for name, deps in import_graph(type_checking=True).items():
+        if name.startswith("ldam_sweep.store"):
+            assert sorted(d for d in deps if d.startswith(above)) == [], name
+
+
+def test_one_place_draws_a_unit_grid_parses_a_store_address_and_stamps_the_generation():
+    """The code that three modules used to repeat (and let drift) lives in one place each."""
+    def places(needle: str) -> list[str]:
+        return sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if needle in p.read_text())
+
+    assert places('row_labels=[f"chain') == [] and places("def _chain_labels") == ["render.py"]  # rows of the chains grid
+    assert places("unit_grid(") == ["atlas/site.py", "render.py", "store/unitview.py"]
+    assert places("isinstance(url, StoreLocation)") == ["store/location.py"]  # StoreLocation.parse
+    assert places('**r, "generation"') == ["store/schema.py"]  # stamp_generation
+    assert places("stamp_generation(") == ["store/schema.py", "store/verify.py", "store/writer.py"]  # rows, tombstones, failed rows
 
 
 @pytest.mark.parametrize("module", ["ldam_sweep", "ldam_sweep.store", "ldam_sweep.atlas.site", "ldam_sweep.planning",
@@ -156,3 +182,15 @@ def test_importing_without_torch(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'ray') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", f"import {module} loaded {out.stdout.strip()}"
+
+
+@pytest.mark.fast
+def test_only_failpoints_names_the_fault_injection_variables():
+    """Fault injection goes through ldam_sweep/failpoints.py: product code calls a point there and
+    never reads a test variable itself (issue 28)."""
+    allowed = PACKAGE / "failpoints.py"
+    offenders = sorted({str(path.relative_to(PACKAGE.parent)) for path in PACKAGE.rglob("*")
+                        if path.is_file() and path != allowed and "__pycache__" not in path.parts
+                        for needle in (b"LDAM_SWEEP_TEST_", b"LDAM_SWEEP_FAILPOINTS")
+                        if needle in path.read_bytes()})
+    assert offenders == [], f"files naming a fault-injection variable outside failpoints.py: {offenders}"

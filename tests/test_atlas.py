@@ -18,7 +18,7 @@ from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.sampling.exemplars import exemplar_pass, top_exemplars, unit_label_columns
 from ldam_sweep.sampling.scoring import score_result
 from ldam_sweep.store import BlockWriter, commit, create_store
-from ldam_sweep.store.layout import plan_store
+from ldam_sweep.planning import plan_store
 
 from conftest import DEAD_CHANNEL
 
@@ -108,6 +108,7 @@ def _images_loaded(page) -> list[int]:
 
 
 def test_browse_index_layer_unit(atlas_site, browser):
+    """A real browser walks index, layer page (sort, filter) and unit page: the store's numbers, every image, no network."""
     site = atlas_site["tmp"] / "site"
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     requests = []
@@ -156,6 +157,7 @@ def test_browse_index_layer_unit(atlas_site, browser):
 
 
 def test_script_in_a_layer_name_is_text_not_code(atlas_site, browser):
+    """Markup in a layer name or a label is text on every page and in the search: no script runs in the browser."""
     site = atlas_site["tmp"] / "evil-site"
     page = browser.new_page()
     dialogs = []
@@ -184,6 +186,7 @@ def test_script_in_a_layer_name_is_text_not_code(atlas_site, browser):
 
 
 def test_new_scores_sort_the_layer_page(atlas_site, browser):
+    """The layer page's sort menu offers the diversity scores and sorts by them in the browser as the API does."""
     page = browser.new_page()
     page.goto((atlas_site["tmp"] / "site" / "layers" / f"{slug('fc2')}.html").as_uri())
     options = page.eval_on_selector_all("#sort option", "els => els.map(e => e.value)")
@@ -196,6 +199,7 @@ def test_new_scores_sort_the_layer_page(atlas_site, browser):
 
 
 def test_a_dead_unit_has_a_badge_and_its_page_gives_the_reason(atlas_site, browser):
+    """In the browser a dead unit has a badge and a filter on its layer page, and its unit page gives the reason."""
     site = atlas_site["tmp"] / "dead-site"
     page = browser.new_page()
     page.goto((site / "index.html").as_uri())
@@ -217,6 +221,7 @@ def test_a_dead_unit_has_a_badge_and_its_page_gives_the_reason(atlas_site, brows
 
 
 def test_rebuild_renders_only_what_changed(atlas_site):
+    """A second atlas build renders nothing, and one after a new block renders only that block's units."""
     url = atlas_site["stores"]["digits"]
     site = atlas_site["tmp"] / "site"
     first = atlas_site["report"]
@@ -230,7 +235,9 @@ def test_rebuild_renders_only_what_changed(atlas_site):
 
 
 def test_search_lists_units_by_label_across_layers_and_opens_them(atlas_site, browser):
-    """Typing a label ("1": the fixture's conv2 channels and fc2's logit 1 have it) in the index lists
+    """The index's search finds units by label across layers, label hits first, and opens them (in Chromium).
+
+    Typing a label ("1": the fixture's conv2 channels and fc2's logit 1 have it) in the index lists
     every unit with that label (the API's units(label=...)) in every layer, before the units numbered
     1; a click opens the unit's page."""
     st = ls.open_store(atlas_site["stores"]["digits"])
@@ -264,6 +271,7 @@ def test_search_lists_units_by_label_across_layers_and_opens_them(atlas_site, br
 
 
 def test_unit_page_shows_histogram_markers_and_what_each_chain_changed(atlas_site, browser):
+    """The unit page's histogram marks the exemplars and each chain's final; its strip shows what each chain changed."""
     st = ls.open_store(atlas_site["stores"]["digits"])
     row = st.units("fc2", unit=1).to_pylist()[0]
     assert sum(row["data_hist"]) == len(atlas_site["pool"]) and row["data_hist_lo"] < row["data_hist_hi"]
@@ -293,6 +301,7 @@ def test_unit_page_shows_histogram_markers_and_what_each_chain_changed(atlas_sit
 
 
 def test_a_store_written_before_labels_builds_its_atlas_without_them(atlas_site, browser):
+    """The atlas of a store without labels searches by unit number and its unit pages leave the label parts out."""
     page = browser.new_page()
     site = atlas_site["tmp"] / "dead-site"
     page.goto((site / "index.html").as_uri())
@@ -306,6 +315,7 @@ def test_a_store_written_before_labels_builds_its_atlas_without_them(atlas_site,
 
 
 def test_layer_page_filters_by_label(atlas_site, browser):
+    """The layer page's label filter shows, in the browser, exactly the API's units(label=...)."""
     page = browser.new_page()
     page.goto((atlas_site["tmp"] / "site" / "layers" / f"{slug('conv2')}.html").as_uri())
     st = ls.open_store(atlas_site["stores"]["digits"])

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.timeout(1800)  # a whole-network sweep: on a box with CPU hogs beside it, 600 s is not enough
 def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
+    """`ldam-sweep demo --quick` sweeps all 410 digits-cnn units on local Ray: D, scores, labels, atlas and query agree."""
     env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
     store = tmp_path / "demo.zarr"
     out = subprocess.run(
@@ -160,7 +161,9 @@ def record(gpu_quick: GpuRun, bench: str, name: str) -> dict:
 
 @GPU_SH_TIMEOUT
 def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(gpu_quick):
-    """Its argument lists stay valid: every benchmark ran and measured something."""
+    """benchmarks/gpu.sh runs every GPU benchmark on CPU in quick mode without a failure.
+
+    Its argument lists stay valid: every benchmark ran and measured something."""
     assert gpu_quick.failed == {} and gpu_quick.returncode == 0, gpu_quick.failed
     records = gpu_quick.records
     assert sorted({r["benchmark"] for r in records.values()}) == [
@@ -175,6 +178,7 @@ def test_gpu_script_runs_every_benchmark_in_quick_mode_on_cpu(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_batching_benchmark_quick_mode(gpu_quick):
+    """benchmarks/batching.py (via gpu.sh) runs every unit's chains for every step both ways: a fair comparison."""
     for bench, name in (("batching_digits", "batching_digits_conv2"), ("batching_r18", "batching_resnet18_64_layer2")):
         rec = record(gpu_quick, bench, name)
         assert rec["units"] == 4 and rec["steps"] == 3
@@ -183,6 +187,7 @@ def test_batching_benchmark_quick_mode(gpu_quick):
 
 
 def test_store_benchmark_quick_mode(tmp_path):
+    """benchmarks/store.py --quick writes, commits and reads back all 2,000 units and times each part."""
     rec = run_quick("store", tmp_path)
     assert rec["units"] == 2000 and rec["manifest_files"] == 4 and rec["write_blocks"] == 4
     assert rec["manifest_rows"] == 2000  # every committed row is readable back from the store
@@ -190,6 +195,7 @@ def test_store_benchmark_quick_mode(tmp_path):
 
 
 def test_atlas_benchmark_quick_mode(tmp_path):
+    """benchmarks/atlas.py --quick builds, rebuilds and searches a 200-unit atlas in Chromium and times each part."""
     rec = run_quick("atlas", tmp_path)
     assert rec["units"] == 200 and rec["pages"] == 200 + 2 + 1  # unit pages, layer pages, index
     assert rec["units_rendered"] == 200 and rec["rebuild_units_rendered"] == 0  # the rebuild re-rendered nothing
@@ -199,6 +205,7 @@ def test_atlas_benchmark_quick_mode(tmp_path):
 
 
 def test_labels_benchmark_quick_mode(tmp_path, model_cache):
+    """benchmarks/labels.py --quick times the exemplar pass before and after labels and the sample reading per layer."""
     rec = run_quick("labels", tmp_path, model_cache)
     for layer, units in (("conv2", 32), ("fc1", 128)):
         r = rec[layer]
@@ -209,6 +216,7 @@ def test_labels_benchmark_quick_mode(tmp_path, model_cache):
 
 @GPU_SH_TIMEOUT
 def test_hardware_limit_benchmark_quick_mode(gpu_quick):
+    """benchmarks/hardware_limit.py (via gpu.sh) does the same image-steps bare and in the sampler, and times each part."""
     for bench, name in (("hwlimit_digits", "hardware_limit_digits_conv2"), ("hwlimit_r18", "hardware_limit_resnet18_224_layer3")):
         rec = record(gpu_quick, bench, name)
         assert rec["units"] == 4 and rec["chains"] == 4 and rec["steps"] == 3
@@ -227,6 +235,7 @@ def test_hardware_limit_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_peers_benchmark_quick_mode(gpu_quick):
+    """benchmarks/peers.py (via gpu.sh) renders the same image-steps with ours and torch-lucent, in both layouts."""
     rec = record(gpu_quick, "peers", "peers")
     assert rec["units"] == 4 and rec["images_per_unit"] == 2 and rec["peer"].startswith("torch-lucent")
     # ours and lucent (b) rendered the same images for the same steps, in both layouts; lucent (a) its units
@@ -238,6 +247,7 @@ def test_peers_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_end_to_end_benchmark_quick_mode(gpu_quick):
+    """benchmarks/end_to_end.py (via gpu.sh) sweeps on Ray the units it runs in-process; re-sampling matches the store."""
     for bench, name in (("e2e_digits_32", "end_to_end_digits_32"), ("e2e_digits_auto", "end_to_end_digits_auto"),
                         ("e2e_r18_auto", "end_to_end_resnet18_224_layer3_auto")):
         rec = record(gpu_quick, bench, name)
@@ -257,12 +267,14 @@ def test_end_to_end_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_pipeline_benchmark_quick_mode(gpu_quick):
+    """benchmarks/pipeline.py (via gpu.sh) runs its 3 blocks with a delayed write and records the delay."""
     rec = record(gpu_quick, "pipeline", "pipeline_resnet18_224_layer3")
     assert rec["blocks"] == 3 and rec["write_delay_s"] > 0
 
 
 @GPU_SH_TIMEOUT
 def test_variants_benchmark_quick_mode(gpu_quick):
+    """benchmarks/variants.py (via gpu.sh) runs the same work in fp32, fp32 channels_last and bf16 channels_last."""
     rows = record(gpu_quick, "variants", "variants")["rows"]
     assert [r["variant"] for r in rows] == ["fp32", "fp32_channels_last", "bf16_channels_last"]
     # the variants really differ in layout / precision, and really ran the same work
@@ -275,6 +287,7 @@ def test_variants_benchmark_quick_mode(gpu_quick):
 
 @GPU_SH_TIMEOUT
 def test_scaling_benchmark_quick_mode(gpu_quick):
+    """benchmarks/scaling.py (via gpu.sh) measures every axis: units, chains, layer depth, input size, ViT depth."""
     rec = record(gpu_quick, "scaling", "scaling")
     assert [r["units"] for r in rec["units_per_block"]] == [1, 4, 1, 4]
     assert [r["chains"] for r in rec["chains_per_unit"]] == [1, 8]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -26,6 +27,7 @@ from conftest import DEAD_CHANNEL
 CHAINS = 4
 
 
+@pytest.mark.fast
 def test_sample_flags_exactly_the_dead_channel_and_its_neighbours_are_unchanged(dead_channel_model):
     spec, _ = dead_channel_model
     model = ls.load_model(spec, device="cpu")
@@ -43,6 +45,7 @@ def test_sample_flags_exactly_the_dead_channel_and_its_neighbours_are_unchanged(
     assert not ls.sample(model, "conv", range(4), chains=2, steps=2).dead.any()
 
 
+@pytest.mark.fast
 def test_a_batch_with_a_dead_unit_records_the_live_units_it_sampled_together(dead_channel_model, tmp_path):
     """``batch_units`` is the batch's size on the device (what re-sampling on a GPU must match): the
     dead unit is dropped before sampling, so a block of 4 with one dead unit ran as 3."""
@@ -58,6 +61,7 @@ def test_a_batch_with_a_dead_unit_records_the_live_units_it_sampled_together(dea
 
 
 def test_a_sweep_commits_the_dead_unit_as_dead_and_a_rerun_does_not_redo_it(dead_channel_model, tmp_path, model_cache):
+    """Through `ldam-sweep run` (local Ray) a dead unit is committed as dead, verified, shown as dead, and not rerun."""
     spec, folder = dead_channel_model
     job = {"name": "dead-test", "model": spec, "layers": ["relu"], "data": {"source": "digits"},
            "sampler": {"steps": 20, "chains": CHAINS, "seed": 1},

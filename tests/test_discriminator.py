@@ -95,6 +95,7 @@ def old_and_new_default(digits_model, d_lam05, digits_split):
 
 
 def test_new_default_samples_the_class_not_one_image_and_stays_realistic(digits_model, old_and_new_default, digits_split):
+    """Today's default sampler (real starts, trained D) keeps the class, varies like real digits and loses no realism."""
     from ldam_sweep.model.zoo import class_max_logits
     from ldam_sweep.sampling.lowpass import variety
 
@@ -119,6 +120,7 @@ def test_new_default_samples_the_class_not_one_image_and_stays_realistic(digits_
 
 
 def test_d_trained_against_lam0_chains_tells_them_from_heldout_digits(d_lam0):
+    """A D trained 40 updates against lam=0 chains tells them from held-out digits (>= 90%) and its loss falls."""
     assert d_lam0.heldout_accuracy >= 0.9
     assert d_lam0.heldout_real_accuracy >= 0.9 and d_lam0.heldout_fake_accuracy >= 0.9
     assert len(d_lam0.log["loss"]) == 40 and d_lam0.log["loss"][-1] < d_lam0.log["loss"][0]
@@ -126,6 +128,7 @@ def test_d_trained_against_lam0_chains_tells_them_from_heldout_digits(d_lam0):
 
 
 def test_realism_rises_with_lambda_and_the_target_stays_the_argmax(lambda_sweep):
+    """Raising lambda raises log D of the final samples while the target logit stays the argmax."""
     (r0, argmax0), (r5, argmax5) = lambda_sweep[0.0], lambda_sweep[0.5]
     logd0, logd5 = float(r0.realism[..., -1].mean()), float(r5.realism[..., -1].mean())
     # measured on this box: -13.0 at lambda 0, -1.4 at lambda 0.5 (margin ~11.6)
@@ -134,6 +137,7 @@ def test_realism_rises_with_lambda_and_the_target_stays_the_argmax(lambda_sweep)
 
 
 def test_samples_move_towards_real_digits_without_asking_d(lambda_sweep, digits_split):
+    """At lambda 0.5 the samples end nearer to real digits than at lambda 0, measured without D."""
     _, (test, _) = digits_split
     near0 = _nearest_real_rms(lambda_sweep[0.0][0].final_samples, test)
     near5 = _nearest_real_rms(lambda_sweep[0.5][0].final_samples, test)
@@ -142,6 +146,7 @@ def test_samples_move_towards_real_digits_without_asking_d(lambda_sweep, digits_
 
 
 def test_at_lambda_1_samples_stop_depending_on_the_unit(lambda_sweep):
+    """At lambda 1 only D moves the chains: the samples stop depending on the unit (argmax at chance)."""
     r1, argmax1 = lambda_sweep[1.0]
     r0, _ = lambda_sweep[0.0]
     assert argmax1 <= 0.3  # measured 0.10: chance level for 10 classes
@@ -154,6 +159,7 @@ def test_at_lambda_1_samples_stop_depending_on_the_unit(lambda_sweep):
 
 
 def test_rgb_path_resnet18_with_d_on_photo_crops():
+    """On RGB resnet18 at 64 px the residual D trains on photo crops above chance and drives the sampler."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ls.RandomWeightsWarning)
         model = ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 64, "width": 64,
@@ -172,6 +178,7 @@ def test_rgb_path_resnet18_with_d_on_photo_crops():
 
 
 def test_save_load_roundtrip_and_model_checks(d_lam0, digits_model, tmp_path, factory_digits_like):
+    """A trained D saves and loads back equal; another model warns, another input shape and junk files are refused."""
     path = d_lam0.save(tmp_path / "d.pt")
     loaded = load_discriminator(path, digits_model)
     x = torch.rand(5, 1, 28, 28)
@@ -198,6 +205,7 @@ class _Evil:
         return (os.system, ("touch /tmp/ldam_sweep_d_pwned",))
 
 
+@pytest.mark.fast
 def test_discriminator_file_with_pickled_code_is_refused(tmp_path):
     marker = "/tmp/ldam_sweep_d_pwned"
     if os.path.exists(marker):
@@ -223,6 +231,7 @@ def factory_digits_like(tmp_path_factory):
         sys.path.remove(str(mod_dir))
 
 
+@pytest.mark.fast
 def test_training_chains_are_distinct_and_cover_every_layer(digits_model):
     from ldam_sweep.data import digits
     from ldam_sweep.sampling.discriminator import ChainSetting, _ChainGroup, _spread
@@ -247,6 +256,7 @@ def test_training_chains_are_distinct_and_cover_every_layer(digits_model):
     assert {l for l, _ in many} == {"conv2", "fc1", "fc2"}
 
 
+@pytest.mark.fast
 def test_image_folder_resizes_crops_and_converts_channels(tmp_path):
     (tmp_path / "a" / "b").mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -259,6 +269,7 @@ def test_image_folder_resizes_crops_and_converts_channels(tmp_path):
     assert rgb.shape == (2, 3, 16, 16) and rgb.min() >= -1 and rgb.min() < 0
 
 
+@pytest.mark.fast
 def test_bad_data_sources_name_the_file_and_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="holds no images"):
@@ -286,6 +297,7 @@ def test_bad_data_sources_name_the_file_and_problem(tmp_path):
         real_images(DataSpec(source="npy", path=tmp_path / "two.npy"), DIGITS_IN, "train")
 
 
+@pytest.mark.fast
 def test_job_spec_discriminator_rules():
     with pytest.raises(ls.SpecError, match="discriminator.train needs a data section"):
         parse_job({"model": {"zoo": "digits-cnn"}, "discriminator": {"train": {}}})
@@ -298,6 +310,7 @@ def test_job_spec_discriminator_rules():
 
 
 def test_cli_train_discriminator_and_store_roundtrip(tmp_path, model_cache, digits_model):
+    """`ldam-sweep train-discriminator` writes a D that loads, and a store's D bytes load back equal."""
     spec = tmp_path / "job.yaml"
     spec.write_text("model: {zoo: digits-cnn}\nlayers: [fc2]\ndata: {source: digits}\n"
                     "discriminator: {train: {updates: 6, steps_per_update: 5, eval_steps: 10, lam: 0.0}}\n")
@@ -325,6 +338,7 @@ def test_cli_train_discriminator_and_store_roundtrip(tmp_path, model_cache, digi
         assert torch.equal(load_discriminator(st.discriminator_bytes(), digits_model).module(x), trained.module(x))
 
 
+@pytest.mark.fast
 def test_residual_d_halves_resolution_first_above_32px_and_old_configs_keep_stride_1():
     from ldam_sweep.sampling.discriminator import Discriminator, discriminator_config
 

@@ -26,6 +26,7 @@ from conftest import mounted_tmpfs, one_line_error
 import ldam_sweep as ls
 from ldam_sweep.cli import app
 from ldam_sweep.errors import CorruptBlockError
+from ldam_sweep.failpoints import FAIL_BLOCKS_ENV
 from ldam_sweep.store import manifest
 
 SPEC = {
@@ -86,6 +87,7 @@ def block_object(url: str, layer: str, array: str, block: int) -> Path:
 # -- repair ---------------------------------------------------------------------------------------
 
 def test_corrupt_shard_is_repaired_and_rerun_equals_an_uninterrupted_run(swept, copy, tmp_path, model_cache):
+    """A corrupt shard of a real sweep is named by verify/show/atlas, repaired, and rerun bit for bit equal."""
     spec, original = swept
     shard = block_object(copy, "conv2", "samples", 1)
     data = bytearray(shard.read_bytes())
@@ -135,6 +137,7 @@ def test_corrupt_shard_is_repaired_and_rerun_equals_an_uninterrupted_run(swept, 
 
 
 def test_flipped_bytes_in_an_activation_chunk_are_never_shown(swept, copy, tmp_path):
+    """Flipped bytes in an activation chunk: every reader raises CorruptBlockError; show, atlas, compare skip it."""
     chunk = block_object(copy, "fc2", "activation", 0)
     data = bytearray(chunk.read_bytes())
     for i in range(len(data) // 2, len(data) // 2 + 4):
@@ -162,6 +165,7 @@ def test_flipped_bytes_in_an_activation_chunk_are_never_shown(swept, copy, tmp_p
 
 
 def test_checksum_is_checked_once_per_block_per_store_instance(swept):
+    """A store instance verifies a block's checksum once, not on every read of one of its units."""
     st = ls.open_store(swept[1])
     st.samples("conv2", 0)
     assert ("conv2", 0) in {(layer, block) for layer, block, _ in st._verified}
@@ -171,6 +175,7 @@ def test_checksum_is_checked_once_per_block_per_store_instance(swept):
 
 
 def test_stale_temp_parts_are_removed_at_the_next_commit(copy):
+    """A commit removes stale .tmp manifest parts a dead writer left, and keeps a live writer's."""
     folder = Path(copy) / "manifest" / "layer=fc2"
     stale, fresh = folder / ".part-1-dead.parquet.tmp", folder / ".part-2-live.parquet.tmp"
     stale.write_bytes(b"x")
@@ -185,6 +190,7 @@ def test_stale_temp_parts_are_removed_at_the_next_commit(copy):
 
 # -- early, kind failures (nothing is created) -----------------------------------------------------
 
+@pytest.mark.fast
 def test_huge_unit_range_fails_at_once_with_the_valid_range(tmp_path):
     spec = write_spec(tmp_path, units={"fc2": "0-100000000000"}, layers=["fc2"])
     out = invoke("run", spec, "--store", tmp_path / "s.zarr")
@@ -194,6 +200,7 @@ def test_huge_unit_range_fails_at_once_with_the_valid_range(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.fast
 def test_a_block_that_cannot_fit_in_memory_is_refused_naming_the_setting(tmp_path):
     from ldam_sweep.planning import physical_memory_bytes
 
@@ -209,6 +216,7 @@ def test_a_block_that_cannot_fit_in_memory_is_refused_naming_the_setting(tmp_pat
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("what", ["missing", "whole-model"])
 def test_a_bad_discriminator_file_fails_before_the_store_exists(tmp_path, what):
     d = tmp_path / "d.pt"
@@ -224,6 +232,7 @@ def test_a_bad_discriminator_file_fails_before_the_store_exists(tmp_path, what):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.fast
 def test_a_missing_data_file_fails_before_the_store_exists(tmp_path):
     spec = write_spec(tmp_path, data={"source": "npy", "path": str(tmp_path / "nope.npy")})
     out = invoke("run", spec, "--store", tmp_path / "s.zarr")
@@ -231,6 +240,7 @@ def test_a_missing_data_file_fails_before_the_store_exists(tmp_path):
     assert not (tmp_path / "s.zarr").exists()
 
 
+@pytest.mark.fast
 def test_weight_file_errors_say_what_to_save(tmp_path):
     from ldam_sweep.errors import ModelError
     from ldam_sweep.model.loading import read_state_dict
@@ -249,6 +259,7 @@ def test_weight_file_errors_say_what_to_save(tmp_path):
 
 
 def test_a_store_from_another_spec_names_the_changed_fields(swept, copy, tmp_path):
+    """Running another spec against a real sweep's store is refused, naming each changed field (old -> new)."""
     spec = write_spec(tmp_path, sampler={"steps": 10, "chains": 2, "seed": 7},
                       resources={"actors": 1, "block_size": 2, "commit_every": 1, "max_attempts": 2})
     out = invoke("run", spec, "--store", copy)
@@ -256,11 +267,13 @@ def test_a_store_from_another_spec_names_the_changed_fields(swept, copy, tmp_pat
     assert "resources.block_size: 4 -> 2" in out.output and "sampler.seed: 1 -> 7" in out.output
 
 
+@pytest.mark.fast
 def test_rich_markup_in_user_text_prints_literally(tmp_path):
     out = invoke("status", tmp_path / "x[red]y[/red]")
     assert out.exit_code == 2 and "x[red]y[/red]" in out.output
 
 
+@pytest.mark.fast
 def test_progress_line_never_shows_eta_nan():
     from rich.console import Console
 
@@ -275,6 +288,7 @@ def test_progress_line_never_shows_eta_nan():
 # -- Ray, Ctrl-C, storage: real processes ---------------------------------------------------------
 
 def test_ray_that_cannot_start_exits_3_with_one_line(tmp_path, model_cache):
+    """A Ray that cannot start (socket path too long) makes `ldam-sweep run` exit 3 with one line, no traceback."""
     long_tmp = Path(tempfile.mkdtemp(prefix="r" + "x" * 90, dir="/tmp"))  # unix socket paths are limited to 107 bytes
     try:
         spec = write_spec(tmp_path)
@@ -292,6 +306,7 @@ def ray_processes(marker: str) -> list[int]:
 
 
 def test_second_ctrl_c_stops_at_once_and_leaves_no_ray_process(tmp_path, model_cache):
+    """A second Ctrl-C stops a real driver at once (exit 130) and leaves no Ray process behind."""
     ray_tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     spec = write_spec(tmp_path, layers=["conv2"], units={}, sampler={"steps": 200, "chains": 2, "seed": 1},
                       resources={"actors": 1, "block_size": 2, "commit_every": 1})
@@ -335,10 +350,11 @@ def small_fs(tmp_path):
 
 
 def test_a_full_disk_stops_the_sweep_once_with_exit_4(small_fs, tmp_path, model_cache):
+    """A disk that fills during a real sweep stops it once with exit 4 and one line; committed blocks stay intact."""
     spec = write_spec(tmp_path, resources={"actors": 1, "block_size": 4, "commit_every": 1, "max_attempts": 3})
     url = str(small_fs / "s.zarr")
     out = cli_run("run", str(spec), "--store", url, cwd=tmp_path,
-                  env=env_for(model_cache, LDAM_SWEEP_TEST_FAIL_BLOCKS="conv2:1"))
+                  env=env_for(model_cache, **{FAIL_BLOCKS_ENV: "conv2:1"}))
     assert out.returncode == 1, out.stderr  # conv2 block 1 failed on purpose; the other two committed
     rows_before = ls.open_store(url).manifest().num_rows
     filler = small_fs / "filler"

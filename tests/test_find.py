@@ -32,14 +32,15 @@ def one_per_class() -> tuple[np.ndarray, np.ndarray]:
     return images[pick], labels[pick]
 
 
+@pytest.mark.fast
 def test_a_digit_finds_its_class_logit_and_fc1_units_with_its_class_exemplars(exemplar_store):
-    st = ls.open_store(exemplar_store)
+    finder = ls.Finder(ls.open_store(exemplar_store))
     images, labels = one_per_class()
-    fc2 = st.find(images, layer="fc2", top=3)
+    fc2 = finder.find(images, layer="fc2", top=3)
     first = [fc2.for_image(i)[0] for i in range(10)]
     assert all(h["reference_column"] == "exemplar_max" and h["layer"] == "fc2" for h in first)
     assert sum(h["unit"] == c for h, c in zip(first, labels)) >= 9
-    assert fc2.load_seconds > 0 and st.find(images[:1], layer="fc2").load_seconds == 0.0  # the model is cached
+    assert fc2.load_seconds > 0 and finder.find(images[:1], layer="fc2").load_seconds == 0.0  # the model is kept
 
 
 def exemplar_classes(st, layer: str) -> dict[int, int]:
@@ -56,6 +57,7 @@ def exemplar_classes(st, layer: str) -> dict[int, int]:
     return out
 
 
+@pytest.mark.fast
 def test_fc1_top_unit_exemplars_share_the_query_class_far_above_raw_activation_and_chance(exemplar_store):
     """For each of the 450 held-out digits: does the fc1 unit that find ranks first (activation over the
     unit's reference) have exemplars of the digit's class? Measured over six trainings of digits-cnn (recipe
@@ -67,7 +69,7 @@ def test_fc1_top_unit_exemplars_share_the_query_class_far_above_raw_activation_a
     st = ls.open_store(exemplar_store)
     classes = exemplar_classes(st, "fc1")
     images, labels = digits(28, "test")
-    res = st.find(images, layer="fc1", top=len(classes))
+    res = ls.find_units(st, images, layer="fc1", top=len(classes))
     by_ratio = by_raw = 0
     for i, c in enumerate(labels):
         hits = res.for_image(i)
@@ -81,10 +83,11 @@ def test_fc1_top_unit_exemplars_share_the_query_class_far_above_raw_activation_a
     assert by_ratio >= by_raw + 0.04 * n, (by_ratio, by_raw, n)
 
 
+@pytest.mark.fast
 def test_ratio_is_activation_over_the_units_reference(exemplar_store, digits_model):
     st = ls.open_store(exemplar_store)
     images, _ = one_per_class()
-    res = st.find(images[3], top=5)  # (C, H, W) works; every swept layer
+    res = ls.Finder(st).find(images[3], top=5)  # (C, H, W) works; every swept layer
     with torch.no_grad():
         logits = digits_model.forward(torch.from_numpy(images[3:4])).numpy()[0]
     rows = st.units(status="ok").to_pylist()
@@ -99,6 +102,7 @@ def test_ratio_is_activation_over_the_units_reference(exemplar_store, digits_mod
     assert "layer 'relu1': no committed units" in res.notes
 
 
+@pytest.mark.fast
 def test_activations_at_equals_one_layer_at_a_time(digits_model):
     x = torch.from_numpy(digits(28, "test")[0][:16])
     names = ["relu1", "conv2", "pool2", "fc1", "fc2"]
@@ -108,6 +112,7 @@ def test_activations_at_equals_one_layer_at_a_time(digits_model):
             torch.testing.assert_close(many[name], digits_model.activations(x, name), rtol=0, atol=0)
 
 
+@pytest.mark.fast
 def test_non_positive_references_are_skipped_and_final_mean_is_the_fallback(exemplar_store, tmp_path):
     url = str(tmp_path / "edited.zarr")
     shutil.copytree(exemplar_store, url)
@@ -122,7 +127,7 @@ def test_non_positive_references_are_skipped_and_final_mean_is_the_fallback(exem
         if r["unit"] == 7:
             r["exemplar_max"] = None  # no exemplar: the chains' final mean is the reference
     commit(url, rows)
-    res = ls.open_store(url).find(one_per_class()[0], layer="fc2", top=10)
+    res = ls.Finder(ls.open_store(url)).find(one_per_class()[0], layer="fc2", top=10)
     assert "layer 'fc2': 2 of 10 units skipped (reference activation not positive)" in res.notes
     hits = res.for_image(7)
     assert sorted(h["unit"] for h in hits) == list(range(8))
@@ -131,6 +136,7 @@ def test_non_positive_references_are_skipped_and_final_mean_is_the_fallback(exem
     assert seven["reference"] == pytest.approx([r["act_final_mean"] for r in rows if r["unit"] == 7][0])
 
 
+@pytest.mark.fast
 def test_cli_find_reads_png_files_and_folders_and_links_the_atlas(exemplar_store, tmp_path):
     from ldam_sweep.atlas.site import build_atlas
 
@@ -153,7 +159,7 @@ def test_cli_find_reads_png_files_and_folders_and_links_the_atlas(exemplar_store
     assert page.is_file() and page.parent.parent == atlas / "units" and page.name == "2.html"
     assert doc["seconds"]["load"] > 0 and doc["seconds"]["compute"] > 0
     # the same image as an array gives the same numbers (PNG rounding aside)
-    api = ls.open_store(exemplar_store).find(images[5], layer="fc2", top=2).for_image(0)
+    api = ls.find_units(ls.open_store(exemplar_store), images[5], layer="fc2", top=2).for_image(0)
     assert [h["unit"] for h in api] == [h["unit"] for h in doc["results"][1]["hits"]]
     assert api[0]["ratio"] == pytest.approx(doc["results"][1]["hits"][0]["ratio"], rel=0.02)
     table = CliRunner().invoke(app, ["find", exemplar_store, str(folder / "digit2.png"), "--layer", "fc2"],
@@ -163,6 +169,7 @@ def test_cli_find_reads_png_files_and_folders_and_links_the_atlas(exemplar_store
     assert bad.exit_code == 2 and bad.stdout == "" and "does not exist" in bad.stderr
 
 
+@pytest.mark.fast
 def test_unit_view_shows_itself_as_a_png(exemplar_store):
     st = ls.open_store(exemplar_store)
     view = st.unit("fc2", 4)
@@ -179,6 +186,7 @@ def test_unit_view_shows_itself_as_a_png(exemplar_store):
         st.unit("relu1", 0)
 
 
+@pytest.mark.fast
 def test_unit_view_to_xarray(exemplar_store, monkeypatch):
     view = ls.open_store(exemplar_store).unit("fc1", 0)
     try:
@@ -196,6 +204,7 @@ def test_unit_view_to_xarray(exemplar_store, monkeypatch):
         view.to_xarray()
 
 
+@pytest.mark.fast
 def test_units_to_pandas(exemplar_store):
     pd = pytest.importorskip("pandas")
     frame = ls.open_store(exemplar_store).units("fc2").to_pandas()
@@ -203,6 +212,7 @@ def test_units_to_pandas(exemplar_store):
 
 
 def test_find_benchmark_quick_mode(tmp_path):
+    """benchmarks/find.py --quick times find on 1 and 100 images over all 410 digits-cnn units."""
     out = tmp_path / "find.json"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "find.py"), "--quick", "--out", str(out),
                           "--dir", str(tmp_path)], capture_output=True, text=True)

@@ -71,7 +71,9 @@ def copy(swept, tmp_path) -> str:
 
 
 def test_every_flipped_byte_is_found_or_harmless(swept, tmp_path):
-    """One random byte flipped in each file of a finished store, one file at a time, three times
+    """No flipped byte in any file of a finished store is silent: verify finds it or readers are unaffected.
+
+    One random byte flipped in each file of a finished store, one file at a time, three times
     over: verify finds it, or what readers get back is identical. Never silent."""
     spec = importlib.util.spec_from_file_location("integrity_bench", ROOT / "benchmarks" / "integrity.py")
     bench = importlib.util.module_from_spec(spec)
@@ -88,7 +90,9 @@ def test_every_flipped_byte_is_found_or_harmless(swept, tmp_path):
 
 
 def test_a_discriminator_killed_before_its_record_is_incomplete(swept, tmp_path):
-    """SIGKILL after the discriminator's bytes, before its record (the commit): no reader trusts
+    """A D SIGKILLed between its bytes and its record (real run) is never trusted, and verify names it.
+
+    SIGKILL after the discriminator's bytes, before its record (the commit): no reader trusts
     it, and verify names it."""
     spec, original, env = swept
     url = tmp_path / "k.zarr"
@@ -100,7 +104,9 @@ def test_a_discriminator_killed_before_its_record_is_incomplete(swept, tmp_path)
 
 
 def test_a_flipped_discriminator_bit_is_found_and_repair_plus_run_restores_the_sweep(swept, copy, tmp_path):
-    """Case 2 of the issue: a flipped bit in the discriminator's bytes and a corrupt activation block."""
+    """A flipped bit in the stored D and a corrupt block are found; verify --repair plus run restores the sweep.
+
+    Case 2 of the issue: a flipped bit in the discriminator's bytes and a corrupt activation block."""
     spec, original, env = swept
     flip(Path(copy, "discriminator", "file", "c", "0"))
     st = ls.open_store(copy)
@@ -131,7 +137,9 @@ def test_a_flipped_discriminator_bit_is_found_and_repair_plus_run_restores_the_s
 
 
 def test_damaged_metadata_and_parts_are_rebuilt_and_repair_is_one_commit(swept, copy, tmp_path):
-    """Cases 3 and 4: garbage in the root's, the layers group's, a layer group's and an array's
+    """Damaged zarr.json files and a flipped manifest part are found, refused by run, and rebuilt in one repair commit.
+
+    Cases 3 and 4: garbage in the root's, the layers group's, a layer group's and an array's
     zarr.json, a flipped manifest part (conv2 block 1's rows) and corrupt blocks in two layers.
     verify finds each; `run` refuses in one line; a repair SIGKILLed before its commit publishes
     nothing; the next repair rebuilds the metadata from the plan (the root from its copy), sets the
@@ -209,6 +217,7 @@ def test_readers_mark_corrupt_and_unverified_units(swept, copy, tmp_path):
     assert st.units("conv2")["integrity"].to_pylist() == ["corrupt"] * 4 + ["unverified"] * 4  # block 0, block 1
 
 
+@pytest.mark.fast
 def test_spec_errors_are_one_line_with_where(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmodel: {zoo: digits-cnn\nlayers: [fc2]\n")
@@ -235,7 +244,9 @@ def tiny_fs(tmp_path):
 
 
 def test_a_full_disk_in_stage_1_exits_4_and_the_next_run_makes_the_discriminator_again(swept, tiny_fs, tmp_path):
-    """Case 1 of the issue on a real tmpfs: exit 4 (not 2) with one line, no stray temp file; after
+    """A disk that fills while stage 1 writes the D exits 4; the next run makes the D again (real tmpfs).
+
+    Case 1 of the issue on a real tmpfs: exit 4 (not 2) with one line, no stray temp file; after
     the disk grows, verify names the half-written discriminator, and the next run neither trusts it
     nor fails on it: it makes it again, and the store equals an uninterrupted run."""
     spec, original, env = swept
@@ -282,7 +293,9 @@ def alive(pid: int) -> bool:
 
 
 def test_a_ray_head_that_disappears_mid_run_exits_3_and_leaves_nothing_running(swept, tmp_path):
-    """Case 5: the GCS killed while a block runs. Ray's client would end the driver after 60 s with
+    """A Ray head that dies mid-run: the driver exits 3 in one line, releases the lease, leaves no Ray process.
+
+    Case 5: the GCS killed while a block runs. Ray's client would end the driver after 60 s with
     exit 1 and its own message; the driver stops first: one line, exit 3, the lease released, none
     of the Ray processes it started still running (resuming is the same as after any stop)."""
     import os
@@ -290,7 +303,7 @@ def test_a_ray_head_that_disappears_mid_run_exits_3_and_leaves_nothing_running(s
     import tempfile
     import time
 
-    from ldam_sweep.cluster.worker import HOLD_BLOCKS_ENV, SIGNAL_DIR_ENV
+    from ldam_sweep.failpoints import HOLD_BLOCKS_ENV, SIGNAL_DIR_ENV
     from ldam_sweep.store.lease import read_lease
 
     spec, _, env = swept

@@ -17,6 +17,8 @@ from ldam_sweep.cli import app
 from ldam_sweep.compare import compare_stores
 from ldam_sweep.store import BlockWriter, commit, verify_store
 
+pytestmark = pytest.mark.fast  # the whole file is in the quick tier (make test-fast)
+
 runner = CliRunner()
 
 

@@ -19,6 +19,7 @@ from ldam_sweep.store import create_store
 DIGITS = [str(d) for d in range(10)]
 
 
+@pytest.mark.fast
 def test_label_is_the_most_common_class_of_the_top_exemplars_ties_to_the_better_ranked():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])  # base rates 0.3, 0.2, 0.5
     order = np.array([[3, 0, 4, 1, -1],  # classes 1, 0, 1, 0: a tie, class 1 ranks first
@@ -30,6 +31,7 @@ def test_label_is_the_most_common_class_of_the_top_exemplars_ties_to_the_better_
     assert out[2] == {}
 
 
+@pytest.mark.fast
 def test_distribution_columns_match_numpy():
     rng = np.random.default_rng(0)
     scores = np.stack([rng.normal(size=500), np.maximum(rng.normal(size=500), 0), np.full(500, 2.0)], 1)
@@ -43,6 +45,7 @@ def test_distribution_columns_match_numpy():
     assert cols[2]["data_hist"][0] == 500  # a constant unit: one bin
 
 
+@pytest.mark.fast
 def test_label_sources_and_their_errors(tmp_path, digits_model):
     from PIL import Image
 
@@ -73,6 +76,7 @@ def test_label_sources_and_their_errors(tmp_path, digits_model):
         DataSpec(source="digits", labels=tmp_path / "y.npy")
 
 
+@pytest.mark.fast
 def test_model_class_names_from_a_labels_file_relative_to_the_spec(tmp_path, model_cache):
     import yaml
 
@@ -130,6 +134,7 @@ def _labelled_rows(tmp_path, name, data, model):
     return {(r["layer"], r["unit"]): r for r in rows}
 
 
+@pytest.mark.fast
 def test_a_folder_of_class_subfolders_gives_the_digits_labels(tmp_path, digits_model):
     folder = _folder_of_digits(tmp_path / "digits-png")
     images, labels, names = real_data(DataSpec(source="folder", path=folder), digits_model.input, "train")
@@ -153,6 +158,7 @@ def test_a_folder_of_class_subfolders_gives_the_digits_labels(tmp_path, digits_m
     assert all(a[("fc2", u)]["label_match"] == 1.0 for u in range(10))
 
 
+@pytest.mark.fast
 def test_photos_have_no_labels_but_the_network_still_reads_the_samples(tmp_path, digits_model):
     rows = _labelled_rows(tmp_path, "photos", {"source": "photos", "count": 64}, digits_model)
     assert all(r.get("label") is None and r.get("label_purity") is None for r in rows.values())
@@ -160,6 +166,7 @@ def test_photos_have_no_labels_but_the_network_still_reads_the_samples(tmp_path,
     assert all(sum(r["data_hist"]) == 64 for r in rows.values())  # the distribution needs no labels
 
 
+@pytest.mark.fast
 def test_exemplar_pass_against_a_direct_computation(digits_model):
     """Top-5 images, their activations and the distribution columns of 4 conv2 channels, against the
     channel means of the layer's output computed here in one forward pass."""
@@ -186,6 +193,7 @@ def top_exemplars_has_no_columns(model, pool) -> bool:
     return images.shape == (2, 3, 1, 28, 28) and acts.shape == (2, 3)
 
 
+@pytest.mark.fast
 def test_non_finite_activations_and_non_classifiers_do_not_fail_a_batch(digits_model):
     cols = distribution_columns(np.array([[1.0, np.nan], [np.inf, np.nan], [3.0, np.nan]]))
     assert sum(cols[0]["data_hist"]) == 2 and cols[0]["data_hist_hi"] == 3.0 and cols[1] == {}
@@ -211,7 +219,9 @@ def test_non_finite_activations_and_non_classifiers_do_not_fail_a_batch(digits_m
 
 
 def test_a_store_made_before_chain_starts_resumes_verifies_and_builds_its_atlas(tmp_path, digits_model, model_cache):
-    """A store whose plan has no ``starts`` array (made by the code before it) resumes under today's
+    """A store made before chain starts were stored resumes via `ldam-sweep run`, verifies and builds its atlas.
+
+    A store whose plan has no ``starts`` array (made by the code before it) resumes under today's
     code as it is: same plan hash, no new array, verify clean, and its atlas builds without strips."""
     import dataclasses
     import os

@@ -18,6 +18,7 @@ from ldam_sweep.data import digits
 from ldam_sweep.model.zoo import ZOO, TrainRecipe, cache_dir
 
 
+@pytest.mark.fast
 def test_digits_cnn_is_trained_to_95_percent(digits_model):
     x, y = digits(28, "test")
     with torch.no_grad():
@@ -28,6 +29,7 @@ def test_digits_cnn_is_trained_to_95_percent(digits_model):
     assert len(y) == 450  # the fixed held-out split
 
 
+@pytest.mark.fast
 def test_zoo_weights_are_cached_by_recipe_hash(digits_model, model_cache, monkeypatch):
     from ldam_sweep.model import zoo
 
@@ -46,6 +48,7 @@ def test_zoo_weights_are_cached_by_recipe_hash(digits_model, model_cache, monkey
 
 
 def test_corrupt_cache_file_is_retrained(model_cache, tmp_path, monkeypatch):
+    """A torn zoo cache file is neither loaded nor fatal: digits-cnn is trained again (a whole training)."""
     monkeypatch.setenv("LDAM_SWEEP_CACHE", str(tmp_path))
     path = tmp_path / "zoo" / f"digits-cnn-{ZOO['digits-cnn'].recipe.key()}.pt"
     path.parent.mkdir(parents=True)
@@ -55,6 +58,7 @@ def test_corrupt_cache_file_is_retrained(model_cache, tmp_path, monkeypatch):
     assert path.stat().st_size > 10_000
 
 
+@pytest.mark.fast
 def test_digits_layers_discovered_by_dry_run(digits_model):
     got = [(l.name, l.module_type, l.kind, l.units, l.output_shape) for l in digits_model.layers]
     assert got == [
@@ -77,6 +81,7 @@ def resnet64():
         return ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 64, "width": 64}}, device="cpu")
 
 
+@pytest.mark.fast
 def test_resnet_discovery_handles_aliases_and_inplace_ops(resnet64):
     by_name = {l.name: l for l in resnet64.layers}
     # ReLU(inplace=True) returns bn1's tensor object with new values: two layers, not one
@@ -104,6 +109,7 @@ def _later_call_counter(model: ls.ModelHandle, names: list[str]) -> tuple[dict, 
     return counts, [mods[n].register_forward_pre_hook(make(n)) for n in names]
 
 
+@pytest.mark.fast
 def test_truncated_forward_never_calls_later_modules(digits_model):
     counts, handles = _later_call_counter(digits_model, ["conv2", "pool2", "fc1", "fc2"])
     try:
@@ -120,6 +126,7 @@ def test_truncated_forward_never_calls_later_modules(digits_model):
     assert all(not m._forward_hooks for m in digits_model.net.modules())
 
 
+@pytest.mark.fast
 def test_truncated_output_equals_full_forward_output(resnet64):
     x = torch.rand(2, 3, 64, 64)
     seen = {}
@@ -142,6 +149,7 @@ def test_truncated_output_equals_full_forward_output(resnet64):
             assert torch.allclose(resnet64.activations(x, name), seen[name], atol=1e-6), name
 
 
+@pytest.mark.fast
 def test_hook_removed_when_forward_raises(digits_model):
     with pytest.raises(ls.ModelError, match="expected"):
         digits_model.check_input(torch.zeros(1, 3, 28, 28))
@@ -150,6 +158,7 @@ def test_hook_removed_when_forward_raises(digits_model):
     assert all(not m._forward_hooks for m in digits_model.net.modules())
 
 
+@pytest.mark.fast
 def test_unknown_layer_lists_valid_names(digits_model):
     with pytest.raises(ls.LayerError) as err:
         digits_model.layer("fc3")
@@ -157,6 +166,7 @@ def test_unknown_layer_lists_valid_names(digits_model):
     assert "unknown layer 'fc3'" in msg and "conv1, relu1, pool1" in msg and "fc2" in msg
 
 
+@pytest.mark.fast
 def test_unit_out_of_range_names_the_range(digits_model):
     with pytest.raises(ls.LayerError, match=r"unit 32 is out of range for layer 'conv2': valid units are 0\.\.31"):
         digits_model.check_units("conv2", [0, 32])
@@ -164,6 +174,7 @@ def test_unit_out_of_range_names_the_range(digits_model):
         digits_model.check_units("fc2", -1)
 
 
+@pytest.mark.fast
 def test_unknown_model_names():
     with pytest.raises(ls.ModelError, match="unknown zoo model 'digits-cn'.*Did you mean 'digits-cnn'"):
         ls.load_model("digits-cn")
@@ -171,6 +182,7 @@ def test_unknown_model_names():
         ls.load_model("torchvision:resnet19")
 
 
+@pytest.mark.fast
 def test_torchvision_without_weights_warns_and_is_the_same_network_every_time():
     """Random weights come from a fixed seed: a sweep's driver and workers (separate processes)
     build one network, and the caller's random state is left as it was."""
@@ -211,6 +223,7 @@ def factory_module(tmp_path, monkeypatch):
     return "user_models_for_test:tiny"
 
 
+@pytest.mark.fast
 def test_factory_model_with_state_dict(factory_module, tmp_path):
     import importlib
 
@@ -230,6 +243,7 @@ def test_factory_model_with_state_dict(factory_module, tmp_path):
     assert other.fingerprint != model.fingerprint
 
 
+@pytest.mark.fast
 def test_weights_errors(factory_module, tmp_path):
     base = {"factory": factory_module, "input": {"channels": 3, "height": 8, "width": 8}}
     with pytest.raises(ls.ModelError, match="does not exist"):
@@ -247,6 +261,7 @@ class _Evil:
         return (os.system, ("touch /tmp/ldam_sweep_pwned",))
 
 
+@pytest.mark.fast
 def test_weights_file_with_pickled_code_is_refused(factory_module, tmp_path):
     marker = "/tmp/ldam_sweep_pwned"
     if os.path.exists(marker):
@@ -258,11 +273,13 @@ def test_weights_file_with_pickled_code_is_refused(factory_module, tmp_path):
     assert not os.path.exists(marker)
 
 
+@pytest.mark.fast
 def test_wrong_input_shape_is_a_clear_error(factory_module):
     with pytest.raises(ls.ModelError, match=r"failed on an input of shape \(1, 1, 8, 8\).*input section"):
         ls.load_model({"factory": factory_module, "input": {"channels": 1, "height": 8, "width": 8}})
 
 
+@pytest.mark.fast
 def test_torchscript_model(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
@@ -276,6 +293,7 @@ def test_torchscript_model(tmp_path):
         ls.load_model({"torchscript": str(tmp_path / "bad.pt"), "input": {"channels": 1, "height": 8, "width": 8}})
 
 
+@pytest.mark.fast
 def test_spec_validation_errors(tmp_path):
     with pytest.raises(ls.SpecError, match="exactly one model source"):
         ls.load_model({"zoo": "digits-cnn", "torchvision": "resnet18"})
@@ -291,6 +309,7 @@ def test_spec_validation_errors(tmp_path):
         ls.load_model({"torchvision": "resnet18", "input": {"channels": 3, "height": 4, "width": 4, "std": [1, 1]}})
 
 
+@pytest.mark.fast
 def test_spec_file_paths_are_relative_to_the_file(tmp_path, factory_module):
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "job.yaml").write_text(
@@ -305,6 +324,7 @@ def test_spec_file_paths_are_relative_to_the_file(tmp_path, factory_module):
         ls.load_model_spec(tmp_path / "nope.yaml")
 
 
+@pytest.mark.fast
 def test_cli_layers_table_and_clean_errors(model_cache):
     from typer.testing import CliRunner
 
@@ -319,6 +339,7 @@ def test_cli_layers_table_and_clean_errors(model_cache):
     assert "Traceback" not in bad.stderr + bad.stdout
 
 
+@pytest.mark.fast
 def test_memory_format_auto_picks_channels_last_for_conv_nets_and_agrees_with_contiguous(digits_model):
     assert digits_model.memory_format == "channels_last"  # auto, the model has Conv2d layers
     assert digits_model.net.conv2.weight.is_contiguous(memory_format=torch.channels_last)
@@ -340,6 +361,7 @@ def test_memory_format_auto_picks_channels_last_for_conv_nets_and_agrees_with_co
         ls.load_model({"zoo": "digits-cnn", "memory_format": "nhwc"})
 
 
+@pytest.mark.fast
 def test_bf16_precision_runs_the_model_in_bfloat16_and_keeps_the_chains_float32(digits_model):
     bf = ls.load_model({"zoo": "digits-cnn", "precision": "bf16"}, device="cpu")
     x = torch.rand(32, 1, 28, 28, requires_grad=True)
@@ -365,6 +387,7 @@ def test_bf16_precision_runs_the_model_in_bfloat16_and_keeps_the_chains_float32(
         ls.load_model({"zoo": "digits-cnn", "precision": "fp8"})
 
 
+@pytest.mark.fast
 def test_auto_layout_falls_back_for_models_that_view_conv_outputs(tmp_path):
     """A LeNet-style model calling .view() on a conv output cannot run NHWC: auto falls back to
     contiguous, an explicit channels_last says what to change, TorchScript refuses channels_last."""

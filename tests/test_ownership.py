@@ -21,10 +21,11 @@ from typer.testing import CliRunner
 
 import ldam_sweep as ls
 from ldam_sweep.errors import StoreOwnedError, StoreReplacedError
+from ldam_sweep.failpoints import HOLD_BLOCKS_ENV, NO_HEARTBEAT_ENV, SIGNAL_DIR_ENV
 from ldam_sweep.store import commit, create_store, verify_store
 from ldam_sweep.store.integrity import ATTRS_SEAL, METADATA_KEY, ROOT_COPY
 from ldam_sweep.store.layout import read_generation
-from ldam_sweep.store.lease import INTERVAL_ENV, MISSED_ENV, NO_HEARTBEAT_ENV, LEASE_FILE, StoreLease, read_lease
+from ldam_sweep.store.lease import INTERVAL_ENV, MISSED_ENV, LEASE_FILE, StoreLease, read_lease
 from ldam_sweep.store.manifest import FILE_SCHEMA
 
 SPEC = {
@@ -67,7 +68,7 @@ def committed_blocks(url: str) -> int:
 
 
 def hold_env(env: dict, hold_dir: Path, block: str) -> dict:
-    return {**env, "LDAM_SWEEP_TEST_HOLD_BLOCKS": block, "LDAM_SWEEP_TEST_SIGNAL_DIR": str(hold_dir)}
+    return {**env, HOLD_BLOCKS_ENV: block, SIGNAL_DIR_ENV: str(hold_dir)}
 
 
 # -- the lease, in-process -----------------------------------------------------------------------
@@ -106,6 +107,7 @@ def _lease_flow(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     assert read_lease(url) is None
 
 
+@pytest.mark.fast
 def test_lease_on_local_disk(tmp_path, monkeypatch):
     url = str(tmp_path / "store.zarr")
     _lease_flow(url, monkeypatch)
@@ -134,6 +136,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.fast
 def test_lease_on_s3_with_conditional_writes(monkeypatch):
     from moto.server import ThreadedMotoServer
 
@@ -181,6 +184,7 @@ def _write_block(url: str, model, plan, block: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.fast
 def test_old_part_files_read_back_a_null_generation_and_verify_checks_rows(tmp_path, digits_model):
     url = str(tmp_path / "rows.zarr")
     _, plan = _fc2_plan(digits_model)
@@ -230,6 +234,7 @@ def test_old_part_files_read_back_a_null_generation_and_verify_checks_rows(tmp_p
     ]
 
 
+@pytest.mark.fast
 def test_fresh_without_yes_is_refused_with_the_unit_count(tmp_path, digits_model, monkeypatch):
     from ldam_sweep import cli as cli_module
 
@@ -253,6 +258,7 @@ def test_fresh_without_yes_is_refused_with_the_unit_count(tmp_path, digits_model
     assert sorted(os.listdir(url)) == ["layers", "manifest", "root-copy.json", "zarr.json"]
 
 
+@pytest.mark.fast
 def test_fresh_on_a_store_without_commits_needs_no_confirmation(tmp_path, digits_model):
     from ldam_sweep.cluster.driver import _confirm_fresh
     from ldam_sweep.store.location import StoreLocation
@@ -269,6 +275,7 @@ def test_fresh_on_a_store_without_commits_needs_no_confirmation(tmp_path, digits
 # -- real drivers --------------------------------------------------------------------------------
 
 def test_second_driver_and_fresh_are_refused_while_a_driver_writes(tmp_path, env, digits_model):
+    """While a real driver holds the lease, a second `run` and `run --fresh` exit 5 and change nothing."""
     spec = write_spec(tmp_path / "job.yaml")
     other = write_spec(tmp_path / "other.yaml", sampler={**SPEC["sampler"], "seed": 9})
     url = str(tmp_path / "one.zarr")
@@ -294,6 +301,7 @@ def test_second_driver_and_fresh_are_refused_while_a_driver_writes(tmp_path, env
 
 
 def test_replaced_store_stops_the_old_driver_and_its_workers(tmp_path, env, digits_model):
+    """A store taken over by `run --fresh` stops the old real driver (exit 5); its workers write nothing after."""
     old_spec = write_spec(tmp_path / "old.yaml", resources={**SPEC["resources"], "block_size": 5})
     new_spec = write_spec(tmp_path / "new.yaml", sampler={**SPEC["sampler"], "seed": 8},
                           resources={**SPEC["resources"], "block_size": 5})

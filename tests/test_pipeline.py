@@ -13,8 +13,10 @@ import torch
 
 import ldam_sweep as ls
 from conftest import edit_root_attrs
-from ldam_sweep.settings import REFERENCE_LDAM
-from ldam_sweep.cluster.worker import WRITE_GATE_ENV, SweepWorker, set_determinism
+from ldam_sweep.settings import REFERENCE_LDAM, parse_options
+from ldam_sweep.cluster.events import SweepCallback
+from ldam_sweep.cluster.worker import SweepWorker, set_determinism
+from ldam_sweep.failpoints import WRITE_GATE_ENV
 from ldam_sweep.planning import BlockTask, pack_batch, sweep_store_plan
 from ldam_sweep.spec import parse_job
 from ldam_sweep.store import commit, create_store, manifest, verify_store
@@ -40,12 +42,61 @@ def swept(tmp_path_factory, model_cache):
     with pytest.MonkeyPatch.context() as mp:  # Ray's processes inherit the environment at ray.init
         mp.setenv(WRITE_GATE_ENV, str(gate))
         mp.setenv("RAY_AUTH_MODE", "disabled")
-        summary = ls.run_sweep(SPEC, store=url, num_cpus=2)
-    return summary, url, gate
+        summary = ls.run_sweep(SPEC, store=url, num_cpus=2, callbacks=[events := Recorder()])
+    return summary, url, gate, events
+
+
+class Recorder(SweepCallback):
+    """Every event of a sweep, in order, as (name, payload)."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    def on_start(self, summary, todo):
+        self.seen.append(("start", [t.key for t in todo]))
+
+    def on_block_start(self, tasks, worker, attempts):
+        self.seen.append(("block_start", ([t.key for t in tasks], worker, attempts)))
+
+    def on_block_done(self, task, rows):
+        self.seen.append(("block_done", (task.key, [r["unit"] for r in rows])))
+
+    def on_block_failed(self, task, error, final):
+        self.seen.append(("block_failed", (task.key, error, final)))
+
+    def on_commit(self, rows, blocks):
+        self.seen.append(("commit", (sorted(r["unit"] for r in rows), blocks)))
+
+    def on_blocks_end(self, summary):
+        self.seen.append(("blocks_end", summary.done_blocks))
+
+    def on_end(self, summary):
+        self.seen.append(("end", summary.units_done))
+
+
+def test_a_sweep_reports_every_block_and_commit_as_events_in_order(swept):
+    """A real Ray sweep reports every block's start, end and commit to its callbacks, in order."""
+    summary, url, _, events = swept
+    names = [name for name, _ in events.seen]
+    assert names[0] == "start" and names[-2:] == ["blocks_end", "end"] and "block_failed" not in names
+    blocks = [("fc1", b) for b in range(3)]
+    assert events.seen[0][1] == blocks
+    started = [key for name, (keys, _, _) in ((n, p) for n, p in events.seen if n == "block_start") for key in keys]
+    done = [p for n, p in events.seen if n == "block_done"]
+    assert sorted(started) == sorted(k for k, _ in done) == blocks
+    for key, units in done:  # a block is done only after it was started, with its own units
+        start_at = next(i for i, (n, p) in enumerate(events.seen) if n == "block_start" and key in p[0])
+        assert start_at < events.seen.index(("block_done", (key, units)))
+        assert units == list(range(8 * key[1], 8 * key[1] + 8))
+    commits = [p for n, p in events.seen if n == "commit"]  # commit_every 1: one commit per block, after it
+    assert [b for _, b in commits] == [1, 1, 1]
+    assert sorted(u for units, _ in commits for u in units) == sorted(ls.open_store(url).units()["unit"].to_pylist())
+    assert events.seen[-2][1] == summary.done_blocks == 3 and events.seen[-1][1] == summary.units_done == 24
 
 
 def test_sampling_and_writing_overlap_and_every_block_commits(swept):
-    summary, url, gate = swept
+    """On real Ray a block is written only after the next one started sampling (overlap), and every block commits."""
+    summary, url, gate, _ = swept
     assert (summary.done_blocks, summary.failed_blocks, summary.units_done) == (3, 0, 24)
     assert summary.worker_niceness == [0]  # not Ray's nice 15: the sweep is the work (run_sweep sets it)
     start = summary.startup  # where the time before the first batch went
@@ -64,7 +115,8 @@ def test_sampling_and_writing_overlap_and_every_block_commits(swept):
 
 
 def test_a_unit_resampled_alone_gives_the_stored_samples(swept, digits_model):
-    _, url, _ = swept
+    """A unit re-sampled alone in-process gives the samples a real Ray sweep stored."""
+    _, url, _, _ = swept
     st = ls.open_store(url)
     s = SPEC["sampler"]
     for unit in (3, 13, 23):
@@ -75,10 +127,12 @@ def test_a_unit_resampled_alone_gives_the_stored_samples(swept, digits_model):
 
 
 def test_resampling_with_the_stored_batch_size_runs_a_batch_of_that_size(swept, digits_model):
-    """On a GPU a kernel's rounding depends on the batch's size (benchmarks/reproducibility.py): a
+    """A unit re-sampled at its stored batch_units runs a batch of that size and gives the Ray sweep's samples.
+
+    On a GPU a kernel's rounding depends on the batch's size (benchmarks/reproducibility.py): a
     unit re-sampled with its manifest's ``batch_units`` runs on a batch of exactly that many live
     units, padded with repeats of its own chains, and gives the stored samples."""
-    _, url, _ = swept
+    _, url, _, _ = swept
     st = ls.open_store(url)
     s = SPEC["sampler"]
     rows = {r["unit"]: r for r in st.units(status="ok").to_pylist()}
@@ -99,6 +153,7 @@ def test_resampling_with_the_stored_batch_size_runs_a_batch_of_that_size(swept, 
                   batch_units=1)
 
 
+@pytest.mark.fast
 def test_batch_size_never_changes_a_units_samples(digits_model):
     """Noise and starts are per chain; what may differ is float rounding where the batch changes a
     kernel's blocking (a linear layer's GEMM: activations by 1 ulp on this CPU, samples exact)."""
@@ -111,6 +166,7 @@ def test_batch_size_never_changes_a_units_samples(digits_model):
             np.testing.assert_allclose(batch.activation[5], alone.activation[0], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.fast
 def test_snapshots_can_leave_the_device_as_float16(digits_model):
     a = ls.sample(digits_model, "conv2", [1, 2], chains=2, steps=10)
     b = ls.sample(digits_model, "conv2", [1, 2], chains=2, steps=10, snapshot_dtype=torch.float16)
@@ -126,6 +182,7 @@ def _store(tmp_path, name, doc, model):
     return url
 
 
+@pytest.mark.fast
 def test_a_batch_of_several_blocks_stores_what_one_block_tasks_store(tmp_path, digits_model):
     doc = {**SPEC, "data": {"source": "digits", "limit": 64}, "exemplars": 3}
     batched, single = _store(tmp_path, "batched", doc, digits_model), _store(tmp_path, "single", doc, digits_model)
@@ -153,6 +210,7 @@ def test_a_batch_of_several_blocks_stores_what_one_block_tasks_store(tmp_path, d
         np.testing.assert_array_equal(a.exemplars("fc1", unit)[0], b.exemplars("fc1", unit)[0])
 
 
+@pytest.mark.fast
 def test_auto_block_size_is_a_grid_of_32_batched_per_actor(tmp_path, digits_model):
     doc = {**SPEC, "layers": ["fc1", "fc2"], "units": {}, "resources": {"actors": 1}}
     job = parse_job(doc)
@@ -166,6 +224,7 @@ def test_auto_block_size_is_a_grid_of_32_batched_per_actor(tmp_path, digits_mode
     assert explicit.identity()["batch_units"] == {"fc1": 4, "fc2": 4}  # an explicit size: one block per batch
 
 
+@pytest.mark.fast
 def test_auto_batches_hold_at_most_batch_sample_bytes_of_samples(tmp_path, digits_model, monkeypatch):
     """The cap that keeps a layer's last write short: with room for 128 units per batch, a limit of
     64 units' float16 samples (2 chains x 5 snapshots x 28 x 28) gives batches of 64 (two grid blocks)."""
@@ -182,6 +241,7 @@ def test_auto_batches_hold_at_most_batch_sample_bytes_of_samples(tmp_path, digit
     assert SweepWorker(doc, url, num_threads=1).identity()["batch_units"] == {"fc1": 32}
 
 
+@pytest.mark.fast
 def test_auto_has_the_identity_of_32_and_deterministic_is_not_identity(digits_model):
     def spec_hash(resources):
         job = parse_job({**SPEC, "resources": resources})
@@ -191,6 +251,7 @@ def test_auto_has_the_identity_of_32_and_deterministic_is_not_identity(digits_mo
     assert spec_hash({"block_size": 32}) != spec_hash({"block_size": 16})
 
 
+@pytest.mark.fast
 def test_pack_batch_takes_whole_blocks_of_one_layer():
     queue = collections.deque([BlockTask("a", 0, tuple(range(8))), BlockTask("a", 1, tuple(range(8, 16))),
                                BlockTask("a", 2, (16, 17)), BlockTask("b", 0, (0, 1)), BlockTask("b", 1, (2,))])
@@ -200,6 +261,7 @@ def test_pack_batch_takes_whole_blocks_of_one_layer():
     assert [t.key for t in pack_batch(queue, 64)] == [("b", 1)] and not queue
 
 
+@pytest.mark.fast
 def test_manifest_files_written_before_batch_units_read_back_as_null(tmp_path, digits_model):
     url = _store(tmp_path, "old", SPEC, digits_model)
     loc = ls.open_store(url).loc
@@ -215,6 +277,7 @@ def test_manifest_files_written_before_batch_units_read_back_as_null(tmp_path, d
     assert table["batch_units"].to_pylist() == [None, 8] and table["error"].to_pylist() == ["old", "new"]
 
 
+@pytest.mark.fast
 def test_determinism_settings():
     saved = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
              torch.backends.cudnn.allow_tf32, torch.are_deterministic_algorithms_enabled())
@@ -231,6 +294,7 @@ def test_determinism_settings():
         torch.use_deterministic_algorithms(saved[4])
 
 
+@pytest.mark.fast
 def test_a_store_made_before_the_new_sampler_defaults_resumes_with_its_own(tmp_path, digits_model):
     """A store without the ``sampler_defaults`` attribute was made when ldam's defaults were the
     reference form (no repulsion, eps 1e-8, uniform starts): its remaining blocks are sampled that
@@ -246,3 +310,32 @@ def test_a_store_made_before_the_new_sampler_defaults_resumes_with_its_own(tmp_p
         stored = ls.open_store(url).samples("fc1", 3)
         same = np.allclose(stored, reference.samples[3], rtol=0, atol=2.5e-4)
         assert same == expect_reference
+
+
+@pytest.mark.fast
+def test_one_plan_is_resolved_once_and_a_store_of_another_plan_is_refused(tmp_path, digits_model):
+    """resolve() makes the SweepPlan the driver hands to every worker: its targets, objectives,
+    store plan and sampler agree with what the spec says; a store's older sampler revision is
+    applied to it; a writer given a plan refuses a store made from another."""
+    from ldam_sweep.errors import StoreError
+    from ldam_sweep.planning import resolve
+    from ldam_sweep.settings import SAMPLER_DEFAULTS
+    from ldam_sweep.store import BlockWriter
+
+    job = parse_job({**SPEC, "layers": ["conv2", "fc1"], "units": {"conv2": [1, 5]}})
+    plan = resolve(job, digits_model)
+    assert [(name, units.tolist()) for name, units in plan.targets] == [("conv2", [1, 5]), ("fc1", list(range(128)))]
+    assert plan.objectives == {"conv2": "channel", "fc1": "unit"}
+    assert [lp.objective for lp in plan.store.layers] == ["channel", "unit"]
+    assert [t.key for t in plan.tasks] == [("conv2", 0)] + [("fc1", b) for b in range(16)]
+    assert plan.store.plan_hash() == sweep_store_plan(job, digits_model, plan.doc).plan_hash()
+    assert plan.sampler.revision == SAMPLER_DEFAULTS and plan.sampler.options.precondition == "auto"
+    old = plan.with_revision(1)  # a store made with the reference sampler resumes with it
+    assert (old.sampler.init, old.sampler.options.precondition, old.sampler.starts_from_exemplars) == ("uniform", "none", False)
+    assert old.sampler.options == parse_options("ldam", REFERENCE_LDAM) and old.store is plan.store
+    url = str(tmp_path / "s.zarr")
+    create_store(url, plan.store)
+    assert BlockWriter(url, plan=plan.store).plan == plan.store
+    other = resolve(parse_job({**SPEC, "sampler": {**SPEC["sampler"], "chains": 3}}), digits_model)
+    with pytest.raises(StoreError, match="made from another plan"):
+        BlockWriter(url, plan=other.store)

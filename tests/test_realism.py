@@ -36,6 +36,7 @@ def _speckle(x: np.ndarray, amount: float, seed: int = 0) -> np.ndarray:
 
 
 def test_two_sample_test_is_at_chance_on_real_images_and_finds_speckle(real):
+    """The classifier two-sample test is at chance on real vs real digits, > 95% on speckled ones, and fixed per seed."""
     x = real[0]
     same = two_sample_test(x[:600], x[600:1200], seed=0)
     speckled = two_sample_test(_speckle(x[:600], 0.05), x[600:1200], seed=0)
@@ -47,6 +48,7 @@ def test_two_sample_test_is_at_chance_on_real_images_and_finds_speckle(real):
     assert again.accuracy == speckled.accuracy  # deterministic per seed
 
 
+@pytest.mark.fast
 def test_hf_energy_counts_fine_detail_not_strokes(real):
     x = real[0][:200]
     base = hf_energy(x).mean()
@@ -55,6 +57,7 @@ def test_hf_energy_counts_fine_detail_not_strokes(real):
     assert hf_energy(np.clip(1.5 * x, 0, 1)).mean() < 1.6 * base  # brighter strokes are not speckle
 
 
+@pytest.mark.fast
 def test_covariance_preconditioner_moves_only_in_the_datas_span(real):
     """The digits are 8x8 images upsampled to 28x28: their covariance has rank 63 (64 less the mean),
     so a preconditioned step lies in the span of real images, whatever the gradient; white noise keeps its size."""
@@ -76,6 +79,7 @@ def test_covariance_preconditioner_moves_only_in_the_datas_span(real):
     assert fit_preconditioner(x, "none") is None
 
 
+@pytest.mark.fast
 def test_rgb_spectrum_preconditioner_is_smooth_and_keeps_the_size_of_white_noise():
     from types import SimpleNamespace
 
@@ -91,6 +95,7 @@ def test_rgb_spectrum_preconditioner_is_smooth_and_keeps_the_size_of_white_noise
     assert rough(out) < 0.3 * rough(g)
 
 
+@pytest.mark.fast
 def test_diverse_starts_begin_with_the_best_exemplar_and_then_the_farthest():
     ex = torch.zeros(1, 6, 1, 4, 4)
     ex[0, 1] = 0.05  # near the best one
@@ -102,6 +107,7 @@ def test_diverse_starts_begin_with_the_best_exemplar_and_then_the_farthest():
     assert diverse_order(ex, pool=3, chains=3).tolist() == [[0, 1, 2]]  # pool <= chains: the top ones in order
 
 
+@pytest.mark.fast
 def test_activation_target_stops_the_climb_at_the_best_real_image(digits_model, real_max_logits):
     pool = torch.from_numpy(digits(28, "train")[0])
     units = np.array([2, 5])
@@ -116,6 +122,7 @@ def test_activation_target_stops_the_climb_at_the_best_real_image(digits_model, 
     assert ratio_climb.mean() > ratio_stop.mean() + 0.1
 
 
+@pytest.mark.fast
 def test_the_realism_term_fades_where_d_calls_the_sample_real(digits_model):
     """At lam = 1 only D moves a chain. A D that is sure the start is real (logit 12: D = 0.99999)
     barely moves it with the default realism_scale (logit); the reference form (log_d) still takes
@@ -133,6 +140,7 @@ def test_the_realism_term_fades_where_d_calls_the_sample_real(digits_model):
     assert move(fade) < 1e-3 < 0.02 < move(full)
 
 
+@pytest.mark.fast
 def test_saturated_and_frozen_chains_are_flagged():
     """Chain 0 ends mostly on the bounds (saturated), chain 1 never moved and stayed below the best
     real activation (frozen), chain 2 never moved but sits at its target (not frozen), chain 3 is fine."""
@@ -162,7 +170,9 @@ def _small_sweep(model, sampler: dict, d, pre) -> np.ndarray:
 
 
 def test_new_default_samples_are_far_harder_to_tell_from_real_digits_than_revision_2s(digits_model, real):
-    """The issue's complaint, reduced: today's default against revision 2's (the default before it),
+    """Today's default samples are far harder to tell from real digits than revision 2's (hf energy and c2st).
+
+    The issue's complaint, reduced: today's default against revision 2's (the default before it),
     each with a discriminator trained by stage 1 against its own chains. Revision 2's samples carry
     speckle (fine detail ~2.5x real digits', a classifier tells them apart almost always); the new
     default's stay near real digits in both measures."""
@@ -190,11 +200,13 @@ def measured_store(exemplar_store, tmp_path_factory):
 
 
 def test_realism_record_of_a_store(measured_store):
-    """Measured from the stored samples and exemplars against the spec's real data; query, status
+    """update_realism measures a store per layer, readers show it, and a later commit marks the layer stale.
+
+    Measured from the stored samples and exemplars against the spec's real data; query, status
     and the Python API read it; a unit committed after the measurement marks its layer stale."""
     from ldam_sweep.realism import update_realism
     from ldam_sweep.store import commit
-    from ldam_sweep.store.writer import tombstone_rows
+    from ldam_sweep.store.schema import tombstone_rows
 
     st = ls.open_store(measured_store)
     assert st.realism() is None and st.units("fc2")["detected_fraction"].null_count == 10
@@ -212,11 +224,12 @@ def test_realism_record_of_a_store(measured_store):
     assert st.refresh().realism()["current"] == {"conv2": True, "fc1": True, "fc2": False}
 
 
+@pytest.mark.fast
 def test_realism_needs_the_sweeps_real_data(tmp_path, digits_model):
     from ldam_sweep.realism import measure_realism
     from ldam_sweep.sampling.chains import default_snapshot_steps
     from ldam_sweep.store import create_store
-    from ldam_sweep.store.layout import plan_store
+    from ldam_sweep.planning import plan_store
 
     url = str(tmp_path / "nodata.zarr")
     create_store(url, plan_store(digits_model, {"fc2": None}, chains=2, steps=4, snapshot_steps=default_snapshot_steps(4, None),
@@ -226,6 +239,7 @@ def test_realism_needs_the_sweeps_real_data(tmp_path, digits_model):
 
 
 def test_status_and_query_show_realism(measured_store, env):
+    """`ldam-sweep status` and `query` (real processes) show a measured store's realism."""
     from ldam_sweep.realism import update_realism
 
     exemplar_store = measured_store

@@ -12,6 +12,8 @@ from ldam_sweep.sampling.lowpass import variety
 from ldam_sweep.settings import REFERENCE_LDAM, parse_options
 from ldam_sweep.objectives import DEFAULT_BY_KIND, OBJECTIVES, unit_objective, units_objective
 
+pytestmark = pytest.mark.fast  # the whole file is in the quick tier (make test-fast)
+
 
 def _mix32_reference(x: int) -> int:
     x ^= x >> 16
@@ -464,3 +466,20 @@ def test_sgld_scaling_the_energy_by_k_is_dividing_temperature_and_l2_by_k(digits
     # run differs everywhere (>= 94% of pixels, mean >= 0.09)
     assert (scaled - same).abs().mean() < 0.1 * (scaled - base).abs().mean()
     assert off_pixels(scaled, same) <= 0.1 and off_pixels(scaled, base) >= 0.5
+
+
+@pytest.mark.fast
+def test_parsed_options_sample_as_keywords_do_and_a_mismatch_is_refused(digits_model):
+    """The typed boundary: a sweep parses the method's options once (SamplerPlan) and hands the
+    object to sample(); it gives exactly what the same settings as keywords give."""
+    from ldam_sweep.sampling import LdamOptions
+    from ldam_sweep.settings import REFERENCE_LDAM
+
+    typed = ls.sample(digits_model, "fc2", [1, 2], chains=2, steps=5, options=LdamOptions(**REFERENCE_LDAM))
+    keywords = ls.sample(digits_model, "fc2", [1, 2], chains=2, steps=5, **REFERENCE_LDAM)
+    np.testing.assert_array_equal(typed.samples, keywords.samples)
+    assert typed.options == keywords.options
+    with pytest.raises(ls.SamplerError, match="method 'sgld' takes SgldOptions"):
+        ls.sample(digits_model, "fc2", [1], chains=2, steps=5, method="sgld", options=LdamOptions())
+    with pytest.raises(ls.SamplerError, match="not both"):
+        ls.sample(digits_model, "fc2", [1], chains=2, steps=5, options=LdamOptions(), noise=0.2)

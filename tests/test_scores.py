@@ -17,6 +17,7 @@ from ldam_sweep.sampling.scoring import score_result
 RANGE = (0.0, 1.0)
 
 
+@pytest.mark.fast
 def test_diversity_scores_on_known_configurations():
     a, b = torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4)
     same = torch.stack([a, a, a]).unsqueeze(0)  # (U=1, K=3, C, H, W)
@@ -30,6 +31,7 @@ def test_diversity_scores_on_known_configurations():
     assert float(feature_diversity(feats)[0]) == pytest.approx(2 / 3)
 
 
+@pytest.mark.fast
 def test_lowpass_diversity_ignores_speckle_and_facets_group_shapes():
     g = torch.Generator().manual_seed(0)
     vertical, horizontal = torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)
@@ -51,6 +53,7 @@ def test_lowpass_diversity_ignores_speckle_and_facets_group_shapes():
     assert facet_labels(nan, RANGE)[0].tolist() == [0, 1, 0, -1] and int(facet_count(nan, RANGE)[0]) == 2
 
 
+@pytest.mark.fast
 def test_diversity_ratios_are_one_when_the_chains_are_as_varied_as_the_exemplars():
     g = torch.Generator().manual_seed(1)
     final = torch.rand(2, 4, 1, 8, 8, generator=g)
@@ -68,6 +71,7 @@ def test_diversity_ratios_are_one_when_the_chains_are_as_varied_as_the_exemplars
     assert without[0]["lowpass_diversity_ratio"] is None and without[0]["feature_diversity_ratio"] is None
 
 
+@pytest.mark.fast
 def test_activation_ratio_is_empty_where_no_real_image_gives_a_positive_value():
     """A pre-activation unit that is negative on all the data (best real value -0.5): chains at -0.25
     would read 0.5 and chains at -1 would read 2.0, "twice the best real image", as a quotient. Left empty
@@ -80,6 +84,7 @@ def test_activation_ratio_is_empty_where_no_real_image_gives_a_positive_value():
     assert [r["activation_ratio"] for r in unit_scores(samples, act, np.array([2]), RANGE)] == [None] * 4
 
 
+@pytest.mark.fast
 def test_ess_and_rhat_behave():
     g = torch.Generator().manual_seed(0)
     white = torch.randn(1, 4, 2000, generator=g)
@@ -97,6 +102,7 @@ def digits_pool():
     return torch.from_numpy(x), y
 
 
+@pytest.mark.fast
 def test_exemplars_of_logit_units_are_digits_of_that_class(digits_model, digits_pool):
     pool, labels = digits_pool
     images, acts = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 8)
@@ -122,6 +128,7 @@ def pair(digits_model, digits_pool):
 
 
 def test_ldam_explores_where_am_collapses(pair, digits_model, digits_pool, real_max_logits):
+    """From one start am's chains coincide while LDAM's spread and keep moving, beyond the best real digit."""
     pool, labels = digits_pool
     _, ex = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 1)
     scores = {m: score_result(digits_model, r, exemplar_max=ex[:, 0]) for m, r in pair.items()}
@@ -142,6 +149,7 @@ def test_ldam_explores_where_am_collapses(pair, digits_model, digits_pool, real_
 
 
 def test_scores_are_deterministic_and_invariant_to_chain_order(pair, digits_model, digits_pool):
+    """The scores of a 300-step run are deterministic and the same for any order of its chains."""
     pool, _ = digits_pool
     res = pair["ldam"]
     one = score_result(digits_model, res, real_pool=pool[:300])
@@ -160,12 +168,13 @@ def test_scores_are_deterministic_and_invariant_to_chain_order(pair, digits_mode
                 assert other[unit][key] == pytest.approx(val, rel=1e-4, abs=1e-6), (unit, key)
 
 
+@pytest.mark.fast
 def test_a_diverged_chain_is_flagged_and_the_rest_stored(digits_model, tmp_path):
     """log D is NaN for one batch element: that chain diverges; the block is still written and
     verified, and the other chains stay finite (without the repulsion: equal a run without the fault)."""
     from ldam_sweep.sampling.chains import default_snapshot_steps
     from ldam_sweep.store import BlockWriter, commit, create_store, verify_store
-    from ldam_sweep.store.layout import plan_store
+    from ldam_sweep.planning import plan_store
 
     def base(x):
         return -((x - 0.3) ** 2).flatten(1).mean(1)
@@ -200,6 +209,7 @@ def test_a_diverged_chain_is_flagged_and_the_rest_stored(digits_model, tmp_path)
     np.testing.assert_allclose(st.samples("fc2", 1), good.samples[1], atol=2e-3)
 
 
+@pytest.mark.fast
 def test_am_is_the_peer_libraries_baseline(digits_model):
     with pytest.raises(ls.SamplerError, match="no realism term"):
         ls.sample(digits_model, "fc2", [0], method="am", lam=0.5, discriminator=lambda x: x.sum((1, 2, 3)))
@@ -211,6 +221,7 @@ def test_am_is_the_peer_libraries_baseline(digits_model):
     assert (np.diff(a.activation[0].mean(0)) > -1e-3).mean() > 0.9  # ascent
 
 
+@pytest.mark.fast
 def test_atlas_facet_groups_equal_the_facets_score():
     """The atlas groups chains in numpy (no torch); the groups must be the score's components."""
     import numpy as np

@@ -21,8 +21,8 @@ from ldam_sweep.cli import app
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.store import BlockWriter, StoreError, commit, create_store, failed_rows, verify_store
 from ldam_sweep.store import manifest
-from ldam_sweep.store.layout import plan_store
-from ldam_sweep.store.writer import KILL_AFTER_ENV
+from ldam_sweep.planning import plan_store
+from ldam_sweep.failpoints import KILL_AFTER_ENV
 
 CHAINS, STEPS, BLOCK = 2, 12, 4
 
@@ -59,6 +59,7 @@ def store(tmp_path, digits_model):
     return url, plan
 
 
+@pytest.mark.fast
 def test_layout_grid_equals_block_size(store):
     url, plan = store
     root = zarr.open_group(url, mode="r")
@@ -75,6 +76,7 @@ def test_layout_grid_equals_block_size(store):
     assert "realism" not in root["layers/conv2"]
 
 
+@pytest.mark.fast
 def test_write_commit_query_roundtrip(store, digits_model):
     url, plan = store
     results = write_and_commit(url, digits_model, plan, "conv2", [0, 2])
@@ -102,6 +104,7 @@ def test_write_commit_query_roundtrip(store, digits_model):
     assert verify_store(st) == (2, [])
 
 
+@pytest.mark.fast
 def test_duplicate_commits_are_deduplicated_newest_wins(store, digits_model):
     url, plan = store
     lp = plan.layer("fc2")
@@ -116,6 +119,7 @@ def test_duplicate_commits_are_deduplicated_newest_wins(store, digits_model):
     assert verify_store(st) == (1, [])
 
 
+@pytest.mark.fast
 def test_part_files_written_before_the_new_score_columns_still_read(store, digits_model):
     import datetime as dt
 
@@ -149,6 +153,7 @@ def test_part_files_written_before_the_new_score_columns_still_read(store, digit
     assert verify_store(st) == (2, [])
 
 
+@pytest.mark.fast
 def test_failed_block_is_recorded_and_not_readable(store, digits_model):
     url, plan = store
     lp = plan.layer("fc2")
@@ -162,6 +167,7 @@ def test_failed_block_is_recorded_and_not_readable(store, digits_model):
     assert {d["name"]: d["failed"] for d in st.layers()}["fc2"] == 2
 
 
+@pytest.mark.fast
 def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
     url, plan = store
     results = write_and_commit(url, digits_model, plan, "fc2", [0, 1])
@@ -216,6 +222,7 @@ WRITER_SCRIPT = textwrap.dedent("""
 
 
 def test_processes_writing_blocks_of_one_layer_at_once_lose_nothing(store, digits_model, model_cache, tmp_path):
+    """Two processes writing blocks of one layer at the same moment lose nothing: every unit as sampled, verify clean."""
     import time
 
     url, plan = store
@@ -247,6 +254,7 @@ def test_processes_writing_blocks_of_one_layer_at_once_lose_nothing(store, digit
     assert verify_store(st) == (4, [])
 
 
+@pytest.mark.fast
 def test_killed_writer_leaves_nothing_visible_and_the_rewrite_is_correct(store, digits_model, model_cache):
     url, plan = store
     env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), KILL_AFTER_ENV: "samples"}
@@ -268,6 +276,7 @@ def test_killed_writer_leaves_nothing_visible_and_the_rewrite_is_correct(store, 
     assert verify_store(st) == (1, [])
 
 
+@pytest.mark.fast
 def test_verify_names_the_corrupted_block(store, digits_model):
     url, plan = store
     write_and_commit(url, digits_model, plan, "fc2", [0, 1])
@@ -283,6 +292,7 @@ def test_verify_names_the_corrupted_block(store, digits_model):
     assert checked == 2 and [(p.block, p.problem.split(":")[0]) for p in problems] == [(0, "unreadable"), (1, "checksum mismatch")]
 
 
+@pytest.mark.fast
 def test_a_whole_block_is_written_as_sampled_and_the_callers_arrays_stay_untouched(store, digits_model):
     """A whole block is written from the result's own arrays (no NaN-filled copy); a NaN with another
     bit pattern (a diverged chain) is stored as the canonical NaN, in a copy, and the block's checksum
@@ -310,6 +320,7 @@ def test_a_whole_block_is_written_as_sampled_and_the_callers_arrays_stay_untouch
     assert checked == 1 and [p.problem.split(" have ")[1][:12] for p in problems] == ["non-finite c"]  # unflagged here
 
 
+@pytest.mark.fast
 def test_resources_and_store_path_do_not_change_the_sweep_identity(digits_model):
     base = {"job": "x", "resources": {"actors": 1, "block_size": 4, "max_attempts": 3}, "store": "a.zarr"}
     same = {"job": "x", "resources": {"actors": 8, "block_size": 4, "max_attempts": 5}, "store": "s3://b/a.zarr"}
@@ -326,6 +337,7 @@ def test_resources_and_store_path_do_not_change_the_sweep_identity(digits_model)
     assert h(old) == h(new) == h(flat) != h(bf16)
 
 
+@pytest.mark.fast
 def test_other_spec_is_refused_and_nothing_is_deleted(store, digits_model):
     url, plan = store
     write_and_commit(url, digits_model, plan, "fc2", [0])
@@ -340,6 +352,7 @@ def test_other_spec_is_refused_and_nothing_is_deleted(store, digits_model):
     assert st.units().num_rows == 0 and st.spec() == {"job": "other"}
 
 
+@pytest.mark.fast
 def test_clear_errors_for_wrong_paths_layers_and_units(store, tmp_path, digits_model):
     url, plan = store
     with pytest.raises(StoreError, match="is not an ldam-sweep store: it does not exist"):
@@ -377,6 +390,7 @@ def test_clear_errors_for_wrong_paths_layers_and_units(store, tmp_path, digits_m
         BlockWriter(url).write("conv2", 0, wrong)
 
 
+@pytest.mark.fast
 def test_cli_status_query_show(store, digits_model, tmp_path):
     url, plan = store
     write_and_commit(url, digits_model, plan, "fc2", [0, 1])

@@ -13,7 +13,9 @@ import pytest
 import ldam_sweep as ls
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.store import BlockWriter, StoreError, commit, create_store, verify_store
-from ldam_sweep.store.layout import plan_store
+from ldam_sweep.planning import plan_store
+
+pytestmark = pytest.mark.fast  # the whole file is in the quick tier (make test-fast)
 
 
 def _free_port() -> int:

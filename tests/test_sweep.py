@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import ldam_sweep as ls
 from ldam_sweep.cli import app
-from ldam_sweep.cluster.worker import HOLD_BLOCKS_ENV, SIGNAL_DIR_ENV
+from ldam_sweep.failpoints import FAIL_BLOCKS_ENV, HOLD_BLOCKS_ENV, SIGNAL_DIR_ENV
 from ldam_sweep.store import verify_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,6 +96,7 @@ def hold(signals: Path, *blocks: str) -> dict:
 
 
 def test_worker_killed_mid_sweep_loses_nothing(tmp_path, env):
+    """A Ray worker SIGKILLed mid-block: another process retries the block and the sweep loses nothing."""
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
     signals = tmp_path / "signals"
@@ -128,6 +129,7 @@ def _load_summary(out: str) -> dict:
 
 
 def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
+    """A driver SIGKILLed mid-sweep resumes from its commits and ends equal to an uninterrupted run."""
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
     signals = tmp_path / "signals"
@@ -163,10 +165,11 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
 
 
 def test_block_that_always_fails_is_recorded_and_the_rest_completes(tmp_path, env):
+    """A block that always fails is recorded after max_attempts, the rest completes, and a rerun retries only it."""
     spec = write_spec(tmp_path, sampler={"steps": 30, "chains": 2},
                       resources={**SPEC["resources"], "max_attempts": 2})
     url = str(tmp_path / "storage" / "kill-test.zarr")
-    proc = cli("run", str(spec), env={**env, "LDAM_SWEEP_TEST_FAIL_BLOCKS": "conv2:5"}, cwd=tmp_path)
+    proc = cli("run", str(spec), env={**env, FAIL_BLOCKS_ENV: "conv2:5"}, cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     summary = _load_summary(out)
@@ -188,6 +191,7 @@ def test_block_that_always_fails_is_recorded_and_the_rest_completes(tmp_path, en
 
 
 def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
+    """Ctrl-C on a real driver keeps every committed block (exit 130), and the rerun finishes the rest."""
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
     signals = tmp_path / "signals"
@@ -218,6 +222,7 @@ def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
 
 
 def test_tasks_run_on_two_ray_nodes(tmp_path, env, monkeypatch):
+    """A sweep joined to a two-node Ray cluster runs blocks on both nodes."""
     from ray.cluster_utils import Cluster
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -238,6 +243,7 @@ def test_tasks_run_on_two_ray_nodes(tmp_path, env, monkeypatch):
     assert len(nodes) == 2, workers  # one actor per 1-CPU node: both nodes ran blocks
 
 
+@pytest.mark.fast
 def test_bad_specs_fail_before_any_work(tmp_path, monkeypatch):
     cases = {
         "unknown field": ({"bogus": 1}, "bogus: unknown field"),
@@ -257,6 +263,7 @@ def test_bad_specs_fail_before_any_work(tmp_path, monkeypatch):
     assert not ray.is_initialized()  # refused before Ray started
 
 
+@pytest.mark.fast
 def test_cluster_yaml_passes_rays_schema_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -267,6 +274,7 @@ def test_cluster_yaml_passes_rays_schema_validation():
     assert gpu and any("ldam-sweep" in c or "pip install" in c for c in config["setup_commands"])
 
 
+@pytest.mark.fast
 def test_shipped_job_specs_parse_and_demo_matches():
     from ldam_sweep.cluster.demo import DEMO_DOC
 
@@ -275,11 +283,18 @@ def test_shipped_job_specs_parse_and_demo_matches():
     assert yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text()) == DEMO_DOC
 
 
+@pytest.mark.fast
 def test_split_batches_equal_one_batch(digits_model):
-    from ldam_sweep.sampling.parts import concat_results
-
     whole = ls.sample(digits_model, "conv2", list(range(6)), chains=2, steps=20)
-    parts = concat_results([ls.sample(digits_model, "conv2", [0, 1, 2], chains=2, steps=20),
-                            ls.sample(digits_model, "conv2", [3, 4, 5], chains=2, steps=20)])
+    parts = ls.ChainResult.concat([ls.sample(digits_model, "conv2", [0, 1, 2], chains=2, steps=20),
+                                   ls.sample(digits_model, "conv2", [3, 4, 5], chains=2, steps=20)])
     np.testing.assert_allclose(parts.samples, whole.samples, atol=1e-5)
     assert parts.units.tolist() == list(range(6))
+    for name in ls.ChainResult.PER_UNIT:  # every per-unit array joined, and take() cuts each back out
+        joined, alone = getattr(parts, name), getattr(whole, name)
+        assert (joined is None) == (alone is None), name
+        if joined is not None:
+            np.testing.assert_allclose(np.asarray(joined, np.float64), np.asarray(alone, np.float64), atol=1e-5)
+            np.testing.assert_array_equal(getattr(parts.take(slice(3, 6)), name), joined[3:6])
+    with pytest.raises(ValueError, match="same layer"):
+        ls.ChainResult.concat([whole, ls.sample(digits_model, "conv2", [0], chains=2, steps=20, seed=1)])

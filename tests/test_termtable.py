@@ -11,7 +11,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ldam_sweep.cli import QUERY_COLUMNS, app
+from ldam_sweep.cli import app
+from ldam_sweep.store.schema import QUERY_COLUMNS
 from ldam_sweep.termtable import folds, mark, print_table
 
 runner = CliRunner()
@@ -46,6 +47,7 @@ def render(columns, rows, width=80, **kw) -> str:
     return console.export_text()
 
 
+@pytest.mark.fast
 def test_a_table_that_fits_is_one_table_and_notes_are_plain_text():
     text = render(["layer", "units"], [["conv1", 16]], right=["units"], notes=[f"{mark(1)} [bold]not markup[/bold]"])
     assert text == ("        t        \n"
@@ -57,6 +59,7 @@ def test_a_table_that_fits_is_one_table_and_notes_are_plain_text():
                     "¹ [bold]not markup[/bold]\n")
 
 
+@pytest.mark.fast
 def test_the_fold_layout_is_pinned():
     """Six 15-wide columns (18 each in a table) at 80 columns: the keys (a, b) and two more fit per fold
     (4 * 18 + 1 = 73), a fifth would not (91); every fold repeats the keys and names what it continues."""
@@ -73,6 +76,7 @@ def test_the_fold_layout_is_pinned():
     assert [len(line) for line in text.splitlines() if line.startswith("┃")] == [73, 73]
 
 
+@pytest.mark.fast
 def test_a_cell_too_wide_for_any_fold_is_broken_across_lines_whole():
     path = "/very/long/" + "x" * 120 + "/page.html"
     text = render(["layer", "unit", "atlas page"], [["fc2", 3, path]], keys=["layer", "unit"])
@@ -82,6 +86,7 @@ def test_a_cell_too_wide_for_any_fold_is_broken_across_lines_whole():
 
 
 def test_layers_of_digits_vit_at_80_columns_show_names_whole_and_the_token_layout_once(model_cache):
+    """digits-vit's layers (trains digits-vit) fold at 80 columns with names whole and one token-layout note."""
     doc = json.loads(cli("layers", "digits-vit", "--json"))
     text = cli("layers", "digits-vit", env=NARROW)
     assert_fits(text)
@@ -102,6 +107,7 @@ def test_layers_of_digits_vit_at_80_columns_show_names_whole_and_the_token_layou
     assert text.count("token_mean¹") == tokens > 20
 
 
+@pytest.mark.fast
 def test_layers_of_digits_cnn_fit_80_columns_unfolded(model_cache):
     doc = json.loads(cli("layers", "digits-cnn", "--json"))
     text = cli("layers", "digits-cnn", env=NARROW)
@@ -110,6 +116,7 @@ def test_layers_of_digits_cnn_fit_80_columns_unfolded(model_cache):
     assert [row[0] for row in table_cells(text)[1:]] == [layer["name"] for layer in doc["layers"]]
 
 
+@pytest.mark.fast
 def test_query_at_80_columns_folds_with_whole_headers_and_layer_names(exemplar_store):
     units = json.loads(cli("query", exemplar_store, "--json"))["units"]
     text = cli("query", exemplar_store, env=NARROW)
@@ -127,6 +134,7 @@ def test_query_at_80_columns_folds_with_whole_headers_and_layer_names(exemplar_s
     assert len(headers(wide)) == 1 and headers(wide)[0] == list(QUERY_COLUMNS)
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("width", [40, 60])
 def test_query_columns_fold_at_any_width(exemplar_store, width):
     text = cli("query", exemplar_store, "--layer", "fc2", "--columns", "layer,unit,act_final_mean,exemplar_max",

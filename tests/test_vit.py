@@ -48,6 +48,7 @@ def count_calls(model, names):
     return counts, lambda: [h.remove() for h in hooks]
 
 
+@pytest.mark.fast
 def test_layers_of_vit_b_16_list_all_twelve_blocks_and_their_mlp_neurons():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random weights
@@ -99,6 +100,7 @@ def build():
 """
 
 
+@pytest.mark.fast
 def test_modules_that_are_not_layers_are_listed_with_the_reason(tmp_path):
     (tmp_path / "odd_model_for_test.py").write_text(ODD_SRC)
     sys.path.insert(0, str(tmp_path))
@@ -121,6 +123,7 @@ def test_modules_that_are_not_layers_are_listed_with_the_reason(tmp_path):
     assert "seq_first (MultiheadAttention): returns (16, 1, 8): the batch (1) is not its first dimension (element 0 of the tuple it" in out.stdout
 
 
+@pytest.mark.fast
 def test_swin_stages_are_channels_last_token_layers_read_unit_first():
     """Swin keeps (B, H, W, C) between stages: its Linear, LayerNorm and block outputs are token
     layers of C units over an H x W grid; convolutions stay conv layers."""
@@ -145,7 +148,9 @@ def test_swin_stages_are_channels_last_token_layers_read_unit_first():
 
 
 def test_vit_b_16_mlp_neurons_climb_and_later_blocks_never_run():
-    """vit_b_16 (random weights) at 64 px (4x4 patches + class token) on this 2-core box; the same
+    """vit_b_16's MLP neurons climb under the sampler and the blocks after the sampled layer never run.
+
+    vit_b_16 (random weights) at 64 px (4x4 patches + class token) on this 2-core box; the same
     check at 224 px is benchmarks/vit.py (results in benchmarks/results/vit.json)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -163,6 +168,7 @@ def test_vit_b_16_mlp_neurons_climb_and_later_blocks_never_run():
 
 
 def test_digits_vit_is_trained_on_the_spot_and_cached(vit_model, model_cache):
+    """digits-vit trains to >= 95% on the spot, is cached, and has 29 token layers."""
     metrics = vit_model.metadata["train_metrics"]
     assert metrics["test_accuracy"] >= 0.95, metrics
     assert list(model_cache.glob("zoo/digits-vit-*.pt"))
@@ -171,6 +177,7 @@ def test_digits_vit_is_trained_on_the_spot_and_cached(vit_model, model_cache):
 
 
 def test_digits_vit_mlp_neurons_of_every_block_and_its_logits_climb(vit_model):
+    """The MLP neurons of every digits-vit block and its logits climb; blocks after the sampled one never run."""
     counts, remove = count_calls(vit_model, ["blocks.2", "blocks.3", "norm", "head"])
     try:
         for block in range(4):
@@ -185,7 +192,9 @@ def test_digits_vit_mlp_neurons_of_every_block_and_its_logits_climb(vit_model):
 
 
 def test_token_objectives_sample_what_they_say(vit_model):
-    """cls and token:ROW,COL traces are the class token's and that patch token's feature, as the
+    """The ViT objectives cls and token:ROW,COL sample the token they name, as the model computes it.
+
+    cls and token:ROW,COL traces are the class token's and that patch token's feature, as the
     model computes them; different tokens give different samples."""
     layer = "blocks.2"
     kw = dict(chains=2, steps=15, seed=1)
@@ -209,6 +218,7 @@ def test_token_objectives_sample_what_they_say(vit_model):
 
 @pytest.mark.timeout(1800)  # trains a D on the spot: 7.7 min alone beside two CPU hogs, near the suite's 600 s
 def test_digits_vit_logits_with_a_trained_d_stay_the_class_and_look_like_digits(vit_model):
+    """On digits-vit a trained D keeps the logits' class and brings samples nearer to real digits."""
     from test_discriminator import _nearest_real_rms
 
     from ldam_sweep.sampling.discriminator import train_discriminator
@@ -232,7 +242,9 @@ def test_digits_vit_logits_with_a_trained_d_stay_the_class_and_look_like_digits(
 
 
 def test_whole_digits_vit_sweep_resumes_after_a_driver_kill_and_its_atlas_opens(tmp_path, env, vit_model):
-    """Every layer of digits-vit (4 units each, 2 chains x 20 steps) through `ldam-sweep run`: the
+    """A whole digits-vit sweep via `ldam-sweep run` resumes after a driver kill; its atlas shows token layers.
+
+    Every layer of digits-vit (4 units each, 2 chains x 20 steps) through `ldam-sweep run`: the
     driver is killed while a block is held, the rerun resumes, and the atlas shows token layers."""
     from test_atlas import CHROMIUM
     from test_sweep import PATIENCE, cli, hold, wait_for_file

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 import ldam_sweep as ls
-from ldam_sweep.atlas.grid import save_grid
+from ldam_sweep.render import save_grid
 from ldam_sweep.data import digits
 from ldam_sweep.model.zoo import class_max_logits
 from ldam_sweep.objectives import DEFAULT_BY_KIND, units_objective

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import ldam_sweep as ls
-from ldam_sweep.atlas.grid import save_grid
+from ldam_sweep.render import save_grid
 from ldam_sweep.data import digits
 from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
 from ldam_sweep.sampling.discriminator import train_discriminator

@@ -27,30 +27,14 @@ import numpy as np
 from ldam_sweep.atlas.format import escape as _e
 from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.format import slug, unit_page
-from ldam_sweep.atlas.grid import render_change, render_grid
+from ldam_sweep.render import render_change, render_grid, unit_grid
 from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.atlas.facets import facet_groups
 from ldam_sweep.settings import FACET_THRESHOLD
-from ldam_sweep.store.manifest import display_label
+from ldam_sweep.store.schema import SCORE_LABELS, TEXT_COLUMNS, display_label
 from ldam_sweep.store.query import SweepStore, open_store
 from ldam_sweep.store.realism import LOW_REALISM
 
-SCORES = (
-    ("activation_ratio", "activation ratio"), ("pixel_diversity", "pixel diversity"),
-    ("lowpass_diversity", "low-pass diversity"), ("lowpass_diversity_ratio", "low-pass diversity ÷ exemplars'"),
-    ("feature_diversity", "feature diversity"), ("feature_diversity_ratio", "feature diversity ÷ exemplars'"),
-    ("facets", "facets"), ("realism_final_mean", "realism (log D)"),
-    ("nearest_real", "nearest real"), ("modes", "modes"), ("movement", "movement"), ("ess", "ESS"),
-    ("rhat", "split R-hat"), ("act_final_mean", "final activation"), ("exemplar_max", "exemplar max"),
-    ("diverged_fraction", "diverged"), ("stuck_fraction", "stuck at box"),
-    ("hf_ratio", "fine detail ÷ real (HF)"), ("detected_fraction", "called generated (two-sample)"),
-    ("saturated_fraction", "saturated chains"), ("frozen_fraction", "frozen chains"),
-    ("label_purity", "label purity (top exemplars in its class)"), ("label_base_rate", "label's base rate (real pool)"),
-    ("sample_label_share", "chains read as the network's class"), ("label_match", "chains read as the label"),
-    ("data_active_fraction", "active (> 0) on real images"), ("data_p50", "median on real images"),
-    ("data_p99", "99th percentile on real images"),
-)
-TEXT_COLUMNS = ("label", "sample_label")  # a layer page's rows carry these beside the scores
 PAGE_SIZE = 200
 STATE_FILE = "atlas-state.json"
 
@@ -213,7 +197,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
             state[key] = stamp
             entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
                             "flags": unit_flags(r), **{k: r.get(k) for k in TEXT_COLUMNS},
-                            **{k: _short(r.get(k)) for k, _ in SCORES}})
+                            **{k: _short(r.get(k)) for k, _ in SCORE_LABELS}})
         lp = st.layer_plan(name)
         corrupt: dict[int, str] = {}  # unit -> why its block cannot be shown
         for block, brows in todo.items():  # read each block's arrays once, then render its units
@@ -232,10 +216,10 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         for e in entries:
             if e["unit"] in corrupt:
                 e.update({"status": "corrupt", "error": corrupt[e["unit"]][:300],
-                          **{k: None for k, _ in SCORES}})
+                          **{k: None for k, _ in SCORE_LABELS}})
         seen = {e["unit"] for e in entries}
         planned = lp.selected if lp.selected is not None else range(lp.units)
-        entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORES}}
+        entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORE_LABELS}}
                     for u in planned if int(u) not in seen]
         (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
         search += [search_row(li, e) for e in entries]
@@ -361,10 +345,8 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
         final_act = np.where(np.isfinite(act[:, -1]), act[:, -1], -np.inf)
         best = int(np.argmax(final_act))
         render_grid(samples[best : best + 1, -1:], vr, scale=scale, pad=0).save(img_dir / f"{unit}-best.png", compress_level=1)
-        steps = st.snapshot_steps()
-        labels = np.vectorize(lambda v: f"{v:.3g}")(act[:, steps])
-        render_grid(samples, vr, scale=max(1, 96 // h), row_labels=[f"chain {c}" for c in range(len(samples))],
-                    cell_labels=labels, col_labels=[f"t={t}" for t in steps]).save(img_dir / f"{unit}-chains.png", compress_level=1)
+        unit_grid(samples, act, st.snapshot_steps(), vr, scale=max(1, 96 // h)).save(img_dir / f"{unit}-chains.png",
+                                                                                    compress_level=1)
         parts += ["<h2>Chains × snapshots</h2>",
                   f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
         facets = facet_groups(samples[:, -1], vr)
@@ -389,8 +371,7 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
         parts.append(f"<div class='side'>{''.join(side)}</div>")
     starts = data["starts"].astype(np.float32) if "starts" in data else None
     if not dead and starts is not None and np.isfinite(starts).all():
-        strip, full = render_change(starts, samples[:, -1], vr, scale=max(1, 64 // h),
-                                    labels=[f"chain {c}" for c in range(len(samples))])
+        strip, full = render_change(starts, samples[:, -1], vr, scale=max(1, 64 // h))
         strip.save(img_dir / f"{unit}-change.png", compress_level=1)
         parts.append("<h2>What each chain changed</h2><p class='muted'>start | final | final − start (channels averaged): "
                      f"red where the final image is brighter, blue where darker; full colour = {full:.2g} of the pixel "
@@ -404,7 +385,7 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
         parts.append("<h2>Traces</h2>" + _svg_traces(act, "activation per step (one line per chain)"))
         if "realism" in data:
             parts.append(_svg_traces(data["realism"], "realism log D per step"))
-    score_rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>" for k, label in SCORES)
+    score_rows = "".join(f"<tr><th>{_e(label)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>" for k, label in SCORE_LABELS)
     meta = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>"
                    for k in ("status", "objective", "method", "lam", "chains", "steps", "attempt", "worker", "committed_at"))
     parts.append(f"<h2>Scores</h2><table>{score_rows}{meta}</table>")
@@ -467,7 +448,7 @@ LAYER_JS = """
 def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, Any] | None, out: Path) -> None:
     name, s = info["name"], slug(info["name"])
     options = "<option value='unit'>unit</option>" + "".join(
-        f"<option value='{k}'>{_e(label)}</option>" for k, label in SCORES)
+        f"<option value='{k}'>{_e(label)}</option>" for k, label in SCORE_LABELS)
     body = (f"<h1>Layer {_e(name)}</h1>"
             f"<p>{_e(info['module_type'])}, {_e(info['kind'])}, output {_e('×'.join(map(str, info['output_shape'])))}, "
             f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done ({info['dead']} dead: "

@@ -18,24 +18,12 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ldam_sweep.settings import revision_options
+from ldam_sweep import failpoints
 
-# Test hooks (fault tests only). Blocks named in FAIL_BLOCKS_ENV ("layer:block,layer:block") raise on
-# every attempt. With SIGNAL_DIR_ENV set, each worker writes <dir>/worker-<pid> when it starts, and a
-# block named in HOLD_BLOCKS_ENV writes <dir>/held-<layer>-<block> (holding the worker's pid) and waits
-# for <dir>/release-<layer>-<block> before it runs: tests act on events, not on timing.
-FAIL_BLOCKS_ENV = "LDAM_SWEEP_TEST_FAIL_BLOCKS"
-HOLD_BLOCKS_ENV = "LDAM_SWEEP_TEST_HOLD_BLOCKS"
-SIGNAL_DIR_ENV = "LDAM_SWEEP_TEST_SIGNAL_DIR"
-HOLD_LIMIT_S = 600.0
-# Test hook: a folder. The worker touches <dir>/sampling-<layer>-<block> when it starts sampling a
-# block and, before writing a block, waits until another batch's block has started sampling: a
-# worker that sampled and wrote strictly one after the other would fail instead of committing.
-WRITE_GATE_ENV = "LDAM_SWEEP_TEST_WRITE_GATE"
-WRITE_GATE_TIMEOUT_S = 300.0
+if TYPE_CHECKING:
+    from ldam_sweep.planning import SweepPlan
 
 CPU_BATCH_UNITS = 32  # benchmarks/README.md: digits conv2 peaks at 16-32 units per batch, resnet18 is flat 4-64
 GPU_MEMORY_HEADROOM = 0.7  # share of the free GPU memory a batch may plan to use
@@ -61,36 +49,20 @@ def set_determinism(deterministic: bool) -> None:
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
-def _named_blocks(env: str) -> set[str]:
-    return {item.strip() for item in os.environ.get(env, "").split(",") if item.strip()}
-
-
-def _hold_if_asked(layer: str, block: int) -> None:
-    """Test hook: announce that this block is running and wait (at most HOLD_LIMIT_S) for its release."""
-    folder = os.environ.get(SIGNAL_DIR_ENV)
-    if not folder or f"{layer}:{block}" not in _named_blocks(HOLD_BLOCKS_ENV):
-        return
-    held = Path(folder) / f"held-{layer}-{block}"
-    tmp = held.with_name(f".{held.name}.{os.getpid()}")
-    tmp.write_text(str(os.getpid()))
-    os.replace(tmp, held)  # atomic: a reader never sees an empty pid
-    release = Path(folder) / f"release-{layer}-{block}"
-    deadline = time.monotonic() + HOLD_LIMIT_S
-    while not release.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"block {layer}:{block} held for {HOLD_LIMIT_S:.0f}s without {release} ({HOLD_BLOCKS_ENV})")
-        time.sleep(0.05)
-
-
 class SweepWorker:
     """One per GPU (or CPU slot): model + discriminator resident, batches of blocks in, manifest rows out."""
 
-    def __init__(self, job_doc: dict[str, Any], url: str, num_threads: int | None = None,
+    def __init__(self, plan: "SweepPlan | dict[str, Any]", url: str, num_threads: int | None = None,
                  generation: str | None = None) -> None:
+        """``plan``: the sweep's plan (the driver's ``resolve``; the worker derives nothing again), or
+        a job spec document, whose plan is then resolved against the store at ``url``."""
+        from ldam_sweep.planning import SweepPlan
         from ldam_sweep.spec import parse_job
 
         t0 = time.perf_counter()
-        self.job = parse_job(job_doc)
+        job_doc = None if isinstance(plan, SweepPlan) else plan
+        self.plan: SweepPlan | None = plan if isinstance(plan, SweepPlan) else None
+        self.job = plan.job if isinstance(plan, SweepPlan) else parse_job(plan)
         set_determinism(self.job.resources.deterministic)  # before CUDA starts
 
         import torch
@@ -105,15 +77,21 @@ class SweepWorker:
             # torch's pool serves the device phase, zarr's the host phase: at most one of each busy
             torch.set_num_threads(threads)
             zarr.config.set({"threading.max_workers": threads})
-        if os.environ.get(SIGNAL_DIR_ENV):
-            (Path(os.environ[SIGNAL_DIR_ENV]) / f"worker-{os.getpid()}").touch()
+        failpoints.worker_started()
         self.device = default_device()
         t1 = time.perf_counter()
         self.model = load_model(self.job.model, device=self.device)
         t2 = time.perf_counter()
-        self.writer = BlockWriter(url)
-        # a store resumes with the sampler defaults of the revision it was created with (settings.py)
-        self.revision = int(self.writer.root.attrs.get("sampler_defaults", 1))
+        if self.plan is None:  # used on its own (tests, benchmarks): the plan of the store at url
+            from ldam_sweep.planning import resolve
+            from ldam_sweep.store.layout import read_sampler_revision
+
+            self.writer = BlockWriter(url)
+            self.plan = resolve(self.job, self.model, job_doc).with_store(self.writer.plan).with_revision(
+                read_sampler_revision(url))
+        else:
+            self.writer = BlockWriter(url, plan=self.plan.store)  # refuses a store of another plan
+        self.sampler = self.plan.sampler
         self.url = url
         self.generation = generation  # the store this worker was started for; None: not checked
         self.discriminator_digest: str | None = None  # the loaded discriminator's, stamped into the rows
@@ -122,28 +100,34 @@ class SweepWorker:
         self._block_writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-writer")
         self.node = self._node_id()
         self.max_batch: int | None = None  # learnt after an out-of-memory split
+        self._load_real_data()
+        t3 = time.perf_counter()
+        self.batch_units = {lp.name: self._choose_batch_units(lp) for lp in self.plan.store.layers}
+        # where a worker's start-up goes (the sweep summary reports the first worker's)
+        self.startup = {"imports_s": t1 - t0, "model_s": t2 - t1, "store_and_data_s": t3 - t2,
+                        "batch_probe_s": time.perf_counter() - t3}
+
+    def _load_real_data(self) -> None:
+        """The real pool (exemplars, the preconditioner, nearest-real distances, labels), once."""
+        import torch
+
         self.real_pool = None  # real images for exemplars, the preconditioner, the nearest-real distance
         self.real_hf = None  # their mean high-frequency energy (hf_ratio)
         self.preconditioner = None  # ldam's, fitted once from the real pool
         self.pool_labels = self.data_classes = None  # the real pool's class indices and names (labelled data)
-        if self.job.data is not None:
-            from ldam_sweep.data import real_data
-            from ldam_sweep.sampling.realism import hf_energy
+        if self.job.data is None:
+            return
+        from ldam_sweep.data import real_data
+        from ldam_sweep.sampling.realism import hf_energy
 
-            images, self.pool_labels, self.data_classes = real_data(self.job.data, self.model.input, "train")
-            self.real_pool = torch.from_numpy(images)
-            self.real_hf = float(hf_energy(self.real_pool, self.model.input.range).mean())
-            if self.job.sampler.method == "ldam":
-                from ldam_sweep.sampling.precondition import fit_preconditioner
-                from ldam_sweep.settings import parse_options
+        images, self.pool_labels, self.data_classes = real_data(self.job.data, self.model.input, "train")
+        self.real_pool = torch.from_numpy(images)
+        self.real_hf = float(hf_energy(self.real_pool, self.model.input.range).mean())
+        if self.sampler.method == "ldam":
+            from ldam_sweep.sampling.precondition import fit_preconditioner
 
-                kind = parse_options("ldam", {**revision_options(self.revision), **self.job.sampler.options}).precondition
-                self.preconditioner = fit_preconditioner(self.real_pool, kind, device=self.device)
-        t3 = time.perf_counter()
-        self.batch_units = {lp.name: self._choose_batch_units(lp) for lp in self.writer.plan.layers}
-        # where a worker's start-up goes (the sweep summary reports the first worker's)
-        self.startup = {"imports_s": t1 - t0, "model_s": t2 - t1, "store_and_data_s": t3 - t2,
-                        "batch_probe_s": time.perf_counter() - t3}
+            self.preconditioner = fit_preconditioner(self.real_pool, self.sampler.options.precondition,
+                                                     device=self.device)
 
     @staticmethod
     def _node_id() -> str:
@@ -179,17 +163,13 @@ class SweepWorker:
     def _sample_kwargs(self, layer: str, steps: int | None = None) -> dict[str, Any]:
         import torch
 
-        s = self.job.sampler
-        options, init = s.options, s.init or "auto"
-        extra: dict[str, Any] = {}
-        if s.method == "ldam":  # a store made with older defaults keeps its sampler
-            options = {**revision_options(self.revision), **options}
-            init = s.init or ("uniform" if self.revision <= 1 else "auto")
-            extra["preconditioner"] = self.preconditioner
-        return dict(chains=s.chains, steps=steps or s.steps, method=s.method, seed=s.seed, lam=s.lam,
-                    discriminator=self.discriminator(), snapshot_every=None if steps else s.snapshot_every,
-                    objective=self.writer.plan.layer(layer).objective, snapshot_dtype=torch.float16,
-                    init=init, **extra, **options)
+        kwargs = self.sampler.kwargs()  # parsed once, for the store's sampler revision (SweepPlan)
+        if steps:  # the memory probe: a few steps, default snapshots
+            kwargs.update(steps=steps, snapshot_every=None)
+        if self.sampler.method == "ldam":
+            kwargs["preconditioner"] = self.preconditioner
+        return dict(kwargs, discriminator=self.discriminator(), objective=self.plan.store.layer(layer).objective,
+                    snapshot_dtype=torch.float16)
 
     def _choose_batch_units(self, lp: Any) -> int:
         """Units per batch for a layer: one block with an explicit block size; with ``auto``,
@@ -199,13 +179,11 @@ class SweepWorker:
         import numpy as np
         import torch
 
-        from ldam_sweep.settings import default_snapshot_steps
-
         grid = lp.block_size
         if self.job.resources.block_size != "auto":
             return grid
-        s = self.job.sampler
-        unit_bytes = 2 * s.chains * len(default_snapshot_steps(s.steps, s.snapshot_every)) * int(np.prod(self.model.input.shape))
+        store = self.plan.store
+        unit_bytes = 2 * store.chains * len(store.snapshot_steps) * int(np.prod(self.model.input.shape))
         cap = min(-(-lp.planned_units() // grid) * grid, max(grid, BATCH_SAMPLE_BYTES // unit_bytes // grid * grid))
         if self.device.type != "cuda":
             return max(grid, min(CPU_BATCH_UNITS // grid * grid, cap))
@@ -245,11 +223,11 @@ class SweepWorker:
         per_unit = (peaks[1] - peaks[0]) / PROBE_UNITS
         if per_unit <= 0:
             per_unit = peaks[1] / (2 * PROBE_UNITS)
-        s = self.job.sampler
-        snaps, probed = len(default_snapshot_steps(s.steps, s.snapshot_every)), len(default_snapshot_steps(PROBE_STEPS, None))
+        chains, snaps = self.plan.store.chains, len(self.plan.store.snapshot_steps)
+        probed = len(default_snapshot_steps(PROBE_STEPS, None))
         image = int(np.prod(self.model.input.shape))
-        sampling = per_unit + s.chains * image * (4 * max(0, snaps - probed) + 2 * snaps)
-        scoring = s.chains * image * 16 * snaps  # float16 in, float32 copy, float64 differences for movement
+        sampling = per_unit + chains * image * (4 * max(0, snaps - probed) + 2 * snaps)
+        scoring = chains * image * 16 * snaps  # float16 in, float32 copy, float64 differences for movement
         return max(sampling, scoring)
 
     def _sample(self, layer: str, units: list[int], exemplars=None):
@@ -259,8 +237,7 @@ class SweepWorker:
         the batch that sampled it (what ``sample(batch_units=...)`` needs to reproduce it on a GPU)."""
         import torch
 
-        from ldam_sweep.sampling import sample
-        from ldam_sweep.sampling.parts import concat_results
+        from ldam_sweep.sampling import ChainResult, sample
 
         kwargs = self._sample_kwargs(layer)
         parts = [units] if not self.max_batch else [units[i : i + self.max_batch] for i in range(0, len(units), self.max_batch)]
@@ -280,7 +257,7 @@ class SweepWorker:
                 half = len(part) // 2
                 self.max_batch = half
                 parts[:0] = [part[:half], part[half:]]
-        return concat_results(results), sizes
+        return ChainResult.concat(results), sizes
 
     def _device_phase(self, layer: str, units: list[int]):
         """Exemplars, sampling and scores of the batch (tensor math on the model's device). ``ldam``
@@ -292,12 +269,11 @@ class SweepWorker:
         from ldam_sweep.sampling.exemplars import LABEL_K, exemplar_pass, unit_label_columns
         from ldam_sweep.sampling.scoring import score_result
 
-        k = self.writer.plan.exemplars_k
-        # ldam starts from real exemplars and takes its targets from them (revisions 2 and later)
-        ldam = self.job.sampler.method == "ldam" and self.revision >= 2
+        k = self.plan.store.exemplars_k
+        ldam = self.sampler.starts_from_exemplars  # ldam from revision 2: starts and targets from real exemplars
         found = None
         if self.real_pool is not None:  # exemplars, labels and distributions: one pass over the pool
-            objective = self.writer.plan.layer(layer).objective
+            objective = self.plan.store.layer(layer).objective
             found = exemplar_pass(self.model, layer, np.asarray(units), objective, self.real_pool,
                                   max(k, LABEL_K, SAMPLING_EXEMPLARS if ldam else 0), labels=self.pool_labels,
                                   class_names=self.data_classes, label_k=k or LABEL_K)
@@ -313,19 +289,13 @@ class SweepWorker:
     def run_batch(self, layer: str, blocks: list[tuple[int, list[int]]], attempts: list[int]) -> list[list[dict[str, Any]]]:
         """Sample the blocks' units (one layer) as one batch, write each block's region, return each
         block's manifest rows. The device phase holds the device lock; the writes do not."""
-        fail = _named_blocks(FAIL_BLOCKS_ENV)
         for block, _ in blocks:
-            if f"{layer}:{block}" in fail:
-                raise RuntimeError(f"injected failure for block {layer}:{block} ({FAIL_BLOCKS_ENV})")
-            _hold_if_asked(layer, block)
+            failpoints.block_starts(layer, block)
         from ldam_sweep.store.writer import default_worker_id
 
-        gate = os.environ.get(WRITE_GATE_ENV)
         units = [u for _, block_units in blocks for u in block_units]
         with self._device_lock:
-            if gate:
-                for block, _ in blocks:
-                    (Path(gate) / f"sampling-{layer}-{block}").touch()
+            failpoints.sampling_started(layer, [b for b, _ in blocks])
             t0 = time.perf_counter()
             result, exemplars, scores, sizes = self._device_phase(layer, units)
             seconds = time.perf_counter() - t0
@@ -335,8 +305,7 @@ class SweepWorker:
             block, block_units = blocks[i]
             lo = sum(len(b) for _, b in blocks[:i])
             part = slice(lo, lo + len(block_units))
-            if gate:
-                _wait_for_other_sampling(Path(gate), {f"sampling-{layer}-{b}" for b, _ in blocks})
+            failpoints.before_block_write(layer, [b for b, _ in blocks])
             sub = result.take(part)
             columns = {u: {**scores.get(u, {}), "batch_units": sizes[u], "discriminator": self.discriminator_digest}
                        for u in block_units}  # dead units: no scores
@@ -365,13 +334,3 @@ class SweepWorker:
             raise StoreReplacedError(
                 f"store {self.url!r} was replaced while block {layer}:{block} ran (it started as generation "
                 f"{self.generation or 'none'}, now {found}); this worker {outcome}")
-
-
-def _wait_for_other_sampling(gate: Path, own: set[str]) -> None:
-    """The write-gate test hook: wait until a block outside this batch has started sampling."""
-    deadline = time.monotonic() + WRITE_GATE_TIMEOUT_S
-    while not any(p.name not in own for p in gate.glob("sampling-*")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{WRITE_GATE_ENV}: no other block started sampling within {WRITE_GATE_TIMEOUT_S:.0f}s "
-                               f"while {sorted(own)} waited to be written: sampling and writing did not overlap")
-        time.sleep(0.05)

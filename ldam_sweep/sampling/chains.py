@@ -22,12 +22,12 @@ import torch
 
 from ldam_sweep.errors import SamplerError
 from ldam_sweep.model.handle import ModelHandle
-from ldam_sweep.objectives import DEFAULT_BY_KIND, check_objective, unit_objective
+from ldam_sweep.objectives import DEFAULT_BY_KIND, UnitObjective, check_objective, parse_objective, unit_objective
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import ChainContext, ChainTensors, run_chains
 from ldam_sweep.sampling.lowpass import exemplar_bandwidth, lowpass
 from ldam_sweep.sampling.precondition import Preconditioner, fit_preconditioner
-from ldam_sweep.settings import default_snapshot_steps, parse_options  # noqa: F401 (re-exported)
+from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions, default_snapshot_steps, parse_options
 
 SAMPLING_EXEMPLARS = 64  # top real images per unit a sweep hands ``sample``: chain starts and the kernel width
 
@@ -70,14 +70,29 @@ class ChainResult:
         """(U, chains, C, H, W) each chain's final state."""
         return self.samples[:, :, -1]
 
+    # the arrays with one entry per unit (unit axis first); None where a result has no such array
+    PER_UNIT = ("units", "samples", "activation", "realism", "dead", "starts")
+
     def take(self, units: slice) -> "ChainResult":
         """The result of a range of its units (every per-unit array sliced alike; views, no copy)."""
-        def cut(a: np.ndarray | None) -> np.ndarray | None:
-            return None if a is None else a[units]
+        return dataclasses.replace(self, **{name: None if getattr(self, name) is None else getattr(self, name)[units]
+                                            for name in self.PER_UNIT})
 
-        return dataclasses.replace(self, units=self.units[units], samples=self.samples[units],
-                                   activation=self.activation[units], realism=cut(self.realism), dead=cut(self.dead),
-                                   starts=cut(self.starts))
+    @classmethod
+    def concat(cls, parts: "Sequence[ChainResult]") -> "ChainResult":
+        """Results of one layer sampled in several batches (e.g. after an out-of-memory split) as one:
+        chains depend only on (seed, layer, unit, chain), so this equals one big batch."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        same = ("layer", "steps", "chains", "method", "seed", "lam", "objective")
+        if any(tuple(getattr(p, k) for k in same) != tuple(getattr(first, k) for k in same) for p in parts[1:]):
+            raise ValueError("results to join must come from the same layer and sampler settings")
+        parts = [p if p.dead is not None else dataclasses.replace(p, dead=np.zeros(len(p.units), dtype=bool))
+                 for p in parts]
+        return dataclasses.replace(first, **{name: None if getattr(first, name) is None else
+                                             np.concatenate([getattr(p, name) for p in parts])
+                                             for name in cls.PER_UNIT})
 
 
 def diverse_order(exemplars: torch.Tensor, pool: int, chains: int) -> np.ndarray:
@@ -190,7 +205,7 @@ def _preconditioner(given: Preconditioner | np.ndarray | torch.Tensor | None, op
 
 
 @torch.no_grad()
-def _targets(model: ModelHandle, layer: str, objective: str, units: np.ndarray, exemplars: torch.Tensor | None,
+def _targets(model: ModelHandle, layer: str, objective: UnitObjective, units: np.ndarray, exemplars: torch.Tensor | None,
              options: Any) -> torch.Tensor | None:
     """(U,) per-unit activation target: ``target`` x the activation of the unit's best real image
     (its first exemplar); +inf (no target) where that is not positive. None when off."""
@@ -205,6 +220,19 @@ def _targets(model: ModelHandle, layer: str, objective: str, units: np.ndarray, 
     idx = torch.from_numpy(units).to(model.device)
     a = unit_objective(model.activations(best, layer), idx, objective).float()
     return torch.where(a > 0, a * factor, torch.full_like(a, float("inf")))
+
+
+def _options(method: str, options: Any, given: dict[str, Any]) -> LdamOptions | SgldOptions | AmOptions:
+    """The method's settings: parsed once by the caller (``options``), or parsed here from keywords."""
+    if options is None:
+        return parse_options(method, given)
+    if given:
+        raise SamplerError(f"give the sampler's settings either as options= or as keywords, not both "
+                           f"(got options= and {', '.join(sorted(given))})")
+    if method not in METHODS or not isinstance(options, METHODS[method]):
+        raise SamplerError(f"options= is a {type(options).__name__}, but method {method!r} takes "
+                           f"{METHODS[method].__name__ if method in METHODS else 'one of ' + ', '.join(METHODS)}")
+    return options
 
 
 def _check_discriminator(discriminator: Callable | None, lam: float) -> None:
@@ -234,6 +262,7 @@ def sample(
     snapshot_dtype: torch.dtype = torch.float32,
     batch_units: int | None = None,
     preconditioner: Preconditioner | np.ndarray | torch.Tensor | None = None,
+    options: LdamOptions | SgldOptions | AmOptions | None = None,
     **sampler_options: Any,
 ) -> ChainResult:
     """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
@@ -250,7 +279,8 @@ def sample(
     ``preconditioner``: ``ldam``'s data preconditioner, fitted (``fit_preconditioner``) or as real
     images (N, C, H, W) to fit it from (the kind is the ``precondition`` option); without it
     ``ldam`` runs unpreconditioned (``precondition: auto``) or refuses (``covariance``/``spectrum``).
-    ``sampler_options``: the method's settings (see ``LdamOptions`` / ``SgldOptions``).
+    ``sampler_options``: the method's settings (see ``LdamOptions`` / ``SgldOptions``), or
+    ``options``: those settings already parsed (``parse_options``; a sweep parses them once).
     ``snapshot_dtype``: the type ``samples`` leave the device in (``torch.float16``, the store's
     type, halves the transfer); traces stay float32.
     ``batch_units``: run as a batch of this many live units, padding with repeats of the units'
@@ -260,12 +290,13 @@ def sample(
     """
     info = model.layer(layer)
     unit_arr = model.check_units(info.name, units)
-    objective = check_objective(objective or DEFAULT_BY_KIND[info.kind], info.kind, info.name, info.geometry)
+    objective = check_objective(str(objective or DEFAULT_BY_KIND[info.kind]), info.kind, info.name, info.geometry)
+    reduce = parse_objective(objective)  # parsed once, not on every step
     if not isinstance(chains, int) or chains < 1:
         raise SamplerError(f"chains must be a positive integer, got {chains!r}")
     if not isinstance(steps, int) or steps < 1:
         raise SamplerError(f"steps must be a positive integer, got {steps!r}")
-    options = parse_options(method, sampler_options)
+    options = _options(method, options, sampler_options)
     _check_discriminator(discriminator, lam)
     if method == "am" and lam > 0:
         raise SamplerError("method 'am' (plain activation maximisation) has no realism term: use lam=0")
@@ -282,8 +313,8 @@ def sample(
     diverse = ldam and ex is not None and isinstance(init, str) and init in ("auto", "exemplars") and pool > chains
     bandwidth = _unit_bandwidths(ex, method, options, diverse)
     pre = _preconditioner(preconditioner, options, model) if ldam else None
-    target = _targets(model, info.name, objective, unit_arr, ex, options) if ldam else None
-    dead = _dead_units(model, info.name, objective, unit_arr, x0)
+    target = _targets(model, info.name, reduce, unit_arr, ex, options) if ldam else None
+    dead = _dead_units(model, info.name, reduce, unit_arr, x0)
     live = ~dead
     starts_all = x0  # every unit's starts (the dead ones' too: the images they were found dead on)
     if dead.any():
@@ -311,7 +342,7 @@ def sample(
                 target = target[torch.arange(batch_units, device=target.device) % n_live]
 
         def activation_fn(x: torch.Tensor) -> torch.Tensor:
-            return unit_objective(model.activations(x, info.name), unit_idx, objective)
+            return unit_objective(model.activations(x, info.name), unit_idx, reduce)
 
         log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
         out: ChainTensors = run_chains(
@@ -359,7 +390,7 @@ def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
     return [h.numpy() for h in host]
 
 
-def _dead_units(model: ModelHandle, layer: str, objective: str, units: np.ndarray, x0: torch.Tensor) -> np.ndarray:
+def _dead_units(model: ModelHandle, layer: str, objective: UnitObjective, units: np.ndarray, x0: torch.Tensor) -> np.ndarray:
     """(U,) bool: units whose activation and input gradient are exactly 0 at every chain's start.
     One forward + backward of the whole batch and one host sync."""
     chains = len(x0) // len(units)

@@ -32,7 +32,7 @@ import zarr
 
 from ldam_sweep import failpoints
 from ldam_sweep.errors import LdamError, StoreDamagedError, StoreError
-from ldam_sweep.planning import LayerPlan, StorePlan, identity_changes, plan_store
+from ldam_sweep.store.schema import LayerPlan, StorePlan, identity_changes
 from ldam_sweep.settings import SAMPLER_DEFAULTS
 from ldam_sweep.store.integrity import (ATTRS_SEAL, DISCRIMINATOR_SEAL, METADATA_KEY, ROOT_COPY, read_bytes, seal,
                                         seal_state, sha256, write_root)
@@ -40,7 +40,7 @@ from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
 
 __all__ = ["FORMAT_NAME", "LayerPlan", "SCHEMA_VERSION", "StoreError", "StorePlan", "check_store", "committed_unit_count",
-           "create_store", "layer_path", "plan_store", "read_generation", "write_discriminator"]
+           "create_store", "layer_path", "read_generation", "read_sampler_revision", "write_discriminator"]
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "ldam-sweep"
@@ -63,7 +63,7 @@ def layer_path(name: str) -> str:
 def as_stored(url: str | StoreLocation, plan: StorePlan) -> StorePlan:
     """``plan``, or the same plan without chain starts when the store at ``url`` was made from that
     (by code from before ``starts`` existed): such a store resumes as it is, without the array."""
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    loc = StoreLocation.parse(url)
     if not plan.starts or not loc.fs.exists(loc.join("zarr.json")):
         return plan
     try:
@@ -78,7 +78,7 @@ def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = Fals
     """What is at ``url`` for this plan, refusing what must not be touched (read-only):
     "absent" (nothing, or an empty folder, or only a lease), "same" (a finished store of this plan),
     "unfinished" (our creation, interrupted), "other" (a store of another plan; only with ``fresh``)."""
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    loc = StoreLocation.parse(url)
     fs = loc.fs
     if fs.exists(loc.join("zarr.json")):
         try:
@@ -211,7 +211,7 @@ def _is_lease(path: str) -> bool:
 def read_generation(url: str | StoreLocation) -> str | None:
     """The store's generation from its root zarr.json ("" for a store made before generations
     existed), or None when the store has no root metadata (deleted, or being replaced)."""
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    loc = StoreLocation.parse(url)
     try:
         meta = json.loads(loc.fs.cat_file(loc.join("zarr.json")))
     except FileNotFoundError:
@@ -223,11 +223,17 @@ def read_generation(url: str | StoreLocation) -> str | None:
     return str(attrs.get("generation", "")) if attrs.get("format") == FORMAT_NAME else None
 
 
+def read_sampler_revision(url: str | StoreLocation) -> int:
+    """The revision of the sampler defaults the store was made with (root attr ``sampler_defaults``;
+    1 for a store made before the attribute existed): a store resumes with its own sampler."""
+    return int(_read_root_attrs(StoreLocation.parse(url)).get("sampler_defaults", 1))
+
+
 def committed_unit_count(url: str | StoreLocation) -> int:
     """Units whose newest manifest row is 'ok': what deleting the store would lose."""
     from ldam_sweep.store import manifest
 
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    loc = StoreLocation.parse(url)
     rows = manifest.latest_per_unit(manifest.read(loc))
     return 0 if rows.num_rows == 0 else int(sum(1 for s in rows["status"].to_pylist() if s == "ok"))
 
@@ -268,7 +274,7 @@ def write_discriminator(url: str | StoreLocation, blob: bytes, attrs: dict[str, 
     The record is the commit, written last: the group starts without one, the bytes follow, and
     only then the sealed record naming the sha256 of the bytes and of the array's metadata. A store
     whose discriminator has no record, or bytes that do not match it, has none (stage 1 redoes it)."""
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    loc = StoreLocation.parse(url)
     root = loc.open_group(mode="r+")
     data = np.frombuffer(blob, dtype=np.uint8)
     if "discriminator" in root:

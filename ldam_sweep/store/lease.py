@@ -30,14 +30,13 @@ import uuid
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
+from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreOwnedError, StoreReplacedError
 from ldam_sweep.store.location import StoreLocation
 
 LEASE_FILE = "lease.json"
 INTERVAL_ENV = "LDAM_SWEEP_LEASE_INTERVAL"  # seconds between heartbeats (default 10)
 MISSED_ENV = "LDAM_SWEEP_LEASE_MISSED"  # missed heartbeats before the lease is stale (default 6)
-# Test hook: the driver takes the lease but never renews it (its lease goes stale while it runs).
-NO_HEARTBEAT_ENV = "LDAM_SWEEP_TEST_NO_HEARTBEAT"
 
 DEFAULT_INTERVAL = 10.0
 DEFAULT_MISSED = 6
@@ -287,7 +286,7 @@ def _lease_file(loc: StoreLocation) -> Any:
 
 def read_lease(url: str | StoreLocation) -> LeaseRecord | None:
     """The store's current lease, or None when nobody holds it."""
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+    loc = StoreLocation.parse(url)
     got = _lease_file(loc).read()
     return None if got is None else LeaseRecord.from_bytes(got[0], got[2])
 
@@ -321,7 +320,7 @@ class StoreLease:
                 log: Callable[[str], None] = lambda _m: None) -> "StoreLease":
         """Take the store's lease: create it, or take over a stale one (with a message naming the
         previous owner). StoreOwnedError while another driver holds a fresh lease."""
-        loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url)
+        loc = StoreLocation.parse(url)
         backend = _lease_file(loc)
         interval, stale_after = lease_timing()
         record = LeaseRecord.new(stale_after)
@@ -372,7 +371,7 @@ class StoreLease:
 
     def start_heartbeat(self) -> None:
         """Renew the lease every ``interval`` seconds from a daemon thread, until ``release``."""
-        if os.environ.get(NO_HEARTBEAT_ENV):
+        if failpoints.heartbeat_disabled():
             return
         self._thread = threading.Thread(target=self._beat, name="ldam-sweep-lease", daemon=True)
         self._thread.start()

@@ -44,7 +44,11 @@ class StoreLocation:
     storage_options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> "StoreLocation":
+    def parse(cls, url: "str | os.PathLike | StoreLocation", storage_options: dict[str, Any] | None = None) -> "StoreLocation":
+        """The one place a store address is read: a path (``~`` and relative paths resolved), a
+        ``file://`` or object-store URL; a StoreLocation passes through (``storage_options`` added)."""
+        if isinstance(url, StoreLocation):
+            return url if not storage_options else cls(url.url, {**url.storage_options, **storage_options})
         text = str(url)
         if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/(?!/)", text):
             raise StoreError(f"store URL {text!r} looks like a mistyped URL (one slash after the colon); "
@@ -103,7 +107,7 @@ class StoreLocation:
                 os.remove(tmp)
 
 
-def check_writable(url: str) -> None:
+def check_writable(url: "str | StoreLocation") -> None:
     """Fail before any work when the store cannot be written (local paths: the nearest existing
     parent must be a writable directory)."""
     loc = StoreLocation.parse(url)
@@ -118,4 +122,4 @@ def check_writable(url: str) -> None:
         with tempfile.TemporaryFile(dir=p):  # a real write: os.access says yes to root on /proc
             pass
     except OSError as err:
-        raise StoreError(f"store {url!r} is not writable: cannot create files in {str(p)!r} ({err})") from None
+        raise StoreError(f"store {loc.url!r} is not writable: cannot create files in {str(p)!r} ({err})") from None

@@ -30,81 +30,14 @@ import pyarrow.parquet as pq
 
 from ldam_sweep.errors import StoreError
 from ldam_sweep.store.location import StoreLocation, encode_name
+from ldam_sweep.store.schema import COLUMNS, FILE_SCHEMA, SCHEMA
 
 MANIFEST_DIR = "manifest"
 
-FILE_SCHEMA = pa.schema([
-    ("unit", pa.int32()),
-    ("block", pa.int32()),
-    ("status", pa.string()),  # "ok" | "dead" (not sampled; the reason in error) | "failed" | "corrupt" (verify --repair)
-    ("attempt", pa.int16()),
-    ("error", pa.string()),
-    ("objective", pa.string()),
-    ("method", pa.string()),
-    ("lam", pa.float32()),
-    ("chains", pa.int16()),
-    ("steps", pa.int32()),
-    ("act_start_mean", pa.float32()),
-    ("act_final_mean", pa.float32()),
-    ("act_final_max", pa.float32()),
-    ("act_final_min", pa.float32()),
-    ("act_final_std", pa.float32()),
-    ("realism_final_mean", pa.float32()),
-    ("exemplar_max", pa.float32()),
-    ("activation_ratio", pa.float32()),
-    ("pixel_diversity", pa.float32()),
-    ("feature_diversity", pa.float32()),
-    ("modes", pa.int16()),
-    ("lowpass_diversity", pa.float32()),  # these four came later: older part files lack them (read as null)
-    ("lowpass_diversity_ratio", pa.float32()),
-    ("feature_diversity_ratio", pa.float32()),
-    ("facets", pa.int16()),
-    ("nearest_real", pa.float32()),
-    ("movement", pa.float32()),
-    ("ess", pa.float32()),
-    ("rhat", pa.float32()),
-    ("diverged_fraction", pa.float32()),
-    ("stuck_fraction", pa.float32()),
-    ("saturated_fraction", pa.float32()),  # these three came with the realism scores (older parts: null)
-    ("frozen_fraction", pa.float32()),
-    ("hf_ratio", pa.float32()),
-    # a unit's label and its activation over the real pool (the exemplar pass; older parts: null)
-    ("label", pa.string()),  # most common class among its top exemplars
-    ("label_purity", pa.float32()),  # that class's share of them
-    ("label_base_rate", pa.float32()),  # that class's share of the real pool
-    ("sample_label", pa.string()),  # the class the whole network assigns most of its final samples
-    ("sample_label_share", pa.float32()),  # the share of chains assigned it
-    ("label_match", pa.float32()),  # the share of chains the network assigns the exemplar label
-    ("data_active_fraction", pa.float32()),  # share of real images on which the unit is above 0
-    ("data_p50", pa.float32()),
-    ("data_p90", pa.float32()),
-    ("data_p99", pa.float32()),
-    ("data_hist", pa.list_(pa.int32())),  # histogram of its activation over the pool (HIST_BINS bins)
-    ("data_hist_lo", pa.float32()),  # ... between these two values
-    ("data_hist_hi", pa.float32()),
-    ("seconds", pa.float32()),
-    ("batch_units", pa.int32()),  # live units sampled together with this one (null before it existed; see sample())
-    ("worker", pa.string()),
-    ("attempt_id", pa.string()),
-    ("checksum", pa.string()),
-    ("spec_hash", pa.string()),
-    ("generation", pa.string()),  # the store's generation at commit; null in rows committed before it existed
-    ("discriminator", pa.string()),  # digest of the discriminator the block was sampled with (null: none, or older rows)
-    ("code_version", pa.string()),
-    ("committed_at", pa.timestamp("us", tz="UTC")),
-])
-SCHEMA = pa.schema([("layer", pa.string()), *FILE_SCHEMA])
-COLUMNS = tuple(SCHEMA.names)
 PARTITIONING = pds.partitioning(pa.schema([("layer", pa.string())]), flavor="hive")
 _FORMAT = pds.ParquetFileFormat(
     default_fragment_scan_options=pds.ParquetFragmentScanOptions(page_checksum_verification=True))
 STALE_TMP_SECONDS = 3600  # far longer than any publish takes: an older temp part is a dead writer's
-
-
-def display_label(row: dict[str, Any]) -> str | None:
-    """The label a unit is listed and searched by (``units(label=...)``, the atlas): its exemplars'
-    class (``label``), else the class the network reads its samples as (``sample_label``)."""
-    return row.get("label") if row.get("label") is not None else row.get("sample_label")
 
 
 def remove_stale_temp_parts(folder: str, older_than: float = STALE_TMP_SECONDS) -> list[str]:

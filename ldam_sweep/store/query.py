@@ -4,15 +4,14 @@ a block that is written but not committed (a crashed attempt) is never visible."
 from __future__ import annotations
 
 import collections
-import time
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
-from ldam_sweep.planning import LayerPlan, StorePlan
+from ldam_sweep.store.schema import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
                                         seal_state)
@@ -21,9 +20,6 @@ from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.store.realism import read_realism, unit_flags
 from ldam_sweep.store.unitview import UnitView
 from ldam_sweep.store.writer import block_checksum
-
-if TYPE_CHECKING:
-    from ldam_sweep.find import FindResult
 
 TRACE_KINDS = ("activation", "realism")
 # columns of ``units()`` that the reader adds from the store's records (realism.json, verify.json), not the manifest
@@ -62,7 +58,6 @@ class SweepStore:
             raise StoreError(f"{self.loc.url!r} is a Zarr group but not an ldam-sweep store (no format={FORMAT_NAME!r} attribute)")
         self.plan = StorePlan.from_json(self.attrs["plan"])
         self._latest: pa.Table | None = None
-        self._model: Any = None  # the store's model, loaded by the first find()
         self._verified: set[tuple[str, int, str]] = set()  # (layer, block, checksum) whose data matched
         self._found_corrupt: set[tuple[str, int]] = set()  # (layer, block) whose data did not, when read here
         self._skip_parts: frozenset[str] = frozenset()
@@ -425,25 +420,6 @@ class SweepStore:
             exemplars=ex[0], exemplar_activation=ex[1], scores=row,
             snapshot_steps=self.snapshot_steps(), value_range=tuple(self.plan.value_range),  # type: ignore[arg-type]
         )
-
-    def find(self, images: Any, layer: str | None = None, top: int = 10, *, model: Any = None,
-             atlas: str | None = None) -> "FindResult":
-        """Which units respond to these images: the ``top`` units per image by activation ÷ the unit's
-        reference (top exemplar, else final chain mean). ``images``: (N, C, H, W) / (C, H, W) arrays
-        in the model's pixel range, image files, folders. Loads the store's model on first use
-        (torch; cached on this object); ``model`` overrides it. See ``ldam_sweep.find``."""
-        from ldam_sweep.find import find_units, store_model
-
-        load_seconds = 0.0
-        if model is None:
-            if self._model is None:
-                t0 = time.perf_counter()
-                self._model = store_model(self)
-                load_seconds = time.perf_counter() - t0
-            model = self._model
-        result = find_units(self, images, layer=layer, top=top, model=model, atlas=atlas)
-        result.load_seconds = load_seconds
-        return result
 
     def __repr__(self) -> str:
         return f"SweepStore({self.loc.url!r}, layers={len(self.plan.layers)})"

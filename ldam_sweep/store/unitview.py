@@ -34,11 +34,9 @@ class UnitView:
     def image(self) -> "Image.Image":
         """Chains (rows) x snapshots (columns), each cell labelled with its activation: what
         ``ldam-sweep show`` writes, with the snapshot steps as column headers."""
-        from ldam_sweep.atlas.grid import render_grid
+        from ldam_sweep.render import unit_grid
 
-        labels = np.vectorize(lambda v: f"{v:.3g}")(self.activation[:, self.snapshot_steps])
-        return render_grid(self.samples, self.value_range, row_labels=[f"chain {c}" for c in range(len(self.samples))],
-                           cell_labels=labels, col_labels=[f"t={t}" for t in self.snapshot_steps])
+        return unit_grid(self.samples, self.activation, self.snapshot_steps, self.value_range)
 
     def _repr_png_(self) -> bytes:
         """Jupyter / IPython display hook."""

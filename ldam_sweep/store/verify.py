@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreError
-from ldam_sweep.planning import LayerPlan, StorePlan
+from ldam_sweep.store.schema import LayerPlan, StorePlan, stamp_generation, tombstone_rows
 from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import (METADATA_KEY, ROOT_COPY, read_bytes, read_verify_record, root_state, sha256,
                                         write_root, write_verify_record)
@@ -39,7 +39,7 @@ from ldam_sweep.store.lease import LEASE_FILE, LeaseRecord
 from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.store.query import SweepStore, checksum_arrays
 from ldam_sweep.store.realism import REALISM_FILE, realism_state
-from ldam_sweep.store.writer import block_checksum, tombstone_rows
+from ldam_sweep.store.writer import block_checksum
 
 QUARANTINE_DIR = "quarantine"  # damaged files repair set aside (outside manifest/: no reader sees them)
 
@@ -87,7 +87,7 @@ def verify_store(store: SweepStore | str | StoreLocation) -> tuple[int, list[Any
 def _location(store: SweepStore | str | StoreLocation) -> StoreLocation:
     if isinstance(store, SweepStore):
         return store.loc
-    return store if isinstance(store, StoreLocation) else StoreLocation.parse(store)
+    return StoreLocation.parse(store)
 
 
 def _block_problems(store: SweepStore, skip_layers: set[str]) -> tuple[int, list[BlockProblem]]:
@@ -409,7 +409,7 @@ def _tombstones(store: SweepStore, problems: list[BlockProblem]) -> int:
                                spec_hash=store.attrs.get("spec_hash", ""))
     if rows:
         generation = store.attrs.get("generation")  # the tombstones belong to this store, like its rows
-        manifest.publish(store.loc, [{**r, "generation": generation} for r in rows], one_part=True)
+        manifest.publish(store.loc, stamp_generation(rows, generation), one_part=True)
         store.refresh()
     return len(rows)
 

@@ -10,47 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import socket
-import uuid
-import warnings
-from typing import Any, Protocol, Sequence
+from typing import Any
 
 import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreDamagedError, StoreError
-from ldam_sweep.planning import ARRAY_NAMES, LayerPlan, StorePlan
 from ldam_sweep.store.integrity import ATTRS_SEAL, seal_state
 from ldam_sweep.store.layout import layer_path
+from ldam_sweep.store.schema import ARRAY_NAMES, BlockResult, LayerPlan, StorePlan, block_rows, stamp_generation
 from ldam_sweep.store.location import StoreLocation
-from ldam_sweep.version import __version__
-
-# Test hook: the writer SIGKILLs its own process after writing the named array (fault tests only).
-KILL_AFTER_ENV = "LDAM_SWEEP_TEST_KILL_AFTER"
-
-
-class BlockResult(Protocol):
-    """What the writer needs of a sampled block (a ``ChainResult`` fits): plain arrays and the
-    sampler settings that go into the manifest. The store needs no sampler (and no torch)."""
-
-    layer: str
-    units: Sequence[int]
-    samples: np.ndarray  # (unit, chain, snapshot, C, H, W)
-    activation: np.ndarray  # (unit, chain, steps + 1)
-    realism: np.ndarray | None
-    dead: np.ndarray | None  # (unit,) bool: not sampled (its arrays are NaN); None = every unit sampled
-    starts: np.ndarray | None  # (unit, chain, C, H, W) each chain's first image (stores whose plan keeps starts)
-    dead_reason: str
-    objective: str
-    method: str
-    lam: float
-    chains: int
-    steps: int
-
-    @property
-    def final_activation(self) -> np.ndarray: ...
 
 
 def default_worker_id() -> str:
@@ -87,7 +59,9 @@ def block_checksum(region: dict[str, np.ndarray]) -> str:
 class BlockWriter:
     """Writes blocks into an existing store (created by the driver); keeps its group open."""
 
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+    def __init__(self, url: str | StoreLocation, storage_options: dict | None = None, *,
+                 plan: StorePlan | None = None) -> None:
+        """``plan``: the plan the caller writes by (a sweep's); refused unless it is the store's."""
         self.loc = StoreLocation.parse(url, storage_options)
         self.root = self.loc.open_group(mode="r+")
         attrs = dict(self.root.attrs)
@@ -97,6 +71,10 @@ class BlockWriter:
             raise StoreDamagedError(f"the root metadata (zarr.json) of store {self.loc.url!r} does not match its "
                                     f"checksum: `ldam-sweep verify {self.loc.url} --repair` restores it from its copy")
         self.plan = StorePlan.from_json(attrs["plan"])
+        if plan is not None and plan.plan_hash() != self.plan.plan_hash():
+            raise StoreError(f"store {self.loc.url!r} was made from another plan than this sweep's (plan hash "
+                             f"{self.plan.plan_hash()[:12]}, the sweep's {plan.plan_hash()[:12]}): rerun the sweep, "
+                             "which checks the store before any worker starts")
         self.spec_hash = attrs["spec_hash"]
         self.generation = attrs.get("generation")  # stamped into the rows; None in stores made before it
         self._groups: dict[str, zarr.Group] = {}
@@ -165,77 +143,19 @@ class BlockWriter:
         lo, hi = lp.block_bounds(block)
         group = self.group(layer)
         store = group.store_path.store
-        kill_after = os.environ.get(KILL_AFTER_ENV)
         specs = self.plan.arrays(lp)
         for name, data in region.items():
             arr = group[name]
             sync(store.delete(f"{arr.path}/{specs[name].block_key(block)}"))
             arr[lo:hi] = data
-            if kill_after == name:
-                os.kill(os.getpid(), signal.SIGKILL)
+            failpoints.after_array_written(name)
         checksum = block_checksum(region)
         rows = block_rows(
             lp, block, result, checksum=checksum, attempt=attempt, seconds=seconds,
             worker=worker or default_worker_id(), spec_hash=self.spec_hash,
             exemplar_max=None if exemplars is None else np.nanmax(exemplars[1], axis=1), unit_columns=unit_columns,
         )
-        return [{**r, "generation": self.generation} for r in rows]
-
-
-def block_rows(
-    lp: LayerPlan, block: int, result: BlockResult, *, checksum: str, attempt: int, seconds: float, worker: str,
-    spec_hash: str, exemplar_max: np.ndarray | None = None, unit_columns: dict[int, dict[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """One manifest row per unit of the block, with its activation and realism statistics: status
-    'ok', or 'dead' (with the reason in ``error``) for a unit the sampler found dead and did not sample."""
-    attempt_id = uuid.uuid4().hex
-    final = result.final_activation
-    dead = getattr(result, "dead", None)
-    per_unit_seconds = seconds / max(1, len(result.units))
-    rows = []
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # nanmean of a dead unit's all-NaN trace
-        for i, unit in enumerate(result.units):
-            is_dead = dead is not None and bool(dead[i])
-            row = {
-                "layer": lp.name, "unit": int(unit), "block": int(block), "status": "dead" if is_dead else "ok",
-                "attempt": int(attempt), "error": result.dead_reason if is_dead else None,
-                "objective": result.objective, "method": result.method, "lam": result.lam,
-                "chains": result.chains, "steps": result.steps,
-                "act_start_mean": float(np.nanmean(result.activation[i, :, 0])),
-                "act_final_mean": float(np.nanmean(final[i])), "act_final_max": float(np.nanmax(final[i])),
-                "act_final_min": float(np.nanmin(final[i])), "act_final_std": float(np.nanstd(final[i])),
-                "realism_final_mean": None if result.realism is None else float(np.nanmean(result.realism[i, :, -1])),
-                "exemplar_max": None if exemplar_max is None else float(exemplar_max[i]),
-                "seconds": per_unit_seconds, "worker": worker, "attempt_id": attempt_id, "checksum": checksum,
-                "spec_hash": spec_hash, "code_version": __version__,
-            }
-            if is_dead:  # not sampled: no statistics (the exemplars are real data and stay)
-                row.update(dict.fromkeys(("act_start_mean", "act_final_mean", "act_final_max", "act_final_min",
-                                          "act_final_std", "realism_final_mean"), None))
-            row.update((unit_columns or {}).get(int(unit), {}))
-            rows.append(row)
-    return rows
-
-
-def failed_rows(lp: LayerPlan, block: int, error: str, *, attempt: int, spec_hash: str, worker: str = "") -> list[dict[str, Any]]:
-    """'failed' rows for every unit of a block that ran out of attempts (the sweep goes on)."""
-    return [
-        {"layer": lp.name, "unit": int(u), "block": int(block), "status": "failed", "attempt": int(attempt),
-         "error": error[-2000:], "spec_hash": spec_hash, "worker": worker, "code_version": __version__}
-        for u in lp.block_units(block)
-    ]
-
-
-def tombstone_rows(lp: LayerPlan, block: int, units: Sequence[int], problem: str, *, spec_hash: str) -> list[dict[str, Any]]:
-    """'corrupt' rows for the given units of a block whose stored data failed ``verify``: newer than
-    its 'ok' rows, so the block counts as not done and the next run redoes it."""
-    return [
-        {"layer": lp.name, "unit": int(u), "block": int(block), "status": "corrupt", "attempt": 0,
-         "error": f"corrupt: {problem}"[-2000:], "spec_hash": spec_hash, "worker": "verify --repair",
-         "code_version": __version__}
-        for u in units
-    ]
+        return stamp_generation(rows, self.generation)
 
 
 def write_block(url: str, layer: str, block: int, result: BlockResult, **kwargs: Any) -> list[dict[str, Any]]:
@@ -247,5 +167,5 @@ def commit(url: str | StoreLocation, rows: list[dict[str, Any]], storage_options
     """Publish manifest rows atomically: from now on readers see these units."""
     from ldam_sweep.store import manifest
 
-    loc = url if isinstance(url, StoreLocation) else StoreLocation.parse(url, storage_options)
+    loc = StoreLocation.parse(url, storage_options)
     return manifest.publish(loc, rows)

@@ -1,4 +1,8 @@
-"""PNG grids of sample images, upscaled with nearest-neighbour so tiny inputs keep visible pixels."""
+"""Pictures of samples: grids upscaled with nearest-neighbour so tiny inputs keep visible pixels.
+
+``unit_grid`` is the one picture of a unit's chains x snapshots (``ldam-sweep show``,
+``UnitView.image``, the atlas's unit page); ``render_change`` its start | final | change strip.
+Used by the store's readers and the atlas alike, so it imports neither."""
 
 from __future__ import annotations
 
@@ -64,6 +68,20 @@ def render_grid(
     return canvas
 
 
+def _chain_labels(n: int) -> list[str]:
+    return [f"chain {c}" for c in range(n)]
+
+
+def unit_grid(samples: np.ndarray, activation: np.ndarray, snapshot_steps: Sequence[int] | np.ndarray,
+              value_range: tuple[float, float], *, scale: int | None = None) -> Image.Image:
+    """A unit's chains (rows) x snapshots (columns): each cell labelled with the chain's activation
+    at that step, the steps as column headers, ``chain c`` left of each row."""
+    steps = np.asarray(snapshot_steps, dtype=np.int64)
+    labels = np.vectorize(lambda v: f"{v:.3g}")(np.asarray(activation)[:, steps])
+    return render_grid(samples, value_range, scale=scale, row_labels=_chain_labels(len(samples)),
+                       cell_labels=labels, col_labels=[f"t={t}" for t in steps])
+
+
 def save_grid(path: str | Path, *args, **kwargs) -> Path:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +102,8 @@ def render_change(starts: np.ndarray, finals: np.ndarray, value_range: tuple[flo
                   scale: int | None = None, labels: Sequence[str] | None = None) -> tuple[Image.Image, float]:
     """Per chain (row): its start | its final image | final − start on a diverging map (channels
     averaged; red: brighter in the final image, blue: darker). The map's full colour is the
-    largest change among the chains, as a share of the pixel range, which is returned with it."""
+    largest change among the chains, as a share of the pixel range, which is returned with it.
+    Rows are labelled ``chain c`` unless ``labels`` are given."""
     lo, hi = value_range
     diff = (np.asarray(finals, np.float32) - np.asarray(starts, np.float32)).mean(axis=-3) / (hi - lo)  # (chains, H, W)
     finite = np.abs(diff[np.isfinite(diff)])
@@ -92,7 +111,7 @@ def render_change(starts: np.ndarray, finals: np.ndarray, value_range: tuple[flo
     chains, c, h, w = starts.shape
     scale = scale or max(1, 96 // max(h, w))
     pair = render_grid(np.stack([starts, finals], 1), value_range, scale=scale, pad=2,
-                       row_labels=labels, col_labels=["start", "final"])
+                       row_labels=labels if labels is not None else _chain_labels(chains), col_labels=["start", "final"])
     maps = diverging(diff, full)
     maps[~np.isfinite(diff).all(axis=(1, 2))] = 160  # a diverged chain: grey, not white ("no change")
     head = 14

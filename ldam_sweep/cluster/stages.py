@@ -1,0 +1,136 @@
+"""The stages around sampling: stage 1 makes (or reuses) the store's discriminator once, stage 3
+measures the samples' realism; ``check_stage_inputs`` loads every file a spec names before any store exists."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from rich.console import Console
+
+from ldam_sweep.cluster.commit import storage_stop
+from ldam_sweep.errors import LdamError, StoreDamagedError
+from ldam_sweep.planning import SweepPlan
+from ldam_sweep.spec import JobSpec
+from ldam_sweep.store import open_store
+from ldam_sweep.store.layout import write_discriminator
+
+
+def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: Console) -> float | None:
+    """Train or load the discriminator once and keep it in the store; a resumed sweep reuses it once
+    its bytes match the checksum its record names. One that is incomplete (a stage 1 cut short) or
+    damaged is made again, and must be the one the committed blocks were sampled with."""
+    job, url = plan.job, st.loc.url
+    if job.discriminator is None:
+        return None
+    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    state, why = st.discriminator_state()
+    if state == "legacy" and not legacy_discriminator_intact(st, model):
+        state, why = "corrupt", "its weights do not match the digest its record names"
+    if state in ("ok", "legacy"):
+        info = st.discriminator_info()
+        say(f"stage 1: discriminator already in the store (held-out accuracy {info['heldout_accuracy']:.3f})")
+        return float(info["heldout_accuracy"])
+    if state != "absent":
+        say(f"stage 1: the stored discriminator is {state} ({why}); making it again")
+    from ldam_sweep.model.loading import default_device
+    from ldam_sweep.stage import discriminator_record, job_discriminator
+
+    used = {d for d in st.units(status=("ok", "dead"))["discriminator"].to_pylist() if d}
+    model.to(default_device())
+    t0 = time.perf_counter()
+    what = "loading" if job.discriminator.file is not None else "training"
+    say(f"stage 1: {what} the discriminator on {model.device} ...")
+    last = [time.perf_counter()]
+
+    def report(i: int, stats: dict) -> None:
+        if time.perf_counter() - last[0] > 10:
+            last[0] = time.perf_counter()
+            say(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}")
+
+    trained = job_discriminator(job, model, progress=report, plan=plan, loaded=inputs.discriminator, train=inputs.train)
+    model.to("cpu")
+    assert trained is not None
+    if used and used != {trained.digest()}:
+        raise StoreDamagedError(
+            f"stage 1: the discriminator made again (digest {trained.digest()[:12]}) is not the one the committed "
+            f"units of {url!r} were sampled with ({', '.join(sorted(d[:12] for d in used))}): training on another "
+            "machine, thread count or library version gives other weights. The store cannot be completed "
+            f"consistently: start it over with `ldam-sweep run SPEC --store {url} --fresh`, or use it as it is.")
+    try:
+        write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
+    except OSError as err:
+        raise storage_stop(err, "writing the discriminator (stage 1)") or err from None
+    say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
+        f"fresh chains {trained.heldout_fake_accuracy:.3f}) in {time.perf_counter() - t0:.0f}s")
+    return trained.heldout_accuracy
+
+
+def legacy_discriminator_intact(st: Any, model: Any) -> bool:
+    """A discriminator stored before its bytes had a checksum: its weights match its record's digest."""
+    import warnings
+
+    from ldam_sweep.sampling.discriminator import load_discriminator
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return load_discriminator(st.discriminator_bytes(), model).digest() == st.discriminator_info().get("digest")
+    except LdamError:
+        return False
+
+
+def stage3(url: str, console: Console) -> dict[str, Any] | None:
+    """Measure the samples' realism (``ldam_sweep.realism``) unless the stored record is current."""
+    from ldam_sweep.realism import layer_line, measure_realism
+    from ldam_sweep.store.realism import write_realism
+
+    st = open_store(url)
+    doc = st.realism()
+    measured = [r["name"] for r in st.layers() if r["done"] - r["dead"] > 0]
+    if doc and measured and all(doc["current"].get(name) for name in measured):
+        console.print("stage 3: realism already measured for every committed unit", highlight=False, markup=False)
+    else:
+        console.print("stage 3: realism of the samples (two-sample test: 0.5 = indistinguishable from the real data; "
+                      "HF: fine detail / the real data's; the units' exemplars in brackets) ...",
+                      highlight=False, markup=False)
+
+        def report(name: str, e: dict[str, Any]) -> None:
+            console.print("  " + layer_line(name, e), highlight=False, markup=False)
+
+        try:
+            doc = measure_realism(st, progress=report)
+            write_realism(st.loc, doc)
+        except OSError as err:
+            raise storage_stop(err, "writing the realism record") or err
+        except (LdamError, ValueError) as err:
+            console.print(f"stage 3: realism not measured: {err}", highlight=False, markup=False)
+            return None
+    pooled = (doc or {}).get("pooled") or {}
+    return {"c2st": pooled.get("c2st"), "c2st_exemplars": pooled.get("c2st_exemplars"),
+            "hf_ratio": pooled.get("hf_ratio"), "seconds": (doc or {}).get("seconds")}
+
+
+@dataclass
+class StageInputs:
+    """What ``check_stage_inputs`` loaded, kept for stage 1 (loaded once): the discriminator file's
+    discriminator and the real training images of a folder or .npy source."""
+
+    discriminator: Any = None
+    train: Any = None
+
+
+def check_stage_inputs(job: JobSpec, model: Any) -> StageInputs:
+    """Every file the spec names loads (the model's weights already did): the discriminator file
+    (weights_only=True, fits the model) and a folder or .npy data source, before any store exists."""
+    inputs = StageInputs()
+    if job.discriminator is not None and job.discriminator.file is not None:
+        from ldam_sweep.sampling.discriminator import load_discriminator
+
+        inputs.discriminator = load_discriminator(job.discriminator.file, model)
+    if job.data is not None and job.data.source in ("folder", "npy"):
+        from ldam_sweep.data import real_images
+
+        inputs.train = real_images(job.data, model.input, "train")
+    return inputs
