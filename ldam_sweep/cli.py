@@ -424,14 +424,14 @@ def show(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a PNG of one unit: chains (rows) x snapshots (columns), labelled with activations."""
+    from ldam_sweep.render import unit_grid
     from ldam_sweep.store import open_store
 
     with user_errors():
         st = open_store(store)
-        view = st.unit(layer, unit)
-        samples, steps = view.samples, view.snapshot_steps
+        samples, steps = st.samples(layer, unit), st.snapshot_steps()  # only what the picture shows
         output.parent.mkdir(parents=True, exist_ok=True)
-        view.image().save(output, format="PNG")
+        unit_grid(samples, st.trace(layer, unit), steps, st.plan.value_range).save(output, format="PNG")
         path = output
         if json_out:
             print_json("show", store=st.loc.url, layer=layer, unit=unit, paths=[str(path)], chains=samples.shape[0],

@@ -37,7 +37,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 ENV = "LDAM_SWEEP_FAILPOINTS"
 
@@ -106,6 +106,15 @@ def _named_blocks(env: str) -> set[str]:
     return {item.strip() for item in os.environ.get(env, "").split(",") if item.strip()}
 
 
+def _wait_until(ready: Callable[[], bool], limit_s: float, timeout_message: str) -> None:
+    """Poll ``ready`` (the test's file event) until it is true; RuntimeError after ``limit_s``."""
+    deadline = time.monotonic() + limit_s
+    while not ready():
+        if time.monotonic() > deadline:
+            raise RuntimeError(timeout_message)
+        time.sleep(_POLL_S)
+
+
 def after_array_written(name: str) -> None:
     """The block writer wrote its region of array ``name``: SIGKILL if ``KILL_AFTER_ENV`` names it."""
     if os.environ.get(KILL_AFTER_ENV) == name:
@@ -138,11 +147,8 @@ def block_starts(layer: str, block: int) -> None:
     tmp.write_text(str(os.getpid()))
     os.replace(tmp, held)  # atomic: a reader never sees an empty pid
     release = Path(folder) / f"release-{layer}-{block}"
-    deadline = time.monotonic() + HOLD_LIMIT_S
-    while not release.exists():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"block {name} held for {HOLD_LIMIT_S:.0f}s without {release} ({HOLD_BLOCKS_ENV})")
-        time.sleep(_POLL_S)
+    _wait_until(release.exists, HOLD_LIMIT_S,
+                f"block {name} held for {HOLD_LIMIT_S:.0f}s without {release} ({HOLD_BLOCKS_ENV})")
 
 
 def sampling_started(layer: str, blocks: Iterable[int]) -> None:
@@ -160,9 +166,6 @@ def before_block_write(layer: str, blocks: Iterable[int]) -> None:
     if not gate:
         return
     own = {f"sampling-{layer}-{b}" for b in blocks}
-    deadline = time.monotonic() + WRITE_GATE_TIMEOUT_S
-    while not any(p.name not in own for p in Path(gate).glob("sampling-*")):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{WRITE_GATE_ENV}: no other block started sampling within {WRITE_GATE_TIMEOUT_S:.0f}s "
-                               f"while {sorted(own)} waited to be written: sampling and writing did not overlap")
-        time.sleep(_POLL_S)
+    _wait_until(lambda: any(p.name not in own for p in Path(gate).glob("sampling-*")), WRITE_GATE_TIMEOUT_S,
+                f"{WRITE_GATE_ENV}: no other block started sampling within {WRITE_GATE_TIMEOUT_S:.0f}s "
+                f"while {sorted(own)} waited to be written: sampling and writing did not overlap")

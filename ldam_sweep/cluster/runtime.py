@@ -162,7 +162,7 @@ class HeadWatch:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._node: Any = None
-        self._known: dict[int, int] = {}  # the local Ray's processes seen while the head answered: pid -> start time
+        self._known: dict[int, int] = {}  # the local Ray's processes when the head last answered: pid -> start time
 
     def start(self) -> None:
         import ray
@@ -187,8 +187,8 @@ class HeadWatch:
                 lost_since = None
                 if self._node is not None:
                     # Ray's workers are children of the raylet, which exits when the head goes: then
-                    # they are no longer found by parentage. Knowing them beforehand, they still are.
-                    self._known.update(ray_processes(self._node))
+                    # they are no longer found by parentage. Known from a second before, they still are.
+                    self._known = ray_processes(self._node)
             except OSError:
                 lost_since = lost_since or time.monotonic()
                 if time.monotonic() - lost_since >= self.after and not self._stop.is_set():
