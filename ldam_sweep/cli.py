@@ -41,10 +41,23 @@ def user_errors() -> Iterator[None]:
     except LdamError as err:
         err_console.print(Text.assemble(("error: ", "red"), str(err)), highlight=False, soft_wrap=True)
         raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        err_console.print("interrupted", highlight=False)
-        raise typer.Exit(130) from None
-    except OSError as err:  # an output path that cannot be written, a full disk, ...
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM during a sweep (cluster/signals.py)
+        from ldam_sweep.cluster.signals import exit_code_of
+
+        code = exit_code_of(err)
+        err_console.print("interrupted" if code == 130 else f"stopped by {err}", highlight=False, markup=False)
+        raise typer.Exit(code) from None
+    except Exception as err:
+        from ldam_sweep.store.transport import describe, is_transport_fault
+
+        if is_transport_fault(err):  # a store that does not answer (an S3 outage, a network cut): exit 4
+            err_console.print(Text.assemble(("error: ", "red"), f"the store did not answer ({describe(err)}); nothing "
+                                            "was changed. Check its endpoint and the network (for S3: AWS_ENDPOINT_URL, "
+                                            "credentials), then run the command again."), highlight=False, soft_wrap=True)
+            raise typer.Exit(4) from None
+        if not isinstance(err, OSError):
+            raise
+        # an output path that cannot be written, a full disk, ...
         err_console.print(Text.assemble(("error: ", "red"), f"{type(err).__name__}: {err}"), highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     finally:
@@ -150,7 +163,10 @@ def _print_summary(summary) -> None:
 
 
 def _exit_code(summary) -> int:
-    return 130 if summary.interrupted else (1 if summary.failed_blocks else 0)
+    """0; 1 when blocks failed; 130 after Ctrl-C, 143 after SIGTERM (docs/guarantees.md)."""
+    if summary.interrupted:
+        return 143 if summary.signal == "SIGTERM" else 130
+    return 1 if summary.failed_blocks else 0
 
 
 def _stdin_is_tty() -> bool:
@@ -353,7 +369,7 @@ def query(
     status_: str = typer.Option("ok", "--status", help="ok, dead, failed, corrupt, or all."),
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
-    limit: Optional[int] = typer.Option(None, help="Show the first K rows after sorting."),
+    limit: Optional[int] = typer.Option(None, min=0, help="Show the first K rows after sorting."),
     columns: Optional[str] = typer.Option(None, help="Comma-separated columns to show (default: a summary set)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Every manifest column."),
 ) -> None:
@@ -467,9 +483,10 @@ def verify(
             st = open_store(store)
             if report is None:
                 record_verification(st, blocks, files)
+        code = _model_code(st)
         if json_out:
             states = block_states(st, blocks) if st is not None else []
-            print_json("verify", store=loc.url, ok=not problems, checked=checked,
+            print_json("verify", store=loc.url, ok=not problems, checked=checked, model_runs_code=code,
                        repaired_units=report.units_marked if report else 0,
                        repaired_files=(report.fixed if report else []),
                        unrepaired=[str(p) for p in (report.left if report else [])],
@@ -478,6 +495,9 @@ def verify(
             raise typer.Exit(1 if problems else 0)
         for p in problems:
             err_console.print(Text.assemble(("problem: ", "red"), str(p)), highlight=False)
+        if code is not None:
+            err_console.print(f"note: this store's model is built by running code: {code}. Readers that rebuild it "
+                              "(find) refuse it unless given --model or --trust-store.", highlight=False, markup=False)
         if not problems:
             console.print(f"ok: every file and {checked} committed blocks verified", highlight=False)
             return
@@ -502,6 +522,16 @@ def verify(
             err_console.print(f"to repair: `ldam-sweep verify {loc.url} --repair`, then {spec_run}",
                               highlight=False, markup=False)
         raise typer.Exit(1)
+
+
+def _model_code(st: Any) -> str | None:
+    """What loading the store's model would run (a factory, TorchScript), or None."""
+    if st is None:
+        return None
+    try:
+        return st.model_spec().runs_code()
+    except LdamError:  # a model spec this version cannot read: nothing would run it either
+        return None
 
 
 @app.command()
@@ -563,11 +593,14 @@ def find(
     store: str = typer.Argument(..., help="Store path or URL."),
     images: list[str] = typer.Argument(..., help="Image files (PNG/JPEG/...) or folders of them."),
     layer: Optional[str] = typer.Option(None, help="Only this layer (default: every swept layer)."),
-    top: int = typer.Option(10, help="How many units to list per image."),
+    top: int = typer.Option(10, min=1, help="How many units to list per image."),
     atlas_dir: Optional[Path] = typer.Option(None, "--atlas", help="An atlas of the store, to link unit pages "
                                              "(default: <store name>-atlas beside a local store, if built)."),
     model: Optional[str] = typer.Option(None, help="Load this model instead of the one in the store's spec "
                                         "(a YAML file or a name, as for `layers`)."),
+    trust_store: bool = typer.Option(False, "--trust-store", help="Load the store's model even when it is built by "
+                                     "running code (a factory or TorchScript named in the store); without it such "
+                                     "a store needs --model."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Which units respond to these images: swept units ranked by the image's activation divided by the
@@ -583,7 +616,7 @@ def find(
             from ldam_sweep.spec import load_model_spec
 
             handle = load_model(load_model_spec(model), log=_log)
-        result = find_units(st, images, layer=layer, top=top, model=handle, atlas=atlas_dir)
+        result = find_units(st, images, layer=layer, top=top, model=handle, atlas=atlas_dir, trust_store=trust_store)
         for note in result.notes:
             err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
         if json_out:

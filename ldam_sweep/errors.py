@@ -56,10 +56,20 @@ class RayStartError(LdamError):
     exit_code = 3
 
 
+class NoWorkersError(RayStartError):
+    """No worker can run any more: every actor failed to start or died for good (a cluster fault)."""
+
+
 class StorageStopError(LdamError):
-    """A persistent storage error (disk full, quota, read-only, permission) stopped the sweep."""
+    """A persistent storage error (disk full, quota, read-only, permission) or storage that stopped
+    answering stopped the sweep."""
 
     exit_code = 4
+
+
+class StorageUnreachableError(StorageStopError):
+    """The store did not answer (an object store's outage, a network cut) for longer than the
+    sweep's patience, or at all for a reader."""
 
 
 class StoreOwnedError(StoreError):

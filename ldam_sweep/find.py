@@ -57,10 +57,12 @@ class FindResult:
 
 class Finder:
     """``find_units`` for one store, keeping the store's model (loaded on the first ``find``;
-    ``model`` overrides it): ``Finder(ls.open_store(url)).find(images, top=5)``."""
+    ``model`` overrides it): ``Finder(ls.open_store(url)).find(images, top=5)``. A store whose model
+    is built by running code (a factory, TorchScript) is refused unless ``model`` is given or
+    ``trust_store=True`` (see ``store_model``)."""
 
-    def __init__(self, store: "SweepStore", model: "ModelHandle | None" = None) -> None:
-        self.store, self.model = store, model
+    def __init__(self, store: "SweepStore", model: "ModelHandle | None" = None, *, trust_store: bool = False) -> None:
+        self.store, self.model, self.trust_store = store, model, trust_store
 
     def find(self, images: Images, layer: str | None = None, top: int = 10, *,
              atlas: str | Path | None = None) -> FindResult:
@@ -70,19 +72,29 @@ class Finder:
         load_seconds = 0.0
         if self.model is None:
             t0 = time.perf_counter()
-            self.model = store_model(self.store)
+            self.model = store_model(self.store, trust_store=self.trust_store)
             load_seconds = time.perf_counter() - t0
         result = find_units(self.store, images, layer=layer, top=top, model=self.model, atlas=atlas)
         result.load_seconds = load_seconds
         return result
 
 
-def store_model(store: "SweepStore", device: Any = None) -> "ModelHandle":
+def store_model(store: "SweepStore", device: Any = None, *, trust_store: bool = False) -> "ModelHandle":
     """The model the store was swept with, from its job spec (``model:``, else the plan's model
-    name), checked against the stored fingerprint."""
+    name), checked against the stored fingerprint.
+
+    Reading a store never runs code named in it unless the caller says so: a model built by a
+    factory function or a TorchScript program is refused (StoreError) without ``trust_store=True``
+    -- whoever wrote the store chose that code, and a store can come from anywhere. Pass the
+    model yourself (``model=``, ``--model``) or trust the store (``--trust-store``)."""
     from ldam_sweep.model import load_model
 
-    spec = store.spec().get("model") or store.plan.model_name
+    spec = store.model_spec()
+    code = spec.runs_code()
+    if code is not None and not trust_store:
+        raise StoreError(f"store {store.loc.url!r} names a model built by running code: {code}. Reading a store "
+                         "never runs code named in it: pass the model yourself (--model SPEC, or model= in Python), "
+                         "or --trust-store (trust_store=True) if you trust whoever wrote this store.")
     model = load_model(spec, device=device)
     want = store.attrs["model"]["fingerprint"]
     if model.fingerprint != want:
@@ -148,14 +160,16 @@ def default_atlas(store: "SweepStore") -> Path | None:
 
 
 def find_units(store: "SweepStore", images: Images, *, layer: str | None = None, top: int = 10,
-               model: "ModelHandle | None" = None, atlas: str | Path | None = None, batch: int = 256) -> FindResult:
+               model: "ModelHandle | None" = None, atlas: str | Path | None = None, batch: int = 256,
+               trust_store: bool = False) -> FindResult:
     """Rank the store's committed units by how much ``images`` excite them relative to each unit's
-    reference activation (see the module docstring); the ``top`` best per image."""
+    reference activation (see the module docstring); the ``top`` best per image. Without ``model``,
+    the store's own (``store_model``: refused when it runs code, unless ``trust_store``)."""
     if top < 1:
         raise StoreError(f"find: top must be >= 1, got {top}")
     t0 = time.perf_counter()
     if model is None:
-        model = store_model(store)
+        model = store_model(store, trust_store=trust_store)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     x, names = query_images(images, model.input)

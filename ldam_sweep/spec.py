@@ -110,6 +110,16 @@ class ModelSpec(BaseModel):
             )
         return self
 
+    def runs_code(self) -> str | None:
+        """What loading this model would run besides ldam-sweep's and torchvision's own code: the
+        factory function a module import calls, or a TorchScript program; None for zoo and
+        torchvision models (their weights are read with ``weights_only=True``)."""
+        if self.factory:
+            return f"factory {self.factory!r} (imports its module and calls it)"
+        if self.torchscript is not None:
+            return f"TorchScript file {str(self.torchscript)!r} (a program)"
+        return None
+
     @property
     def source(self) -> str:
         """A short human-readable name of the model source."""
@@ -317,7 +327,9 @@ class ResourcesSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    actors: int = Field(1, ge=1, le=4096)
+    actors: Annotated[int, Field(ge=1, le=4096)] | Literal["auto"] = Field(
+        "auto", description="resident workers; auto: as many as the cluster fits (one per GPU, else one per "
+        "cpus_per_actor CPUs), growing as nodes join")
     gpus_per_actor: float | Literal["auto"] = "auto"
     cpus_per_actor: float = Field(1, gt=0)
     block_size: Annotated[int, Field(ge=1, le=65536)] | Literal["auto"] = Field(
@@ -326,6 +338,9 @@ class ResourcesSpec(BaseModel):
     max_in_flight: int | None = Field(None, ge=1, description="tasks in flight (default 2 per actor)")
     max_attempts: int = Field(3, ge=1, le=100, description="attempts per block before it is recorded as failed")
     commit_every: int = Field(8, ge=1, description="blocks per manifest commit")
+    storage_patience: float = Field(600.0, ge=0, le=86400, description="seconds the driver and workers keep retrying "
+                                    "a store that does not answer (an S3 outage, a network cut) before the sweep stops "
+                                    "with exit 4; committed blocks stay committed")
 
     @property
     def grid_units(self) -> int:
@@ -392,7 +407,9 @@ def unit_ranges(sel: Any, *, where: str = "units") -> list[tuple[int, int]] | No
     if isinstance(sel, list):
         if not all(isinstance(u, int) and not isinstance(u, bool) and u >= 0 for u in sel):
             raise ValueError(f"{where}: a unit list holds non-negative integers, got {sel!r}")
-        return [(u, u) for u in sel]
+        out = [(u, u) for u in sel]
+        _no_repeats(out, sel, where)
+        return out
     if isinstance(sel, str):
         out = []
         for part in sel.split(","):
@@ -407,8 +424,18 @@ def unit_ranges(sel: Any, *, where: str = "units") -> list[tuple[int, int]] | No
                     out.append((int(part), int(part)))
             except ValueError:
                 raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'") from None
+        _no_repeats(out, sel, where)
         return out
     raise ValueError(f"{where}: {sel!r} is not 'all', a list, or ranges like '0-15,32'")
+
+
+def _no_repeats(ranges: list[tuple[int, int]], sel: Any, where: str) -> None:
+    """A unit named twice is a mistake (a typo, a pasted list): said, never silently merged."""
+    ordered = sorted(ranges)
+    for (a0, b0), (a1, b1) in zip(ordered, ordered[1:]):
+        if a1 <= b0:
+            twice = f"unit {a1}" if a1 == min(b0, b1) else f"units {a1}-{min(b0, b1)}"
+            raise ValueError(f"{where}: {twice} named twice in {sel!r}; name each unit once")
 
 
 def parse_units(sel: Any, *, where: str = "units", layer: str | None = None, units: int | None = None) -> list[int] | None:

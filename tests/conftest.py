@@ -212,3 +212,33 @@ def finished_sweep(tmp_path_factory, model_cache):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     return spec, url, env
+
+
+def assert_equal_stores(a_url: str, b_url: str) -> None:
+    """Every array byte for byte, every unit's status and checksum, and the discriminator's weights."""
+    import numpy as np
+
+    import ldam_sweep as ls
+
+    a, b = ls.open_store(a_url), ls.open_store(b_url)
+    for lp in a.plan.layers:
+        for name in a.plan.arrays(lp):
+            np.testing.assert_array_equal(a._array(lp.name, name)[:], b._array(lp.name, name)[:], err_msg=f"{lp.name}/{name}")
+    rows = lambda st: {(r["layer"], r["unit"]): (r["status"], r["checksum"], r["discriminator"])  # noqa: E731
+                       for r in st.units(status=None).to_pylist()}
+    assert rows(a) == rows(b)
+    assert a.discriminator_info()["digest"] == b.discriminator_info()["digest"]
+
+
+def wait_until(condition, proc=None, timeout: float = 600, what: str = "the event") -> None:
+    """Poll ``condition`` (an event another process causes: a file, a commit); fail at once if the
+    process ``proc`` ended first. ``timeout`` only bounds a broken run."""
+    import time
+
+    t0 = time.monotonic()
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended before {what}: {proc.communicate()}")
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)

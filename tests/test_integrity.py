@@ -12,14 +12,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import SWEEP_SPEC, mounted_tmpfs, one_line_error
+from conftest import SWEEP_SPEC, assert_equal_stores, mounted_tmpfs, one_line_error
 
 import ldam_sweep as ls
 from ldam_sweep.cli import app
@@ -43,18 +42,6 @@ def flip(path: Path, at: float = 0.5, mask: int = 0x40) -> None:
     data = bytearray(path.read_bytes())
     data[int(len(data) * at)] ^= mask
     path.write_bytes(bytes(data))
-
-
-def assert_equal_stores(a_url: str, b_url: str) -> None:
-    """Every array byte for byte, every unit's status and checksum, and the discriminator's weights."""
-    a, b = ls.open_store(a_url), ls.open_store(b_url)
-    for lp in a.plan.layers:
-        for name in a.plan.arrays(lp):
-            np.testing.assert_array_equal(a._array(lp.name, name)[:], b._array(lp.name, name)[:], err_msg=f"{lp.name}/{name}")
-    rows = lambda st: {(r["layer"], r["unit"]): (r["status"], r["checksum"], r["discriminator"])  # noqa: E731
-                       for r in st.units(status=None).to_pylist()}
-    assert rows(a) == rows(b)
-    assert a.discriminator_info()["digest"] == b.discriminator_info()["digest"]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import torch
 
 import ldam_sweep as ls
 from ldam_sweep.sampling import langevin, noise
-from ldam_sweep.sampling.lowpass import variety
 from ldam_sweep.settings import REFERENCE_LDAM, parse_options
 from ldam_sweep.objectives import DEFAULT_BY_KIND, OBJECTIVES, unit_objective, units_objective
 

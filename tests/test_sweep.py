@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -219,28 +218,6 @@ def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
     assert f"resume: {len(blocks)} of 8 blocks already committed, {8 - len(blocks)} to run" in err
     st = ls.open_store(url)
     assert sorted(st.units()["unit"].to_pylist()) == list(range(32)) and verify_store(st) == (8, [])
-
-
-def test_tasks_run_on_two_ray_nodes(tmp_path, env, monkeypatch):
-    """A sweep joined to a two-node Ray cluster runs blocks on both nodes."""
-    from ray.cluster_utils import Cluster
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.setenv("LDAM_SWEEP_CACHE", env["LDAM_SWEEP_CACHE"])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        spec = write_spec(tmp_path, sampler={"steps": 30, "chains": 2})
-        url = str(tmp_path / "two-nodes.zarr")
-        proc = cli("run", str(spec), "--store", url, "--address", cluster.address, env=env, cwd=tmp_path)
-        out, err = proc.communicate(timeout=300)
-        assert proc.returncode == 0, err
-    finally:
-        cluster.shutdown()
-    workers = ls.open_store(url).units()["worker"].to_pylist()
-    nodes = {w.split("@")[1] for w in workers}
-    assert len(nodes) == 2, workers  # one actor per 1-CPU node: both nodes ran blocks
 
 
 @pytest.mark.fast

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ from rich.text import Text
 from ldam_sweep.cluster.commit import storage_stop
 from ldam_sweep.cluster.dispatch import Dispatch
 from ldam_sweep.cluster.events import Callbacks, ProgressEvents, SummaryEvents, SweepCallback, SweepSummary
+from ldam_sweep.cluster.runtime import probe_address
+from ldam_sweep.cluster.signals import Interrupted, StopSignals
 from ldam_sweep.cluster.stages import StageInputs, check_stage_inputs, stage1, stage3
 from ldam_sweep.errors import StoreDamagedError, StoreError
 from ldam_sweep.planning import SweepPlan, check_block_memory, resolve
@@ -31,6 +34,7 @@ from ldam_sweep.store.layout import as_stored, check_store, committed_unit_count
 from ldam_sweep.store.schema import StorePlan
 from ldam_sweep.store.lease import StoreLease
 from ldam_sweep.store.location import StoreLocation, check_writable
+from ldam_sweep.store.transport import StoreIO
 
 __all__ = ["SweepCallback", "SweepSummary", "run_sweep"]
 
@@ -46,83 +50,125 @@ def run_sweep(spec: JobSpec | dict[str, Any] | str | os.PathLike, store: str | S
     when the store has committed units, ``confirm_fresh(url, units)`` must say yes first
     (the CLI's ``--yes`` or typed confirmation; None: the caller already asked). ``realism``: measure
     the samples' realism after stage 2 (stage 3; when the job has data and the stored record is not
-    current). ``callbacks``: ``SweepCallback``s told of every block, commit and the end."""
-    from ldam_sweep.model import load_model
+    current). ``callbacks``: ``SweepCallback``s told of every block, commit and the end.
 
+    Ctrl-C and SIGTERM stop it cleanly from its first step to its last (``signals``); a store that
+    stops answering is retried for ``resources.storage_patience`` seconds (``store.transport``)."""
     entered = time.perf_counter()
     console = console or Console(stderr=True)
-    job, doc = job_doc(spec)
-    loc = StoreLocation.parse(store or job.store or Path("storage") / f"{job.name}.zarr")  # --store, spec, default
-    # everything that can be wrong with the spec fails here, before any work
-    check_writable(loc)
-    model = load_model(job.model, device="cpu", log=lambda m: console.print(Text(m, style="dim")))
-    plan = resolve(job, model, doc)  # the one plan: the driver, stage 1 and the workers use it
-    if not fresh:  # a store made before chain starts were kept resumes without them
-        plan = plan.with_store(as_stored(loc, plan.store))
-    check_block_memory(plan.store)
-    inputs = check_stage_inputs(job, model)
-    try:
-        state = check_store(loc, plan.store, fresh=fresh)
-        lease = StoreLease.acquire(loc, doing="--fresh" if fresh else "this run",
-                                   log=lambda m: console.print(m, highlight=False, markup=False))
-    except OSError as err:  # a full disk, permissions, missing bucket, unreachable endpoint
-        raise storage_stop(err, "taking the store's lease") or StoreError(
-            f"cannot create the store at {loc.url!r}: {type(err).__name__}: {err}") from None
-    try:
-        lease.start_heartbeat()
-        _open(loc, plan.store, state, fresh, confirm_fresh, lease, console)
-        plan = plan.with_revision(read_sampler_revision(loc))  # a store resumes with its own sampler
-        return _stages(plan, model, inputs, loc, lease, console, address, num_cpus, realism, callbacks, entered)
-    except OSError as err:  # a full disk anywhere (stage 1 included): exit 4, not a traceback or exit 2
-        stop = storage_stop(err, "writing to the store")
-        if stop is None:
-            raise
-        raise stop from None
-    finally:
-        lease.release()
+    run = _Run(console, address, num_cpus, realism, callbacks, entered)
+    with StopSignals(announce=run.say) as run.signals:  # Ctrl-C and SIGTERM, from here to the end
+        try:
+            return run.sweep(spec, store, fresh, confirm_fresh)
+        except KeyboardInterrupt as err:  # say which signal (Ray re-raises ours as a plain KeyboardInterrupt)
+            if isinstance(err, Interrupted) or run.signals.signum is None:
+                raise
+            raise Interrupted(run.signals.signum) from None
 
 
-def _open(loc: StoreLocation, plan: StorePlan, state: str, fresh: bool,
-          confirm_fresh: Callable[[str, int], bool] | None, lease: StoreLease, console: Console) -> None:
-    """Create the store (or check the one there) under the lease, which learns its generation."""
-    if fresh and state != "absent":
-        _confirm_fresh(loc, confirm_fresh)
-    try:
-        create_store(loc, plan, fresh=fresh)
-    except OSError as err:
-        raise storage_stop(err, "creating the store") or StoreError(
-            f"cannot create the store at {loc.url!r}: {type(err).__name__}: {err}") from None
-    lease.set_generation(read_generation(loc) or "")
-    if state == "same" and not fresh:
-        _check_files(loc)
+@dataclass
+class _Run:
+    """One driver run: where it prints, how it stops, how it reaches the store."""
 
+    console: Console
+    address: str | None
+    num_cpus: int | None
+    realism: bool
+    callbacks: list[SweepCallback] | None
+    entered: float
+    signals: StopSignals = field(default_factory=StopSignals)
+    io: StoreIO = field(default_factory=StoreIO)
 
-def _stages(plan: SweepPlan, model: Any, inputs: StageInputs, loc: StoreLocation, lease: StoreLease,
-            console: Console, address: str | None, num_cpus: int | None, realism: bool,
-            callbacks: list[SweepCallback] | None, entered: float) -> SweepSummary:
-    """Stage 1, the blocks not committed yet, stage 3."""
-    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
-    tasks = plan.tasks
-    say(f"store {loc.url}: {len(plan.store.layers)} layers, {sum(lp.planned_units() for lp in plan.store.layers)} "
-        f"units, {len(tasks)} blocks")
-    st = open_store(loc)
-    d_acc = stage1(plan, model, st, inputs, console)
-    committed = st.refresh().units(status=("ok", "dead"))  # dead units are done: not sampled again
-    done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
-    todo = [t for t in tasks if t.key not in done_keys]
-    say(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run")
-    summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
-                           done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
-                           discriminator_accuracy=d_acc)
-    summary.startup["driver_s"] = time.perf_counter() - entered
-    events = Callbacks([SummaryEvents(summary), ProgressEvents(console), *(callbacks or [])])
-    if todo:
-        Dispatch(plan, loc, todo, summary, console, lease, events).run(address, num_cpus)
-    if realism and plan.job.data is not None and not summary.interrupted:
-        lease.check(read_generation(loc))
-        summary.realism = stage3(loc.url, console)
-    events.on_end(summary)
-    return summary
+    def say(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False)
+
+    def sweep(self, spec: Any, store: Any, fresh: bool, confirm_fresh: Callable[[str, int], bool] | None) -> SweepSummary:
+        from ldam_sweep.model import load_model
+
+        with self.signals.armed():  # everything wrong with the spec or the cluster fails here, before any work
+            job, doc = job_doc(spec)
+            loc = StoreLocation.parse(store or job.store or Path("storage") / f"{job.name}.zarr")  # --store, spec, default
+            self.io = StoreIO(loc.url, job.resources.storage_patience, log=self.say)
+            check_writable(loc)
+            probe_address(self.address)  # an unreachable cluster fails in seconds, before the store exists
+            model = load_model(job.model, device="cpu", log=lambda m: self.console.print(Text(m, style="dim")))
+            plan = resolve(job, model, doc)  # the one plan: the driver, stage 1 and the workers use it
+            if not fresh:  # a store made before chain starts were kept resumes without them
+                plan = plan.with_store(self.io("reading the store", as_stored, loc, plan.store))
+            check_block_memory(plan.store)
+            inputs = check_stage_inputs(job, model)
+            state = self._storage("checking the store", check_store, loc, plan.store, fresh=fresh)
+        # not armed: a signal now is recorded, and raised as the next armed region starts
+        doing = "--fresh" if fresh else "this run"
+        lease = self._storage("taking the store's lease", lambda at: StoreLease.acquire(at, doing=doing, log=self.say), loc)
+        try:
+            with self.signals.armed():
+                lease.start_heartbeat()
+                self._open(loc, plan.store, state, fresh, confirm_fresh, lease)
+                plan = plan.with_revision(self.io("reading the store", read_sampler_revision, loc))  # its own sampler
+            return self._stages(plan, model, inputs, loc, lease)
+        except OSError as err:  # a full disk anywhere (stage 1 included): exit 4, not a traceback or exit 2
+            stop = storage_stop(err, "writing to the store")
+            if stop is None:
+                raise
+            raise stop from None
+        finally:
+            lease.release()
+
+    def _storage(self, what: str, fn: Callable[..., Any], loc: StoreLocation, *args: Any, **kwargs: Any) -> Any:
+        """A first step on the store: retried while it does not answer; a full disk, permissions, a
+        missing bucket are one clear error."""
+        try:
+            return self.io(what, fn, loc, *args, **kwargs)
+        except OSError as err:
+            raise storage_stop(err, what) or StoreError(
+                f"cannot create the store at {loc.url!r}: {type(err).__name__}: {err}") from None
+
+    def _open(self, loc: StoreLocation, plan: StorePlan, state: str, fresh: bool,
+              confirm_fresh: Callable[[str, int], bool] | None, lease: StoreLease) -> None:
+        """Create the store (or check the one there) under the lease, which learns its generation."""
+        if fresh and state != "absent":
+            _confirm_fresh(loc, confirm_fresh)
+        self._storage("creating the store", create_store, loc, plan, fresh=fresh)
+        lease.set_generation(self.io("reading the store", read_generation, loc) or "")
+        if state == "same" and not fresh:
+            self.io("checking the store's files", _check_files, loc)
+
+    def _stages(self, plan: SweepPlan, model: Any, inputs: StageInputs, loc: StoreLocation,
+                lease: StoreLease) -> SweepSummary:
+        """Stage 1, the blocks not committed yet, stage 3. Each runs in an armed region of ``signals``:
+        a stop in stage 1 ends the run (nothing of it is kept), one in stage 2 commits what finished,
+        one in stage 3 ends the sweep as interrupted (its blocks are all committed)."""
+        tasks, io, say = plan.tasks, self.io, self.say
+        with self.signals.armed():
+            say(f"store {loc.url}: {len(plan.store.layers)} layers, "
+                f"{sum(lp.planned_units() for lp in plan.store.layers)} units, {len(tasks)} blocks")
+            st = io("opening the store", open_store, loc)
+            d_acc = stage1(plan, model, st, inputs, self.console, io)
+            # dead units are done: not sampled again
+            committed = io("reading the manifest", lambda: st.refresh().units(status=("ok", "dead")))
+            done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
+            todo = [t for t in tasks if t.key not in done_keys]
+            say(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run")
+        summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
+                               done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
+                               discriminator_accuracy=d_acc)
+        summary.startup["driver_s"] = time.perf_counter() - self.entered
+        events = Callbacks([SummaryEvents(summary), ProgressEvents(self.console), *(self.callbacks or [])])
+        if todo:
+            Dispatch(plan, loc, todo, summary, self.console, lease, events, self.signals, io).run(self.address,
+                                                                                                 self.num_cpus)
+        if self.realism and plan.job.data is not None and not summary.interrupted:
+            try:
+                with self.signals.armed():
+                    io("checking the lease", lambda: lease.check(read_generation(loc)))
+                    summary.realism = stage3(loc.url, self.console, io)
+            except KeyboardInterrupt:
+                summary.interrupted, summary.signal = True, self.signals.name
+                say(f"{self.signals.name}: stage 3 (realism) stopped; every block is committed: `ldam-sweep "
+                    f"realism {loc.url}` measures it later")
+        events.on_end(summary)
+        return summary
 
 
 def _confirm_fresh(loc: StoreLocation, confirm: Callable[[str, int], bool] | None) -> None:

@@ -38,6 +38,7 @@ class SweepSummary:
     units_failed: int
     seconds: float
     interrupted: bool = False
+    signal: str | None = None  # what interrupted it: SIGINT (Ctrl-C) or SIGTERM
     discriminator_accuracy: float | None = None
     realism: dict[str, Any] | None = None  # stage 3: pooled two-sample accuracy and HF ratio, seconds
     workers: list[str] = field(default_factory=list)

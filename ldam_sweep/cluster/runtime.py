@@ -22,6 +22,7 @@ from ldam_sweep.planning import BlockTask, pack_batch
 PER_ACTOR_IN_FLIGHT = 2
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
 HEAD_LOST_ENV = "LDAM_SWEEP_HEAD_LOST_AFTER"  # seconds the Ray head may be unreachable (default 10)
+MAX_DEATHS_IN_A_ROW = 5  # an actor that dies this often before it ever answers is dropped
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> bool:
@@ -49,6 +50,46 @@ def init_ray(address: str | None, num_cpus: int | None) -> bool:
     return True
 
 
+ADDRESS_WAIT_S = 10.0  # how long a cluster's head may refuse connections before the sweep gives up
+
+
+def probe_address(address: str | None, wait_s: float = ADDRESS_WAIT_S) -> None:
+    """Before any store is touched: the Ray head at ``address`` accepts connections (retried for
+    ``wait_s`` seconds, for a head that is starting). ``ray.init`` itself retries an unreachable
+    head for many minutes, with a warning every few seconds; this fails in seconds, with one line.
+    ``None``/``local``: a local Ray is started later, nothing to probe."""
+    if not address or address == "local":
+        return
+    import socket
+
+    where = address
+    try:
+        if address.startswith("ray://"):
+            where = address.removeprefix("ray://").split("/", 1)[0]
+        else:  # host:port, or auto (RAY_ADDRESS, else the cluster `ray start` recorded on this machine)
+            from ray._private.services import canonicalize_bootstrap_address_or_die
+
+            where = canonicalize_bootstrap_address_or_die(address)
+        host, _, port = where.rpartition(":")
+        target = (host.strip("[]"), int(port))
+    except Exception as err:  # no cluster found for auto, a malformed address
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RayStartError(f"cannot join Ray at address {address!r}: {first}. Start the cluster (`ray start --head`) "
+                            "or pass its head's address (HOST:6379); nothing was changed.") from None
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection(target, timeout=2.0).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise RayStartError(
+                    f"cannot join Ray at address {address!r}: its head {where} refused or did not answer for "
+                    f"{wait_s:.0f}s ({type(err).__name__}: {err}). Check that the cluster is up (`ray status "
+                    f"--address {where}`); nothing was changed.") from None
+            time.sleep(0.5)
+
+
 def error_text(err: Exception) -> str:
     """The one line a failed block records: the worker's own exception, else Ray's last line."""
     cause = getattr(err, "cause", None)
@@ -62,24 +103,54 @@ class WorkerPool:
     PER_ACTOR_IN_FLIGHT batches per actor (``limit`` in all). A batch is as many whole blocks of one
     layer as the actor said it samples at once (its ``batch_units``). Tasks go only to actors that
     have started (model loaded): an actor the cluster cannot place (more GPUs or CPUs asked than
-    exist, or nodes still being added) never holds work hostage."""
+    exist, or nodes still being added) never holds work hostage.
 
-    def __init__(self, actors: list[Any], limit: int, console: Console) -> None:
-        self.actors = actors
-        self.limit = limit
+    An actor is dropped only when it cannot come back: its constructor failed (``actor_init_failed``,
+    the error printed once) or it died for good several times in a row. One that Ray reports as
+    unavailable (its node lost, Ray restarting it: ``max_restarts=-1``) is asked again, and answers
+    once Ray has placed it again (a node that joins). ``grow`` adds actors (nodes that joined)."""
+
+    def __init__(self, actors: list[Any], limit: int | None, console: Console,
+                 make: Callable[[], Any] | None = None) -> None:
+        self.actors: list[Any] = []
+        self.fixed_limit = limit  # None: PER_ACTOR_IN_FLIGHT per actor, as the pool grows
         self.console = console
-        self.starting = {a.identity.remote(): i for i, a in enumerate(actors)}
+        self.make = make
+        self.starting: dict[Any, int] = {}
         self.capacity: dict[int, int] = {}  # started actor -> free slots
         self.batch_units: dict[int, dict[str, int]] = {}  # started actor -> units per batch, by layer
         self.niceness: dict[int, int] = {}  # started actor -> its process's nice value
+        self.nodes: dict[int, str] = {}  # started actor -> the node it runs on
         self.inflight: dict[Any, tuple[list[BlockTask], int]] = {}  # ref -> (blocks, actor)
+        self.dead: dict[int, str] = {}  # actors that cannot come back -> why
+        self.failures: collections.Counter = collections.Counter()  # actor -> deaths in a row
         self.asked = time.perf_counter()
         self.first_ready: dict[str, Any] = {}  # the first started actor's start-up, for the summary
+        for a in actors:
+            self._add(a)
+
+    @property
+    def limit(self) -> int:
+        return self.fixed_limit or PER_ACTOR_IN_FLIGHT * max(1, len(self.actors) - len(self.dead))
+
+    def _add(self, actor: Any) -> None:
+        i = len(self.actors)
+        self.actors.append(actor)
+        self.starting[actor.identity.remote()] = i
+
+    def grow(self, target: int) -> int:
+        """Add actors until there are ``target`` live ones (``make`` builds one); how many were added."""
+        live = len(self.actors) - len(self.dead)
+        if self.make is None or target <= live:
+            return 0
+        for _ in range(target - live):
+            self._add(self.make())
+        return target - live
 
     def admit(self, timeout: float) -> None:
         """Give slots to the actors that have started by now (waiting up to ``timeout`` s)."""
         import ray
-        from ray.exceptions import RayError
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayError
 
         if not self.starting:
             return
@@ -88,26 +159,51 @@ class WorkerPool:
             i = self.starting.pop(ref)
             try:
                 ident = ray.get(ref)
-            except RayError as err:
-                self.console.print(f"worker {i} failed to start: {error_text(err)}", highlight=False, markup=False)
+            except ActorUnavailableError:  # its node lost, Ray restarting it: ask again, it answers once placed
+                self.starting[self.actors[i].identity.remote()] = i
                 continue
+            except ActorDiedError as err:
+                self.failures[i] += 1
+                if not err.actor_init_failed and self.failures[i] < MAX_DEATHS_IN_A_ROW:
+                    self.starting[self.actors[i].identity.remote()] = i  # died mid-start: Ray restarts it
+                    continue
+                self._drop(i, error_text(err))
+                continue
+            except RayError as err:
+                self._drop(i, error_text(err))
+                continue
+            self.failures[i] = 0
             if not self.first_ready:
                 self.first_ready = {"first_worker_s": time.perf_counter() - self.asked, "worker": ident["startup"]}
             self.batch_units[i] = ident["batch_units"]
             self.capacity[i] = PER_ACTOR_IN_FLIGHT
+            self.nodes[i] = ident["node"]
             nice = ident["niceness"]
             if nice > 0 and nice not in self.niceness.values():  # once per nice value, not per actor
                 self.console.print(
-                    f"note: worker {i} runs at nice {nice} (Ray's default for workers): beside other "
-                    f"busy processes it gets a small share of the CPU. Start the cluster with "
-                    f"{WORKER_NICENESS_ENV}=0 in `ray start`'s environment.", highlight=False, markup=False)
+                    f"note: worker {i} runs at nice {nice}: beside other busy processes it gets a small share of "
+                    f"the CPU. Start the cluster with {WORKER_NICENESS_ENV}=0 in `ray start`'s environment.",
+                    highlight=False, markup=False)
             self.niceness[i] = nice
+
+    def _drop(self, i: int, why: str) -> None:
+        """Actor ``i`` cannot come back: said once, never asked again."""
+        if i not in self.dead:
+            self.dead[i] = why
+            self.console.print(f"worker {i} failed to start: {why}", highlight=False, markup=False)
+        self.capacity.pop(i, None)
+
+    @property
+    def hopeless(self) -> bool:
+        """Every actor is dead for good: no block can run any more."""
+        return bool(self.actors) and len(self.dead) == len(self.actors)
 
     def submit(self, queue: collections.deque[BlockTask], attempts: collections.Counter,
                started: Callable[[list[BlockTask], int], None] | None = None) -> None:
         """Send queued blocks, packed into batches, to started actors with free slots."""
+        limit = self.limit
         for i in list(self.capacity):
-            while queue and self.capacity[i] > 0 and len(self.inflight) < self.limit:
+            while queue and self.capacity[i] > 0 and len(self.inflight) < limit:
                 # a retried block goes alone, so a block that keeps failing cannot fail its batch-mates
                 retry = attempts[queue[0].key] > 0
                 batch = pack_batch(queue, 0 if retry else self.batch_units[i].get(queue[0].layer, 1))
@@ -134,12 +230,12 @@ class WorkerPool:
         return out
 
     def lost(self, i: int) -> None:
-        """Actor ``i``'s process died (a RayActorError): it gets no work until it answers again,
-        as a new start. Ray restarts it (``max_restarts=-1``); one that cannot come back (its
-        constructor fails, Ray gives up on it) never answers and stays out, with its error printed
-        by ``admit``. Decided by what the actor does, not by the text of Ray's error."""
+        """Actor ``i``'s process died or became unreachable (a RayActorError): it gets no work until
+        it answers again, as a new start. Ray restarts it (``max_restarts=-1``), on another node if
+        its node is gone; one that cannot come back is dropped by ``admit``. Decided by what the
+        actor does, not by the text of Ray's error."""
         self.capacity.pop(i, None)
-        if i not in self.starting.values():
+        if i not in self.starting.values() and i not in self.dead:
             self.starting[self.actors[i].identity.remote()] = i
 
     def kill(self) -> None:

@@ -15,17 +15,20 @@ from ldam_sweep.planning import SweepPlan
 from ldam_sweep.spec import JobSpec
 from ldam_sweep.store import open_store
 from ldam_sweep.store.layout import write_discriminator
+from ldam_sweep.store.transport import StoreIO
 
 
-def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: Console) -> float | None:
+def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: Console,
+           io: StoreIO = StoreIO()) -> float | None:
     """Train or load the discriminator once and keep it in the store; a resumed sweep reuses it once
     its bytes match the checksum its record names. One that is incomplete (a stage 1 cut short) or
-    damaged is made again, and must be the one the committed blocks were sampled with."""
+    damaged is made again, and must be the one the committed blocks were sampled with. ``io``: how
+    the store is reached (retried while it does not answer)."""
     job, url = plan.job, st.loc.url
     if job.discriminator is None:
         return None
     say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
-    state, why = st.discriminator_state()
+    state, why = io("reading the discriminator", st.discriminator_state)
     if state == "legacy" and not legacy_discriminator_intact(st, model):
         state, why = "corrupt", "its weights do not match the digest its record names"
     if state in ("ok", "legacy"):
@@ -37,7 +40,7 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     from ldam_sweep.model.loading import default_device
     from ldam_sweep.stage import discriminator_record, job_discriminator
 
-    used = {d for d in st.units(status=("ok", "dead"))["discriminator"].to_pylist() if d}
+    used = {d for d in io("reading the manifest", st.units, status=("ok", "dead"))["discriminator"].to_pylist() if d}
     model.to(default_device())
     t0 = time.perf_counter()
     what = "loading" if job.discriminator.file is not None else "training"
@@ -59,7 +62,7 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
             "machine, thread count or library version gives other weights. The store cannot be completed "
             f"consistently: start it over with `ldam-sweep run SPEC --store {url} --fresh`, or use it as it is.")
     try:
-        write_discriminator(url, trained.to_bytes(), discriminator_record(trained))
+        io("writing the discriminator", write_discriminator, url, trained.to_bytes(), discriminator_record(trained))
     except OSError as err:
         raise storage_stop(err, "writing the discriminator (stage 1)") or err from None
     say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
@@ -81,14 +84,14 @@ def legacy_discriminator_intact(st: Any, model: Any) -> bool:
         return False
 
 
-def stage3(url: str, console: Console) -> dict[str, Any] | None:
+def stage3(url: str, console: Console, io: StoreIO = StoreIO()) -> dict[str, Any] | None:
     """Measure the samples' realism (``ldam_sweep.realism``) unless the stored record is current."""
     from ldam_sweep.realism import layer_line, measure_realism
     from ldam_sweep.store.realism import write_realism
 
-    st = open_store(url)
-    doc = st.realism()
-    measured = [r["name"] for r in st.layers() if r["done"] - r["dead"] > 0]
+    st = io("opening the store", open_store, url)
+    doc = io("reading the realism record", st.realism)
+    measured = [r["name"] for r in io("reading the manifest", st.layers) if r["done"] - r["dead"] > 0]
     if doc and measured and all(doc["current"].get(name) for name in measured):
         console.print("stage 3: realism already measured for every committed unit", highlight=False, markup=False)
     else:
@@ -100,8 +103,8 @@ def stage3(url: str, console: Console) -> dict[str, Any] | None:
             console.print("  " + layer_line(name, e), highlight=False, markup=False)
 
         try:
-            doc = measure_realism(st, progress=report)
-            write_realism(st.loc, doc)
+            doc = io("reading the samples", measure_realism, st, progress=report)
+            io("writing the realism record", write_realism, st.loc, doc)
         except OSError as err:
             raise storage_stop(err, "writing the realism record") or err
         except (LdamError, ValueError) as err:

@@ -71,6 +71,7 @@ class SweepWorker:
         from ldam_sweep.model import load_model
         from ldam_sweep.model.loading import default_device
         from ldam_sweep.store import BlockWriter
+        from ldam_sweep.store.transport import StoreIO
 
         threads = max(1, int(num_threads or 1))
         if num_threads:
@@ -78,6 +79,8 @@ class SweepWorker:
             torch.set_num_threads(threads)
             zarr.config.set({"threading.max_workers": threads})
         failpoints.worker_started()
+        # every step on the store is retried while the store does not answer (the sweep's patience)
+        self.io = StoreIO(url, self.job.resources.storage_patience)
         self.device = default_device()
         t1 = time.perf_counter()
         self.model = load_model(self.job.model, device=self.device)
@@ -86,11 +89,11 @@ class SweepWorker:
             from ldam_sweep.planning import resolve
             from ldam_sweep.store.layout import read_sampler_revision
 
-            self.writer = BlockWriter(url)
+            self.writer = self.io("opening the store", BlockWriter, url)
             self.plan = resolve(self.job, self.model, job_doc).with_store(self.writer.plan).with_revision(
-                read_sampler_revision(url))
+                self.io("reading the store", read_sampler_revision, url))
         else:
-            self.writer = BlockWriter(url, plan=self.plan.store)  # refuses a store of another plan
+            self.writer = self.io("opening the store", BlockWriter, url, plan=self.plan.store)  # refuses another plan's store
         self.sampler = self.plan.sampler
         self.url = url
         self.generation = generation  # the store this worker was started for; None: not checked
@@ -152,8 +155,8 @@ class SweepWorker:
             from ldam_sweep.sampling.discriminator import load_discriminator
             from ldam_sweep.store import open_store
 
-            st = open_store(self.url)
-            blob = st.discriminator_bytes()  # checked against the sha256 its record names (StoreDamagedError)
+            st = self.io("opening the store", open_store, self.url)
+            blob = self.io("reading the discriminator", st.discriminator_bytes)  # checked against its record's sha256
             if blob is None:
                 raise RuntimeError(f"store {self.url!r} holds no discriminator yet (stage 1 did not finish)")
             self._discriminator = load_discriminator(blob, self.model).module.to(self.device)
@@ -309,12 +312,17 @@ class SweepWorker:
             sub = result.take(part)
             columns = {u: {**scores.get(u, {}), "batch_units": sizes[u], "discriminator": self.discriminator_digest}
                        for u in block_units}  # dead units: no scores
-            self._check_generation(layer, block, "wrote nothing")
-            rows = self.writer.write(layer, block, sub, attempt=attempts[i], seconds=seconds * len(block_units) / len(units),
-                                     exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),
-                                     unit_columns=columns, worker=worker)
-            self._check_generation(layer, block, "its rows are not returned (verify the store)")
-            return rows
+
+            def write_once() -> list[dict[str, Any]]:  # idempotent: whole objects, deleted then written
+                self._check_generation(layer, block, "wrote nothing")
+                rows = self.writer.write(layer, block, sub, attempt=attempts[i],
+                                         seconds=seconds * len(block_units) / len(units), worker=worker,
+                                         exemplars=None if exemplars is None else (exemplars[0][part], exemplars[1][part]),
+                                         unit_columns=columns)
+                self._check_generation(layer, block, "its rows are not returned (verify the store)")
+                return rows
+
+            return self.io(f"writing block {layer}:{block}", write_once)
 
         if len(blocks) == 1:
             return [write(0)]

@@ -33,6 +33,7 @@ from typing import Any, Callable
 from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreOwnedError, StoreReplacedError
 from ldam_sweep.store.location import StoreLocation
+from ldam_sweep.store.transport import is_transport_fault
 
 LEASE_FILE = "lease.json"
 INTERVAL_ENV = "LDAM_SWEEP_LEASE_INTERVAL"  # seconds between heartbeats (default 10)
@@ -219,7 +220,9 @@ class _S3LeaseFile:
     def replace(self, data: bytes, token: Any, expect: bytes) -> Any:
         try:
             return self._call("put_object", Body=data, IfMatch=token)["ETag"]
-        except OSError:  # 412 precondition failed, or the object is gone
+        except OSError as err:  # 412 precondition failed, or the object is gone; not a store that is busy
+            if is_transport_fault(err):
+                raise
             raise LeaseConflict from None
 
     take = replace
@@ -334,6 +337,8 @@ class StoreLease:
             if got is None:
                 continue
             held = LeaseRecord.from_bytes(got[0], got[2])
+            if held.owner == record.owner:  # our own create landed, its answer was lost (a retried call)
+                return cls(loc, backend, record, got[1] if got[1] is not None else got[0], interval, log)
             dead = held.holder_dead()
             if not dead and not held.stale():
                 raise _refusal(loc, held, doing)
@@ -355,11 +360,17 @@ class StoreLease:
         with self._lock:
             if self.lost.is_set():
                 raise LeaseConflict
+            data = record.to_bytes()
             try:
-                self.token = self.backend.replace(record.to_bytes(), self.token, self.record.to_bytes())
+                self.token = self.backend.replace(data, self.token, self.record.to_bytes())
             except LeaseConflict:
-                self.lost.set()
-                raise
+                # a write that landed but whose answer was lost (a connection cut mid-request) leaves
+                # our new bytes under a token we never saw: still ours, not a takeover
+                got = self.backend.read()
+                if got is None or got[0] != data:
+                    self.lost.set()
+                    raise
+                self.token = got[1] if got[1] is not None else got[0]
             self.record = record
 
     def set_generation(self, generation: str) -> None:
@@ -377,6 +388,7 @@ class StoreLease:
         self._thread.start()
 
     def _beat(self) -> None:
+        failing_since: float | None = None
         while not self._stop.wait(self.interval):
             try:
                 self._write(replace(self.record, heartbeat_at=time.time()))
@@ -384,8 +396,16 @@ class StoreLease:
                 self.log(f"lost the lease of store {self.loc.url}: another driver took it over; "
                          "nothing more will be committed")
                 return
-            except Exception as err:  # a network blip: try again at the next beat
-                self.log(f"lease heartbeat failed ({type(err).__name__}: {err}); retrying")
+            except Exception as err:  # the store not answering: try again at the next beat, said once
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    first = (str(err).strip().splitlines() or [""])[0][:200]
+                    self.log(f"lease heartbeat failed ({type(err).__name__}: {first}); retrying every "
+                             f"{self.interval:.0f}s")
+                continue
+            if failing_since is not None:
+                self.log(f"lease heartbeat works again after {time.monotonic() - failing_since:.0f}s")
+                failing_since = None
 
     def _replaced(self) -> StoreReplacedError:
         current = read_lease(self.loc)
@@ -412,6 +432,8 @@ class StoreLease:
         with self._lock:
             try:
                 self.backend.delete(self.token, self.record.to_bytes())
-            except OSError as err:
-                self.log(f"could not delete the lease of store {self.loc.url} ({err}); it goes stale "
+            except Exception as err:  # best effort: a full disk, a store that does not answer
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                self.log(f"could not delete the lease of store {self.loc.url} ({type(err).__name__}: {first}); the "
+                         f"next run on this host takes it over at once, elsewhere it goes stale "
                          f"{self.record.stale_after:.0f}s after its last heartbeat")

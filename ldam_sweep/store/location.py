@@ -62,12 +62,19 @@ class StoreLocation:
         return "://" not in self.url
 
     @property
+    def options(self) -> dict[str, Any]:
+        """The filesystem's options: the caller's, over no listing cache. A store is written by many
+        processes (and, in one process, through zarr's filesystem instance as well as this one):
+        a cached listing hides what they wrote (a new store's zarr.json, a fresh manifest part)."""
+        return {"use_listings_cache": False, **self.storage_options}
+
+    @property
     def fs(self) -> fsspec.AbstractFileSystem:
         if self.is_local:
             return fsspec.filesystem("file")
         protocol = self.url.split("://", 1)[0]
         try:
-            return fsspec.filesystem(protocol, **self.storage_options)
+            return fsspec.filesystem(protocol, **self.options)
         except (ValueError, ImportError) as err:
             raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
 
@@ -82,7 +89,7 @@ class StoreLocation:
     def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
         if self.is_local:
             return LocalStore(self.url, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+        return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
 
     def open_group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ a block that is written but not committed (a crashed attempt) is never visible."
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -20,6 +20,9 @@ from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.store.realism import read_realism, unit_flags
 from ldam_sweep.store.unitview import UnitView
 from ldam_sweep.store.writer import block_checksum
+
+if TYPE_CHECKING:
+    from ldam_sweep.spec import ModelSpec
 
 TRACE_KINDS = ("activation", "realism")
 # columns of ``units()`` that the reader adds from the store's records (realism.json, verify.json), not the manifest
@@ -173,6 +176,14 @@ class SweepStore:
         """The job spec as submitted."""
         return dict(self.attrs["spec"])
 
+    def model_spec(self) -> "ModelSpec":
+        """The spec of the model the store was swept with (``model:``, else the plan's model name).
+        Parsing it runs nothing; ``.runs_code()`` says whether loading it would (a factory,
+        TorchScript), which readers that rebuild the model refuse without the user's word."""
+        from ldam_sweep.spec import parse_model_spec
+
+        return parse_model_spec(self.spec().get("model") or self.plan.model_name)
+
     def layer_plan(self, layer: str) -> LayerPlan:
         try:
             return self.plan.layer(layer)
@@ -232,6 +243,8 @@ class SweepStore:
         expression over manifest columns, e.g. ``pc.field("act_final_mean") > 10``. ``sort``: any
         column (descending by default). ``limit``: top-k after sorting.
         """
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise StoreError(f"limit must be a whole number >= 0 (rows to keep after sorting), got {limit!r}")
         table = self._latest_rows()
         if layer is not None:
             self.layer_plan(layer)
