@@ -46,6 +46,7 @@ POINTS = {
     "discriminator.before-record": "stage 1: the discriminator's bytes are written, its record (the commit) is not",
     "repair.before-commit": "verify --repair: damaged files are set aside, the tombstone rows are not published yet",
     "metadata.before-root": "create_store: every group and array exists, the root's checksums and format are not written",
+    "worker.start": "a worker's constructor, before it loads the model (enospc: a worker that can never start)",
 }
 ACTIONS = ("kill", "enospc")
 

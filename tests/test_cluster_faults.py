@@ -88,66 +88,58 @@ def s3(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
-def test_a_first_run_on_a_new_s3_bucket_rides_out_a_2_minute_outage(s3, finished_sweep, tmp_path):
-    """`run` on a new S3 bucket works the first time, and an S3 outage of 120 s mid-sweep is retried
-    through: the sweep ends exit 0, verify passes, the store equals an uninterrupted run, no lease is
-    left; `status` during the outage is one line, exit 4."""
+def test_a_2_minute_s3_outage_is_ridden_out_or_stops_the_sweep_with_exit_4(s3, finished_sweep, tmp_path):
+    """Two first runs on a new S3 bucket meet the same 120 s outage mid-sweep (moto behind a proxy that
+    cuts every connection). With the default patience the sweep retries through it: exit 0, verify
+    passes, the store equals an uninterrupted run, no lease left. With a patience of 4 s it stops in
+    one line, exit 4, and once S3 is back the rerun takes over the lease the outage kept and ends
+    equal to a clean run. `status` during the outage: one line, exit 4."""
     proxy, aws = s3
     spec, clean, env = finished_sweep
     env = {**env, **aws}
-    signals = tmp_path / "signals"
-    url = "s3://fresh/runs/sweep.zarr"  # nothing under the bucket yet: the first run creates the store
-    proc = start("run", write_spec(tmp_path), "--store", url, env={**env, **hold(signals, "fc2:0")}, cwd=tmp_path)
+    runs = {}
+    for name, resources in (("patient", {}), ("impatient", {"storage_patience": 4})):
+        signals = tmp_path / name / "signals"  # each sweep holds its last block: the outage comes mid-sweep
+        job = write_spec(tmp_path / name, **resources)
+        url = f"s3://fresh/runs/{name}.zarr"  # nothing under the bucket yet: the first run creates the store
+        runs[name] = (start("run", job, "--store", url, env={**env, **hold(signals, "fc2:0")}, cwd=tmp_path / name),
+                      signals, job, url)
     try:
-        wait_until(lambda: (signals / "held-fc2-0").exists(), proc, what="the last block to start")
+        for proc, signals, _, _ in runs.values():
+            wait_until(lambda: (signals / "held-fc2-0").exists(), proc, what="the last block to start")
         proxy.cut()
         cut_at = time.monotonic()
-        released(signals, "fc2:0")  # the block samples now; its write, and the commits, meet the outage
-        status = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "status", url], env={**env, "COLUMNS": "400"},
-                                capture_output=True, text=True, timeout=300)
-        assert status.returncode == 4, status.stderr
-        assert "the store did not answer" in one_line_error(status.stderr) and "Traceback" not in status.stderr
+        for _, signals, _, _ in runs.values():
+            released(signals, "fc2:0")  # the blocks sample now; their writes, and the commits, meet the outage
+        status = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "status", runs["patient"][3]],
+                                env={**env, "COLUMNS": "400"}, capture_output=True, text=True, timeout=300)
+        impatient, _, job, url = runs["impatient"]
+        _, err = finish(impatient)
+        assert impatient.returncode == 4, err
+        line = one_line_error(err)
+        assert "did not answer for" in line and "rerun the same command" in line and "Traceback" not in err
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_at)))  # the outage's length is the test's input
         proxy.restore()
-        out, err = finish(proc)
+        _, err = finish(runs["patient"][0])
     finally:
         if proxy.is_cut:
             proxy.restore()
-    assert proc.returncode == 0, err
+        for proc, *_ in runs.values():
+            if proc.poll() is None:
+                proc.kill()
+    assert status.returncode == 4, status.stderr
+    assert "the store did not answer" in one_line_error(status.stderr) and "Traceback" not in status.stderr
+    assert runs["patient"][0].returncode == 0, err
     assert "lease heartbeat failed" in err and "lease heartbeat works again" in err and "Traceback" not in err
-    verify = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], env={**env, "COLUMNS": "400"},
-                            capture_output=True, text=True, timeout=300)
-    assert verify.returncode == 0, verify.stderr
-    assert_equal_stores(clean, url)
-    assert read_lease(url) is None
-
-
-def test_storage_down_for_longer_than_the_patience_stops_with_one_line_and_exit_4(s3, finished_sweep, tmp_path):
-    """A store that stays down past `resources.storage_patience` stops the sweep: one line, exit 4,
-    no traceback; the next run takes over the lease the outage kept and ends equal to a clean run."""
-    proxy, aws = s3
-    spec, clean, env = finished_sweep
-    env = {**env, **aws}
-    signals = tmp_path / "signals"
-    url = "s3://fresh/runs/patience.zarr"
-    job = write_spec(tmp_path, storage_patience=4)
-    proc = start("run", job, "--store", url, env={**env, **hold(signals, "fc2:0")}, cwd=tmp_path)
-    try:
-        wait_until(lambda: (signals / "held-fc2-0").exists(), proc, what="the last block to start")
-        proxy.cut()
-        released(signals, "fc2:0")
-        out, err = finish(proc)
-    finally:
-        if proxy.is_cut:
-            proxy.restore()
-    assert proc.returncode == 4, err
-    line = one_line_error(err)
-    assert "did not answer for" in line and "rerun the same command" in line and "Traceback" not in err
-    again = start("run", job, "--store", url, env=env, cwd=tmp_path)
-    out, err = finish(again)
+    again = start("run", job, "--store", url, env=env, cwd=tmp_path / "impatient")
+    _, err = finish(again)
     assert again.returncode == 0, err
-    assert_equal_stores(clean, url)
-    assert read_lease(url) is None
+    for _, _, _, url in runs.values():
+        verify = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], env={**env, "COLUMNS": "400"},
+                                capture_output=True, text=True, timeout=300)
+        assert verify.returncode == 0, verify.stderr
+        assert_equal_stores(clean, url)
+        assert read_lease(url) is None
 
 
 # -- Ray nodes ------------------------------------------------------------------------------------
@@ -205,6 +197,21 @@ def _committed_nodes(url) -> set[str]:
     except ls.StoreError:
         return set()
     return {w.rsplit("@", 1)[-1] for w in workers}
+
+
+def test_workers_that_can_never_start_stop_the_sweep_once_with_exit_3(finished_sweep, tmp_path):
+    """Every actor's constructor fails (a worker's disk full at start): each failure is printed once,
+    then one error line, exit 3 (a cluster fault, not bad input)."""
+    from ldam_sweep.failpoints import ENV as FAILPOINTS
+
+    _, _, env = finished_sweep
+    proc = start("run", write_spec(tmp_path, actors=2), "--store", tmp_path / "w.zarr",
+                 env={**env, FAILPOINTS: "worker.start=enospc"}, cwd=tmp_path)
+    _, err = finish(proc)
+    assert proc.returncode == 3, err
+    assert "no worker can run" in one_line_error(err) and "Traceback" not in err
+    told = sorted(line.split(" failed to start:")[0] for line in err.splitlines() if line.startswith("worker "))
+    assert told == ["worker 0", "worker 1"], err  # each actor's failure once
 
 
 # -- signals --------------------------------------------------------------------------------------

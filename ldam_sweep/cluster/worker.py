@@ -79,6 +79,7 @@ class SweepWorker:
             torch.set_num_threads(threads)
             zarr.config.set({"threading.max_workers": threads})
         failpoints.worker_started()
+        failpoints.hit("worker.start")
         # every step on the store is retried while the store does not answer (the sweep's patience)
         self.io = StoreIO(url, self.job.resources.storage_patience)
         self.device = default_device()
