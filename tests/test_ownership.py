@@ -19,6 +19,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import wait_until
+
 import ldam_sweep as ls
 from ldam_sweep.errors import StoreOwnedError, StoreReplacedError
 from ldam_sweep.failpoints import HOLD_BLOCKS_ENV, NO_HEARTBEAT_ENV, SIGNAL_DIR_ENV
@@ -47,17 +49,6 @@ def write_spec(path: Path, **changes) -> Path:
 def cli(*args: str, env: dict, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", *args], env=env, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_until(condition, proc: subprocess.Popen | None = None, timeout: float = 300, what: str = "") -> None:
-    """Poll a condition on files (an event another process causes); fail if ``proc`` ends first."""
-    t0 = time.monotonic()
-    while not condition():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"driver ended before {what}: {proc.communicate()}")
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def committed_blocks(url: str) -> int:
