@@ -16,9 +16,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/ldam-sweep demo
 
-# The atlas tests drive Debian's Chromium (no browser download): install it when missing.
+# The atlas tests drive Debian's Chromium (no browser download), the docs' examples pipe into jq:
+# install them when missing.
 browser:
-	command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	command -v chromium >/dev/null 2>&1 && command -v jq >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium jq >/dev/null; }
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q

@@ -129,12 +129,12 @@ def sweep_seconds(doc: dict, workdir: Path) -> tuple[float, dict, float, list]:
     store = workdir / "store.zarr"
     shutil.rmtree(store, ignore_errors=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([*cli_command(), "run", str(spec), "--store", str(store)], capture_output=True, text=True)
+    proc = subprocess.run([*cli_command(), "run", str(spec), "--store", str(store), "--json"], capture_output=True,
+                          text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"sweep failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("summary "))
-    summary = json.loads(line[len("summary "):])
+    summary = json.loads(proc.stdout)
     units = ls.open_store(str(store)).units(status="ok")
     busy = float(units.column("seconds").to_numpy().sum())
     return wall, summary, busy, sorted(set(units.column("batch_units").to_pylist()))

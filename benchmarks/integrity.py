@@ -50,7 +50,7 @@ def read_everything(url: str) -> dict[str, Any]:
             out[f"{lp.name}/{name}"] = (a.dtype.str, a.shape, a.tobytes())
     out["discriminator"] = (json.dumps(st.discriminator_info(), sort_keys=True), st.discriminator_bytes())
     out["realism"] = json.dumps(st.realism(), sort_keys=True, default=str)
-    with warnings.catch_warnings():  # plain zarr notes the store's non-zarr files (manifest/, root-copy.json)
+    with warnings.catch_warnings():  # plain zarr notes the non-zarr files deep down (manifest/parts/, and older stores' root files)
         warnings.simplefilter("ignore")
         root = zarr.open_group(url, mode="r")
         for path, node in sorted(root.members(max_depth=None)):

@@ -19,11 +19,24 @@ from ldam_sweep.store.schema import QUERY_COLUMNS
 
 app = typer.Typer(
     no_args_is_help=True,
-    add_completion=False,
     help="Sweep whole vision networks with Langevin Dynamics Activation Maximization (LDAM).",
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ldam_sweep.version import __version__
+
+        console.print(f"ldam-sweep {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Sweep whole vision networks with Langevin Dynamics Activation Maximization (LDAM)."""
 
 
 @contextlib.contextmanager
@@ -32,7 +45,7 @@ def user_errors() -> Iterator[None]:
     line each. User and OS text is printed as plain text: rich markup in it never applies."""
 
     def show(message, category, *_args, **_kwargs):  # noqa: ANN001
-        err_console.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False)
+        err_console.print(Text.assemble(("warning: ", "yellow"), str(message)), highlight=False, soft_wrap=True)
 
     old = warnings.showwarning
     warnings.showwarning = show
@@ -72,28 +85,13 @@ JSON_HELP = "Print one JSON object on stdout instead of tables (see docs/spec.md
 
 
 def json_safe(value: Any) -> Any:
-    """``value`` with only JSON types: NaN/inf -> null, numpy scalars -> numbers, tuples -> lists,
-    datetimes -> ISO 8601 text, paths -> text (strict parsers reject NaN, so it never appears)."""
-    import datetime as dt
-    import math
+    """``value`` with only JSON types, by pydantic's encoder (the one the spec models use): NaN/inf ->
+    null (strict parsers reject NaN, so it never appears), numpy scalars and arrays -> numbers and
+    lists, tuples -> lists, datetimes -> ISO 8601 text, paths -> text, dict keys -> text."""
+    from pydantic_core import to_jsonable_python
 
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (dt.datetime, dt.date)):
-        return value.isoformat()
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    return to_jsonable_python(value, inf_nan_mode="null",
+                              fallback=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
 
 
 def print_json(command: str, **fields: Any) -> None:
@@ -107,9 +105,11 @@ def print_json(command: str, **fields: Any) -> None:
 @app.command()
 def layers(
     spec: str = typer.Argument(..., help="A spec YAML file (with a model: section), or a model name such as digits-cnn or torchvision:resnet18."),
+    wide: bool = typer.Option(False, "--wide", help="Also the unit kind and the layers' aliases (folded to the terminal's "
+                              "width when wider)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """List the model's layers: name, module type, unit kind, unit count, output shape."""
+    """List the model's layers: name, module type, unit count, output shape, default objective."""
     from ldam_sweep.model import load_model
     from ldam_sweep.spec import load_model_spec
 
@@ -128,11 +128,15 @@ def layers(
             objective, full = layer.default_objective, _objective_note(layer)
             if full != objective:
                 objective += details.setdefault(full, mark(len(details) + 1))
-            rows.append((layer.name, layer.module_type, layer.kind, layer.units, "×".join(map(str, layer.output_shape)),
-                         objective, ", ".join(layer.aliases)))
-        print_table(console, f"{model.name}: input {model.input.shape}, {len(model.layers)} layers",
-                    ("layer", "module", "kind", "units", "output shape", "objective", "aliases"), rows,
-                    keys=("layer",), right=("units",), notes=[f"{m} {full}" for full, m in details.items()])
+            row = [layer.name, layer.module_type, layer.units, "×".join(map(str, layer.output_shape)), objective]
+            rows.append(row + [layer.kind, ", ".join(layer.aliases)] if wide else row)
+        notes = [f"{m} {full}" for full, m in details.items()]
+        aliased = sum(bool(layer.aliases) for layer in model.layers)
+        if aliased and not wide:
+            notes.append(f"{aliased} layers also have another name (the same output): --wide lists them")
+        columns = ("layer", "module", "units", "output shape", "objective") + (("kind", "aliases") if wide else ())
+        print_table(console, f"{model.name}: input {model.input.shape}, {len(model.layers)} layers", columns, rows,
+                    keys=("layer",), right=("units",), notes=notes)
         console.print(f"total units: {sum(layer.units for layer in model.layers)}")
         if model.skipped:
             console.print(f"not layers ({len(model.skipped)} modules that run but have no single visualisable output):")
@@ -150,16 +154,17 @@ def _objective_note(layer) -> str:
     return f"{layer.default_objective} ({g.tokens} tokens: {grid})"
 
 
-def _print_summary(summary) -> None:
-    from ldam_sweep.cluster.events import summary_line
-
-    console.print(
-        f"sweep {'interrupted' if summary.interrupted else 'finished'}: {summary.done_blocks} blocks run "
-        f"({summary.units_done} units, {summary.units_per_second:.2f} units/s, {summary.seconds:.0f}s), "
-        f"{summary.skipped_blocks} already committed, {summary.failed_blocks} failed; store {summary.store}",
-        highlight=False, markup=False,
-    )
-    console.print(summary_line(summary), highlight=False, soft_wrap=True, markup=False)
+def _print_summary(summary, json_out: bool = False, command: str = "run") -> None:
+    """The end of a sweep: one line (what ran, how fast, the store), or with ``--json`` one JSON object
+    on stdout (every field of the summary; docs/spec.md: JSON output)."""
+    if json_out:
+        print_json(command, **summary.as_dict())
+        return
+    how = "interrupted" if summary.interrupted else "finished"
+    failed = f"; {summary.failed_blocks} blocks failed (`status` lists why)" if summary.failed_blocks else ""
+    console.print(f"{how}: {summary.units_done} units, {summary.done_blocks} blocks, {summary.seconds:.0f}s "
+                  f"({summary.units_per_second:.1f} units/s); {summary.skipped_blocks} blocks were already committed"
+                  f"{failed}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _exit_code(summary) -> int:
@@ -196,6 +201,7 @@ def run(
     yes: bool = typer.Option(False, "--yes", "-y", help="With --fresh: delete committed units without asking."),
     realism: bool = typer.Option(True, "--realism/--no-realism", help="Measure the samples' realism after the sweep "
                                  "(stage 3; `ldam-sweep realism STORE` does it later)."),
+    json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " The sweep's summary."),
 ) -> None:
     """Run a sweep; rerunning the same command resumes. Exit 1 if any block failed, 5 if another driver owns the store."""
     from ldam_sweep.cluster.driver import run_sweep
@@ -203,7 +209,10 @@ def run(
     with user_errors():
         summary = run_sweep(spec, store=store, address=address, fresh=fresh, console=err_console, realism=realism,
                             confirm_fresh=lambda url, units: yes or _typed_confirmation(url, units))
-        _print_summary(summary)
+        _print_summary(summary, json_out)
+        if not json_out:
+            console.print(f"store: {summary.store}  (next: ldam-sweep status STORE)", highlight=False,
+                          markup=False, soft_wrap=True)
         raise typer.Exit(_exit_code(summary))
 
 
@@ -226,8 +235,10 @@ def demo(
 
         site = Path(summary.store).with_name(Path(summary.store).stem + "-atlas")
         report = build_atlas(summary.store, site)
-        console.print(f"store: {summary.store}  (try: ldam-sweep status {summary.store})", highlight=False, markup=False)
-        console.print(f"atlas: {report.out / 'index.html'}  (open it in a browser)", highlight=False, markup=False)
+        console.print(f"store: {summary.store}  (next: ldam-sweep status STORE)", highlight=False, markup=False,
+                      soft_wrap=True)
+        console.print(f"atlas: {report.out / 'index.html'}  (open it in a browser)", highlight=False, markup=False,
+                      soft_wrap=True)
         raise typer.Exit(_exit_code(summary))
 
 
@@ -237,11 +248,8 @@ def train_discriminator_cmd(
     output: Path = typer.Option(..., "-o", "--output", help="File to write the trained discriminator to."),
 ) -> None:
     """Stage 1 alone: train the job's discriminator against its chains and save it."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     from ldam_sweep.errors import SpecError
     from ldam_sweep.model import load_model
-    from ldam_sweep.settings import DiscriminatorSettings
     from ldam_sweep.spec import load_spec
     from ldam_sweep.stage import job_discriminator
 
@@ -250,13 +258,7 @@ def train_discriminator_cmd(
         if job.discriminator is None or job.discriminator.train is None:
             raise SpecError(f"{spec}: train-discriminator needs a discriminator.train section (settings, may be {{}})")
         model = load_model(job.model, log=_log)
-        total = DiscriminatorSettings(**job.discriminator.train).updates
-        with Progress(TextColumn("[bold]training D"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                      console=err_console) as bar:
-            task = bar.add_task("d", total=total, stats="")
-            trained = job_discriminator(job, model, progress=lambda i, st: bar.update(
-                task, completed=i, stats=f"loss {st['loss']:.3f} acc {st['accuracy']:.2f}"))
+        trained = job_discriminator(job, model, progress=True)  # the bar of ldam_sweep/progressbar.py on stderr
         assert trained is not None
         path = trained.save(output)
         console.print(
@@ -282,7 +284,7 @@ def status(
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
                        totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
                        errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism),
-                       integrity=st.verification())
+                       integrity=st.verification(), discriminator=_discriminator_summary(st))
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
         counts = ("planned", "done", "failed", "corrupt", "pending", "dead")  # dead: of the done units, found dead
@@ -297,6 +299,7 @@ def status(
         console.print(table)
         if realism:
             _print_realism(realism, st.loc.url)
+        _print_discriminator(st)
         _print_integrity(st)
         if totals["corrupt"]:
             console.print(Text.assemble((f"{totals['corrupt']} units corrupt", "red"),
@@ -307,6 +310,33 @@ def status(
             errors = sorted(set(failed["error"].to_pylist()))
             console.print(Text.assemble((f"{totals['failed']} units failed", "red"), "; errors: " + " | ".join(
                 e.splitlines()[-1][:200] for e in errors[:5] if e)), highlight=False)
+
+
+def _discriminator_summary(st: Any) -> dict[str, Any] | None:
+    """The stored discriminator's held-out accuracy and whether it is weak (under 0.55), or None."""
+    from ldam_sweep.settings import WEAK_DISCRIMINATOR
+
+    info = st.discriminator_info()
+    if not info or info.get("heldout_accuracy") is None:
+        return None
+    acc = float(info["heldout_accuracy"])
+    return {"heldout_accuracy": acc, "weak": acc < WEAK_DISCRIMINATOR}
+
+
+def _print_discriminator(st: Any) -> None:
+    d = _discriminator_summary(st)
+    if d is None:
+        return
+    line = Text(f"discriminator: held-out accuracy {d['heldout_accuracy']:.3f} (0.5 = chance)")
+    if d["weak"]:
+        lams = sorted({v for v in st.units(status="ok")["lam"].to_pylist() if v is not None})  # what the chains used
+        which = f"lambda {', '.join(f'{v:g}' for v in lams)}" if lams else "lambda"
+        steered = "the chains did not use it (lambda 0) and" if lams == [0.0] else \
+            f"its realism term ({which}) steered the chains little and"
+        line.append(" -- weak: ", style="red")
+        line.append(f"it barely tells chains from real images: {steered} its realism scores (log D) mean little; "
+                    "train it longer (discriminator.train.updates) and rerun with --fresh")
+    console.print(line, highlight=False, soft_wrap=True)
 
 
 def _print_integrity(st: Any) -> None:
@@ -370,7 +400,8 @@ def query(
     sort: Optional[str] = typer.Option(None, help="Sort by this manifest column (descending)."),
     ascending: bool = typer.Option(False, help="Sort ascending instead."),
     limit: Optional[int] = typer.Option(None, min=0, help="Show the first K rows after sorting."),
-    columns: Optional[str] = typer.Option(None, help="Comma-separated columns to show (default: a summary set)."),
+    columns: Optional[str] = typer.Option(None, help="Comma-separated columns to show, or 'all' (default: layer, unit, "
+                                          "label and three scores, which fit 80 columns; --json has every column)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP + " Every manifest column."),
 ) -> None:
     """List committed units from the manifest, filtered and sorted by any column."""
@@ -387,20 +418,56 @@ def query(
         if json_out:
             print_json("query", store=st.loc.url, count=table.num_rows, units=table.to_pylist())
             return
-        cols = [c.strip() for c in columns.split(",")] if columns else list(QUERY_COLUMNS)
+        if columns == "all":
+            cols = list(table.column_names)
+        elif columns:
+            cols = [c.strip() for c in columns.split(",")]
+        else:
+            cols = _query_columns(table, status_)
         unknown = [c for c in cols if c not in table.column_names]
         if unknown:
             raise StoreError(f"unknown column(s) {unknown}; columns: {', '.join(table.column_names)}")
+        if table.num_rows == 0:
+            console.print(_no_units(st, layer, unit, label, status_), highlight=False, markup=False, soft_wrap=True)
+            return
         from ldam_sweep.termtable import print_table
 
         data = [[f"{v:.4g}" if isinstance(v, float) else v for v in r.values()] for r in table.select(cols).to_pylist()]
         print_table(console, f"{table.num_rows} units", cols, data, keys=("layer", "unit"),
-                    right=[c for c in cols if c not in ("layer", "status", "integrity")])
-        marks = table["integrity"].to_pylist()
-        if "corrupt" in marks or "unverified" in marks:
-            console.print(f"integrity: {marks.count('corrupt')} corrupt (their blocks failed a check: `ldam-sweep verify "
-                          f"{st.loc.url} --repair`), {marks.count('unverified')} unverified (committed since the last "
-                          f"`ldam-sweep verify {st.loc.url}`, or never verified)", highlight=False, markup=False)
+                    right=[c for c in cols if c not in ("layer", "status", "integrity", "label")])
+        corrupt = table["integrity"].to_pylist().count("corrupt")
+        if corrupt:
+            console.print(f"{corrupt} of these units are in blocks that failed a check: `ldam-sweep verify {st.loc.url} "
+                          "--repair`, then rerun the sweep", highlight=False, markup=False, soft_wrap=True)
+
+
+def _query_columns(table: Any, status: str) -> list[str]:
+    """``query``'s default columns: QUERY_COLUMNS (fit 80 columns for layer names up to ~8 characters),
+    with ``status`` when several statuses can show and ``integrity`` when a unit is corrupt."""
+    cols = list(QUERY_COLUMNS)
+    if status != "ok":
+        cols.insert(2, "status")
+    if "corrupt" in table["integrity"].to_pylist():
+        cols.insert(2, "integrity")
+    return cols
+
+
+def _no_units(st: Any, layer: str | None, unit: int | None, label: str | None, status: str) -> str:
+    """What ``query`` says when nothing matches: the filters, and what would have matched."""
+    asked = [f"{name} {value!r}" for name, value in (("layer", layer), ("unit", unit), ("label", label)) if value is not None]
+    text = f"no {status + ' ' if status != 'all' else ''}units" + (f" with {', '.join(asked)}" if asked else "")
+    if label is not None:
+        from ldam_sweep.store.schema import display_label
+
+        rows = st.units(layer, status=None).select(["label", "sample_label"]).to_pylist()
+        labels = sorted({str(v) for v in map(display_label, rows) if v is not None}, key=lambda v: (len(v), v))
+        text += (f"; labels are {', '.join(labels[:20])}{' ...' if len(labels) > 20 else ''}" if labels
+                 else "; no unit of this store has a label (labels need a data: section with classes)")
+    elif st.units(layer, status=None).num_rows == 0:
+        text += f"; nothing is committed{' in layer ' + repr(layer) if layer else ''} yet: `ldam-sweep status {st.loc.url}`"
+    elif status != "all":
+        text += "; --status all lists every status"
+    return text
 
 
 @app.command()
@@ -436,15 +503,18 @@ def show(
     store: str = typer.Argument(..., help="Store path or URL."),
     layer: str = typer.Argument(...),
     unit: int = typer.Argument(...),
-    output: Path = typer.Option(..., "-o", "--output", help="PNG file to write."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="PNG file to write (default: LAYER-UNIT.png in "
+                                          "the current folder)."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Write a PNG of one unit: chains (rows) x snapshots (columns), labelled with activations."""
     from ldam_sweep.render import unit_grid
     from ldam_sweep.store import open_store
+    from ldam_sweep.store.location import encode_name
 
     with user_errors():
         st = open_store(store)
+        output = output if output is not None else Path(f"{encode_name(layer)}-{unit}.png")
         samples, steps = st.samples(layer, unit), st.snapshot_steps()  # only what the picture shows
         output.parent.mkdir(parents=True, exist_ok=True)
         unit_grid(samples, st.trace(layer, unit), steps, st.plan.value_range).save(output, format="PNG")
@@ -603,8 +673,9 @@ def find(
                                      "a store needs --model."),
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
-    """Which units respond to these images: swept units ranked by the image's activation divided by the
-    unit's reference (its top dataset exemplar, else its chains' final mean activation)."""
+    """Which units respond to these images: swept units of every layer ranked by lift, how far the image
+    raises the unit above its typical (median) response to real images, relative to how far its best
+    real image does (1 = as far as the best real image)."""
     from ldam_sweep.find import find_units
     from ldam_sweep.store import open_store
 
@@ -630,12 +701,12 @@ def find(
 
         for i, name in enumerate(result.names):
             hits = result.for_image(i)
-            print_table(console, name, ("rank", "layer", "unit", "label", "ratio", "activation", "reference",
-                                        "reference of", "atlas page"),
-                        [(h["rank"], h["layer"], h["unit"], h["label"], f"{h['ratio']:.3g}", f"{h['activation']:.4g}",
-                          f"{h['reference']:.4g}", h["reference_column"],
+            print_table(console, name, ("rank", "layer", "unit", "label", "lift", "activation", "typical", "reference",
+                                        "atlas page"),
+                        [(h["rank"], h["layer"], h["unit"], h["label"], f"{h['lift']:.3g}", f"{h['activation']:.4g}",
+                          f"{h['typical']:.4g}", f"{h['reference']:.4g}",
                           h["atlas_page"] and Path(h["atlas_page"]).relative_to(result.atlas).as_posix()) for h in hits],
-                        keys=("rank", "layer", "unit"), right=("rank", "unit", "ratio", "activation", "reference"),
+                        keys=("rank", "layer", "unit"), right=("rank", "unit", "lift", "activation", "typical", "reference"),
                         notes=[f"atlas pages (each unit page's stable link) are under {result.atlas}"]
                         if result.atlas is not None and any(h["atlas_page"] for h in hits) else [])
         _log(f"model loaded in {result.load_seconds:.2f}s; {len(result.names)} image(s) ranked in {result.compute_seconds:.3f}s")

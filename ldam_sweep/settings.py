@@ -156,6 +156,11 @@ def parse_options(method: str, options: dict[str, Any]):
         raise SamplerError(f"invalid {method} options: {problems}. Allowed options for {method}: {allowed}") from None
 
 
+# A discriminator whose held-out accuracy (real images and fresh chains, each half) stays under this
+# barely beats chance (0.5): it is reported loudly (a warning, and in `status`).
+WEAK_DISCRIMINATOR = 0.55
+
+
 class DiscriminatorSettings(BaseModel):
     """Stage-1 training settings. Defaults: what worked on the digits demo (docs/method.md)."""
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from ldam_sweep.errors import SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives, split_objective
@@ -73,6 +73,12 @@ class ModelSpec(BaseModel):
     torchvision: str | None = None
     factory: str | None = None
     torchscript: Path | None = None
+    module: str | None = Field(None, description="set by ldam-sweep for a model given as a live torch.nn.Module from "
+                               "Python (its class); not loadable from a spec: readers take the module again")
+    # where a factory's module is looked for besides sys.path: the folder of the spec file it came
+    # from (absolute, and relative to the working folder for a cluster job's shipped working_dir).
+    # Not part of the spec's document, so not of a sweep's identity.
+    _search: tuple[str, ...] = PrivateAttr(default=())
     weights: Path | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     input: InputSpec | None = None
@@ -93,7 +99,7 @@ class ModelSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelSpec":
-        given = [k for k in ("zoo", "torchvision", "factory", "torchscript") if getattr(self, k)]
+        given = [k for k in ("zoo", "torchvision", "factory", "torchscript", "module") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one model source of zoo, torchvision, factory, torchscript; "
@@ -103,7 +109,7 @@ class ModelSpec(BaseModel):
             raise ValueError(f"weights is only allowed with torchvision or factory, not with {given[0]}")
         if self.kwargs and not (self.factory or self.torchvision):
             raise ValueError("kwargs is only allowed with factory or torchvision")
-        if (self.factory or self.torchscript) and self.input is None:
+        if (self.factory or self.torchscript or self.module) and self.input is None:
             raise ValueError(
                 f"a {given[0]} model needs an input section "
                 "(channels, height, width, and optionally range, mean, std)"
@@ -129,6 +135,8 @@ class ModelSpec(BaseModel):
             return f"torchvision:{self.torchvision}"
         if self.factory:
             return f"factory:{self.factory}"
+        if self.module:
+            return f"module:{self.module}"
         return f"torchscript:{self.torchscript}"
 
 
@@ -240,13 +248,22 @@ def load_model_spec(ref: str | Path) -> ModelSpec:
 
 
 def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
-    """Relative weight/TorchScript/labels paths in a spec file are relative to that file."""
+    """Relative weight/TorchScript/labels paths in a spec file are relative to that file, and a
+    factory's module is looked for beside it too."""
     updates = {}
     for name in ("weights", "torchscript", "labels"):
         val = getattr(spec, name)
         if val is not None and not val.is_absolute():
             updates[name] = (base / val).resolve()
-    return spec.model_copy(update=updates) if updates else spec
+    out = spec.model_copy(update=updates) if updates else spec.model_copy()
+    if out.factory:
+        folder = base.resolve()
+        try:
+            relative = [str(folder.relative_to(Path.cwd().resolve()) or ".")]
+        except ValueError:
+            relative = []
+        out._search = tuple(dict.fromkeys([str(folder), *relative]))
+    return out
 
 
 # -- the job spec -------------------------------------------------------------------------------

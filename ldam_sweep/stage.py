@@ -18,7 +18,7 @@ from ldam_sweep.spec import JobSpec
 
 
 def job_discriminator(
-    job: JobSpec, model: ModelHandle, *, progress: Callable[[int, dict], None] | None = None,
+    job: JobSpec, model: ModelHandle, *, progress: bool | Callable[[int, dict], None] | None = None,
     plan: SweepPlan | None = None, loaded: TrainedDiscriminator | None = None, train: Any = None,
 ) -> TrainedDiscriminator | None:
     """The job's discriminator: None, loaded from ``discriminator.file``, or trained (stage 1).

@@ -74,7 +74,7 @@ def exemplar_store(tmp_path_factory, digits_model):
     import ldam_sweep as ls
     from ldam_sweep.data import digits
     from ldam_sweep.sampling.chains import default_snapshot_steps
-    from ldam_sweep.sampling.exemplars import top_exemplars
+    from ldam_sweep.sampling.exemplars import exemplar_pass, unit_label_columns
     from ldam_sweep.sampling.scoring import score_result
     from ldam_sweep.store import BlockWriter, commit, create_store, failed_rows
     from ldam_sweep.planning import plan_store
@@ -85,7 +85,8 @@ def exemplar_store(tmp_path_factory, digits_model):
                       chains=2, steps=20, snapshot_steps=default_snapshot_steps(20, 10), block_size=8, exemplars_k=8,
                       spec={"model": {"zoo": "digits-cnn"}, "sampler": sampler, "data": {"source": "digits"}})
     create_store(url, plan)
-    pool = torch.from_numpy(digits(28, "train")[0])
+    images, classes = digits(28, "train")
+    pool = torch.from_numpy(images)
     writer = BlockWriter(url)
     for lp in plan.layers:
         if lp.name == "relu1":
@@ -96,9 +97,12 @@ def exemplar_store(tmp_path_factory, digits_model):
                 commit(url, [{**r, "generation": writer.generation} for r in rows])  # as the driver stamps them
                 continue
             res = ls.sample(digits_model, lp.name, lp.block_units(b), chains=2, steps=20, seed=0, snapshot_every=10)
-            ex = top_exemplars(digits_model, lp.name, res.units, lp.objective, pool, 8)
-            scores = score_result(digits_model, res, real_pool=pool, exemplar_max=ex[1][:, 0])
-            commit(url, writer.write(lp.name, b, res, exemplars=ex, unit_columns=scores))
+            found = exemplar_pass(digits_model, lp.name, res.units, lp.objective, pool, 8, labels=classes,
+                                  class_names=digits_model.class_names)
+            scores = score_result(digits_model, res, real_pool=pool, exemplar_max=found.activations[:, 0])
+            for u, columns in unit_label_columns(digits_model, res, found).items():  # labels, as the worker adds them
+                scores.setdefault(u, {}).update(columns)
+            commit(url, writer.write(lp.name, b, res, exemplars=(found.images, found.activations), unit_columns=scores))
     return url
 
 
@@ -211,6 +215,7 @@ def finished_sweep(tmp_path_factory, model_cache):
     out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "run", str(spec), "--store", url], env=env, cwd=folder,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
+    (folder / "run.stderr").write_text(out.stderr)  # what the user saw (tests of the terminal read it)
     return spec, url, env
 
 
@@ -242,3 +247,35 @@ def wait_until(condition, proc=None, timeout: float = 600, what: str = "the even
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def demo_workdir(tmp_path_factory, model_cache):
+    """A folder laid out as the README's examples expect after `make demo`, made with the quick demo
+    (the same whole-network sweep, fewer steps): ``jobs/`` (the repository's specs, with
+    ``jobs/demo.yaml`` the quick demo's spec), ``storage/demo.zarr`` and ``storage/demo-atlas``
+    written by ``ldam-sweep demo --quick --store storage/demo.zarr`` (a real process, local Ray, an
+    80-column terminal: its stderr is kept as ``demo.stderr``),
+    and ``digit.png`` (a held-out digit). Returns (folder, the demo's stdout, its environment)."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    from ldam_sweep.cluster.demo import demo_job
+    from ldam_sweep.data import digits
+
+    work = tmp_path_factory.mktemp("demo-work")
+    shutil.copytree(Path(__file__).resolve().parents[1] / "jobs", work / "jobs")
+    (work / "jobs" / "demo.yaml").write_text(yaml.safe_dump(demo_job(quick=True).model_dump(mode="json", exclude_none=True)))
+    Image.fromarray((digits(28, "test")[0][3, 0] * 255).round().astype(np.uint8)).save(work / "digit.png")
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled", "COLUMNS": "80"}
+    out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "demo", "--quick", "--store", "storage/demo.zarr"],
+                         capture_output=True, text=True, env=env, cwd=work, timeout=1700)
+    assert out.returncode == 0, out.stderr
+    (work / "demo.stderr").write_text(out.stderr)  # what the user saw in an 80-column terminal
+    return work, out.stdout, {**env, "COLUMNS": "100"}

@@ -102,6 +102,11 @@ def browser():
         b.close()
 
 
+def hit_rows(page) -> list[list[str]]:
+    """The search's result rows as cells (layer, unit, label, from, purity, flags), after the picture."""
+    return [r.split("\t")[1:] for r in page.locator("tr.hit").all_inner_texts()]
+
+
 def _images_loaded(page) -> list[int]:
     return page.eval_on_selector_all("img", "els => els.map(e => e.complete ? e.naturalWidth : 0)")
 
@@ -115,20 +120,30 @@ def test_browse_index_layer_unit(atlas_site, browser):
     page.goto((site / "index.html").as_uri())
     rows = page.locator("table tr").all_inner_texts()
     fc2 = [r for r in rows if r.startswith("fc2")][0].split("\t")
-    assert fc2[3:8] == ["10", "8", "0", "0", "2"]  # units, done, failed, corrupt, pending
+    assert fc2[4:9] == ["10", "8", "0", "0", "2"]  # units, done, failed, corrupt, pending
     conv2 = [r for r in rows if r.startswith("conv2")][0].split("\t")
-    assert conv2[4] == "8"
+    assert conv2[5] == "8"
     assert "zoo:digits-cnn" in page.inner_text("h1")
+    # the index shows pictures: each layer's units with the highest activation ratio, loaded
+    st = ls.open_store(atlas_site["stores"]["digits"])
+    top = st.units("fc2", sort="activation_ratio", limit=4)["unit"].to_pylist()
+    thumbs = page.locator("tr:has(a:text-is('fc2')) img.thumb")
+    assert [t.get_attribute("title") for t in thumbs.all()] == [f"unit {u}" for u in top]
+    assert page.locator("img.thumb").count() == 8 and all(w > 0 for w in _images_loaded(page))
     page.click("text=fc2")
     page.wait_for_selector(".cell img")
     assert page.inner_text("#count") == "10 of 10 units"
     assert page.locator(".cell img").count() == 8  # two units are pending: no picture
     assert all(w > 0 for w in _images_loaded(page))
-    # sort by activation ratio: the first cell is the unit with the highest ratio
-    st = ls.open_store(atlas_site["stores"]["digits"])
+    # sort by activation ratio: the first cell is the unit with the highest ratio, showing that one score
     best = st.units("fc2", sort="activation_ratio", limit=1)["unit"][0].as_py()
     page.select_option("#sort", "activation_ratio")
     assert page.locator(".cell b").first.inner_text() == f"unit {best}"
+    ratio = st.units("fc2", unit=best)["activation_ratio"][0].as_py()
+    assert page.locator(".cell .score").first.inner_text() == f"activation ratio {float(f'{ratio:.4g}'):g}"
+    page.select_option("#sort", "realism_final_mean")
+    assert page.locator(".cell .score").first.inner_text().startswith("realism (log D) ")
+    page.select_option("#sort", "activation_ratio")
     page.fill("#min", "1e9")
     assert page.inner_text("#count").startswith("0 of")
     page.fill("#min", "")
@@ -152,6 +167,18 @@ def test_browse_index_layer_unit(atlas_site, browser):
     assert len(loaded) == 3 + facets and all(w > 0 for w in loaded)  # chains x snapshots, facets, exemplars, change
     page.screenshot(path=str(atlas_site["tmp"] / "unit.png"), full_page=True)
     assert (atlas_site["tmp"] / "unit.png").stat().st_size > 10_000
+    # previous / next walk the layer's units that have a page, in unit order; arrow keys too
+    paged = sorted(st.units("fc2", status=("ok", "dead"))["unit"].to_pylist())
+    at = paged.index(best)
+    for key, link, step in (("ArrowRight", "#next", 1), ("ArrowLeft", "#prev", -1)):
+        if 0 <= at + step < len(paged):
+            page.keyboard.press(key)
+            page.wait_for_url(f"**/{paged[at + step]}.html")
+            assert page.inner_text("h1") == f"fc2 · unit {paged[at + step]}"
+            page.click("#next" if step < 0 else "#prev")  # and back with the link
+            page.wait_for_url(f"**/{best}.html")
+        else:
+            assert page.get_attribute(link, "href") is None  # no unit before the first / after the last
     assert all(u.startswith("file://") for u in requests)  # nothing fetched from the network
 
 
@@ -180,8 +207,11 @@ def test_script_in_a_layer_name_is_text_not_code(atlas_site, browser):
     page.goto((site / "index.html").as_uri())
     page.fill("#search", label)
     page.wait_for_selector("tr.hit")
-    assert label in [r.split("\t")[2] for r in page.locator("tr.hit").all_inner_texts()]
-    assert page.locator("img").count() == 0 and dialogs == []
+    assert label in [r[2] for r in hit_rows(page)]
+    # the only images are the atlas's own thumbnails: no markup from a label became an element
+    srcs = page.eval_on_selector_all("img", "els => els.map(e => [e.className, e.getAttribute('src')])")
+    assert srcs and all(cls == "thumb" and src.startswith("img/") for cls, src in srcs), srcs
+    assert dialogs == []
 
 
 def test_new_scores_sort_the_layer_page(atlas_site, browser):
@@ -203,7 +233,7 @@ def test_a_dead_unit_has_a_badge_and_its_page_gives_the_reason(atlas_site, brows
     page = browser.new_page()
     page.goto((site / "index.html").as_uri())
     relu = [r for r in page.locator("table tr").all_inner_texts() if r.startswith("relu")][0].split("\t")
-    assert relu[4:9] == ["4", "0", "0", "0", "1"]  # done, failed, corrupt, pending, dead
+    assert relu[5:10] == ["4", "0", "0", "0", "1"]  # done, failed, corrupt, pending, dead
     page.click("text=relu")
     page.wait_for_selector(".cell")
     assert page.locator(".cell img").count() == 3  # the live units have a picture
@@ -247,12 +277,15 @@ def test_search_lists_units_by_label_across_layers_and_opens_them(atlas_site, br
     page.goto((atlas_site["tmp"] / "site" / "index.html").as_uri())
     page.fill("#search", "1")
     page.wait_for_selector("tr.hit")
-    hits = [r.split("\t") for r in page.locator("tr.hit").all_inner_texts()]
+    hits = hit_rows(page)
     labelled = [(layer, int(unit.removeprefix("unit "))) for layer, unit, label, *_ in hits if label == "1"]
     assert set(labelled) == want and len(labelled) == len(want)
     assert [h[2] for h in hits[: len(want)]] == ["1"] * len(want)  # the label's units come first
     numbered = [(layer, unit) for layer, unit, label, *_ in hits if label != "1"]
     assert numbered == [("conv2", "unit 1")]  # then the units numbered 1 (fc2's unit 1 is labelled 1)
+    pictured = [h for h in hits if not {"dead", "pending", "failed", "corrupt"} & set(h[5].split())]
+    assert page.locator("tr.hit img.thumb").count() == len(pictured) > 0  # each sampled unit with its picture
+    assert all(w > 0 for w in _images_loaded(page))
     assert float(page.locator("#found").get_attribute("data-ms")) < 1000
     assert page.evaluate("location.hash") == "#q=1"  # the search itself has a link
     layer, unit = labelled[0]
@@ -263,9 +296,9 @@ def test_search_lists_units_by_label_across_layers_and_opens_them(atlas_site, br
     # words combine: a layer and unit:N find that one unit; a bare number is a label or a unit number
     page.goto((atlas_site["tmp"] / "site" / "index.html").as_uri() + "#q=conv2%20unit:5")
     page.wait_for_selector("tr.hit")
-    assert [r.split("\t")[:2] for r in page.locator("tr.hit").all_inner_texts()] == [["conv2", "unit 5"]]
+    assert [r[:2] for r in hit_rows(page)] == [["conv2", "unit 5"]]
     page.fill("#search", "conv2 5")
-    fives = {r.split("\t")[1] for r in page.locator("tr.hit").all_inner_texts()}
+    fives = {r[1] for r in hit_rows(page)}
     assert fives == {f"unit {u}" for u in st.units("conv2", label="5")["unit"].to_pylist()} | {"unit 5"}
 
 
@@ -306,7 +339,7 @@ def test_a_store_written_before_labels_builds_its_atlas_without_them(atlas_site,
     page.goto((site / "index.html").as_uri())
     page.fill("#search", "0")  # no labels: only units numbered 0
     page.wait_for_selector("tr.hit")
-    assert [r.split("\t")[1] for r in page.locator("tr.hit").all_inner_texts()] == ["unit 0"]
+    assert [r[1] for r in hit_rows(page)] == ["unit 0"]
     page.locator("tr.hit a").first.click()
     page.wait_for_selector("h2")
     text = page.inner_text("body")
@@ -323,3 +356,26 @@ def test_layer_page_filters_by_label(atlas_site, browser):
     want = st.units("conv2", label=label).num_rows
     assert page.inner_text("#count") == f"{want} of 8 units" and want >= 1
     assert all(t == f"label {label}" for t in page.locator(".cell .label").all_inner_texts())
+
+
+def test_a_copied_atlas_names_no_path_of_the_machine_that_built_it(atlas_site, browser, tmp_path):
+    """No file of an atlas holds an absolute path of the machine that built it (the store's path, its
+    folder, the atlas's), so a copy works anywhere: its pages, pictures and links open from the copy."""
+    site = atlas_site["tmp"] / "site"
+    built_where = [str(atlas_site["tmp"]), str(site), atlas_site["stores"]["digits"]]
+    copy = tmp_path / "elsewhere" / "atlas"
+    shutil.copytree(site, copy)
+    files = [p for p in copy.rglob("*") if p.is_file()]
+    assert len(files) > 50
+    for p in files:
+        data = p.read_bytes()
+        assert not [w for w in built_where if w.encode() in data], p
+    text = (copy / "index.html").read_text()
+    assert "<code>digits.zarr</code>" in text  # the store is named by its folder's name
+    page = browser.new_page()
+    page.goto((copy / "index.html").as_uri())
+    assert page.locator("img.thumb").count() > 0 and all(w > 0 for w in _images_loaded(page))
+    page.locator("tr:has(a:text-is('fc2')) img.thumb").first.click()
+    page.wait_for_selector("h2")
+    assert "ls.open_store('digits.zarr')" in page.inner_text("pre")
+    assert all(w > 0 for w in _images_loaded(page))

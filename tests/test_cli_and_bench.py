@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,16 +19,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.timeout(1800)  # a whole-network sweep: on a box with CPU hogs beside it, 600 s is not enough
-def test_quick_demo_sweeps_the_whole_network(tmp_path, model_cache):
+def test_quick_demo_sweeps_the_whole_network(demo_workdir):
     """`ldam-sweep demo --quick` sweeps all 410 digits-cnn units on local Ray: D, scores, labels, atlas and query agree."""
-    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
-    store = tmp_path / "demo.zarr"
-    out = subprocess.run(
-        [sys.executable, "-m", "ldam_sweep.cli", "demo", "--quick", "--store", str(store)],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
-    )
-    assert out.returncode == 0, out.stderr
-    assert f"store: {store}" in out.stdout.replace("\n", "")
+    work, stdout, env = demo_workdir
+    store = work / "storage" / "demo.zarr"
+    tmp_path = work / "storage"
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith("finished: 410 units, ")  # the summary: 3 lines
+    said = (work / "demo.stderr").read_text()  # the progress the user saw in an 80-column terminal: no Ray log line
+    assert said.strip() and not re.search(r"\b(INFO|WARNING) \S+\.py:\d+|authentication_token|Started a local Ray", said), said
+    assert lines[1].startswith(f"store: {store}") and lines[2].startswith(f"atlas: {tmp_path / 'demo-atlas' / 'index.html'}")
     import ldam_sweep as ls
 
     st = ls.open_store(str(store))

@@ -161,3 +161,85 @@ def test_the_link_checker_catches_what_it_should(tmp_path):
     for bad in ("#nope", "#not-a-heading", "no-such-file.md", "none.png", "outside.md"):
         assert any(bad in p for p in problems), (bad, problems)
     assert len(problems) == 5, problems
+
+
+# -- every example runs ---------------------------------------------------------------------------
+
+CODE = re.compile(r"(?:^<!-- (?P<skip>not run[^>]*?) -->\n)?^```(?P<lang>[a-z]*)\n(?P<code>.*?)^```", re.S | re.M)
+RUN = ("python", "sh", "yaml")  # `text` blocks are synopses (placeholders in capitals), not commands
+
+
+def code_blocks(path: Path) -> list[dict]:
+    """The fenced blocks of a Markdown file: language, code, line, and why it is not run (a
+    ``<!-- not run ... -->`` line right above it), in order."""
+    text = path.read_text()
+    return [{"lang": m["lang"], "code": m["code"], "line": text[: m.start()].count("\n") + 1, "skip": m["skip"]}
+            for m in CODE.finditer(text)]
+
+
+def shell_commands(code: str) -> list[str]:
+    """A sh block's commands: continuation lines joined, comment-only lines dropped."""
+    return [c for c in (line.strip() for line in code.replace("\\\n", " ").splitlines()) if c and not c.startswith("#")]
+
+
+@pytest.mark.fast
+def test_every_fenced_block_is_python_sh_yaml_or_text_and_every_skip_says_why():
+    """Fast: each block is one of the languages the docs test knows, and a block it does not run says why."""
+    for path in _doc_files():
+        for b in code_blocks(path):
+            assert b["lang"] in (*RUN, "text"), f"{path.name}:{b['line']}: ```{b['lang']}"
+            assert b["skip"] is None or len(b["skip"]) > len("not run by the docs test: "), f"{path.name}:{b['line']}"
+
+
+
+@pytest.mark.timeout(1800)
+def test_every_example_in_the_readme_and_docs_runs_as_written(demo_workdir, monkeypatch):
+    """Every fenced Python and shell block of README.md and docs/*.md runs as written, in order, on the
+    demo's folder (the quick demo: jobs/demo.yaml, storage/demo.zarr, digit.png), and YAML blocks are
+    valid specs. Python blocks of one page share a namespace, as in a notebook; a `ldam-sweep` line
+    runs in-process, any other (pipes, jq) in bash. Skipped: blocks marked `not run` (a bucket, a
+    cluster, `make test` itself), each with its reason."""
+    import subprocess
+    import sys
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from ldam_sweep.cli import app
+    from ldam_sweep.spec import parse_job, parse_model_spec
+
+    work, _, env = demo_workdir
+    monkeypatch.chdir(work)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    env = {**env, "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '')}"}
+    runner = CliRunner()
+    ran, skipped = 0, []
+    for path in _doc_files():
+        namespace: dict = {"__name__": f"docs_{path.stem}"}
+        for b in code_blocks(path):
+            where = f"{path.relative_to(ROOT)}:{b['line']}"
+            if b["skip"] or b["lang"] not in RUN:
+                skipped.append((where, b["skip"] or b["lang"]))
+                continue
+            if b["lang"] == "python":
+                exec(compile(b["code"], where, "exec"), namespace)  # noqa: S102 - the docs' own examples
+            elif b["lang"] == "yaml":
+                doc = yaml.safe_load(b["code"])
+                parse_model_spec(doc["model"]) if set(doc) == {"model"} else parse_job(doc)
+            else:
+                for cmd in shell_commands(b["code"]):
+                    if cmd.startswith("ldam-sweep ") and "|" not in cmd:
+                        import shlex
+
+                        args = [a for a in shlex.split(cmd, comments=True)][1:]
+                        result = runner.invoke(app, args, env={"COLUMNS": "100"})
+                        assert result.exit_code == 0, f"{where}: {cmd}\n{result.output}\n{result.exception!r}"
+                    else:
+                        result = subprocess.run(["bash", "-c", f"set -eo pipefail; {cmd}"], capture_output=True,
+                                                text=True, env=env, cwd=work, timeout=600)
+                        assert result.returncode == 0 and result.stdout.strip() not in ("", "null"), \
+                            f"{where}: {cmd}\n{result.stdout}\n{result.stderr[-3000:]}"
+            ran += 1
+    assert ran >= 15, (ran, skipped)
+    assert all("not run" in why or why == "text" for _, why in skipped), skipped

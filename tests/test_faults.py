@@ -176,7 +176,7 @@ def test_checksum_is_checked_once_per_block_per_store_instance(swept):
 
 def test_stale_temp_parts_are_removed_at_the_next_commit(copy):
     """A commit removes stale .tmp manifest parts a dead writer left, and keeps a live writer's."""
-    folder = Path(copy) / "manifest" / "layer=fc2"
+    folder = Path(copy) / "manifest" / "parts" / "layer=fc2"
     stale, fresh = folder / ".part-1-dead.parquet.tmp", folder / ".part-2-live.parquet.tmp"
     stale.write_bytes(b"x")
     fresh.write_bytes(b"x")
@@ -318,7 +318,7 @@ def test_second_ctrl_c_stops_at_once_and_leaves_no_ray_process(tmp_path, model_c
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # see test_sweep.default_sigint
     try:
-        while not (Path(url) / "manifest").is_dir():  # the first committed block: Ray is up and working
+        while not (Path(url) / "manifest" / "parts").is_dir():  # the first committed block: Ray is up and working
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.2)
         assert ray_processes(str(ray_tmp)), "Ray runs under its own temp dir"

@@ -23,7 +23,6 @@ from conftest import SWEEP_SPEC, assert_equal_stores, mounted_tmpfs, one_line_er
 import ldam_sweep as ls
 from ldam_sweep.cli import app
 from ldam_sweep.failpoints import ENV as FAILPOINTS
-from ldam_sweep.store.integrity import ROOT_COPY
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -67,9 +66,10 @@ def test_every_flipped_byte_is_found_or_harmless(swept, tmp_path):
     spec.loader.exec_module(bench)
     files = {str(p.relative_to(swept[1])) for p in Path(swept[1]).rglob("*") if p.is_file()}
     # the files the store depends on beyond its blocks are all there to be flipped
-    assert {"zarr.json", ROOT_COPY, "layers/zarr.json", "layers/conv2/zarr.json", "layers/conv2/samples/zarr.json",
-            "discriminator/zarr.json", "discriminator/file/zarr.json", "discriminator/file/c/0", "realism.json"} <= files
-    assert sum(f.startswith("manifest/") for f in files) == 3
+    assert {"zarr.json", "root-copy/zarr.json", "layers/zarr.json", "layers/conv2/zarr.json", "layers/conv2/samples/zarr.json",
+            "discriminator/zarr.json", "discriminator/file/zarr.json", "discriminator/file/c/0", "realism/zarr.json",
+            "manifest/zarr.json", "layers/conv2/unit/zarr.json"} <= files
+    assert sum(f.startswith("manifest/parts/") for f in files) == 3
     for seed in range(3):
         got = bench.flip_every_file(swept[1], tmp_path, seed=seed)
         assert got["files"] == len(files) and got["silent"] == 0, {k: v for k, v in got["outcome"].items() if v != "found"}
@@ -134,7 +134,7 @@ def test_damaged_metadata_and_parts_are_rebuilt_and_repair_is_one_commit(swept, 
     spec, original, env = swept
     for rel in ("zarr.json", "layers/zarr.json", "layers/conv2/zarr.json", "layers/conv2/samples/zarr.json"):
         Path(copy, rel).write_text("garbage{")
-    block1 = [p for p in Path(copy, "manifest", "layer=conv2").glob("part-*.parquet")
+    block1 = [p for p in Path(copy, "manifest", "parts", "layer=conv2").glob("part-*.parquet")
               if set(pq.read_table(p)["block"].to_pylist()) == {1}]
     assert len(block1) == 1
     flip(block1[0], at=0.3)
@@ -149,7 +149,7 @@ def test_damaged_metadata_and_parts_are_rebuilt_and_repair_is_one_commit(swept, 
     assert out.exit_code == 1 and "zarr.json: the root metadata is damaged" in out.output
 
     def parts() -> set[str]:
-        return {str(p) for p in Path(copy, "manifest").rglob("part-*.parquet")}
+        return {str(p) for p in Path(copy, "manifest", "parts").rglob("part-*.parquet")}
 
     before = parts()
     out = cli("verify", copy, "--repair", env=env, cwd=tmp_path, **{FAILPOINTS: "repair.before-commit=kill"})
@@ -224,9 +224,9 @@ def test_spec_errors_are_one_line_with_where(tmp_path):
 
 @pytest.fixture
 def tiny_fs(tmp_path):
-    """A real 96 KiB tmpfs (needs root and a sandbox that allows mounts): the store's metadata fits, the
-    discriminator does not."""
-    with mounted_tmpfs(tmp_path / "fs", "96k") as mnt:
+    """A real 216 KiB tmpfs (needs root and a sandbox that allows mounts): the store's metadata fits
+    (180 KiB of tmpfs pages for SWEEP_SPEC's store, coordinates included), the discriminator (56 KiB) does not."""
+    with mounted_tmpfs(tmp_path / "fs", "216k") as mnt:
         yield mnt
 
 

@@ -41,8 +41,8 @@ def same(got, want) -> bool:
         return got is None
     if isinstance(want, float):
         return isinstance(got, (int, float)) and got == pytest.approx(want, rel=1e-9, abs=1e-12)
-    if isinstance(want, dt.datetime):
-        return got == want.isoformat()
+    if isinstance(want, dt.datetime):  # ISO 8601 (pydantic writes UTC as "Z")
+        return isinstance(got, str) and dt.datetime.fromisoformat(got) == want
     return got == want
 
 
@@ -65,7 +65,7 @@ def test_query_json_equals_units(exemplar_store):
     doc = run_json("query", exemplar_store, "--layer", "fc1", "--sort", "activation_ratio", "--limit", "5", "--json")
     want = st.units("fc1", sort="activation_ratio", limit=5).to_pylist()
     assert doc["count"] == 5 and same(doc["units"], want)
-    assert doc["units"][0]["exemplar_max"] > 0 and doc["units"][0]["committed_at"].endswith("+00:00")
+    assert doc["units"][0]["exemplar_max"] > 0 and doc["units"][0]["committed_at"].endswith("Z")  # UTC, RFC 3339
 
 
 def test_show_json_lists_the_png_written(exemplar_store, tmp_path):

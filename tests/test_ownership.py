@@ -189,7 +189,7 @@ def test_old_part_files_read_back_a_null_generation_and_verify_checks_rows(tmp_p
     old_schema = pa.schema([f for f in FILE_SCHEMA if f.name != "generation"])
     old = {**{k: v for k, v in rows[0].items() if k in old_schema.names}, "unit": 2, "block": 1,
            "status": "failed", "error": "boom", "committed_at": dt.datetime.now(dt.timezone.utc)}
-    folder = Path(url, "manifest", "layer=fc2")
+    folder = Path(url, "manifest", "parts", "layer=fc2")
     pq.write_table(pa.Table.from_pylist([old], schema=old_schema), folder / "part-0-old.parquet")
     manifest = ls.open_store(url).manifest("fc2")
     got = {r["unit"]: r["generation"] for r in manifest.to_pylist()}
@@ -205,7 +205,7 @@ def test_old_part_files_read_back_a_null_generation_and_verify_checks_rows(tmp_p
     for key in ("generation", ATTRS_SEAL, METADATA_KEY):
         del meta["attributes"][key]
     zmeta.write_text(json.dumps(meta))
-    Path(url, ROOT_COPY).unlink()
+    Path(url, ROOT_COPY, "zarr.json").unlink()
     assert read_generation(url) == ""
     assert [str(p) for p in verify_store(ls.open_store(url))[1]] == [  # null is fine now, the uuid is not
         f"layer 'fc2' block 0: manifest rows of units [0, 1] were not written for this store: generation {generation}, "
@@ -246,7 +246,7 @@ def test_fresh_without_yes_is_refused_with_the_unit_count(tmp_path, digits_model
     assert result.exit_code == 2 and "Type the store's name (kept.zarr)" in " ".join(result.output.split())
     st = ls.open_store(url)
     assert st.units().num_rows == 2 and read_generation(url) == generation and read_lease(url) is None
-    assert sorted(os.listdir(url)) == ["layers", "manifest", "root-copy.json", "zarr.json"]
+    assert sorted(os.listdir(url)) == ["layers", "manifest", "root-copy", "zarr.json"]
 
 
 @pytest.mark.fast

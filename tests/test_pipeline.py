@@ -266,7 +266,7 @@ def test_manifest_files_written_before_batch_units_read_back_as_null(tmp_path, d
     url = _store(tmp_path, "old", SPEC, digits_model)
     loc = ls.open_store(url).loc
     old_schema = pa.schema([f for f in manifest.FILE_SCHEMA if f.name != "batch_units"])
-    folder = tmp_path / "old.zarr" / manifest.MANIFEST_DIR / "layer=fc1"
+    folder = tmp_path / "old.zarr" / manifest.parts_dir(loc) / "layer=fc1"
     folder.mkdir(parents=True)
     old_row = {"unit": 0, "block": 0, "status": "failed", "attempt": 1, "error": "old", "spec_hash": "x",
                "committed_at": pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py()}

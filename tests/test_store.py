@@ -138,7 +138,7 @@ def test_part_files_written_before_the_new_score_columns_still_read(store, digit
     old_schema = pa.schema([f for f in manifest.FILE_SCHEMA if f.name not in new])
     old = [{k: v for k, v in r.items() if k in old_schema.names} | {"committed_at": dt.datetime.now(dt.timezone.utc)}
            for r in rows]
-    folder = Path(url) / "manifest" / "layer=fc2"
+    folder = Path(url) / manifest.parts_dir(ls.open_store(url).loc) / "layer=fc2"
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(old, schema=old_schema), folder / "part-0-old.parquet")
     commit(url, BlockWriter(url).write("fc2", 1, sample_block(digits_model, lp, 1), unit_columns=score_result(
@@ -173,16 +173,27 @@ def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
     results = write_and_commit(url, digits_model, plan, "fc2", [0, 1])
     # verify --repair's tombstones: one part at the top of the manifest with the layer as a column
     manifest.publish(ls.open_store(url).loc, [{"layer": "fc2", "unit": 0, "block": 0, "status": "corrupt"}], one_part=True)
+    manifest.publish(ls.open_store(url).loc, [{"layer": "fc2", "unit": 1, "block": 0, "status": "ok"}])  # a newer row
+    from ldam_sweep.store.verify import record_verification
+
+    record_verification(ls.open_store(url), [], [])  # a record the store gets (verify's): a group of its own
+    # every warning is an error: the store opens, lists and reads cleanly with zarr, xarray, pyarrow, DuckDB
     code = textwrap.dedent(f"""
-        import json, sys
-        import numpy as np, zarr, pyarrow.dataset as pds, duckdb
+        import json, sys, warnings
+        warnings.simplefilter("error")
+        import numpy as np, zarr, xarray as xr, pyarrow.dataset as pds, duckdb
         root = zarr.open_group({url!r}, mode="r")
+        members = sorted(root.keys())
         s = root["layers/fc2/samples"][5]
-        t = pds.dataset({url!r} + "/manifest", format="parquet", partitioning="hive").to_table()
-        d = duckdb.sql("SELECT coalesce(layer, regexp_extract(filename, 'layer=([^/]+)/', 1)) AS layer, status, count(*) "
-                       "FROM read_parquet('{url}/manifest/**/*.parquet', hive_partitioning=false, union_by_name=true, "
-                       "filename=true) GROUP BY ALL ORDER BY ALL").fetchall()
+        layer = xr.open_zarr({url!r} + "/layers/fc2")
+        final = layer.samples.sel(unit=5).isel(snapshot=-1)
+        manifest = pds.dataset({url!r} + "/manifest/parts", format="parquet", partitioning="hive")
+        t = manifest.to_table()
+        d = duckdb.sql("SELECT layer, status, count(*) FROM (SELECT * FROM manifest QUALIFY row_number() OVER "
+                       "(PARTITION BY layer, unit ORDER BY committed_at DESC) = 1) GROUP BY ALL ORDER BY ALL").fetchall()
         print(json.dumps({{"shape": list(s.shape), "mean": float(np.asarray(s, dtype=np.float64).mean()),
+                          "members": members, "coords": {{k: layer[k].values.tolist() for k in ("unit", "chain", "snapshot")}},
+                          "final": float(final.astype("float64").mean()), "dims": list(final.dims),
                           "rows": t.num_rows, "layers": sorted(set(t["layer"].to_pylist())), "duck": d,
                           "imported": any(m.startswith("ldam_sweep") for m in sys.modules)}}))
     """)
@@ -190,9 +201,16 @@ def test_store_opens_with_plain_zarr_pyarrow_and_duckdb(store, digits_model):
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["imported"] is False
+    assert got["members"] == ["layers", "manifest", "root-copy", "verify"]  # every top-level entry a Zarr group
     assert got["shape"] == [CHAINS, 2, 1, 28, 28]
-    assert got["mean"] == pytest.approx(float(results[1].samples[1].astype(np.float16).astype(np.float64).mean()), rel=1e-4)
-    assert got["rows"] == 9 and got["layers"] == ["fc2"] and got["duck"] == [["fc2", "corrupt", 1], ["fc2", "ok", 8]]
+    mean = float(results[1].samples[1].astype(np.float16).astype(np.float64).mean())
+    assert got["mean"] == pytest.approx(mean, rel=1e-4)
+    assert got["coords"] == {"unit": list(range(10)), "chain": list(range(CHAINS)), "snapshot": list(plan.snapshot_steps)}
+    assert got["dims"] == ["chain", "c", "y", "x"]
+    assert got["final"] == pytest.approx(float(results[1].samples[1][:, -1].astype(np.float16).astype(np.float64).mean()),
+                                         rel=1e-4)
+    # 8 rows committed, then 2 more; the newest per unit: unit 0's tombstone, unit 1's newer row
+    assert got["rows"] == 10 and got["layers"] == ["fc2"] and got["duck"] == [["fc2", "corrupt", 1], ["fc2", "ok", 7]]
 
 
 # argv: store, blocks, and optionally a folder: the writer then puts <folder>/ready-<pid> there once
@@ -411,3 +429,45 @@ def test_cli_status_query_show(store, digits_model, tmp_path):
     from PIL import Image
 
     assert Image.open(png).size[1] > CHAINS * 28
+
+
+def test_a_store_of_layout_1_resumes_verifies_measures_and_builds_its_atlas_in_its_own_layout(tmp_path, digits_model, model_cache):
+    """A store laid out as before layout 2 (no ``layout`` attribute, ``root-copy.json``, manifest parts
+    directly in ``manifest/``, no coordinate arrays) with one block committed: `ldam-sweep run` resumes
+    it (a real process, local Ray), `verify` passes, `realism` writes ``realism.json``, the atlas builds,
+    and the store never gains a layout-2 file."""
+    import yaml
+
+    from ldam_sweep.atlas.site import build_atlas
+    from ldam_sweep.cluster.worker import SweepWorker
+    from ldam_sweep.planning import sweep_store_plan
+    from ldam_sweep.spec import parse_job
+    from ldam_sweep.store.integrity import store_layout
+    from ldam_sweep.store.location import StoreLocation
+
+    doc = {"name": "layout1", "model": {"zoo": "digits-cnn"}, "layers": ["fc2"], "units": {"fc2": "0-7"},
+           "sampler": {"steps": 4, "chains": 2, "seed": 0}, "data": {"source": "digits", "limit": 64}, "exemplars": 2,
+           "resources": {"actors": 1, "block_size": 4}}
+    job = parse_job(doc)
+    spec_doc = job.model_dump(mode="json", exclude_none=True)
+    url = str(tmp_path / "old.zarr")
+    create_store(url, sweep_store_plan(job, digits_model, spec_doc), layout=1)
+    commit(url, SweepWorker(spec_doc, url, num_threads=1).run_batch("fc2", [(0, [0, 1, 2, 3])], [1])[0])
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    env = {**os.environ, "LDAM_SWEEP_CACHE": str(model_cache), "RAY_AUTH_MODE": "disabled"}
+    out = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "run", str(tmp_path / "job.yaml"), "--store", url],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "resume: 1 of 2 blocks already committed" in out.stderr
+    verify = subprocess.run([sys.executable, "-m", "ldam_sweep.cli", "verify", url], env=env, capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    st = ls.open_store(url)
+    assert st.units("fc2").num_rows == 8 and store_layout(StoreLocation.parse(url)) == 1 and "layout" not in st.attrs
+    assert st.realism() is not None
+    files = {str(p.relative_to(url)) for p in Path(url).rglob("*") if p.is_file()}
+    assert {"root-copy.json", "realism.json", "verify.json"} <= files
+    assert not any(f.startswith(("root-copy/", "realism/", "verify/", "manifest/parts/")) or f == "manifest/zarr.json"
+                   or "/unit/" in f for f in files), sorted(files)
+    assert sum(f.startswith("manifest/layer=fc2/part-") for f in files) >= 2
+    report = build_atlas(st, tmp_path / "site")
+    assert report.units_rendered == 8

@@ -123,8 +123,10 @@ def test_worker_killed_mid_sweep_loses_nothing(tmp_path, env):
 
 
 def _load_summary(out: str) -> dict:
-    line = [l for l in out.splitlines() if l.startswith("summary ")][-1]
-    return json.loads(line.removeprefix("summary "))
+    """The summary `run --json` prints: one JSON object on stdout."""
+    doc = json.loads(out)
+    assert doc["command"] == "run"
+    return doc
 
 
 def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
@@ -145,7 +147,7 @@ def test_driver_killed_then_resumed_matches_an_uninterrupted_run(tmp_path, env):
         (signals / "release-conv2-0").touch()
     done_before = committed_blocks(url)
     assert 2 <= done_before < 8
-    again = cli("run", str(spec), env=env, cwd=tmp_path)
+    again = cli("run", str(spec), "--json", env=env, cwd=tmp_path)
     out, err = again.communicate(timeout=PATIENCE)
     assert again.returncode == 0, err
     assert f"resume: {done_before} of 8 blocks already committed, {8 - done_before} to run" in err
@@ -168,7 +170,7 @@ def test_block_that_always_fails_is_recorded_and_the_rest_completes(tmp_path, en
     spec = write_spec(tmp_path, sampler={"steps": 30, "chains": 2},
                       resources={**SPEC["resources"], "max_attempts": 2})
     url = str(tmp_path / "storage" / "kill-test.zarr")
-    proc = cli("run", str(spec), env={**env, FAIL_BLOCKS_ENV: "conv2:5"}, cwd=tmp_path)
+    proc = cli("run", str(spec), "--json", env={**env, FAIL_BLOCKS_ENV: "conv2:5"}, cwd=tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     summary = _load_summary(out)
@@ -194,7 +196,7 @@ def test_ctrl_c_keeps_what_is_committed(tmp_path, env):
     spec = write_spec(tmp_path)
     url = str(tmp_path / "storage" / "kill-test.zarr")
     signals = tmp_path / "signals"
-    proc = cli("run", str(spec), env={**env, **hold(signals, "conv2:0")}, cwd=tmp_path)
+    proc = cli("run", str(spec), "--json", env={**env, **hold(signals, "conv2:0")}, cwd=tmp_path)
     try:
         wait_for_file(signals / "held-conv2-0", proc)
         wait_for_blocks(url, 1, proc)  # the other actor has committed a block; block 0 is provably pending

@@ -86,25 +86,29 @@ def test_a_cell_too_wide_for_any_fold_is_broken_across_lines_whole():
 
 
 def test_layers_of_digits_vit_at_80_columns_show_names_whole_and_the_token_layout_once(model_cache):
-    """digits-vit's layers (trains digits-vit) fold at 80 columns with names whole and one token-layout note."""
+    """digits-vit's layers (trains digits-vit) fit 80 columns: one table, each layer once, names whole,
+    one token-layout note; --wide adds kinds and aliases, folded with every layer named in each fold."""
     doc = json.loads(cli("layers", "digits-vit", "--json"))
     text = cli("layers", "digits-vit", env=NARROW)
     assert_fits(text)
     names = [layer["name"] for layer in doc["layers"]]
-    aliases = [a for layer in doc["layers"] for a in layer["aliases"]]
-    cells = {c for row in table_cells(text) for c in row}
-    assert set(names) <= cells and set(aliases) <= cells  # whole, each its own cell
-    # folded: every fold lists every layer, by name, in the first column
-    firsts = headers(text)
-    assert len(firsts) == 2 and all(h[0] == "layer" for h in firsts)
-    assert [h for fold in firsts for h in fold[1:]] == ["module", "kind", "units", "output shape", "objective", "aliases"]
-    body = [row[0] for row in table_cells(text) if row[0] not in ("layer", "")]
-    assert body == names * 2
-    # the token layout: a marker on each token layer, one note under the table
+    assert headers(text) == [["layer", "module", "units", "output shape", "objective"]] and "continued" not in text
+    assert [row[0] for row in table_cells(text)[1:]] == names  # each layer once, whole, in its own cell
+    # the token layout: a marker on each token layer, one note under the table; aliases: one line
     detail = "50 tokens: 7×7 grid + class token"
     assert text.count(detail) == 1 and "¹ token_mean (50 tokens: 7×7 grid + class token)\n" in text
     tokens = sum(layer["tokens"] is not None for layer in doc["layers"])
     assert text.count("token_mean¹") == tokens > 20
+    aliased = sum(bool(layer["aliases"]) for layer in doc["layers"])
+    assert f"{aliased} layers also have another name (the same output): --wide lists them" in text
+    wide = cli("layers", "digits-vit", "--wide", env=NARROW)
+    assert_fits(wide)
+    folds = headers(wide)
+    assert len(folds) == 2 and all(h[0] == "layer" for h in folds)
+    assert [h for fold in folds for h in fold[1:]] == ["module", "units", "output shape", "objective", "kind", "aliases"]
+    assert [row[0] for row in table_cells(wide) if row[0] not in ("layer", "")] == names * 2
+    aliases = [a for layer in doc["layers"] for a in layer["aliases"]]
+    assert aliases and set(aliases) <= {c for row in table_cells(wide) for c in row}
 
 
 @pytest.mark.fast
@@ -117,21 +121,29 @@ def test_layers_of_digits_cnn_fit_80_columns_unfolded(model_cache):
 
 
 @pytest.mark.fast
-def test_query_at_80_columns_folds_with_whole_headers_and_layer_names(exemplar_store):
+def test_query_at_80_columns_prints_each_row_once_and_folds_only_when_asked(exemplar_store):
+    """`query`'s default columns fit 80 columns (one table, each unit once, no integrity noise on an
+    intact store); `--label 3` likewise; `--columns all` folds, repeating layer and unit in each fold;
+    a query that matches nothing says so and names the store's labels."""
     units = json.loads(cli("query", exemplar_store, "--json"))["units"]
     text = cli("query", exemplar_store, env=NARROW)
     assert_fits(text)
-    folded = headers(text)
-    assert len(folded) >= 2 and all(h[:2] == ["layer", "unit"] for h in folded)  # the keys in every fold
-    assert [h for fold in folded for h in fold[2:]] == list(QUERY_COLUMNS[2:])  # every header whole, in order
-    assert folded == [["layer", "unit", "status", "integrity", "label", "label_purity", "act_final_mean"],
-                      ["layer", "unit", "exemplar_max", "realism_final_mean"]]
-    assert "units (continued: exemplar_max, realism_final_mean)" in " ".join(text.split())
+    assert headers(text) == [list(QUERY_COLUMNS)] and "continued" not in text
     keys = [(u["layer"], str(u["unit"])) for u in units]
-    body = [tuple(row[:2]) for row in table_cells(text) if row[:2] != ["layer", "unit"]]
-    assert body == keys * len(folded)  # each fold lists every row, by layer and unit
-    wide = cli("query", exemplar_store, env={"COLUMNS": "200"})
-    assert len(headers(wide)) == 1 and headers(wide)[0] == list(QUERY_COLUMNS)
+    assert [tuple(row[:2]) for row in table_cells(text)[1:]] == keys  # each unit once
+    assert "unverified" not in text and "--repair" not in text
+    threes = cli("query", exemplar_store, "--label", "3", env=NARROW)
+    assert_fits(threes)
+    want = [(u["layer"], str(u["unit"])) for u in json.loads(cli("query", exemplar_store, "--label", "3", "--json"))["units"]]
+    assert want and [tuple(row[:2]) for row in table_cells(threes)[1:]] == want
+    every = cli("query", exemplar_store, "--columns", "all", env=NARROW)
+    assert_fits(every)
+    folds = headers(every)
+    assert len(folds) > 3 and all(h[:2] == ["layer", "unit"] for h in folds)
+    starts = [tuple(row[:2]) for row in table_cells(every) if row[:2] != ["layer", "unit"] and row[0]]  # a wide cell folds onto lines with blank keys
+    assert starts == keys * len(folds)
+    none = cli("query", exemplar_store, "--label", "three", env=NARROW)
+    assert none.strip() == "no ok units with label 'three'; labels are 0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
 
 
 @pytest.mark.fast

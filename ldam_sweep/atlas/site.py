@@ -37,6 +37,7 @@ from ldam_sweep.store.realism import LOW_REALISM
 
 PAGE_SIZE = 200
 STATE_FILE = "atlas-state.json"
+TOP_THUMBNAILS = 4  # per layer on the index: its units with the highest activation ratio
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
@@ -52,7 +53,34 @@ img.pix{image-rendering:pixelated}pre{background:#f0f0f0;padding:.6em;overflow-x
 .badge{background:#555;color:#fff;border-radius:3px;padding:0 .4em;font-size:11px}
 .flag{background:#b35c00;color:#fff;border-radius:3px;padding:0 .4em;font-size:11px;margin-right:.3em}
 .deadcell{width:128px;height:128px;background:#eee;color:#777;display:flex;align-items:center;justify-content:center}
+img.thumb{width:40px;height:40px;image-rendering:pixelated;vertical-align:middle;margin-right:2px}td.tops{white-space:nowrap}
+.nav a{margin-right:1em}.nav .off{color:#aaa;margin-right:1em}
 """
+
+
+def store_name(st: SweepStore) -> str:
+    """How the atlas names its store: a local store by its folder's name (the atlas is copied to other
+    machines; the build machine's paths mean nothing there), an object store by its URL."""
+    return Path(st.loc.root).name if st.loc.is_local else st.loc.url
+
+
+def portable(value: Any, st: SweepStore) -> Any:
+    """``value`` (text, or a spec document) with the build machine's absolute paths replaced: the
+    store's path by its name, any other absolute path by its last part."""
+    if isinstance(value, dict):
+        return {k: portable(v, st) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, st) for v in value]
+    if not isinstance(value, str):
+        return value
+    if st.loc.is_local:
+        value = value.replace(st.loc.root, store_name(st))
+        parent = str(Path(st.loc.root).parent)
+        if parent != "/":
+            value = value.replace(parent + "/", "")
+    if value.startswith("/") and "\n" not in value and " " not in value:  # a bare absolute path (weights, data)
+        value = Path(value).name
+    return value
 
 
 def _page(title: str, body: str, depth: int) -> str:
@@ -178,6 +206,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     realism = st.realism()  # the layer pages' and the index's realism lines
     rendered = skipped = 0
     search: list[list[Any]] = []  # the index's search rows (search.js)
+    tops: dict[str, list[int]] = {}  # layer -> its units with the highest activation ratio (the index's thumbnails)
     for li, info in enumerate(layers_info):
         name = info["name"]
         s = slug(name)
@@ -195,7 +224,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
             elif r["status"] == "corrupt" and state.get(key) != stamp:  # marked by verify --repair
                 _render_corrupt_unit(st, name, int(r["unit"]), r["error"] or "", out)
             state[key] = stamp
-            entries.append({"unit": r["unit"], "status": r["status"], "error": (r["error"] or "")[:300],
+            entries.append({"unit": r["unit"], "status": r["status"], "error": portable(r["error"] or "", st)[:300],
                             "flags": unit_flags(r), **{k: r.get(k) for k in TEXT_COLUMNS},
                             **{k: _short(r.get(k)) for k, _ in SCORE_LABELS}})
         lp = st.layer_plan(name)
@@ -215,18 +244,22 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
                 rendered += 1
         for e in entries:
             if e["unit"] in corrupt:
-                e.update({"status": "corrupt", "error": corrupt[e["unit"]][:300],
+                e.update({"status": "corrupt", "error": portable(corrupt[e["unit"]], st)[:300],
                           **{k: None for k, _ in SCORE_LABELS}})
         seen = {e["unit"] for e in entries}
         planned = lp.selected if lp.selected is not None else range(lp.units)
         entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORE_LABELS}}
                     for u in planned if int(u) not in seen]
         (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
+        paged = sorted(int(e["unit"]) for e in entries if e["status"] in ("ok", "dead", "corrupt"))
+        (out / "data" / f"{s}-nav.js").write_text(f"window.ATLAS_NAV = {_json_for_script(paged)};\n")
+        ranked = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: -(e.get("activation_ratio") or -np.inf))
+        tops[name] = [int(e["unit"]) for e in ranked[:TOP_THUMBNAILS]]
         search += [search_row(li, e) for e in entries]
         _write_layer_page(st, info, realism, out)
     names = [[info["name"], slug(info["name"])] for info in layers_info]
     (out / "data" / "search.js").write_text(f"window.ATLAS_SEARCH = {_json_for_script({'layers': names, 'units': search})};\n")
-    _write_index(st, layers_info, realism, out)
+    _write_index(st, layers_info, realism, out, tops)
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
@@ -267,7 +300,7 @@ def unit_flags(row: dict[str, Any]) -> list[str]:
 def _integrity_text(st: SweepStore) -> str:
     """What the last ``ldam-sweep verify`` found (or that it never ran since the last write)."""
     v = st.verification()
-    verify = f"ldam-sweep verify {st.loc.url}"
+    verify = f"ldam-sweep verify {store_name(st)}"
     if v["state"] == "never":
         text = f"not verified: `{verify}` checks every file and block (units are marked unverified until then)"
     elif v["state"] == "damaged":
@@ -277,8 +310,12 @@ def _integrity_text(st: SweepStore) -> str:
     else:
         text = f"verified at {v['verified_at']}" + ("" if v["corrupt"] else ": every file and committed block intact")
     if v["corrupt"]:
-        text += f"; {v['corrupt']} units in corrupt blocks: `{verify} --repair`, then `ldam-sweep run SPEC --store {st.loc.url}`"
+        text += f"; {v['corrupt']} units in corrupt blocks: `{verify} --repair`, then `ldam-sweep run SPEC --store {store_name(st)}`"
     return text
+
+
+def _pct(v: Any) -> str:
+    return "–" if v is None or not np.isfinite(v) else f"{100 * v:.0f}%"
 
 
 def _flag_html(flags: list[str]) -> str:
@@ -300,16 +337,48 @@ def _realism_text(doc: dict[str, Any] | None, layer: str | None) -> str:
             f"0.5 = indistinguishable; fine detail {e['hf_ratio']:.2f}× the real images'{hf_ex}{stale}")
 
 
+NAV_JS = """
+(function(){
+  const units = window.ATLAS_NAV || [], here = +document.body.dataset.unit, i = units.indexOf(here);
+  const links = {prev: units[i - 1], next: units[i + 1]};
+  for (const [id, u] of Object.entries(links)){
+    const a = document.getElementById(id);
+    if (u === undefined || i < 0){ a.removeAttribute('href'); a.className = 'off'; } else { a.href = u + '.html'; }
+  }
+  document.addEventListener('keydown', e => {
+    if (e.target.tagName === 'INPUT') return;
+    const u = e.key === 'ArrowLeft' ? links.prev : e.key === 'ArrowRight' ? links.next : undefined;
+    if (u !== undefined && i >= 0) location.href = u + '.html';
+  });
+})();
+"""
+
+
+def _unit_nav(layer: str, unit: int) -> str:
+    """The unit page's previous / next links (among the layer's units that have a page, in unit
+    order; read from ``data/<slug>-nav.js`` at load, so pages rendered earlier stay right) and the
+    link back to its layer page."""
+    s = slug(layer)
+    return (f"<p class='nav'><a href='../../layers/{s}.html'>layer {_e(layer)}</a>"
+            f"<a id='prev' href='#'>← previous unit</a><a id='next' href='#'>next unit →</a>"
+            "<span class='muted'>(arrow keys too)</span></p>"
+            f"<script src='../../data/{s}-nav.js'></script><script>{NAV_JS}</script>")
+
+
+def _unit_page(title: str, body: str, unit: int) -> str:
+    return _page(title, body, 2).replace("<body>", f"<body data-unit='{int(unit)}'>", 1)
+
+
 def _render_corrupt_unit(st: SweepStore, layer: str, unit: int, problem: str, out: Path) -> None:
     """The page of a unit whose block failed its checksum: the problem and the repair, no data."""
     s = slug(layer)
     for stale in (out / "img" / s).glob(f"{unit}-*.png"):  # never keep showing images of the old data
         stale.unlink()
-    body = (f"<h1>{_e(layer)} · unit {unit}</h1><p><a href='../../layers/{s}.html'>back to layer {_e(layer)}</a></p>"
-            f"<p class='corrupt'><b>corrupt</b> — run <code>ldam-sweep verify {_e(st.loc.url)} --repair</code>, then "
-            f"<code>ldam-sweep run SPEC --store {_e(st.loc.url)}</code></p><p class='muted'>{_e(problem)}</p>")
+    body = (f"<h1>{_e(layer)} · unit {unit}</h1>{_unit_nav(layer, unit)}"
+            f"<p class='corrupt'><b>corrupt</b> — run <code>ldam-sweep verify {_e(store_name(st))} --repair</code>, then "
+            f"<code>ldam-sweep run SPEC --store {_e(store_name(st))}</code></p><p class='muted'>{_e(portable(problem, st))}</p>")
     (out / "units" / s).mkdir(parents=True, exist_ok=True)
-    (out / "units" / s / f"{unit}.html").write_text(_page(f"{layer} unit {unit} (corrupt)", body, 2))
+    (out / "units" / s / f"{unit}.html").write_text(_unit_page(f"{layer} unit {unit} (corrupt)", body, unit))
 
 
 def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:
@@ -323,14 +392,13 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     vr = st.plan.value_range
     h = samples.shape[-2]
     dead = row["status"] == "dead"
-    parts = [f"<h1>{_e(name)} · unit {unit}</h1>",
-             f"<p><a href='../../layers/{s}.html'>back to layer {_e(name)}</a></p>"]
+    parts = [f"<h1>{_e(name)} · unit {unit}</h1>", _unit_nav(name, unit)]
     flags = unit_flags(row)
     if flags and not row["status"] == "dead":
-        why = {"low realism": f"the layer's two-sample classifier called {_fmt(row.get('detected_fraction'))} of its "
+        why = {"low realism": f"the layer's two-sample classifier called {_pct(row.get('detected_fraction'))} of its "
                               "samples generated",
-               "saturated chains": f"{_fmt(row.get('saturated_fraction'))} of its chains end mostly on the pixel box's bounds",
-               "frozen chains": f"{_fmt(row.get('frozen_fraction'))} of its chains stopped moving short of the best real image"}
+               "saturated chains": f"{_pct(row.get('saturated_fraction'))} of its chains end mostly on the pixel box's bounds",
+               "frozen chains": f"{_pct(row.get('frozen_fraction'))} of its chains stopped moving short of the best real image"}
         parts.append(f"<p>{_flag_html(flags)} " + "; ".join(_e(why[f]) for f in flags) + "</p>")
     label = label_text(row)
     if label:
@@ -339,7 +407,7 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     parts.append(f"<p class='muted'>stable link (from the atlas folder): <code class='stable-link'>{_e(link)}</code></p>")
     side = []
     if dead:
-        parts.append(f"<p class='dead'><span class='badge'>dead</span> not sampled: {_e(row.get('error') or '')}</p>")
+        parts.append(f"<p class='dead'><span class='badge'>dead</span> not sampled: {_e(portable(row.get('error') or '', st))}</p>")
     else:
         scale = max(1, 128 // h)
         final_act = np.where(np.isfinite(act[:, -1]), act[:, -1], -np.inf)
@@ -391,12 +459,12 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     parts.append(f"<h2>Scores</h2><table>{score_rows}{meta}</table>")
     call = "exemplars" if dead else "samples"
     shape = "(k, C, H, W) images, (k,) activations" if dead else "(chain, snapshot, C, H, W)"
-    snippet = (f"import ldam_sweep as ls\n{call} = ls.open_store({st.loc.url!r}).{call}({name!r}, {unit})"
-               f"  # {shape}")
+    snippet = (f"import ldam_sweep as ls\nst = ls.open_store({store_name(st)!r})  # the store's path where you read it\n"
+               f"{call} = st.{call}({name!r}, {unit})  # {shape}")
     parts.append(f"<h2>Load it from Python</h2><pre>{_e(snippet)}</pre>")
     page = unit_page(out, name, unit)
     page.parent.mkdir(parents=True, exist_ok=True)
-    page.write_text(_page(f"{name} unit {unit}", "".join(parts), 2))
+    page.write_text(_unit_page(f"{name} unit {unit}", "".join(parts), unit))
 
 
 # HTML-escaping in the pages' scripts (names and labels from the model, the spec and the data)
@@ -423,12 +491,14 @@ LAYER_JS = """
     const v = view(), pages = Math.max(1, Math.ceil(v.length / size));
     page = Math.min(page, pages - 1);
     count.textContent = v.length + ' of ' + rows.length + ' units';
+    // a cell: the picture, the unit and its label, and the one score the page is sorted by
+    const key = sortSel.value, score = key === 'unit' ? 'activation_ratio' : key, scoreName = key === 'unit'
+      ? 'activation ratio' : sortSel.options[sortSel.selectedIndex].text;
     grid.innerHTML = v.slice(page * size, (page + 1) * size).map(r => r.status === 'ok'
       ? `<div class="cell"><a href="../units/${slug}/${r.unit}.html"><img alt="unit ${r.unit}" src="../img/${slug}/${r.unit}-best.png"></a>`
-        + `<b>unit ${r.unit}</b><br>ratio ${fmt(r.activation_ratio)} · facets ${fmt(r.facets)}<br>low-pass div ${fmt(r.lowpass_diversity)}`
-        + `<br>realism ${fmt(r.realism_final_mean)} · HF ${fmt(r.hf_ratio)}`
-        + (shown(r) !== null ? `<br><span class="label">label ${esc(shown(r))}</span>` : '')
-        + (r.flags || []).map(f => `<br><span class="flag">${esc(f)}</span>`).join('') + `</div>`
+        + `<b>unit ${r.unit}</b>` + (shown(r) !== null ? ` · <span class="label">label ${esc(shown(r))}</span>` : '')
+        + `<br><span class="score muted">${esc(scoreName)} ${fmt(r[score])}</span>`
+        + (r.flags || []).map(f => ` <span class="flag">${esc(f)}</span>`).join('') + `</div>`
       : r.status === 'corrupt'
       ? `<div class="cell corrupt"><a href="../units/${slug}/${r.unit}.html"><b>unit ${r.unit}</b></a><br><b>corrupt</b> — run <code>ldam-sweep verify STORE --repair</code></div>`
       : r.status === 'dead'
@@ -507,10 +577,12 @@ SEARCH_JS = """
     history.replaceState(null, '', q ? '#q=' + encodeURIComponent(q) : '#');
     found.textContent = q.trim() ? hits.length + ' units match' + (hits.length > limit ? ' (first ' + limit + ' shown)' : '') : '';
     found.dataset.ms = (performance.now() - t0).toFixed(1);
-    out.innerHTML = hits.length ? '<tr><th>layer</th><th>unit</th><th>label</th><th>from</th><th>purity / share</th><th>flags</th></tr>' +
+    out.innerHTML = hits.length ? '<tr><th></th><th>layer</th><th>unit</th><th>label</th><th>from</th><th>purity / share</th><th>flags</th></tr>' +
       hits.slice(0, limit).map(([r, u]) => {
         const L = layers[u[0]], page = `units/${L.slug}/${u[1]}.html`, linked = !/\\b(pending|failed)\\b/.test(u[5]);
-        return `<tr class="hit"><td>${esc(L.name)}</td><td>${linked ? `<a href="${page}">unit ${u[1]}</a>` : 'unit ' + u[1]}</td>` +
+        const pictured = linked && !/\\b(dead|corrupt)\\b/.test(u[5]);
+        const thumb = pictured ? `<a href="${page}"><img class="thumb" loading="lazy" alt="" src="img/${L.slug}/${u[1]}-best.png"></a>` : '';
+        return `<tr class="hit"><td>${thumb}</td><td>${esc(L.name)}</td><td>${linked ? `<a href="${page}">unit ${u[1]}</a>` : 'unit ' + u[1]}</td>` +
           `<td>${esc(u[2])}</td><td>${u[3]}</td><td>${u[4] ?? '–'}</td><td>${esc(u[5])}</td></tr>`;
       }).join('') : '';
   }
@@ -522,7 +594,8 @@ SEARCH_JS = """
 SEARCH_LIMIT = 200
 
 
-def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dict[str, Any] | None, out: Path) -> None:
+def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dict[str, Any] | None, out: Path,
+                 tops: dict[str, list[int]]) -> None:
     attrs = st.attrs
     spec = attrs.get("spec", {})
     rows = []
@@ -533,7 +606,10 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
         cells = "".join(f"<td>{_e(_fmt(e.get(k)))}</td>" for k in ("c2st", "c2st_exemplars", "hf_ratio", "hf_ratio_exemplars"))
         a = agreement.get(info["name"])
         cells += f"<td>{a['agree']:.2f} ({a['chance']:.2f}; {a['units']} units)</td>" if a else "<td>–</td>"
-        rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td>"
+        thumbs = "".join(f"<a href='units/{slug(info['name'])}/{u}.html'><img class='thumb' loading='lazy' "
+                         f"alt='{_e(info['name'])} unit {u}' title='unit {u}' src='img/{slug(info['name'])}/{u}-best.png'></a>"
+                         for u in tops.get(info["name"], []))
+        rows.append(f"<tr><td><a href='layers/{slug(info['name'])}.html'>{_e(info['name'])}</a></td><td class='tops'>{thumbs}</td>"
                     f"<td>{_e(info['module_type'])}</td><td>{_e(info['kind'])}</td><td>{info['units']}</td>"
                     f"<td>{info['done']}</td><td>{info['failed']}</td><td>{info['corrupt']}</td><td>{info['pending']}</td><td>{info['dead']}</td>"
                     f"<td><span class='bar'><span style='width:{100 * frac:.0f}%'></span></span> {100 * frac:.0f}%</td>{cells}</tr>")
@@ -541,9 +617,10 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
     d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
               f"fresh chains {d['heldout_fake_accuracy']:.3f})" if d else "none (λ = 0)")
     body = (f"<h1>ldam-sweep atlas: {_e(attrs['model']['name'])}</h1>"
-            f"<p>store <code>{_e(st.loc.url)}</code>, created {_e(attrs.get('created_at', ''))}, "
+            f"<p>store <code>{_e(store_name(st))}</code>, created {_e(attrs.get('created_at', ''))}, "
             f"model fingerprint <code>{_e(attrs['model']['fingerprint'][:12])}</code></p>"
-            "<h2>Layers</h2><table><tr><th>layer</th><th>module</th><th>kind</th><th>units</th><th>done</th>"
+            "<h2>Layers</h2><table><tr><th>layer</th><th title='its units with the highest activation ratio'>top units</th>"
+            "<th>module</th><th>kind</th><th>units</th><th>done</th>"
             "<th>failed</th><th>corrupt</th><th>pending</th><th>dead</th><th>completion</th>"
             "<th title='held-out accuracy of a classifier telling the samples from real images; 0.5 = indistinguishable'>"
             "two-sample</th><th>… of exemplars</th><th title='fine detail of the samples ÷ real images'>HF</th>"
@@ -564,5 +641,5 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
             "<table id='results'></table>"
             f"<script src='data/search.js'></script><script>{ESC_JS}{SEARCH_JS % SEARCH_LIMIT}</script>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
-            f"<h2>Job settings</h2><pre>{_e(json.dumps(spec, indent=2))}</pre>")
+            f"<h2>Job settings</h2><pre>{_e(json.dumps(portable(spec, st), indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))

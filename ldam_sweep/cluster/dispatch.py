@@ -36,6 +36,7 @@ class Dispatch:
         self.signals = signals or StopSignals()
         self.io = io or StoreIO(loc.url, plan.job.resources.storage_patience)
         self.storage_down = False  # the store stopped answering for good: nothing more is written
+        self.module: Any = None  # the caller's own nn.Module (run_sweep(model=...)): shipped to every actor
         self.queue = collections.deque(todo)
         self.attempts: collections.Counter = collections.Counter()
         self.buffer = CommitBuffer(loc.url, plan.job.resources.commit_every, lease, on_commit=events.on_commit,
@@ -111,7 +112,9 @@ class Dispatch:
             num_cpus=res.cpus_per_actor, num_gpus=self.gpus, max_restarts=-1, max_task_retries=0,
             scheduling_strategy="SPREAD", max_concurrency=PER_ACTOR_IN_FLIGHT,  # one batch samples, one is written
         )
-        make = lambda: actor_cls.remote(self.plan, self.loc.url, max(1, int(res.cpus_per_actor)), self.generation)  # noqa: E731
+        module = None if self.module is None else ray.put(self.module)  # one copy in the object store, not one per actor
+        make = lambda: actor_cls.remote(self.plan, self.loc.url, max(1, int(res.cpus_per_actor)), self.generation,  # noqa: E731
+                                        module)
         count = self._actor_target() if res.actors == "auto" else res.actors
         self.grown_at = time.monotonic()
         return WorkerPool([make() for _ in range(count)], res.max_in_flight, self.console, make=make)

@@ -42,8 +42,14 @@ __all__ = ["SweepCallback", "SweepSummary", "run_sweep"]
 def run_sweep(spec: JobSpec | dict[str, Any] | str | os.PathLike, store: str | StoreLocation | None = None,
               address: str | None = None, fresh: bool = False, *, console: Console | None = None,
               num_cpus: int | None = None, confirm_fresh: Callable[[str, int], bool] | None = None,
-              realism: bool = True, callbacks: list[SweepCallback] | None = None) -> SweepSummary:
+              realism: bool = True, callbacks: list[SweepCallback] | None = None,
+              model: Any = None) -> SweepSummary:
     """Run (or resume) a whole sweep. Local Ray by default; ``address`` joins an existing cluster.
+
+    ``model``: your own ``torch.nn.Module`` (or a ``ModelHandle``) instead of the spec's ``model:``
+    section, which the spec then leaves out (``model.input`` may stay, for the module's input); Ray
+    ships the module to every actor. The store records it as ``model: {module: <its class>}``:
+    readers that run the model (``find``) must be given it again.
 
     The driver holds the store's lease from before it touches the store until it returns
     (StoreOwnedError while another driver holds it). ``fresh`` deletes the store and starts over;
@@ -56,7 +62,7 @@ def run_sweep(spec: JobSpec | dict[str, Any] | str | os.PathLike, store: str | S
     stops answering is retried for ``resources.storage_patience`` seconds (``store.transport``)."""
     entered = time.perf_counter()
     console = console or Console(stderr=True)
-    run = _Run(console, address, num_cpus, realism, callbacks, entered)
+    run = _Run(console, address, num_cpus, realism, callbacks, entered, module=model)
     with StopSignals(announce=run.say) as run.signals:  # Ctrl-C and SIGTERM, from here to the end
         try:
             return run.sweep(spec, store, fresh, confirm_fresh)
@@ -76,6 +82,7 @@ class _Run:
     realism: bool
     callbacks: list[SweepCallback] | None
     entered: float
+    module: Any = None  # the caller's own nn.Module / ModelHandle, in place of the spec's model section
     signals: StopSignals = field(default_factory=StopSignals)
     io: StoreIO = field(default_factory=StoreIO)
 
@@ -86,12 +93,15 @@ class _Run:
         from ldam_sweep.model import load_model
 
         with self.signals.armed():  # everything wrong with the spec or the cluster fails here, before any work
+            module = None
+            if self.module is not None:
+                module, spec = with_module(spec, self.module)
             job, doc = job_doc(spec)
             loc = StoreLocation.parse(store or job.store or Path("storage") / f"{job.name}.zarr")  # --store, spec, default
             self.io = StoreIO(loc.url, job.resources.storage_patience, log=self.say)
             check_writable(loc)
             probe_address(self.address)  # an unreachable cluster fails in seconds, before the store exists
-            model = load_model(job.model, device="cpu", log=lambda m: self.console.print(Text(m, style="dim")))
+            model = module or load_model(job.model, device="cpu", log=lambda m: self.console.print(Text(m, style="dim")))
             plan = resolve(job, model, doc)  # the one plan: the driver, stage 1 and the workers use it
             if not fresh:  # a store made before chain starts were kept resumes without them
                 plan = plan.with_store(self.io("reading the store", as_stored, loc, plan.store))
@@ -156,8 +166,9 @@ class _Run:
         summary.startup["driver_s"] = time.perf_counter() - self.entered
         events = Callbacks([SummaryEvents(summary), ProgressEvents(self.console), *(self.callbacks or [])])
         if todo:
-            Dispatch(plan, loc, todo, summary, self.console, lease, events, self.signals, io).run(self.address,
-                                                                                                 self.num_cpus)
+            dispatch = Dispatch(plan, loc, todo, summary, self.console, lease, events, self.signals, io)
+            dispatch.module = model.net if plan.job.model.module else None  # shipped to the actors by Ray
+            dispatch.run(self.address, self.num_cpus)
         if self.realism and plan.job.data is not None and not summary.interrupted:
             try:
                 with self.signals.armed():
@@ -169,6 +180,29 @@ class _Run:
                     f"realism {loc.url}` measures it later")
         events.on_end(summary)
         return summary
+
+
+def with_module(spec: Any, module: Any) -> tuple[Any, Any]:
+    """(the caller's module as a ModelHandle, the spec as a document whose model section names it).
+    The spec (a dict, a YAML path or a JobSpec) must leave ``model:`` out, or give only its ``input``."""
+    from ldam_sweep.errors import SpecError
+    from ldam_sweep.model import load_model
+    from ldam_sweep.spec import JobSpec, read_yaml
+
+    doc = (spec.model_dump(mode="json", exclude_none=True) if isinstance(spec, JobSpec)
+           else dict(spec) if isinstance(spec, dict) else read_yaml(Path(spec)))
+    given = dict(doc.get("model") or {})
+    if set(given) - {"input", "module"}:
+        raise SpecError(f"run_sweep(model=...) takes the model from Python: leave the spec's model section out (it "
+                        f"names {sorted(set(given) - {'input', 'module'})}), or give only model.input")
+    handle = load_model(module, device="cpu", input=given.get("input"))
+    name = handle.name.removeprefix("module:")
+    doc["model"] = {"module": name, "input": handle.input.model_dump(mode="json")}
+    if isinstance(spec, (str, os.PathLike)):  # paths in a spec file are relative to it, as for `run`
+        from ldam_sweep.spec import parse_job, resolve_job_paths
+
+        return handle, resolve_job_paths(parse_job(doc, where=f"job spec {str(spec)!r}"), Path(spec).parent)
+    return handle, doc
 
 
 def _confirm_fresh(loc: StoreLocation, confirm: Callable[[str, int], bool] | None) -> None:

@@ -18,7 +18,6 @@ The progress bar (``ProgressEvents``) and the summary's counts (``SummaryEvents`
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -53,11 +52,6 @@ class SweepSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "units_per_second": self.units_per_second}
-
-
-def summary_line(summary: SweepSummary) -> str:
-    """The machine-readable last line of ``ldam-sweep run``: ``summary {json}``."""
-    return "summary " + json.dumps(summary.as_dict())
 
 
 class SweepCallback:

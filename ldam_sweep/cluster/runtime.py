@@ -4,6 +4,7 @@ the Ray head that stops the driver cleanly when the head goes away (``HeadWatch`
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import threading
@@ -31,7 +32,11 @@ def init_ray(address: str | None, num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"namespace": "ldam-sweep", "log_to_driver": False}
+    # Ray's own logging through Ray's options: a local Ray this driver starts is an implementation
+    # detail (its start-up and token lines are noise; errors still show); a cluster it joins is the
+    # user's, whose warnings they should see
+    kwargs: dict[str, Any] = {"namespace": "ldam-sweep", "log_to_driver": False,
+                              "logging_level": logging.WARNING if address else logging.ERROR}
     # Ray starts its workers at nice 15 so that its own daemons stay responsive; here the workers
     # are the sweep, and beside any other busy process (a second job, a build) nice 15 starves
     # them: two actors took 69 s instead of 3 s to start beside two CPU hogs on 2 cores. A local
@@ -88,6 +93,15 @@ def probe_address(address: str | None, wait_s: float = ADDRESS_WAIT_S) -> None:
                     f"{wait_s:.0f}s ({type(err).__name__}: {err}). Check that the cluster is up (`ray status "
                     f"--address {where}`); nothing was changed.") from None
             time.sleep(0.5)
+
+
+def niceness_cause(nice: int) -> str:
+    """Why a worker runs at ``nice``: the driver's own niceness (the user's `nice`, which a local Ray's
+    workers inherit), or Ray's default for a cluster started with `ray start` (nice 15)."""
+    if nice == os.nice(0):
+        return "as this driver does (started with `nice`; a local Ray's workers inherit it)"
+    return (f"as Ray starts workers unless told otherwise: start the cluster with {WORKER_NICENESS_ENV}=0 in "
+            "`ray start`'s environment")
 
 
 def error_text(err: Exception) -> str:
@@ -180,10 +194,8 @@ class WorkerPool:
             self.nodes[i] = ident["node"]
             nice = ident["niceness"]
             if nice > 0 and nice not in self.niceness.values():  # once per nice value, not per actor
-                self.console.print(
-                    f"note: worker {i} runs at nice {nice}: beside other busy processes it gets a small share of "
-                    f"the CPU. Start the cluster with {WORKER_NICENESS_ENV}=0 in `ray start`'s environment.",
-                    highlight=False, markup=False)
+                self.console.print(f"note: worker {i} runs at nice {nice}, {niceness_cause(nice)}; beside other busy "
+                                   "processes it gets a small share of the CPU", highlight=False, markup=False)
             self.niceness[i] = nice
 
     def _drop(self, i: int, why: str) -> None:

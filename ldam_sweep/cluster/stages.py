@@ -12,6 +12,7 @@ from rich.console import Console
 from ldam_sweep.cluster.commit import storage_stop
 from ldam_sweep.errors import LdamError, StoreDamagedError
 from ldam_sweep.planning import SweepPlan
+from ldam_sweep.settings import DiscriminatorSettings
 from ldam_sweep.spec import JobSpec
 from ldam_sweep.store import open_store
 from ldam_sweep.store.layout import write_discriminator
@@ -44,13 +45,21 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     model.to(default_device())
     t0 = time.perf_counter()
     what = "loading" if job.discriminator.file is not None else "training"
-    say(f"stage 1: {what} the discriminator on {model.device} ...")
+    total = DiscriminatorSettings(**(job.discriminator.train or {})).updates if job.discriminator.train is not None else 0
+    say(f"stage 1: {what} the discriminator on {model.device}" + (f" ({total} updates) ..." if total else " ..."))
     last = [time.perf_counter()]
+    began = time.perf_counter()
 
     def report(i: int, stats: dict) -> None:
-        if time.perf_counter() - last[0] > 10:
-            last[0] = time.perf_counter()
-            say(f"  D update {i}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}")
+        now = time.perf_counter()
+        left = (now - began) / i * (total - i)
+        if i == 1 and total > 1:  # its cost, before it is paid: the first update times the rest
+            say(f"  stage 1 will take about {_duration(left + now - began)} ({now - began:.1f}s for the first of "
+                f"{total} updates)")
+        elif now - last[0] > 10:
+            last[0] = now
+            say(f"  D update {i}/{total}: loss {stats['loss']:.3f}, batch accuracy {stats['accuracy']:.2f}, about "
+                f"{_duration(left)} left")
 
     trained = job_discriminator(job, model, progress=report, plan=plan, loaded=inputs.discriminator, train=inputs.train)
     model.to("cpu")
@@ -68,6 +77,10 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
         f"fresh chains {trained.heldout_fake_accuracy:.3f}) in {time.perf_counter() - t0:.0f}s")
     return trained.heldout_accuracy
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def legacy_discriminator_intact(st: Any, model: Any) -> bool:

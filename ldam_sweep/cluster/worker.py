@@ -53,9 +53,10 @@ class SweepWorker:
     """One per GPU (or CPU slot): model + discriminator resident, batches of blocks in, manifest rows out."""
 
     def __init__(self, plan: "SweepPlan | dict[str, Any]", url: str, num_threads: int | None = None,
-                 generation: str | None = None) -> None:
+                 generation: str | None = None, module: Any = None) -> None:
         """``plan``: the sweep's plan (the driver's ``resolve``; the worker derives nothing again), or
-        a job spec document, whose plan is then resolved against the store at ``url``."""
+        a job spec document, whose plan is then resolved against the store at ``url``. ``module``: the
+        caller's own nn.Module when the spec names one (``model: {module: ...}``), shipped by Ray."""
         from ldam_sweep.planning import SweepPlan
         from ldam_sweep.spec import parse_job
 
@@ -84,7 +85,14 @@ class SweepWorker:
         self.io = StoreIO(url, self.job.resources.storage_patience)
         self.device = default_device()
         t1 = time.perf_counter()
-        self.model = load_model(self.job.model, device=self.device)
+        if self.job.model.module:
+            if module is None:
+                from ldam_sweep.errors import ModelError
+
+                raise ModelError(f"the sweep's model {self.job.model.module!r} is a live module: the worker needs it")
+            self.model = load_model(module, input=self.job.model.input, device=self.device)
+        else:
+            self.model = load_model(self.job.model, device=self.device)
         t2 = time.perf_counter()
         if self.plan is None:  # used on its own (tests, benchmarks): the plan of the store at url
             from ldam_sweep.planning import resolve

@@ -6,7 +6,9 @@ Weight files are read with ``torch.load(weights_only=True)``: loading never runs
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -36,13 +38,26 @@ def default_device() -> torch.device:
 
 
 def load_model(
-    spec: ModelSpec | dict[str, Any] | str,
+    spec: ModelSpec | dict[str, Any] | str | nn.Module | ModelHandle,
     *,
     device: torch.device | str | None = None,
     log: Callable[[str], None] | None = None,
+    input: InputSpec | dict[str, Any] | tuple[int, int, int] | None = None,
 ) -> ModelHandle:
-    """Load the model a spec names and discover its layers. ``device``: default cuda:0 when present."""
+    """Load the model a spec names and discover its layers. ``device``: default cuda:0 when present.
+
+    ``spec`` may also be your own ``torch.nn.Module`` (as torch-lucent and captum take it): then
+    ``input`` says what images it takes -- ``(C, H, W)`` in [0, 1], or an ``InputSpec``/dict with
+    ``range``, ``mean`` and ``std`` (the normalisation the module expects, applied inside the
+    handle). torchvision's models default to ImageNet's 224 px input. A ``ModelHandle`` passes through."""
+    if isinstance(spec, ModelHandle):
+        return spec if device is None else spec.to(device)
+    if isinstance(spec, nn.Module):
+        return module_handle(spec, input, device)
     spec = parse_model_spec(spec)
+    if spec.module:
+        raise ModelError(f"the model {spec.module!r} was given as a live torch.nn.Module, which a spec cannot load: pass "
+                         "the module itself (ls.load_model(module, input=...), Finder(st, model=...), or --model SPEC)")
     dev = torch.device(device) if device is not None else default_device()
     metadata: dict[str, Any] = {"source": spec.source}
     scripted = False
@@ -71,6 +86,38 @@ def load_model(
         raise ModelError(f"model.labels: {str(spec.labels)!r} names {len(handle.class_names)} classes, but the model has "
                          f"{outputs[0]} outputs: give one class name per line, one line per output")
     return handle
+
+
+def parse_input(input: InputSpec | dict[str, Any] | tuple[int, int, int] | list[int]) -> InputSpec:
+    """An InputSpec from an InputSpec, a dict of its fields, or a (C, H, W) shape (range [0, 1], no normalisation)."""
+    if isinstance(input, InputSpec):
+        return input
+    if isinstance(input, (tuple, list)):
+        if len(input) != 3 or not all(isinstance(v, int) and v > 0 for v in input):
+            raise ModelError(f"input must be (channels, height, width), got {tuple(input)!r}")
+        return InputSpec(channels=input[0], height=input[1], width=input[2])
+    if isinstance(input, dict):
+        try:
+            return InputSpec.model_validate(input)
+        except Exception as err:
+            raise ModelError(f"input {input!r} is not an input spec: {err}") from None
+    raise ModelError(f"input must be (C, H, W), a dict or an InputSpec, got {type(input).__name__}")
+
+
+def module_handle(net: nn.Module, input: Any, device: torch.device | str | None = None) -> ModelHandle:
+    """A handle on the caller's own module (``load_model(module, input=...)``); named by its class,
+    with ``module`` as its spec's source (a sweep records it; a reader must be given the module again)."""
+    cls = type(net)
+    torchvision_model = cls.__module__.startswith("torchvision.models")
+    if input is None and not torchvision_model:
+        raise ModelError(f"ls.load_model({cls.__name__} module) needs input=(C, H, W) (images in [0, 1]), or a dict with "
+                         "channels, height, width and the range, mean and std the module expects: the shape of the "
+                         "images it takes cannot be read off a module")
+    input_spec = IMAGENET_INPUT if input is None else parse_input(input)
+    dev = torch.device(device) if device is not None else default_device()
+    name = f"module:{cls.__module__}.{cls.__qualname__}"
+    return ModelHandle(net, input_spec, name=name, device=dev, metadata={"source": name},
+                       scripted=isinstance(net, torch.jit.ScriptModule))
 
 
 def class_names(spec: ModelSpec) -> list[str] | None:
@@ -188,10 +235,7 @@ def _torchvision(spec: ModelSpec) -> tuple[nn.Module, InputSpec]:
 def _factory(spec: ModelSpec) -> nn.Module:
     assert spec.factory is not None
     mod_name, fn_name = spec.factory.split(":")
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as err:
-        raise ModelError(f"factory module {mod_name!r} cannot be imported: {err}") from None
+    module = import_factory_module(mod_name, spec._search)
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise ModelError(f"factory {spec.factory!r}: module {mod_name!r} has no callable {fn_name!r}")
@@ -201,6 +245,32 @@ def _factory(spec: ModelSpec) -> nn.Module:
     if spec.weights is not None:
         apply_state_dict(net, spec.weights)
     return net
+
+
+def import_factory_module(name: str, search: tuple[str, ...] = ()) -> Any:
+    """Import a factory's module: from sys.path, else from the folders a spec file names (its own
+    folder: a ``mynet.py`` beside the spec) and the working folder, which are then kept on sys.path
+    (the module's own imports may need them). The error names every folder searched."""
+    top = name.split(".")[0]
+    folders = [f for f in dict.fromkeys([*search, os.getcwd()]) if f]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != top:  # the module was found; something it imports is missing
+            raise ModelError(f"factory module {name!r} was found but cannot be imported: {err}") from None
+    except ImportError as err:
+        raise ModelError(f"factory module {name!r} cannot be imported: {err}") from None
+    for folder in folders:
+        if Path(folder, top + ".py").is_file() or Path(folder, top, "__init__.py").is_file():
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            try:
+                return importlib.import_module(name)
+            except ImportError as err:
+                raise ModelError(f"factory module {name!r} (in {folder}) cannot be imported: {err}") from None
+    where = ", ".join(folders + ["sys.path"])
+    raise ModelError(f"factory module {name!r} cannot be imported: no {top}.py or {top}/ package in {where}. Put "
+                     f"{top}.py beside the job spec, install its package, or add its folder to PYTHONPATH")
 
 
 def _torchscript(path: Path) -> nn.Module:

@@ -22,6 +22,7 @@ import torch
 
 from ldam_sweep.errors import SamplerError
 from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.progressbar import progress_bar
 from ldam_sweep.objectives import DEFAULT_BY_KIND, UnitObjective, check_objective, parse_objective, unit_objective
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import ChainContext, ChainTensors, run_chains
@@ -263,9 +264,16 @@ def sample(
     batch_units: int | None = None,
     preconditioner: Preconditioner | np.ndarray | torch.Tensor | None = None,
     options: LdamOptions | SgldOptions | AmOptions | None = None,
+    progress: bool | Callable[[int], None] = False,
+    input: Any = None,
     **sampler_options: Any,
 ) -> ChainResult:
     """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
+
+    ``model``: a ``ModelHandle`` (``ls.load_model``), or your own ``torch.nn.Module`` with ``input``
+    (what ``ls.load_model(module, input=...)`` takes: ``(C, H, W)`` or an input spec; a sweep of
+    several calls should load it once). ``progress``: ``True`` shows a progress bar over the steps
+    on stderr; a callable is told each finished step.
 
     ``discriminator``: any callable mapping pixel-space images (B, C, H, W) to log D(x) (B,);
     used in the update with weight ``lam`` and recorded as the realism trace whenever given.
@@ -288,6 +296,10 @@ def sample(
     is in it), so re-sampling a stored unit with its manifest's ``batch_units`` reproduces it there.
     A chain's start and noise depend only on (seed, layer, unit, chain).
     """
+    if not isinstance(model, ModelHandle):
+        from ldam_sweep.model.loading import load_model
+
+        model = load_model(model, input=input)
     info = model.layer(layer)
     unit_arr = model.check_units(info.name, units)
     objective = check_objective(str(objective or DEFAULT_BY_KIND[info.kind]), info.kind, info.name, info.geometry)
@@ -345,14 +357,16 @@ def sample(
             return unit_objective(model.activations(x, info.name), unit_idx, reduce)
 
         log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
-        out: ChainTensors = run_chains(
-            activation_fn, x0, keys, steps=steps, method=method, options=options,
-            box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
-            context=ChainContext(
-                bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=pre,
-                target=None if target is None else target.to(model.device).repeat_interleave(chains),
-                diverse_starts=diverse),
-        )
+        with progress_bar(progress, steps, f"sampling {info.name}: {n_live} units x {chains} chains") as on_step:
+            out: ChainTensors = run_chains(
+                activation_fn, x0, keys, steps=steps, method=method, options=options,
+                box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
+                context=ChainContext(
+                    bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=pre,
+                    target=None if target is None else target.to(model.device).repeat_interleave(chains),
+                    diverse_starts=diverse),
+                on_step=on_step,
+            )
         # laid out (unit, chain, ...) on the device, then one transfer per array
         snaps = out.snapshots.detach()[:, :rows].view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)
         traces = [t[:, :rows] for t in (out.activation, *([] if out.realism is None else [out.realism]))]

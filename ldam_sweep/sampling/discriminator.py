@@ -27,7 +27,8 @@ from ldam_sweep.model.handle import ModelHandle
 from ldam_sweep.objectives import objective_for, unit_objective
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import run_chains
-from ldam_sweep.settings import DiscriminatorSettings, parse_options
+from ldam_sweep.progressbar import progress_bar
+from ldam_sweep.settings import WEAK_DISCRIMINATOR, DiscriminatorSettings, parse_options
 
 SMALL_MAX_SIDE = 32
 FORMAT = "ldam-sweep-discriminator-v1"
@@ -312,15 +313,39 @@ def train_discriminator(
     real_heldout: np.ndarray,
     settings: DiscriminatorSettings | dict[str, Any] | None = None,
     *,
-    progress: Callable[[int, dict[str, float]], None] | None = None,
+    progress: bool | Callable[[int, dict[str, float]], None] | None = None,
     objectives: dict[str, str] | None = None,
 ) -> TrainedDiscriminator:
     """Stage 1: train D against persistent chains on ``targets`` [(layer, units), ...].
 
     ``real_train`` / ``real_heldout``: real images (N, C, H, W) in the model's pixel range.
-    ``progress(update, stats)`` is called after each D update.
+    ``progress``: ``True`` shows a progress bar (updates, loss, batch accuracy, time left) on
+    stderr; a callable ``progress(update, stats)`` is called after each D update. A D whose
+    held-out accuracy stays under ``WEAK_DISCRIMINATOR`` (0.55) is warned about
+    (``WeakDiscriminatorWarning``): it barely tells chains from real images.
     """
     s = settings if isinstance(settings, DiscriminatorSettings) else DiscriminatorSettings(**(settings or {}))
+    with progress_bar(progress, s.updates, "training D") as report:
+        trained = _train(model, targets, real_train, real_heldout, s, report, objectives)
+    if trained.heldout_accuracy < WEAK_DISCRIMINATOR:
+        warnings.warn(WeakDiscriminatorWarning(weak_discriminator_text(trained.heldout_accuracy, s.lam)), stacklevel=2)
+    return trained
+
+
+class WeakDiscriminatorWarning(UserWarning):
+    """A trained discriminator tells samples from real images barely better than chance."""
+
+
+def weak_discriminator_text(accuracy: float, lam: float) -> str:
+    return (f"the discriminator tells chains from real images only {accuracy:.2f} of the time on held-out data (0.5 is "
+            f"chance, under {WEAK_DISCRIMINATOR} is weak): chains sampled with lambda > 0 get little realism from it "
+            f"and its realism scores (log D) mean little. Train it longer (discriminator.train.updates, "
+            f"trained here with lambda {lam:g}), or sample with lam: 0")
+
+
+def _train(model: ModelHandle, targets: list[tuple[str, Any]], real_train: np.ndarray, real_heldout: np.ndarray,
+           s: DiscriminatorSettings, progress: Callable[..., None] | None,
+           objectives: dict[str, str] | None) -> TrainedDiscriminator:
     t0 = time.perf_counter()
     dev = model.device
     torch.manual_seed(s.seed)

@@ -326,6 +326,7 @@ def run_chains(
     log_d: LogDFn | None = None,
     draw_offset: int = 0,
     context: ChainContext | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> ChainTensors:
     """Run ``steps`` steps of the rule ``RULES[method]`` on the batch ``x0`` (B, C, H, W).
 
@@ -334,7 +335,7 @@ def run_chains(
     are the per-chain noise keys (see ``noise``). ``snapshot_steps``: values of t in 1..steps at
     which x_t is kept. ``chains``: chains per unit (element ``u * chains + c`` is chain c of unit
     u); ``context``: what the rule may use beyond its options (kernel widths, preconditioner,
-    per-chain activation targets).
+    per-chain activation targets). ``on_step(t)`` is told each finished step (progress).
     """
     b = x0.shape[0]
     dev = x0.device
@@ -366,6 +367,8 @@ def run_chains(
                            noise_stream=stream))
         if t + 1 in snap_at:
             snaps[snap_at[t + 1]] = x.detach()
+        if on_step is not None:
+            on_step(t + 1)
     x = x.detach()
     with torch.no_grad():
         act_trace[steps] = activation_fn(x)

@@ -7,8 +7,18 @@ holds), and rebuilding what can be rebuilt.
 - **Metadata**: the root's attributes record the sha256 of every group's and array's
   ``zarr.json`` (``metadata_sha256``) as written at creation. Those files follow from the plan
   the root records, so ``layout.expected_metadata`` rebuilds them byte for byte.
-- **The root** itself has a verbatim copy, ``root-copy.json``, written after it: the one file
-  that cannot be rebuilt from anything else is kept twice, and each copy checks itself.
+- **The root** itself has a verbatim copy (``root-copy/zarr.json``; ``root-copy.json`` in stores
+  of layout 1), written after it: the one file that cannot be rebuilt from anything else is kept
+  twice, and each copy checks itself.
+
+**Layouts.** Since layout 2 (root attribute ``layout``) every entry at a store's top level is a Zarr
+node, so zarr-python and xarray list a store without a warning: the sidecar records are groups of
+their own (``root-copy/``, ``realism/``, ``verify/``: the record is the group's attributes; the root's
+copy is the root's ``zarr.json`` verbatim) and the manifest is a group whose parts lie in
+``manifest/parts/``. Stores of layout 1 (made before) keep ``<name>.json`` files and ``manifest/``
+parts, and every reader reads both (``sidecar_path``, ``manifest.parts_dir``). The lease stays a
+file at the top (``lease.json``): it exists only while a driver runs, and drivers of every version
+must find it in one place.
 - **The discriminator's record** names the sha256 of its bytes and of its array's metadata.
 - **Manifest parts** carry the sha256 of their bytes in their name (``manifest.py``).
 """
@@ -23,7 +33,9 @@ import zarr
 
 from ldam_sweep.store.location import StoreLocation
 
-ROOT_COPY = "root-copy.json"
+ROOT_COPY = "root-copy"  # the sidecar record holding the root's zarr.json verbatim
+LAYOUT_KEY = "layout"  # root attribute: the store's layout (absent: 1)
+LAYOUT = 2  # what create_store writes now
 SEAL_KEY = "sha256"  # in a sealed record: the sha256 of the record's canonical JSON without this key
 ATTRS_SEAL = "attrs_sha256"  # the root's attributes' seal (a name no older root attribute uses)
 METADATA_KEY = "metadata_sha256"  # root attribute: {path of a zarr.json below the root: sha256 of its bytes}
@@ -78,7 +90,48 @@ def write_root(loc: StoreLocation, attrs: dict[str, Any]) -> None:
     meta["attributes"] = seal(attrs, ATTRS_SEAL)
     data = json.dumps(meta, indent=2).encode()
     loc.write_atomic(loc.join("zarr.json"), data)
-    loc.write_atomic(loc.join(ROOT_COPY), data)
+    loc.write_atomic(loc.join(sidecar_path(loc, ROOT_COPY, int(attrs.get(LAYOUT_KEY, 1)))), data)
+
+
+# -- sidecar records: groups of their own (layout 2), or <name>.json files (layout 1) ---------------
+
+def store_layout(loc: StoreLocation) -> int:
+    """The store's layout: its root's ``layout`` attribute (1 when absent); with a root that cannot be
+    read, 2 when the root's copy is a group of its own."""
+    state, meta = parse_json(read_bytes(loc, "zarr.json"))
+    if state == "ok" and isinstance(meta, dict) and isinstance(meta.get("attributes"), dict):
+        return int(meta["attributes"].get(LAYOUT_KEY, 1))
+    return LAYOUT if read_bytes(loc, f"{ROOT_COPY}/zarr.json") is not None else 1
+
+
+def sidecar_path(loc: StoreLocation, name: str, layout: int | None = None) -> str:
+    """Where the sidecar record ``name`` (``root-copy``, ``realism``, ``verify``) lives, relative to the store."""
+    layout = store_layout(loc) if layout is None else layout
+    return f"{name}/zarr.json" if layout >= 2 else f"{name}.json"
+
+
+def group_document(attributes: dict[str, Any]) -> dict[str, Any]:
+    """A Zarr v3 group's ``zarr.json`` holding ``attributes``."""
+    return {"attributes": attributes, "zarr_format": 3, "consolidated_metadata": None, "node_type": "group"}
+
+
+def read_sidecar(loc: StoreLocation, name: str) -> tuple[str, Any, str]:
+    """(state: "missing" | "broken" | "ok", the record's document, its path). A layout-2 record is
+    its group's attributes."""
+    path = sidecar_path(loc, name)
+    state, doc = parse_json(read_bytes(loc, path))
+    if state == "ok" and path.endswith("/zarr.json"):
+        doc = doc.get("attributes") if isinstance(doc, dict) and doc.get("node_type") == "group" else None
+        state = "ok" if isinstance(doc, dict) else "broken"
+    return state, doc, path
+
+
+def write_sidecar(loc: StoreLocation, name: str, doc: dict[str, Any], *, indent: int = 1) -> str:
+    """Replace the record ``name`` whole and atomically; its path."""
+    path = sidecar_path(loc, name)
+    body = group_document(doc) if path.endswith("/zarr.json") else doc
+    loc.write_atomic(loc.join(path), json.dumps(body, indent=indent, sort_keys=True, allow_nan=False).encode())
+    return path
 
 
 def root_state(data: bytes | None) -> tuple[str, dict[str, Any] | None]:
@@ -152,17 +205,17 @@ def discriminator_record(loc: StoreLocation) -> dict[str, Any] | None:
 
 # -- what verify found, for readers ----------------------------------------------------------------
 
-VERIFY_FILE = "verify.json"
+VERIFY_RECORD = "verify"  # the sidecar record of what the last verify found
 VERIFY_FORMAT = "ldam-sweep-verify-v1"
 
 
 def write_verify_record(loc: StoreLocation, doc: dict[str, Any]) -> None:
-    loc.write_atomic(loc.join(VERIFY_FILE), json.dumps(seal({"format": VERIFY_FORMAT, **doc}), indent=1).encode())
+    write_sidecar(loc, VERIFY_RECORD, seal({"format": VERIFY_FORMAT, **doc}))
 
 
 def read_verify_record(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
-    """("absent" | "ok" | "corrupt", the record) of ``verify.json``: what the last ``verify`` found."""
-    state, doc = parse_json(read_bytes(loc, VERIFY_FILE))
+    """("absent" | "ok" | "corrupt", the record): what the last ``verify`` found."""
+    state, doc, _ = read_sidecar(loc, VERIFY_RECORD)
     if state == "missing":
         return "absent", None
     if state != "ok" or seal_state(doc) != "ok" or doc.get("format") != VERIFY_FORMAT:

@@ -24,6 +24,7 @@ import dataclasses
 import datetime as dt
 import json
 import uuid
+import warnings
 from importlib import metadata as importlib_metadata
 from typing import Any
 
@@ -34,7 +35,8 @@ from ldam_sweep import failpoints
 from ldam_sweep.errors import LdamError, StoreDamagedError, StoreError
 from ldam_sweep.store.schema import LayerPlan, StorePlan, identity_changes
 from ldam_sweep.settings import SAMPLER_DEFAULTS
-from ldam_sweep.store.integrity import (ATTRS_SEAL, DISCRIMINATOR_SEAL, METADATA_KEY, ROOT_COPY, read_bytes, seal,
+from ldam_sweep.store.integrity import (ATTRS_SEAL, DISCRIMINATOR_SEAL, LAYOUT, LAYOUT_KEY, METADATA_KEY, ROOT_COPY,
+                                        read_bytes, seal, sidecar_path,
                                         seal_state, sha256, write_root)
 from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
@@ -104,8 +106,10 @@ def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = Fals
     return "absent"
 
 
-def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_options: dict | None = None) -> StoreLocation:
+def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_options: dict | None = None,
+                 layout: int = LAYOUT) -> StoreLocation:
     """Create every group and array with final shapes (driver only; idempotent for the same plan).
+    ``layout``: 2 (now); 1 writes a store the way the code before layout 2 did (tests of old stores).
 
     An existing store made from another plan is refused with a message saying how to proceed;
     it is deleted only when ``fresh=True`` (also one of the same plan). A new store gets a new
@@ -131,16 +135,32 @@ def create_store(url: str, plan: StorePlan, *, fresh: bool = False, storage_opti
         "plan_hash": plan.plan_hash(),
         "model": {"name": plan.model_name, "fingerprint": plan.model_fingerprint},
         "versions": package_versions(),
+        **({LAYOUT_KEY: layout} if layout >= 2 else {}),  # layout 1 had no such attribute
     })
-    create_layers(root, plan)
+    create_layers(root, plan, layout)
     failpoints.hit("metadata.before-root")
     # the format marker, the children's checksums and the seal: one atomic root write, then its copy
-    write_root(loc, {**dict(root.attrs), "format": FORMAT_NAME, METADATA_KEY: metadata_sums(loc, plan)})
+    write_root(loc, {**dict(root.attrs), "format": FORMAT_NAME, METADATA_KEY: metadata_sums(loc, plan, layout)})
     return loc
 
 
-def create_layers(root: zarr.Group, plan: StorePlan) -> None:
-    """Every layer's group and arrays under ``root`` (also used to rebuild damaged metadata: integrity.py)."""
+MANIFEST_GROUP = {"ldam_sweep": "the manifest: one Parquet file per commit in parts/ (ldam_sweep.store.manifest)"}
+
+
+def coordinates(plan: Any, lp: Any) -> dict[str, np.ndarray]:
+    """A layer's coordinate arrays (layout 2): each dimension's labels -- unit ids, chain indices, the
+    snapshots' steps, every step, exemplar ranks."""
+    out = {"unit": np.arange(lp.units, dtype=np.int64), "chain": np.arange(plan.chains, dtype=np.int64),
+           "snapshot": np.asarray(plan.snapshot_steps, dtype=np.int64), "step": np.arange(plan.steps + 1, dtype=np.int64)}
+    if plan.exemplars_k:
+        out["rank"] = np.arange(plan.exemplars_k, dtype=np.int64)
+    return out
+
+
+def create_layers(root: zarr.Group, plan: StorePlan, layout: int = 1) -> None:
+    """Every layer's group and arrays under ``root`` (also used to rebuild damaged metadata: integrity.py).
+    Layout 2 adds each layer's coordinate arrays and consolidated metadata (xarray opens a layer
+    with both, without a warning) and the manifest's group."""
     layers = root.create_group("layers")
     for lp in plan.layers:
         g = layers.create_group(encode_name(lp.name), attributes={
@@ -151,30 +171,42 @@ def create_layers(root: zarr.Group, plan: StorePlan) -> None:
         for a in plan.arrays(lp).values():
             g.create_array(a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards, fill_value=np.nan,
                            dimension_names=list(a.dims))
+        if layout >= 2:  # the coordinates, values included (xarray reads them as the dimensions' labels)
+            for name, values in coordinates(plan, lp).items():
+                g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape, fill_value=-1,
+                               dimension_names=[name])[:] = values  # fill -1: never a value, so the chunk is always written
+            with warnings.catch_warnings():  # zarr-python's own extension to Zarr v3, which xarray reads
+                warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+                zarr.consolidate_metadata(root.store, path=layer_path(lp.name))
+    if layout >= 2:
+        root.create_group("manifest", attributes=MANIFEST_GROUP)
 
 
-def child_metadata_paths(plan: Any) -> list[str]:
-    """Every group's and array's zarr.json below the root that ``create_store`` writes, relative to the store."""
+def child_metadata_paths(plan: Any, layout: int = 1) -> list[str]:
+    """Every file below the root that ``create_store`` writes and nothing rewrites, relative to the
+    store: each group's and array's zarr.json and (layout 2) the coordinates' one chunk each."""
     paths = ["layers/zarr.json"]
     for lp in plan.layers:
         paths.append(f"{layer_path(lp.name)}/zarr.json")
         paths += [f"{layer_path(lp.name)}/{name}/zarr.json" for name in plan.arrays(lp)]
-    return paths
+        if layout >= 2:
+            paths += [f"{layer_path(lp.name)}/{name}/{part}" for name in coordinates(plan, lp) for part in ("zarr.json", "c/0")]
+    return paths + (["manifest/zarr.json"] if layout >= 2 else [])
 
 
-def expected_metadata(plan: Any) -> dict[str, bytes]:
-    """The zarr.json of every group and array below the root, as ``create_store`` writes them for
-    ``plan``: built the same way in memory, so a damaged one is rebuilt from the plan alone."""
+def expected_metadata(plan: Any, layout: int = 1) -> dict[str, bytes]:
+    """Every file of ``child_metadata_paths`` as ``create_store`` writes it for ``plan``: built the
+    same way in memory, so a damaged one is rebuilt from the plan alone."""
     mem: dict[str, Any] = {}
     root = zarr.open_group(zarr.storage.MemoryStore(mem), mode="w")
-    create_layers(root, plan)
-    return {path: mem[path].to_bytes() for path in child_metadata_paths(plan)}
+    create_layers(root, plan, layout)
+    return {path: mem[path].to_bytes() for path in child_metadata_paths(plan, layout)}
 
 
-def metadata_sums(loc: StoreLocation, plan: Any) -> dict[str, str]:
+def metadata_sums(loc: StoreLocation, plan: Any, layout: int = 1) -> dict[str, str]:
     """sha256 of every child zarr.json as stored now (what the root records at creation)."""
     out = {}
-    for path in child_metadata_paths(plan):
+    for path in child_metadata_paths(plan, layout):
         data = read_bytes(loc, path)
         if data is None:
             raise FileNotFoundError(loc.join(path))
@@ -186,8 +218,9 @@ def _clear(loc: StoreLocation) -> None:
     """Delete an ldam-sweep store's contents except its lease. The format marker goes first, so an
     interrupted deletion leaves an unfinished store (recreated by the next run), and zarr.json last."""
     fs = loc.fs
-    if fs.exists(loc.join(ROOT_COPY)):  # first: a half-deleted store must not be restorable from its copy
-        fs.rm(loc.join(ROOT_COPY))
+    for copy in (sidecar_path(loc, ROOT_COPY, 2), sidecar_path(loc, ROOT_COPY, 1)):
+        if fs.exists(loc.join(copy)):  # first: a half-deleted store must not be restorable from its copy
+            fs.rm(loc.join(copy))
     root_meta = loc.join("zarr.json")
     try:
         meta = json.loads(fs.cat_file(root_meta))
@@ -258,7 +291,7 @@ def _read_root_attrs(loc: StoreLocation) -> dict[str, Any]:
     try:
         attrs = dict(loc.open_group(mode="r").attrs)
     except Exception as err:
-        if loc.fs.exists(loc.join(ROOT_COPY)):
+        if loc.fs.exists(loc.join(sidecar_path(loc, ROOT_COPY))):
             raise damaged from None
         raise StoreError(f"{loc.url!r} has a zarr.json but cannot be opened as a Zarr group: {err}") from None
     if seal_state(attrs, ATTRS_SEAL) == "broken":

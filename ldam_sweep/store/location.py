@@ -102,6 +102,7 @@ class StoreLocation:
             self.fs.pipe_file(path, data)
             return
         folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)  # a record's own folder (integrity.sidecar_path)
         tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
             with open(tmp, "wb") as f:

@@ -9,8 +9,11 @@ written before a column existed (``generation``) read back with nulls in it. Tem
 left by a writer killed mid-publish are removed by a later publish once they are STALE_TMP_SECONDS old.
 
 Integrity: a part's name ends in the sha256 of its bytes (``verify`` checks every byte) and its
-data pages carry CRCs that every read checks. A part at the top of ``manifest/`` (not in a layer
-folder) holds rows of several layers, published in one rename (``verify --repair``'s tombstones).
+data pages carry CRCs that every read checks. A part at the top of the parts' folder (not in a
+layer folder) holds rows of several layers, published in one rename (``verify --repair``'s tombstones).
+
+Where: ``manifest/parts/`` in stores of layout 2 (``manifest/`` is then a Zarr group, so the store's
+top level lists cleanly), ``manifest/`` itself in stores made before (``parts_dir``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ from ldam_sweep.store.location import StoreLocation, encode_name
 from ldam_sweep.store.schema import COLUMNS, FILE_SCHEMA, SCHEMA
 
 MANIFEST_DIR = "manifest"
+PARTS_DIR = "manifest/parts"  # layout 2
+
+
+def parts_dir(loc: StoreLocation) -> str:
+    """The folder of the manifest's parts, relative to the store: ``manifest/parts`` when ``manifest``
+    is a Zarr group (layout 2), else ``manifest`` (stores made before)."""
+    return PARTS_DIR if loc.fs.exists(loc.join(MANIFEST_DIR, "zarr.json")) else MANIFEST_DIR
 
 PARTITIONING = pds.partitioning(pa.schema([("layer", pa.string())]), flavor="hive")
 _FORMAT = pds.ParquetFileFormat(
@@ -81,13 +91,14 @@ def publish(loc: StoreLocation, rows: Iterable[dict[str, Any]], *, one_part: boo
             raise ValueError(f"manifest rows have unknown columns {sorted(unknown)}")
         by_layer.setdefault(None if one_part else row["layer"], []).append({"committed_at": now, **row})
     written = []
+    parts = parts_dir(loc)
     for layer, layer_rows in by_layer.items():
         if layer is None:
             table = pa.Table.from_pylist(layer_rows, schema=SCHEMA)
-            folder = loc.join(MANIFEST_DIR)
+            folder = loc.join(parts)
         else:
             table = pa.Table.from_pylist([{k: v for k, v in r.items() if k != "layer"} for r in layer_rows], schema=FILE_SCHEMA)
-            folder = loc.join(MANIFEST_DIR, f"layer={encode_name(layer)}")
+            folder = loc.join(parts, f"layer={encode_name(layer)}")
         data = _part_bytes(table)
         name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}-h{hashlib.sha256(data).hexdigest()[:32]}.parquet"
         final = f"{folder}/{name}"
@@ -118,7 +129,7 @@ def publish(loc: StoreLocation, rows: Iterable[dict[str, Any]], *, one_part: boo
 def part_files(loc: StoreLocation) -> list[str]:
     """Every published part file (full paths), the layer folders' and the top level's."""
     fs = loc.fs
-    root = loc.join(MANIFEST_DIR)
+    root = loc.join(parts_dir(loc))
     fs.invalidate_cache(root)
     if not fs.exists(root):
         return []
@@ -141,7 +152,7 @@ def read(loc: StoreLocation, layer: str | None = None, *, skip: frozenset[str] |
     """Every published row (not de-duplicated), with the 'layer' column from the partition (or from
     the file, for a part at the top). ``skip``: part files (full paths) to leave out (damaged ones)."""
     fs = loc.fs
-    root = loc.join(MANIFEST_DIR)
+    root = loc.join(parts_dir(loc))
     fs.invalidate_cache(root)  # object-store listings are cached per process; commits come from others
     if not fs.exists(root):
         return SCHEMA.empty_table()

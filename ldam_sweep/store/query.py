@@ -10,10 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ldam_sweep.notebook import mark, register as register_notebook_display
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
 from ldam_sweep.store.schema import LayerPlan, StorePlan
 from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
+                                        sidecar_path,
                                         seal_state)
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
 from ldam_sweep.store.location import StoreLocation
@@ -49,7 +51,7 @@ class SweepStore:
         try:
             self.root = self.loc.open_group(mode="r")
         except Exception as err:
-            if fs.exists(self.loc.join(ROOT_COPY)):  # ours, with a damaged root
+            if fs.exists(self.loc.join(sidecar_path(self.loc, ROOT_COPY))):  # ours, with a damaged root
                 raise StoreDamagedError(f"the root metadata (zarr.json) of store {self.loc.url!r} is damaged ({type(err).__name__}): "
                                         f"`ldam-sweep verify {self.loc.url} --repair` restores it from its copy") from None
             raise StoreError(f"{self.loc.url!r} is not a readable Zarr group: {err}") from None
@@ -264,7 +266,7 @@ class SweepStore:
             table = table.sort_by([(sort, "descending" if descending else "ascending")])
         if limit is not None:
             table = table.slice(0, limit)
-        return table
+        return mark(table)  # a short HTML table in a notebook (ldam_sweep/notebook.py); a plain pa.Table elsewhere
 
     def sql(self, query: str) -> pa.Table:
         """Run DuckDB SQL over the view ``units`` (de-duplicated, all statuses) and ``manifest`` (raw)."""
@@ -441,3 +443,6 @@ class SweepStore:
 def open_store(url: str, storage_options: dict | None = None) -> SweepStore:
     """Open a sweep store read-only; StoreError when the path is not one."""
     return SweepStore(url, storage_options)
+
+
+register_notebook_display()  # in IPython/Jupyter only: units tables and units as HTML

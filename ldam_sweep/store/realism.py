@@ -1,4 +1,5 @@
-"""The store's realism record: ``<store>/realism.json``, written after a sweep (``ldam-sweep realism``).
+"""The store's realism record: the attributes of the group ``<store>/realism`` (``realism.json`` in
+stores of layout 1), written after a sweep (``ldam-sweep realism``).
 
 One JSON document, replaced whole and atomically (temp file + rename locally, one PUT on an object
 store), so a reader sees the old record or the new one, and sealed (``sha256``: of its own JSON). It says for which committed units it was
@@ -14,13 +15,12 @@ later commit made stale. Layout (``ldam_sweep/realism.py`` computes it, docs/sco
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from ldam_sweep.store.integrity import seal, seal_state
+from ldam_sweep.store.integrity import read_sidecar, seal, seal_state, write_sidecar
 from ldam_sweep.store.location import StoreLocation
 
-REALISM_FILE = "realism.json"
+REALISM_RECORD = "realism"  # the sidecar record's name (integrity.sidecar_path)
 FORMAT = "ldam-sweep-realism-v1"
 # A unit is flagged "low realism" when the layer's two-sample classifier calls every one of its samples
 # generated (held out). A pointer, not a verdict: at a layer accuracy p about p^chains of the units are
@@ -37,25 +37,20 @@ def read_realism(loc: StoreLocation) -> dict[str, Any] | None:
 def realism_state(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
     """("absent" | "ok" | "corrupt", the record): a record is sealed (it carries the sha256 of its
     own JSON); one written before seals existed reads as "ok" when it parses."""
-    path = loc.join(REALISM_FILE)
     try:
-        doc = json.loads(loc.fs.cat_file(path))
-    except FileNotFoundError:
-        return "absent", None
-    except (OSError, ValueError):
+        state, doc, _ = read_sidecar(loc, REALISM_RECORD)
+    except OSError:
         return "corrupt", None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or seal_state(doc) == "broken":
+    if state == "missing":
+        return "absent", None
+    if state != "ok" or not isinstance(doc, dict) or doc.get("format") != FORMAT or seal_state(doc) == "broken":
         return "corrupt", None
     return "ok", {k: v for k, v in doc.items() if k != "sha256"}
 
 
 def write_realism(loc: StoreLocation, doc: dict[str, Any]) -> str:
     """Replace the record atomically; returns its path."""
-    doc = seal({"format": FORMAT, **doc})
-    data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode()
-    path = loc.join(REALISM_FILE)
-    loc.write_atomic(path, data)
-    return path
+    return loc.join(write_sidecar(loc, REALISM_RECORD, seal({"format": FORMAT, **doc})))
 
 
 def unit_flags(doc: dict[str, Any] | None, layer: str) -> dict[int, float]:

@@ -383,5 +383,4 @@ SCORE_LABELS = (
 )
 TEXT_COLUMNS = ("label", "sample_label")  # a layer page's rows carry these beside the scores  # shown as text beside the scores
 # the columns ``ldam-sweep query`` shows unless asked for others
-QUERY_COLUMNS = ("layer", "unit", "status", "integrity", "label", "label_purity", "act_final_mean", "exemplar_max",
-                 "realism_final_mean")
+QUERY_COLUMNS = ("layer", "unit", "label", "act_final_mean", "exemplar_max", "realism_final_mean")

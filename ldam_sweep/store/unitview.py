@@ -44,6 +44,12 @@ class UnitView:
         self.image().save(buf, format="PNG")
         return buf.getvalue()
 
+    def _repr_html_(self) -> str:
+        """Jupyter: the picture and the unit's main scores."""
+        from ldam_sweep.notebook import unit_html
+
+        return unit_html(self)
+
     def to_xarray(self) -> "xarray.Dataset":
         """The unit as an ``xarray.Dataset`` with named dims (chain, snapshot, step, c, y, x, rank)
         and the manifest row as attrs. Needs the optional extra: ``pip install 'ldam-sweep[xarray]'``."""

@@ -32,13 +32,14 @@ from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreError
 from ldam_sweep.store.schema import LayerPlan, StorePlan, stamp_generation, tombstone_rows
 from ldam_sweep.store import manifest
-from ldam_sweep.store.integrity import (METADATA_KEY, ROOT_COPY, read_bytes, read_verify_record, root_state, sha256,
+from ldam_sweep.store.integrity import (LAYOUT_KEY, METADATA_KEY, ROOT_COPY, VERIFY_RECORD, group_document, read_bytes,
+                                        read_verify_record, root_state, sha256, sidecar_path, store_layout,
                                         write_root, write_verify_record)
 from ldam_sweep.store.layout import expected_metadata, layer_path, metadata_sums
 from ldam_sweep.store.lease import LEASE_FILE, LeaseRecord
 from ldam_sweep.store.location import StoreLocation
 from ldam_sweep.store.query import SweepStore, checksum_arrays
-from ldam_sweep.store.realism import REALISM_FILE, realism_state
+from ldam_sweep.store.realism import REALISM_RECORD, realism_state
 from ldam_sweep.store.writer import block_checksum
 
 QUARANTINE_DIR = "quarantine"  # damaged files repair set aside (outside manifest/: no reader sees them)
@@ -124,22 +125,23 @@ def file_problems(loc: StoreLocation) -> tuple[list[StoreProblem], dict[str, Any
     url = loc.url
     repair = f"`ldam-sweep verify {url} --repair`"
     out: list[StoreProblem] = []
-    root_bytes, copy_bytes = read_bytes(loc, "zarr.json"), read_bytes(loc, ROOT_COPY)
+    copy_path = sidecar_path(loc, ROOT_COPY)
+    root_bytes, copy_bytes = read_bytes(loc, "zarr.json"), read_bytes(loc, copy_path)
     (root_ok, root), (_, copy) = root_state(root_bytes), root_state(copy_bytes)
     if root is None and copy is None:
         what = "missing" if root_bytes is None else "damaged"
         if copy_bytes is None and root_ok == "missing":
             raise StoreError(f"{url!r} is not an ldam-sweep store: it has no zarr.json")
         out.append(StoreProblem("unrepairable", "zarr.json", f"the root metadata is {what} and so is its copy "
-                                f"({ROOT_COPY}): the store's plan cannot be recovered",
+                                f"({copy_path}): the store's plan cannot be recovered",
                                 f"start it over: `ldam-sweep run SPEC --store {url} --fresh`"))
         return out, None
     if root is None:
         out.append(StoreProblem("root", "zarr.json", "the root metadata is " + ("missing" if root_bytes is None else
                                 "damaged (not valid JSON, or its attributes do not match their checksum)"),
-                                f"{repair} restores it from its copy ({ROOT_COPY})"))
+                                f"{repair} restores it from its copy ({copy_path})"))
     elif root_ok == "ok" and (copy is None or copy != root):
-        out.append(StoreProblem("root-copy", ROOT_COPY, f"the root metadata's copy is {'missing' if copy_bytes is None else 'damaged or stale'}",
+        out.append(StoreProblem("root-copy", copy_path, f"the root metadata's copy is {'missing' if copy_bytes is None else 'damaged or stale'}",
                                 f"{repair} writes it again from zarr.json"))
     meta = root if root is not None else copy
     assert meta is not None
@@ -158,7 +160,7 @@ def _metadata_problems(loc: StoreLocation, plan: StorePlan, attrs: dict[str, Any
     """Every group's and array's zarr.json against the sha256 the root recorded (a store made before
     those checksums: against the metadata its plan gives)."""
     recorded = attrs.get(METADATA_KEY)
-    expected = None if recorded else expected_metadata(plan)
+    expected = None if recorded else expected_metadata(plan, int(attrs.get(LAYOUT_KEY, 1)))
     owner = {layer_path(lp.name): lp.name for lp in plan.layers}
     out = []
     for path in (recorded or expected or {}):
@@ -225,10 +227,10 @@ def _record_problems(loc: StoreLocation, url: str, repair: str) -> list[StorePro
                                     "stale)", f"{repair} removes it once no driver has renewed it for "
                                     f"{record.stale_after:.0f}s; a run takes it over then too"))
     if realism_state(loc)[0] == "corrupt":
-        out.append(StoreProblem("realism", REALISM_FILE, "the realism record is damaged",
+        out.append(StoreProblem("realism", sidecar_path(loc, REALISM_RECORD), "the realism record is damaged",
                                 f"`ldam-sweep realism {url}` measures it again ({repair} removes the damaged one)"))
     if read_verify_record(loc)[0] == "corrupt":
-        out.append(StoreProblem("verify-record", "verify.json", "the last verify's record is damaged",
+        out.append(StoreProblem("verify-record", sidecar_path(loc, VERIFY_RECORD), "the last verify's record is damaged",
                                 "any `ldam-sweep verify` writes it again"))
     return out
 
@@ -339,7 +341,7 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
             report.left.append(p)
             return report
         if p.kind in ("root", "root-copy"):
-            good = read_bytes(loc, ROOT_COPY if p.kind == "root" else "zarr.json")
+            good = read_bytes(loc, sidecar_path(loc, ROOT_COPY) if p.kind == "root" else "zarr.json")
             assert good is not None
             loc.write_atomic(loc.join(p.path), good)
         elif p.kind == "part":
@@ -349,7 +351,7 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
             fs.rm(loc.join("discriminator"), recursive=True)
             report.rerun = True
         elif p.kind == "realism":
-            fs.rm(loc.join(REALISM_FILE))
+            fs.rm(loc.join(p.path))
         elif p.kind == "lease":
             info = fs.info(loc.join(LEASE_FILE))
             record = LeaseRecord.from_bytes(b"", float(info.get("mtime") or info.get("created") or time.time()))
@@ -380,6 +382,9 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
 def _set_aside(loc: StoreLocation, rel: str, stamp: str) -> None:
     """Move a damaged file out of the store's live tree into ``quarantine/<stamp>/`` (kept for a post-mortem)."""
     dest = loc.join(QUARANTINE_DIR, stamp, rel)
+    if store_layout(loc) >= 2 and read_bytes(loc, f"{QUARANTINE_DIR}/zarr.json") is None:  # a group: the top lists cleanly
+        loc.write_atomic(loc.join(QUARANTINE_DIR, "zarr.json"), json.dumps(group_document(
+            {"ldam_sweep": "files verify --repair set aside (damaged); nothing reads them"})).encode())
     loc.fs.makedirs(dest.rsplit("/", 1)[0], exist_ok=True)
     loc.fs.mv(loc.join(rel), dest)
 
@@ -387,12 +392,13 @@ def _set_aside(loc: StoreLocation, rel: str, stamp: str) -> None:
 def _rebuild_metadata(st: SweepStore, paths: list[str]) -> None:
     """Write the damaged zarr.json files again as the plan gives them; where this zarr writes them
     differently from the one that created the store, record the new checksums in the root."""
-    expected = expected_metadata(st.plan)
+    layout = int(st.attrs.get(LAYOUT_KEY, 1))
+    expected = expected_metadata(st.plan, layout)
     for path in paths:
         st.loc.write_atomic(st.loc.join(path), expected[path])
     recorded = st.attrs.get(METADATA_KEY)
     if recorded:
-        now = metadata_sums(st.loc, st.plan)
+        now = metadata_sums(st.loc, st.plan, layout)
         if now != recorded:
             write_root(st.loc, {**st.attrs, METADATA_KEY: now})
 
