@@ -348,7 +348,10 @@ def _print_integrity(st: Any) -> None:
                                     f"{v['verified_at']}, or by this read): {verify[:-1]} --repair`, then "
                                     f"`ldam-sweep run SPEC --store {st.loc.url}` redoes them"), highlight=False)
     if v["state"] == "damaged":
-        console.print(f"integrity: the last verify's record (verify.json) is damaged: {verify} writes it again",
+        from ldam_sweep.store.integrity import VERIFY_RECORD, sidecar_path
+
+        console.print(f"integrity: the last verify's record ({sidecar_path(st.loc, VERIFY_RECORD)}) is damaged: {verify} "
+                      "writes it again",
                       highlight=False, markup=False)
     elif v["state"] == "never":
         console.print(f"integrity: this store has not been verified ({v['unverified']} units): {verify} checks "
@@ -477,6 +480,8 @@ def realism(
     json_out: bool = typer.Option(False, "--json", help=JSON_HELP),
 ) -> None:
     """Measure how far the samples are from the sweep's real data (per layer and unit) and store it."""
+    from ldam_sweep.store.integrity import sidecar_path
+    from ldam_sweep.store.realism import REALISM_RECORD
     from ldam_sweep.realism import fmt as _fmt, layer_line, update_realism
     from ldam_sweep.store import open_store
     from ldam_sweep.store.lease import StoreLease
@@ -495,7 +500,7 @@ def realism(
         pooled = doc.get("pooled") or {}
         console.print(f"all layers: two-sample {_fmt(pooled.get('c2st'))} (exemplars {_fmt(pooled.get('c2st_exemplars'))}), "
                       f"HF {_fmt(pooled.get('hf_ratio'))} (exemplars {_fmt(pooled.get('hf_ratio_exemplars'))}); "
-                      f"stored in {st.loc.join('realism.json')}", highlight=False, markup=False)
+                      f"stored in {st.loc.join(sidecar_path(st.loc, REALISM_RECORD))}", highlight=False, markup=False)
 
 
 @app.command()

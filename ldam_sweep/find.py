@@ -87,9 +87,21 @@ class Finder:
             t0 = time.perf_counter()
             self.model = store_model(self.store, trust_store=self.trust_store)
             load_seconds = time.perf_counter() - t0
+        self.model = as_handle(self.model, self.store)
         result = find_units(self.store, images, layer=layer, top=top, model=self.model, atlas=atlas)
         result.load_seconds = load_seconds
         return result
+
+
+def as_handle(model: Any, store: "SweepStore") -> "ModelHandle":
+    """``model`` as a ModelHandle: a live ``nn.Module`` (a store swept with ``run_sweep(model=module)``
+    records only its class) is wrapped with the input the store recorded."""
+    from ldam_sweep.model import ModelHandle, load_model
+
+    if isinstance(model, ModelHandle):
+        return model
+    spec = store.model_spec()
+    return load_model(model, device="cpu", input=spec.input)
 
 
 def store_model(store: "SweepStore", device: Any = None, *, trust_store: bool = False) -> "ModelHandle":
@@ -173,7 +185,7 @@ def default_atlas(store: "SweepStore") -> Path | None:
 
 
 def find_units(store: "SweepStore", images: Images, *, layer: str | None = None, top: int = 10,
-               model: "ModelHandle | None" = None, atlas: str | Path | None = None, batch: int = 256,
+               model: "ModelHandle | Any | None" = None, atlas: str | Path | None = None, batch: int = 256,
                trust_store: bool = False) -> FindResult:
     """Rank the store's committed units by how far ``images`` lift them above their typical response,
     relative to their reference (``lift``, see the module docstring); the ``top`` best per image. Without ``model``,
@@ -183,6 +195,7 @@ def find_units(store: "SweepStore", images: Images, *, layer: str | None = None,
     t0 = time.perf_counter()
     if model is None:
         model = store_model(store, trust_store=trust_store)
+    model = as_handle(model, store)
     load_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     x, names = query_images(images, model.input)

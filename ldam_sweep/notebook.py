@@ -19,7 +19,6 @@ import pyarrow as pa
 
 MARK_KEY, MARK = b"ldam_sweep", b"units"
 MAX_ROWS = 20
-_registered: set[int] = set()
 
 
 def mark(table: pa.Table) -> pa.Table:
@@ -99,11 +98,10 @@ def register(shell: Any = None) -> bool:
         shell = ipython.get_ipython() if ipython is not None and hasattr(ipython, "get_ipython") else None
     if shell is None:
         return False
-    if id(shell) not in _registered:
-        formatters = shell.display_formatter.formatters
+    formatters = shell.display_formatter.formatters
+    if formatters["text/html"].type_printers.get(pa.Table) is not _html_formatter:
         formatters["text/html"].for_type(pa.Table, _html_formatter)
         formatters["text/plain"].for_type(pa.Table, _plain_formatter)
-        _registered.add(id(shell))
     return True
 
 

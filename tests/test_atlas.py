@@ -379,3 +379,19 @@ def test_a_copied_atlas_names_no_path_of_the_machine_that_built_it(atlas_site, b
     page.wait_for_selector("h2")
     assert "ls.open_store('digits.zarr')" in page.inner_text("pre")
     assert all(w > 0 for w in _images_loaded(page))
+
+
+@pytest.mark.fast
+def test_portable_names_drop_the_build_machines_paths_but_keep_urls(tmp_path):
+    """What the atlas prints of a model name or error text: local paths shortened, URLs untouched."""
+    from types import SimpleNamespace
+
+    from ldam_sweep.atlas.site import portable
+
+    st = SimpleNamespace(loc=SimpleNamespace(is_local=True, root=str(tmp_path / "runs" / "s.zarr")))
+    assert portable("torchscript:/home/me/nets/model.pt", st) == "torchscript:model.pt"
+    assert portable("/home/me/weights/r18.pth", st) == "r18.pth"
+    assert portable(f"block 3 of {tmp_path}/runs/s.zarr/layers/fc1 is damaged", st) == "block 3 of s.zarr/layers/fc1 is damaged"
+    assert portable("s3://bucket/runs/s.zarr", st) == "s3://bucket/runs/s.zarr"
+    assert portable({"model": {"weights": "/opt/w.pt"}, "zoo": "zoo:digits-cnn"}, st) == {"model": {"weights": "w.pt"},
+                                                                                         "zoo": "zoo:digits-cnn"}

@@ -27,7 +27,7 @@ def test_quick_demo_sweeps_the_whole_network(demo_workdir):
     lines = stdout.strip().splitlines()
     assert len(lines) == 3 and lines[0].startswith("finished: 410 units, ")  # the summary: 3 lines
     said = (work / "demo.stderr").read_text()  # the progress the user saw in an 80-column terminal: no Ray log line
-    assert said.strip() and not re.search(r"\b(INFO|WARNING) \S+\.py:\d+|authentication_token|Started a local Ray", said), said
+    assert said.strip() and not re.search(r"\b\w+\.(py|cc):\d+|authentication_token|Started a local Ray", said), said  # Python's and C++'s
     assert lines[1].startswith(f"store: {store}") and lines[2].startswith(f"atlas: {tmp_path / 'demo-atlas' / 'index.html'}")
     import ldam_sweep as ls
 

@@ -129,22 +129,28 @@ st = ls.open_store(sys.argv[1])
 finals = np.stack([st.samples("fc", u)[:, -1] for u in range(3)])  # (unit, chain, C, H, W)
 with torch.no_grad():
     acts = np.stack([net(torch.from_numpy(finals[u]).float())[:, u].numpy() for u in range(3)])
-print(summary.units_done, st.model_spec().module, float(np.abs(acts - np.stack([st.unit("fc", u).activation[:, -1] for u in range(3)])).max()))
+hits = ls.Finder(st, model=net).find(finals[2][:1], layer="fc", top=3).for_image(0)  # readers are given the module again
+with torch.no_grad():
+    direct = net(torch.from_numpy(finals[2][:1]).float())[0].numpy()
+print(summary.units_done, st.model_spec().module, float(np.abs(acts - np.stack([st.unit("fc", u).activation[:, -1] for u in range(3)])).max()),
+      len(hits), max(abs(h["activation"] - direct[h["unit"]]) for h in hits))
 '''
 
 
 def test_run_sweep_ships_a_live_module_to_the_workers(tmp_path, env):
     """``run_sweep(spec, store, model=module)`` (a real process, local Ray): the actors sample the
     module's own random weights (the stored final activations are that module's, to float16 rounding
-    of the stored samples), and the store records the model as a module readers must be given again."""
+    of the stored samples), and the store records the model as a module readers must be given again
+    (``Finder(st, model=module)`` works; `find` without it says so)."""
     script = tmp_path / "sweep.py"
     script.write_text(SWEEP_WITH_MODULE)
     out = subprocess.run([sys.executable, str(script), str(tmp_path / "m.zarr")], env=env, cwd=tmp_path,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    done, module, error = out.stdout.split()
+    done, module, error, hits, find_error = out.stdout.split()
     assert done == "3" and module == "torch.nn.modules.container.Sequential" and float(error) < 0.02
-    assert "INFO worker.py" not in out.stderr and "authentication_token" not in out.stderr
+    assert int(hits) >= 1 and float(find_error) < 1e-4  # units whose reference is not positive are skipped
+    assert not re.search(r"\b\w+\.(py|cc):\d+", out.stderr), out.stderr  # no Ray log line (the module is not a constructor argument)
     find = CliRunner().invoke(app, ["find", str(tmp_path / "m.zarr"), str(script)])
     assert find.exit_code == 2 and "live torch.nn.Module" in find.stderr
 

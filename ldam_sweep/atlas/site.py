@@ -78,8 +78,10 @@ def portable(value: Any, st: SweepStore) -> Any:
         parent = str(Path(st.loc.root).parent)
         if parent != "/":
             value = value.replace(parent + "/", "")
-    if value.startswith("/") and "\n" not in value and " " not in value:  # a bare absolute path (weights, data)
-        value = Path(value).name
+    if "\n" not in value and " " not in value:  # a bare absolute path (weights, data), or a model name "kind:/path"
+        kind, sep, rest = value.rpartition(":") if ":/" in value else ("", "", value)
+        if rest.startswith("/") and not rest.startswith("//"):  # not a URL (s3://...)
+            value = kind + sep + Path(rest).name
     return value
 
 
@@ -253,7 +255,8 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
         paged = sorted(int(e["unit"]) for e in entries if e["status"] in ("ok", "dead", "corrupt"))
         (out / "data" / f"{s}-nav.js").write_text(f"window.ATLAS_NAV = {_json_for_script(paged)};\n")
-        ranked = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: -(e.get("activation_ratio") or -np.inf))
+        ratio = {int(r["unit"]): r.get("activation_ratio") for r in lrows}  # full precision (entries hold rounded values)
+        ranked = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: -(ratio.get(int(e["unit"])) or -np.inf))
         tops[name] = [int(e["unit"]) for e in ranked[:TOP_THUMBNAILS]]
         search += [search_row(li, e) for e in entries]
         _write_layer_page(st, info, realism, out)
@@ -616,7 +619,8 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
     d = st.discriminator_info()
     d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
               f"fresh chains {d['heldout_fake_accuracy']:.3f})" if d else "none (λ = 0)")
-    body = (f"<h1>ldam-sweep atlas: {_e(attrs['model']['name'])}</h1>"
+    model_name = portable(attrs["model"]["name"], st)
+    body = (f"<h1>ldam-sweep atlas: {_e(model_name)}</h1>"
             f"<p>store <code>{_e(store_name(st))}</code>, created {_e(attrs.get('created_at', ''))}, "
             f"model fingerprint <code>{_e(attrs['model']['fingerprint'][:12])}</code></p>"
             "<h2>Layers</h2><table><tr><th>layer</th><th title='its units with the highest activation ratio'>top units</th>"
@@ -642,4 +646,4 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
             f"<script src='data/search.js'></script><script>{ESC_JS}{SEARCH_JS % SEARCH_LIMIT}</script>"
             f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(portable(spec, st), indent=2))}</pre>")
-    (out / "index.html").write_text(_page(f"atlas {attrs['model']['name']}", body, 0))
+    (out / "index.html").write_text(_page(f"atlas {model_name}", body, 0))

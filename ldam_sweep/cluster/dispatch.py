@@ -24,6 +24,37 @@ from ldam_sweep.store.transport import StoreIO
 GROW_EVERY_S = 10.0  # actors: auto -- how often the cluster's resources are looked at (nodes that joined)
 
 
+class ModuleHolder:
+    """Holds the caller's own nn.Module (``run_sweep(model=module)``), pickled, on the driver's node;
+    every actor asks it for the module when it starts, and again when Ray restarts it. The actors'
+    constructor gets only this holder's name: a module (or any reference, even an actor handle)
+    passed as a constructor argument is a dependency in Ray's object store, which an actor restart may
+    not find any more (Ray logs an error about exactly that, ray-project/ray#53727). No torch is
+    imported here: it keeps bytes."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def get(self) -> bytes:
+        return self.blob
+
+
+def module_holder(module: Any, generation: str | None) -> tuple[str, Any]:
+    """(its name, the handle) of a ModuleHolder actor for ``module`` on this (the driver's) node, using
+    no CPU, named after the store's generation; the driver keeps the handle, which keeps it alive."""
+    import uuid
+
+    import ray
+    from ray import cloudpickle
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    name = f"ldam-sweep-module-{generation or uuid.uuid4().hex}"
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    handle = ray.remote(ModuleHolder).options(name=name, num_cpus=0, max_restarts=0, scheduling_strategy=here).remote(
+        cloudpickle.dumps(module))
+    return name, handle
+
+
 class Dispatch:
     """Runs ``todo`` on resident actors: retries a failing block up to ``max_attempts``, then records
     it as failed; on Ctrl-C or SIGTERM commits what finished and stops (a second signal: at once)."""
@@ -37,6 +68,7 @@ class Dispatch:
         self.io = io or StoreIO(loc.url, plan.job.resources.storage_patience)
         self.storage_down = False  # the store stopped answering for good: nothing more is written
         self.module: Any = None  # the caller's own nn.Module (run_sweep(model=...)): shipped to every actor
+        self.holder: Any = None  # the ModuleHolder actor that keeps it (its handle keeps it alive)
         self.queue = collections.deque(todo)
         self.attempts: collections.Counter = collections.Counter()
         self.buffer = CommitBuffer(loc.url, plan.job.resources.commit_every, lease, on_commit=events.on_commit,
@@ -112,7 +144,9 @@ class Dispatch:
             num_cpus=res.cpus_per_actor, num_gpus=self.gpus, max_restarts=-1, max_task_retries=0,
             scheduling_strategy="SPREAD", max_concurrency=PER_ACTOR_IN_FLIGHT,  # one batch samples, one is written
         )
-        module = None if self.module is None else ray.put(self.module)  # one copy in the object store, not one per actor
+        module = None
+        if self.module is not None:  # one copy, asked for by each actor by name
+            module, self.holder = module_holder(self.module, self.generation)
         make = lambda: actor_cls.remote(self.plan, self.loc.url, max(1, int(res.cpus_per_actor)), self.generation,  # noqa: E731
                                         module)
         count = self._actor_target() if res.actors == "auto" else res.actors

@@ -56,7 +56,8 @@ class SweepWorker:
                  generation: str | None = None, module: Any = None) -> None:
         """``plan``: the sweep's plan (the driver's ``resolve``; the worker derives nothing again), or
         a job spec document, whose plan is then resolved against the store at ``url``. ``module``: the
-        caller's own nn.Module when the spec names one (``model: {module: ...}``), shipped by Ray."""
+        caller's own nn.Module when the spec names one (``model: {module: ...}``), or the name of the
+        dispatcher's ``ModuleHolder`` actor that keeps it."""
         from ldam_sweep.planning import SweepPlan
         from ldam_sweep.spec import parse_job
 
@@ -90,6 +91,11 @@ class SweepWorker:
                 from ldam_sweep.errors import ModelError
 
                 raise ModelError(f"the sweep's model {self.job.model.module!r} is a live module: the worker needs it")
+            if isinstance(module, str):  # the name of the dispatcher's ModuleHolder actor (cluster/dispatch.py)
+                import ray
+                from ray import cloudpickle
+
+                module = cloudpickle.loads(ray.get(ray.get_actor(module).get.remote()))
             self.model = load_model(module, input=self.job.model.input, device=self.device)
         else:
             self.model = load_model(self.job.model, device=self.device)

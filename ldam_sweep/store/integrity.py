@@ -1,11 +1,11 @@
 """Checksums of everything a store depends on besides its blocks (whose checksums the manifest
 holds), and rebuilding what can be rebuilt.
 
-- **JSON records** (the root's attributes, the discriminator's record, ``realism.json``,
-  ``verify.json``) are *sealed*: they carry the sha256 of their own canonical JSON, so a changed
+- **JSON records** (the root's attributes, the discriminator's record, the realism and verify
+  records: ``realism/zarr.json``, ``verify/zarr.json``; layout 1: ``realism.json``, ``verify.json``) are *sealed*: they carry the sha256 of their own canonical JSON, so a changed
   value is found even where the JSON still parses.
 - **Metadata**: the root's attributes record the sha256 of every group's and array's
-  ``zarr.json`` (``metadata_sha256``) as written at creation. Those files follow from the plan
+  ``zarr.json`` and (layout 2) of the coordinates' chunks (``metadata_sha256``) as written at creation. Those files follow from the plan
   the root records, so ``layout.expected_metadata`` rebuilds them byte for byte.
 - **The root** itself has a verbatim copy (``root-copy/zarr.json``; ``root-copy.json`` in stores
   of layout 1), written after it: the one file that cannot be rebuilt from anything else is kept

@@ -3,16 +3,20 @@
     <store>/zarr.json                     root attrs: spec as submitted, spec hash, plan, model
                                           fingerprint, package versions, created_at, generation
                                           (a uuid per creation; absent in stores made before it),
-                                          the sha256 of every child zarr.json and the attrs' seal
-    <store>/root-copy.json                the root zarr.json's copy (integrity.py)
+                                          layout (2; absent = 1), the sha256 of every child zarr.json
+                                          and of the coordinates' chunks, and the attrs' seal
+    <store>/root-copy/zarr.json           the root zarr.json's copy (integrity.py; layout 1: root-copy.json)
     <store>/lease.json                    the running driver's lease (see lease.py)
     <store>/layers/<layer>/samples        (unit, chain, snapshot, C, H, W) float16, NaN fill;
                                           shard = one block of units, inner chunk = one unit
     <store>/layers/<layer>/activation     (unit, chain, step) float32, NaN fill; chunk = one block
     <store>/layers/<layer>/realism        same, when a discriminator is used
     <store>/layers/<layer>/exemplars      (unit, k, C, H, W) float16 + exemplar_activation (unit, k)
+    <store>/layers/<layer>/unit, chain, snapshot, step, rank   coordinates (layout 2)
     <store>/discriminator/                the frozen discriminator (bytes; its record, written last)
-    <store>/manifest/layer=<layer>/part-*.parquet   the commit log (see manifest.py)
+    <store>/manifest/parts/layer=<layer>/part-*.parquet   the commit log (see manifest.py; layout 1:
+                                          manifest/layer=<layer>/...)
+    <store>/realism/zarr.json, verify/zarr.json   sealed records (layout 1: realism.json, verify.json)
 
 Every array's grid on the unit axis equals the layer's block size, so a block is exactly one
 storage object per array: writers of different blocks never share an object.

@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 
 from ldam_sweep.errors import StoreError
 from ldam_sweep.store.location import StoreLocation, encode_name
+from ldam_sweep.store.integrity import store_layout
 from ldam_sweep.store.schema import COLUMNS, FILE_SCHEMA, SCHEMA
 
 MANIFEST_DIR = "manifest"
@@ -40,9 +41,9 @@ PARTS_DIR = "manifest/parts"  # layout 2
 
 
 def parts_dir(loc: StoreLocation) -> str:
-    """The folder of the manifest's parts, relative to the store: ``manifest/parts`` when ``manifest``
-    is a Zarr group (layout 2), else ``manifest`` (stores made before)."""
-    return PARTS_DIR if loc.fs.exists(loc.join(MANIFEST_DIR, "zarr.json")) else MANIFEST_DIR
+    """The folder of the manifest's parts, relative to the store: ``manifest/parts`` in a layout-2
+    store (its root says so, ``store_layout``), else ``manifest`` (stores made before)."""
+    return PARTS_DIR if store_layout(loc) >= 2 else MANIFEST_DIR
 
 PARTITIONING = pds.partitioning(pa.schema([("layer", pa.string())]), flavor="hive")
 _FORMAT = pds.ParquetFileFormat(

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from ldam_sweep.spec import ModelSpec
 
 TRACE_KINDS = ("activation", "realism")
-# columns of ``units()`` that the reader adds from the store's records (realism.json, verify.json), not the manifest
+# columns of ``units()`` that the reader adds from the store's realism and verify records, not the manifest
 READER_COLUMNS = ("detected_fraction", "integrity")
 
 

@@ -350,8 +350,9 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
         elif p.kind == "discriminator":
             fs.rm(loc.join("discriminator"), recursive=True)
             report.rerun = True
-        elif p.kind == "realism":
-            fs.rm(loc.join(p.path))
+        elif p.kind == "realism":  # layout 2: the record is a group of its own; remove it whole
+            whole = p.path.removesuffix("/zarr.json")
+            fs.rm(loc.join(whole), recursive=whole != p.path)
         elif p.kind == "lease":
             info = fs.info(loc.join(LEASE_FILE))
             record = LeaseRecord.from_bytes(b"", float(info.get("mtime") or info.get("created") or time.time()))
@@ -421,7 +422,7 @@ def _tombstones(store: SweepStore, problems: list[BlockProblem]) -> int:
 
 
 def record_verification(store: SweepStore, blocks: list[Any], others: list[Any]) -> bool:
-    """Write ``verify.json``: what this verify covered (the manifest up to its newest commit) and
+    """Write the verify record (``verify/zarr.json``; layout 1: ``verify.json``): what this verify covered (the manifest up to its newest commit) and
     found, so readers can mark corrupt units and units committed since. False when the store is
     not writable here (the result is only printed then)."""
     raw = store.manifest()
