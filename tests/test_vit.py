@@ -303,7 +303,8 @@ def test_whole_digits_vit_sweep_resumes_after_a_driver_kill_and_its_atlas_opens(
             page = browser.new_page()
             page.goto((site / "index.html").as_uri())
             rows = [r.split("\t") for r in page.locator("table tr").all_inner_texts()]
-            assert sum(1 for r in rows if len(r) > 2 and r[2] == "token") == 29
+            kind = rows[0].index("kind")  # the layers table's header (a "top units" column precedes it)
+            assert sum(1 for r in rows if len(r) > kind and r[kind] == "token") == 29
             page.click("text=blocks.3.mlp.1")
             page.wait_for_selector(".cell img")
             text = page.inner_text("body")
