@@ -259,7 +259,7 @@ def _resolve_paths(spec: ModelSpec, base: Path) -> ModelSpec:
     if out.factory:
         folder = base.resolve()
         try:
-            relative = [str(folder.relative_to(Path.cwd().resolve()) or ".")]
+            relative = [str(folder.relative_to(Path.cwd().resolve()))]  # "." for the working folder itself
         except ValueError:
             relative = []
         out._search = tuple(dict.fromkeys([str(folder), *relative]))

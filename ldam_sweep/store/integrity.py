@@ -90,17 +90,22 @@ def write_root(loc: StoreLocation, attrs: dict[str, Any]) -> None:
     meta["attributes"] = seal(attrs, ATTRS_SEAL)
     data = json.dumps(meta, indent=2).encode()
     loc.write_atomic(loc.join("zarr.json"), data)
-    loc.write_atomic(loc.join(sidecar_path(loc, ROOT_COPY, int(attrs.get(LAYOUT_KEY, 1)))), data)
+    loc.write_atomic(loc.join(sidecar_path(loc, ROOT_COPY, attrs_layout(attrs))), data)
 
 
 # -- sidecar records: groups of their own (layout 2), or <name>.json files (layout 1) ---------------
+
+def attrs_layout(attrs: dict[str, Any]) -> int:
+    """The layout a store's root attributes name (1 when they name none: stores made before layouts)."""
+    return int(attrs.get(LAYOUT_KEY, 1))
+
 
 def store_layout(loc: StoreLocation) -> int:
     """The store's layout: its root's ``layout`` attribute (1 when absent); with a root that cannot be
     read, 2 when the root's copy is a group of its own."""
     state, meta = parse_json(read_bytes(loc, "zarr.json"))
     if state == "ok" and isinstance(meta, dict) and isinstance(meta.get("attributes"), dict):
-        return int(meta["attributes"].get(LAYOUT_KEY, 1))
+        return attrs_layout(meta["attributes"])
     return LAYOUT if read_bytes(loc, f"{ROOT_COPY}/zarr.json") is not None else 1
 
 

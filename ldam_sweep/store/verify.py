@@ -32,7 +32,7 @@ from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreError
 from ldam_sweep.store.schema import LayerPlan, StorePlan, stamp_generation, tombstone_rows
 from ldam_sweep.store import manifest
-from ldam_sweep.store.integrity import (LAYOUT_KEY, METADATA_KEY, ROOT_COPY, VERIFY_RECORD, group_document, read_bytes,
+from ldam_sweep.store.integrity import (METADATA_KEY, ROOT_COPY, VERIFY_RECORD, attrs_layout, group_document, read_bytes,
                                         read_verify_record, root_state, sha256, sidecar_path, store_layout,
                                         write_root, write_verify_record)
 from ldam_sweep.store.layout import expected_metadata, layer_path, metadata_sums
@@ -160,7 +160,7 @@ def _metadata_problems(loc: StoreLocation, plan: StorePlan, attrs: dict[str, Any
     """Every group's and array's zarr.json against the sha256 the root recorded (a store made before
     those checksums: against the metadata its plan gives)."""
     recorded = attrs.get(METADATA_KEY)
-    expected = None if recorded else expected_metadata(plan, int(attrs.get(LAYOUT_KEY, 1)))
+    expected = None if recorded else expected_metadata(plan, attrs_layout(attrs))
     owner = {layer_path(lp.name): lp.name for lp in plan.layers}
     out = []
     for path in (recorded or expected or {}):
@@ -395,7 +395,7 @@ def _set_aside(loc: StoreLocation, rel: str, stamp: str) -> None:
 def _rebuild_metadata(st: SweepStore, paths: list[str]) -> None:
     """Write the damaged zarr.json files again as the plan gives them; where this zarr writes them
     differently from the one that created the store, record the new checksums in the root."""
-    layout = int(st.attrs.get(LAYOUT_KEY, 1))
+    layout = attrs_layout(st.attrs)
     expected = expected_metadata(st.plan, layout)
     for path in paths:
         st.loc.write_atomic(st.loc.join(path), expected[path])
