@@ -3,6 +3,8 @@ error's code (docs/guarantees.md, "Exit codes")."""
 
 from __future__ import annotations
 
+import collections
+
 import contextlib
 import sys
 import warnings
@@ -284,7 +286,7 @@ def status(
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
                        totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
                        errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism),
-                       integrity=st.verification(), discriminator=_discriminator_summary(st))
+                       integrity=st.verification(), discriminator=_discriminator_summary(st), storage=st.storage())
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
         counts = ("planned", "done", "failed", "corrupt", "pending", "dead")  # dead: of the done units, found dead
@@ -301,6 +303,7 @@ def status(
             _print_realism(realism, st.loc.url)
         _print_discriminator(st)
         _print_integrity(st)
+        _print_storage(st.storage())
         if totals["corrupt"]:
             console.print(Text.assemble((f"{totals['corrupt']} units corrupt", "red"),
                                         f" (marked by verify --repair): `ldam-sweep run SPEC --store {st.loc.url}` "
@@ -310,6 +313,25 @@ def status(
             errors = sorted(set(failed["error"].to_pylist()))
             console.print(Text.assemble((f"{totals['failed']} units failed", "red"), "; errors: " + " | ".join(
                 e.splitlines()[-1][:200] for e in errors[:5] if e)), highlight=False)
+
+
+def _print_storage(storage: dict[str, Any]) -> None:
+    """One line: bytes per done unit, the largest arrays first, and the image format."""
+    f = storage["format"]
+    c, h, w = f["snapshot_shape"]
+    how = (f"images {f['pixels']}, snapshots and starts {h}x{w}" + (" (finals full size)" if f["thumbnail_factor"] > 1 else "")
+           + (f", zstd {f['zstd_level']}" if f["zstd_level"] is not None else ", zarr's default codecs"))
+    per_unit = storage["bytes_per_unit"]
+    if per_unit is None:
+        console.print(f"stored: {storage['bytes'] / 1e6:.3g} MB, no unit done yet; {how}", highlight=False, markup=False)
+        return
+    arrays: dict[str, float] = collections.Counter()
+    for layer in storage["layers"].values():
+        for name, size in (layer["arrays"] or {}).items():
+            arrays[name] += size
+    units = sum(layer["units_done"] for layer in storage["layers"].values())
+    parts = ", ".join(f"{name} {size / units / 1e6:.2g}" for name, size in arrays.most_common() if size / units >= 5e3)
+    console.print(f"stored: {per_unit / 1e6:.3g} MB per unit ({parts}); {how}", highlight=False, markup=False)
 
 
 def _discriminator_summary(st: Any) -> dict[str, Any] | None:

@@ -68,8 +68,8 @@ def compare_stores(url_a: str | SweepStore, url_b: str | SweepStore) -> Comparis
             row[f"{col}_a"], row[f"{col}_b"] = va, vb
             row[f"{col}_delta"] = (vb - va) if va is not None and vb is not None else None
         try:
-            sa = a.samples(ra["layer"], ra["unit"])[:, -1]
-            sb = b.samples(ra["layer"], ra["unit"])[:, -1]
+            sa = a.finals(ra["layer"], ra["unit"])
+            sb = b.finals(ra["layer"], ra["unit"])
         except CorruptBlockError as err:
             skipped.append(f"{ra['layer']} unit {ra['unit']}: {err}")
             continue
@@ -112,8 +112,8 @@ def write_report(cmp: Comparison, a: SweepStore, b: SweepStore, out_dir: str, to
                   key=lambda r: -r["sample_distance"])[:top]
     figs = []
     for i, r in enumerate(rows):
-        sa = a.samples(r["layer"], r["unit"])[:, -1]
-        sb = b.samples(r["layer"], r["unit"])[:, -1]
+        sa = a.finals(r["layer"], r["unit"])
+        sb = b.finals(r["layer"], r["unit"])
         h = sa.shape[-2]
         name = f"img/{i}.png"
         render_grid(np.stack([sa, sb]), a.plan.value_range, scale=max(1, 64 // h),

@@ -19,8 +19,8 @@ import numpy as np
 from ldam_sweep.errors import LdamError, SamplerError, SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, objective_for
 from ldam_sweep.settings import SAMPLER_DEFAULTS, default_snapshot_steps, parse_options, revision_options
-from ldam_sweep.spec import JobSpec, SamplerSpec, parse_units
-from ldam_sweep.store.schema import LayerPlan, StorePlan
+from ldam_sweep.spec import JobSpec, SamplerSpec, StoreSpec, parse_units
+from ldam_sweep.store.schema import LayerPlan, StorePlan, thumbnail_factor
 
 if TYPE_CHECKING:
     from ldam_sweep.model.handle import ModelHandle
@@ -39,9 +39,11 @@ def plan_store(
     objective: Mapping[str, str] | None = None,
     spec: dict[str, Any] | None = None,
     starts: bool = False,
+    storage: StoreSpec | None = None,
 ) -> StorePlan:
     """A StorePlan for ``model``: ``layers`` maps layer name -> selected units (None: all);
-    ``objective`` is the job spec's ``objective:`` map (by layer kind or name)."""
+    ``objective`` is the job spec's ``objective:`` map (by layer kind or name); ``storage`` the
+    job's ``store:`` section (None: the format of stores made before it, float16 at full size)."""
     plans = []
     for name, selected in layers.items():
         info = model.layer(name)
@@ -56,6 +58,9 @@ def plan_store(
         image_shape=tuple(model.input.shape), value_range=tuple(model.input.range),  # type: ignore[arg-type]
         realism=realism, exemplars_k=exemplars_k, model_name=model.name,
         model_fingerprint=model.fingerprint, spec=dict(spec or {}), starts=starts,
+        **({} if storage is None else {
+            "pixels": storage.pixels, "thumbnail": thumbnail_factor(model.input.shape, storage.snapshot_px),
+            "zstd_level": storage.zstd_level}),
     )
 
 
@@ -180,7 +185,7 @@ def resolve(job: JobSpec, model: ModelHandle, doc: dict[str, Any] | None = None)
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
         block_size=job.resources.grid_units, realism=job.discriminator is not None,
         exemplars_k=job.exemplars if job.data is not None else 0,
-        objective=objectives, spec=doc, starts=True,
+        objective=objectives, spec=doc, starts=True, storage=job.store,
     )
     return SweepPlan(job, doc, tuple(targets), objectives, store, SamplerPlan.of(job.sampler))
 

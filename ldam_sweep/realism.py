@@ -46,13 +46,13 @@ def layer_images(store: SweepStore, layer: str) -> tuple[np.ndarray, np.ndarray,
     finals, owners, exemplars, notes = [], [], [], []
     for block in np.unique(blocks):
         try:
-            data = store.read_block(layer, int(block), ["samples"] + (["exemplars"] if with_ex else []))
+            data = store.read_block(layer, int(block), ["finals"] + (["exemplars"] if with_ex else []))
         except CorruptBlockError as err:
             notes.append(f"skipped: {err}")
             continue
         lo, _ = lp.block_bounds(int(block))
         for u in units[blocks == block]:
-            final = data["samples"][u - lo, :, -1].astype(np.float32)
+            final = data["finals"][u - lo]
             ok = np.isfinite(final.reshape(len(final), -1)).all(1)
             finals.append(final[ok])
             owners.append(np.full(int(ok.sum()), u, dtype=np.int64))

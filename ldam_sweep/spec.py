@@ -365,6 +365,30 @@ class ResourcesSpec(BaseModel):
         return AUTO_GRID_UNITS if self.block_size == "auto" else int(self.block_size)
 
 
+class StoreSpec(BaseModel):
+    """Where results go and how images are kept (``store:``; a bare string is the url alone).
+    The defaults keep what a reader looks at, at the precision a picture has: 8-bit pixels, the
+    intermediate snapshots as thumbnails beside full-size finals, zstd. They fix the store's format
+    (a resume keeps the format the store was made with)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str | None = Field(None, description="the store: a local path or s3://, gs://, ... (default storage/<name>.zarr)")
+    pixels: Literal["uint8", "float16", "float32"] = Field(
+        "uint8", description="images (samples, finals, exemplars, starts): uint8 = 256 levels over the input range "
+        "(at most half a level from the float value), or float16 / float32")
+    snapshot_size: Annotated[int, Field(ge=8, le=65536)] | Literal["full"] = Field(
+        64, description="snapshots and chain starts shrunk (by a whole factor, block means) until their longer side is "
+        "at most this many pixels; each chain's final sample is also kept at full size. full: nothing shrunk")
+    zstd_level: Annotated[int, Field(ge=1, le=22)] | None = Field(
+        9, description="zstd compression level of every array (8-bit images get a delta filter along rows first); "
+        "null: zarr's default codecs. {pixels: float16, snapshot_size: full, zstd_level: null} is the format of "
+        "stores made before this section existed")
+    @property
+    def snapshot_px(self) -> int | None:
+        return None if self.snapshot_size == "full" else int(self.snapshot_size)
+
+
 class JobSpec(BaseModel):
     """A whole sweep: which model, which layers and units, how to sample, the realism prior, the
     data, the resources, and where results go."""
@@ -382,7 +406,13 @@ class JobSpec(BaseModel):
     data: DataSpec | None = None
     exemplars: int = Field(8, ge=0, le=256, description="top-k real images per unit (needs data)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
-    store: str | None = None
+    store: StoreSpec = Field(default_factory=StoreSpec, description="where results go (a url) or a mapping: url, "
+                             "pixels, snapshot_size, zstd_level")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_url(cls, store: Any) -> Any:
+        return {"url": store} if isinstance(store, str) else {} if store is None else store
 
     @field_validator("objective")
     @classmethod

@@ -31,7 +31,7 @@ from ldam_sweep.render import render_change, render_grid, unit_grid
 from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.atlas.facets import facet_groups
 from ldam_sweep.settings import FACET_THRESHOLD
-from ldam_sweep.store.schema import SCORE_LABELS, TEXT_COLUMNS, display_label
+from ldam_sweep.store.schema import SCORE_LABELS, TEXT_COLUMNS, display_label, shrink
 from ldam_sweep.store.query import SweepStore, open_store
 from ldam_sweep.store.realism import LOW_REALISM
 
@@ -390,10 +390,11 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     s = slug(name)
     img_dir = out / "img" / s
     img_dir.mkdir(parents=True, exist_ok=True)
-    samples = data["samples"].astype(np.float32)  # (chains, snapshots, C, H, W)
+    samples = data["samples"].astype(np.float32)  # (chains, snapshots, C, h, w): thumbnails where the store keeps them
+    finals = data["finals"]  # (chains, C, H, W) at full size
     act = data["activation"]
     vr = st.plan.value_range
-    h = samples.shape[-2]
+    h = finals.shape[-2]
     dead = row["status"] == "dead"
     parts = [f"<h1>{_e(name)} · unit {unit}</h1>", _unit_nav(name, unit)]
     flags = unit_flags(row)
@@ -415,19 +416,19 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
         scale = max(1, 128 // h)
         final_act = np.where(np.isfinite(act[:, -1]), act[:, -1], -np.inf)
         best = int(np.argmax(final_act))
-        render_grid(samples[best : best + 1, -1:], vr, scale=scale, pad=0).save(img_dir / f"{unit}-best.png", compress_level=1)
-        unit_grid(samples, act, st.snapshot_steps(), vr, scale=max(1, 96 // h)).save(img_dir / f"{unit}-chains.png",
+        render_grid(finals[best : best + 1, None], vr, scale=scale, pad=0).save(img_dir / f"{unit}-best.png", compress_level=1)
+        unit_grid(samples, act, st.snapshot_steps(), vr, scale=max(1, 96 // samples.shape[-2])).save(img_dir / f"{unit}-chains.png",
                                                                                     compress_level=1)
         parts += ["<h2>Chains × snapshots</h2>",
                   f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
-        facets = facet_groups(samples[:, -1], vr)
+        facets = facet_groups(finals, vr)
         rows = []
         for i, chains in enumerate(facets, 1):
-            render_grid(samples[chains, -1][None], vr, scale=max(1, 64 // h),
+            render_grid(finals[chains][None], vr, scale=max(1, 64 // h),
                         cell_labels=np.array([[f"chain {c}" for c in chains]])).save(img_dir / f"{unit}-facet{i}.png", compress_level=1)
             rows.append(f"<div class='facet'><div>facet {i} ({len(chains)} chain{'s' if len(chains) != 1 else ''})</div>"
                         f"<img class='pix' alt='facet {i}' src='../../img/{s}/{unit}-facet{i}.png'></div>")
-        left_out = len(samples) - sum(map(len, facets))
+        left_out = len(finals) - sum(map(len, facets))
         note = f"<p class='muted'>{left_out} diverged chain(s) left out</p>" if left_out else ""
         side.append(f"<div><h2>Final samples by facet</h2><p class='muted'>chains whose low-passed final samples "
                     f"are linked by RMS distances below {FACET_THRESHOLD} of the pixel range</p>{''.join(rows)}{note}</div>")
@@ -442,7 +443,8 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
         parts.append(f"<div class='side'>{''.join(side)}</div>")
     starts = data["starts"].astype(np.float32) if "starts" in data else None
     if not dead and starts is not None and np.isfinite(starts).all():
-        strip, full = render_change(starts, samples[:, -1], vr, scale=max(1, 64 // h))
+        ends = shrink(finals, st.plan.thumbnail)  # at the starts' size (thumbnails where the store keeps them)
+        strip, full = render_change(starts, ends, vr, scale=max(1, 64 // starts.shape[-2]))
         strip.save(img_dir / f"{unit}-change.png", compress_level=1)
         parts.append("<h2>What each chain changed</h2><p class='muted'>start | final | final − start (channels averaged): "
                      f"red where the final image is brighter, blue where darker; full colour = {full:.2g} of the pixel "

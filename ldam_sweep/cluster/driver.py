@@ -97,7 +97,7 @@ class _Run:
             if self.module is not None:
                 module, spec = with_module(spec, self.module)
             job, doc = job_doc(spec)
-            loc = StoreLocation.parse(store or job.store or Path("storage") / f"{job.name}.zarr")  # --store, spec, default
+            loc = StoreLocation.parse(store or job.store.url or Path("storage") / f"{job.name}.zarr")  # --store, spec, default
             self.io = StoreIO(loc.url, job.resources.storage_patience, log=self.say)
             check_writable(loc)
             probe_address(self.address)  # an unreachable cluster fails in seconds, before the store exists

@@ -187,7 +187,7 @@ class SweepWorker:
         if self.sampler.method == "ldam":
             kwargs["preconditioner"] = self.preconditioner
         return dict(kwargs, discriminator=self.discriminator(), objective=self.plan.store.layer(layer).objective,
-                    snapshot_dtype=torch.float16)
+                    snapshot_dtype=torch.float32 if self.plan.store.pixels == "float32" else torch.float16)
 
     def _choose_batch_units(self, lp: Any) -> int:
         """Units per batch for a layer: one block with an explicit block size; with ``auto``,

@@ -24,7 +24,6 @@ storage object per array: writers of different blocks never share an object.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import uuid
@@ -67,17 +66,19 @@ def layer_path(name: str) -> str:
 
 
 def as_stored(url: str | StoreLocation, plan: StorePlan) -> StorePlan:
-    """``plan``, or the same plan without chain starts when the store at ``url`` was made from that
-    (by code from before ``starts`` existed): such a store resumes as it is, without the array."""
+    """``plan``, or the same plan in an older store format when the store at ``url`` was made from
+    that (by code from before 8-bit images and thumbnails, or before chain starts were kept):
+    such a store resumes in its own format (``StorePlan.legacy_formats``)."""
     loc = StoreLocation.parse(url)
-    if not plan.starts or not loc.fs.exists(loc.join("zarr.json")):
+    if not loc.fs.exists(loc.join("zarr.json")):
         return plan
     try:
         stored = _read_root_attrs(loc).get("plan_hash")
     except LdamError:
         return plan  # check_store says what is wrong
-    older = dataclasses.replace(plan, starts=False)
-    return older if stored == older.plan_hash() != plan.plan_hash() else plan
+    if stored == plan.plan_hash():
+        return plan
+    return next((old for old in plan.legacy_formats() if old.plan_hash() == stored), plan)
 
 
 def check_store(url: str | StoreLocation, plan: StorePlan, *, fresh: bool = False) -> str:
@@ -173,8 +174,8 @@ def create_layers(root: zarr.Group, plan: StorePlan, layout: int = 1) -> None:
             "snapshot_steps": list(plan.snapshot_steps), "value_range": list(plan.value_range),
         })
         for a in plan.arrays(lp).values():
-            g.create_array(a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards, fill_value=np.nan,
-                           dimension_names=list(a.dims))
+            g.create_array(a.name, shape=a.shape, dtype=a.dtype, chunks=a.chunks, shards=a.shards, fill_value=a.fill_value,
+                           dimension_names=list(a.dims), **a.codecs())
         if layout >= 2:  # the coordinates, values included (xarray reads them as the dimensions' labels)
             for name, values in coordinates(plan, lp).items():
                 g.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape, fill_value=-1,

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from ldam_sweep.notebook import mark, register as register_notebook_display
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
-from ldam_sweep.store.schema import LayerPlan, StorePlan
+from ldam_sweep.store.schema import LayerPlan, StorePlan, decode_pixels
 from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
                                         sidecar_path,
@@ -36,7 +36,49 @@ def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> 
     names = ["samples", "activation"] + (["realism"] if plan.realism else [])
     if with_exemplars and plan.exemplars_k:
         names += ["exemplars", "exemplar_activation"]
-    return names + (["starts"] if plan.starts else [])
+    names += ["starts"] if plan.starts else []
+    return names + (["finals"] if "finals" in plan.arrays(lp) else [])
+
+
+def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[str]) -> dict[str, np.ndarray]:
+    """A region of stored arrays (unit axis first) as readers use them, whatever the store's format:
+    images as float32 in the model's range; ``finals`` (each chain's last snapshot at full size) in
+    every store. In 8-bit stores a
+    missing image reads as NaN as in float ones: a chain's snapshot where its activation trace is
+    not finite (a diverged chain, a dead unit), an exemplar without an activation (fewer real images than k)."""
+    vr = plan.value_range
+    out: dict[str, np.ndarray] = {}
+    eight = plan.pixels == "uint8"
+    for name in want:
+        if name == "finals" and "finals" not in stored:
+            x = decode_pixels(stored["samples"][:, :, -1], vr)
+        elif name in ("samples", "finals", "exemplars", "starts"):
+            x = decode_pixels(stored[name], vr)
+        else:
+            out[name] = stored[name]
+            continue
+        if eight and name in ("samples", "finals") and "activation" in stored:
+            act = stored["activation"]
+            steps = list(plan.snapshot_steps) if name == "samples" else [plan.snapshot_steps[-1]]
+            bad = ~np.isfinite(act[:, :, steps])  # (unit, chain, snapshot)
+            x[bad if name == "samples" else bad[:, :, 0]] = np.nan
+        if eight and name in ("exemplars",) and "exemplar_activation" in stored:
+            x[~np.isfinite(stored["exemplar_activation"])] = np.nan
+        out[name] = x
+    return out
+
+
+def stored_names(plan: StorePlan, lp: LayerPlan, want: Iterable[str]) -> list[str]:
+    """The stored arrays ``decode_block`` needs for the arrays ``want``."""
+    have = plan.arrays(lp)
+    need: list[str] = []
+    for name in want:
+        deps = {"finals": ["finals"] if "finals" in have else ["samples"]}.get(name, [name])
+        if plan.pixels == "uint8":
+            deps = deps + {"samples": ["activation"], "finals": ["activation"],
+                           "exemplars": ["exemplar_activation"]}.get(name, [])
+        need += [d for d in deps if d in have and d not in need]
+    return need
 
 
 class SweepStore:
@@ -214,6 +256,34 @@ class SweepStore:
             })
         return out
 
+    def storage(self) -> dict[str, Any]:
+        """How the store keeps images (``format``) and what it takes on disk: per layer the bytes of
+        each array (its objects and metadata) and, over the units done, ``bytes_per_unit`` in all and
+        per array; ``bytes_per_unit`` over every layer at the top. One listing of the store."""
+        p = self.plan
+        fmt = {"pixels": p.pixels, "snapshot_shape": list(p.snapshot_shape), "image_shape": list(p.image_shape),
+               "thumbnail_factor": p.thumbnail, "zstd_level": p.zstd_level}
+        sizes = self.loc.fs.du(self.loc.root, total=False, withdirs=False)
+        root = self.loc.root.rstrip("/") + "/"
+        by_dir: dict[str, int] = collections.Counter()
+        for path, size in sizes.items():
+            rel = str(path)[len(root):] if str(path).startswith(root) else str(path)
+            by_dir[rel.rsplit("/", 1)[0] if "/" in rel else ""] += int(size)
+        layers, total_bytes, total_units = {}, 0, 0
+        done = {r["name"]: r["done"] for r in self.layers()}
+        for lp in p.layers:
+            prefix = layer_path(lp.name)
+            arrays = {name: sum(v for d, v in by_dir.items() if d == f"{prefix}/{name}" or d.startswith(f"{prefix}/{name}/"))
+                      for name in p.arrays(lp)}
+            n = done[lp.name]
+            layers[lp.name] = {"bytes": sum(arrays.values()), "units_done": n, "arrays": arrays,
+                               "bytes_per_unit": sum(arrays.values()) / n if n else None,
+                               "per_unit": {k: v / n for k, v in arrays.items()} if n else None}
+            total_bytes += sum(arrays.values())
+            total_units += n
+        return {"format": fmt, "bytes": sum(by_dir.values()), "layers": layers,
+                "bytes_per_unit": total_bytes / total_units if total_units else None}
+
     # -- the manifest ------------------------------------------------------------------------
     def manifest(self, layer: str | None = None) -> pa.Table:
         """Every published row, duplicates included (the raw commit log)."""
@@ -345,22 +415,46 @@ class SweepStore:
             raise StoreError(f"store {self.loc.url!r} has no {name!r} array for layer {layer!r}") from None
 
     def read_block(self, layer: str, block: int, names: Iterable[str] | None = None, *,
-                   verify: bool = True) -> dict[str, np.ndarray]:
-        """The block's region (units ``block_bounds(block)``) of each named array as stored, every
-        array of the layer by default. Reads committed or not: check the manifest first. A committed
-        block is checked against its recorded checksum first (``verify``; once per instance), so
-        corrupt data is never returned: CorruptBlockError instead."""
+                   verify: bool = True, decoded: bool = True) -> dict[str, np.ndarray]:
+        """The block's region (units ``block_bounds(block)``) of each named array, every array of the
+        layer by default. Reads committed or not: check the manifest first. A committed block is
+        checked against its recorded checksum first (``verify``; once per instance), so corrupt data
+        is never returned: CorruptBlockError instead. ``decoded`` (default): as ``decode_block`` gives
+        them (float32 images, ``finals`` in every store and among the default names); else the arrays
+        exactly as stored."""
         lp = self.layer_plan(layer)
         lo, hi = lp.block_bounds(block)
         if verify:
             self._verify_block(lp, block)
-        names = list(self.plan.arrays(lp)) if names is None else list(names)
-        return {name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in names}
+        if names is None:
+            names = list(self.plan.arrays(lp)) + (["finals"] if decoded and "finals" not in self.plan.arrays(lp) else [])
+        names = list(names)
+        if not decoded:
+            return {name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in names}
+        stored = {name: np.asarray(self._array(lp.name, name)[lo:hi]) for name in stored_names(self.plan, lp, names)}
+        return decode_block(self.plan, stored, names)
+
+    def _unit_arrays(self, layer: str, unit: int, names: list[str], allow_dead: bool = False) -> dict[str, np.ndarray]:
+        """One committed unit's arrays, decoded (``decode_block``), without the unit axis."""
+        lp = self._committed(layer, unit, allow_dead=allow_dead)
+        stored = {name: np.asarray(self._array(lp.name, name)[unit : unit + 1]) for name in stored_names(self.plan, lp, names)}
+        return {name: value[0] for name, value in decode_block(self.plan, stored, names).items()}
 
     def samples(self, layer: str, unit: int) -> np.ndarray:
-        """(chain, snapshot, C, H, W) float32 samples of a committed unit."""
-        self._committed(layer, unit)
-        return np.asarray(self._array(layer, "samples")[unit], dtype=np.float32)
+        """(chain, snapshot, C, h, w) float32 snapshots of a committed unit, at the size the store
+        keeps them (thumbnails in a store with ``store.snapshot_size``: ``finals`` for full size)."""
+        return self._unit_arrays(layer, unit, ["samples"])["samples"]
+
+    def finals(self, layer: str, unit: int) -> np.ndarray:
+        """(chain, C, H, W) float32: each chain's final sample at full size."""
+        return self._unit_arrays(layer, unit, ["finals"])["finals"]
+
+    def starts(self, layer: str, unit: int) -> np.ndarray:
+        """(chain, C, h, w) float32: each chain's starting image (stores that keep starts), at the size
+        of the stored snapshots."""
+        if not self.plan.starts:
+            raise StoreError(f"store {self.loc.url!r} keeps no chain starts (made before they were stored)")
+        return self._unit_arrays(layer, unit, ["starts"])["starts"]
 
     def trace(self, layer: str, unit: int, kind: str = "activation") -> np.ndarray:
         """(chain, steps + 1) activation or realism trace of a committed unit."""
@@ -375,9 +469,8 @@ class SweepStore:
         """Top-k real images (k, C, H, W) and their activations (k,) of a committed unit (dead ones too)."""
         if not self.plan.exemplars_k:
             raise StoreError(f"store {self.loc.url!r} has no dataset exemplars (the sweep ran without data)")
-        self._committed(layer, unit, allow_dead=True)
-        images = np.asarray(self._array(layer, "exemplars")[unit], dtype=np.float32)
-        return images, np.asarray(self._array(layer, "exemplar_activation")[unit])
+        got = self._unit_arrays(layer, unit, ["exemplars", "exemplar_activation"], allow_dead=True)
+        return got["exemplars"], got["exemplar_activation"]
 
     def discriminator_info(self) -> dict[str, Any] | None:
         """The stored discriminator's training record (accuracy, settings, log), or None (none

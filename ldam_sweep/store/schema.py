@@ -14,6 +14,7 @@ It imports no torch and nothing above the store; ``planning`` builds plans from 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -29,6 +30,10 @@ from ldam_sweep.errors import StoreError
 from ldam_sweep.spec import AUTO_GRID_UNITS
 from ldam_sweep.version import __version__
 
+# 8-bit images carry numcodecs' delta filter, which zarr-python reads and writes but the Zarr v3
+# specification does not name: zarr warns at every opening of such an array. Said once, in docs/architecture.md.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
 @dataclass(frozen=True)
 class ArraySpec:
     """One array of a layer as the store keeps it. The unit axis comes first and its storage grid
@@ -40,6 +45,28 @@ class ArraySpec:
     chunks: tuple[int, ...]
     dims: tuple[str, ...]
     shards: tuple[int, ...] | None = None
+    zstd_level: int | None = None  # None: zarr's default codecs (every array of a store made before ``store:``)
+
+    @property
+    def fill_value(self) -> Any:
+        """What an unwritten region reads as: NaN for floats, 0 for 8-bit pixels, -1 for indices."""
+        kind = np.dtype(self.dtype).kind
+        return np.nan if kind == "f" else 0 if kind == "u" else -1
+
+    def codecs(self) -> dict[str, Any]:
+        """``create_array``'s codec arguments: nothing (zarr's defaults) unless the plan chose a zstd
+        level; then zstd at that level, after a byte delta along each row for 8-bit pixels (what a PNG's
+        Sub filter does: neighbouring pixels are alike, so the differences compress ~2x better)."""
+        if self.zstd_level is None:
+            return {}
+        from zarr.codecs import ZstdCodec
+
+        out: dict[str, Any] = {"compressors": [ZstdCodec(level=self.zstd_level)]}
+        if np.dtype(self.dtype) == np.uint8 and "x" in self.dims:
+            from zarr.codecs.numcodecs import Delta
+
+            out["filters"] = [Delta(dtype="uint8")]
+        return out
 
     def block_key(self, block: int) -> str:
         """The storage key (relative to the array) of the one object holding ``block``."""
@@ -90,8 +117,47 @@ class LayerPlan:
         return unit // self.block_size
 
 
-# The order of a block's arrays (the block checksum hashes them in this order).
-ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts")
+# The order of a block's arrays (the block checksum hashes them in this order; later arrays last).
+ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts", "finals")
+PIXEL_ARRAYS = ("samples", "exemplars", "starts", "finals")  # images, in the plan's ``pixels`` type
+PIXEL_TYPES = ("uint8", "float16", "float32")
+
+
+def thumbnail_factor(image_shape: Sequence[int], snapshot_size: int | None) -> int:
+    """The integer factor by which snapshots are shrunk so their longer side is at most
+    ``snapshot_size`` px (None: full size, factor 1). An image already that small stays full size."""
+    if snapshot_size is None:
+        return 1
+    return max(1, math.ceil(max(image_shape[-2:]) / snapshot_size))
+
+
+def encode_pixels(x: np.ndarray, dtype: str, value_range: Sequence[float]) -> np.ndarray:
+    """Images as the store keeps them: 8-bit as round(255 (x - lo) / (hi - lo)), clipped to 0..255,
+    NaN as 0 (at most half a step, (hi - lo) / 510, from the value); floats as they are."""
+    if np.dtype(dtype) != np.uint8:
+        return np.asarray(x).astype(dtype, copy=False)
+    lo, hi = float(value_range[0]), float(value_range[1])
+    y = (np.asarray(x, dtype=np.float32) - lo) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.nan_to_num(np.rint(y), nan=0.0), 0, 255).astype(np.uint8)
+
+
+def decode_pixels(x: np.ndarray, value_range: Sequence[float]) -> np.ndarray:
+    """Stored images as float32 in the model's pixel range (8-bit ones scaled back)."""
+    x = np.asarray(x)
+    if x.dtype != np.uint8:
+        return x.astype(np.float32)
+    lo, hi = float(value_range[0]), float(value_range[1])
+    return x.astype(np.float32) * np.float32((hi - lo) / 255.0) + np.float32(lo)
+
+
+def shrink(x: np.ndarray, factor: int) -> np.ndarray:
+    """(..., H, W) images as the mean of each ``factor`` x ``factor`` pixel block (float32; the last
+    H mod factor rows and W mod factor columns are left out)."""
+    if factor == 1:
+        return np.asarray(x)
+    h, w = x.shape[-2] // factor, x.shape[-1] // factor
+    x = np.asarray(x, dtype=np.float32)[..., : h * factor, : w * factor]
+    return x.reshape(*x.shape[:-2], h, factor, w, factor).mean(axis=(-3, -1))
 
 
 @dataclass(frozen=True)
@@ -110,6 +176,10 @@ class StorePlan:
     model_fingerprint: str = ""
     spec: dict[str, Any] = field(default_factory=dict)  # the job spec as submitted
     starts: bool = False  # keep each chain's starting image (array ``starts``); stores made before it have none
+    # how images are kept (the spec's ``store:`` section; the defaults are the format of stores made before it):
+    pixels: str = "float16"  # "uint8" | "float16" | "float32"
+    thumbnail: int = 1  # snapshots and starts shrunk by this factor; > 1 adds ``finals``: each chain's last snapshot at full size
+    zstd_level: int | None = None  # None: zarr's default codecs
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -122,27 +192,51 @@ class StorePlan:
         creates, what a writer writes per block, what verify and readers read back."""
         lp = layer if isinstance(layer, LayerPlan) else self.layer(layer)
         b, ch, s, t = lp.block_size, self.chains, len(self.snapshot_steps), self.steps + 1
-        image = tuple(self.image_shape)
-        out = [ArraySpec("samples", (lp.units, ch, s, *image), "float16", chunks=(1, ch, s, *image),
-                         shards=(b, ch, s, *image), dims=("unit", "chain", "snapshot", "c", "y", "x")),
-               ArraySpec("activation", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step"))]
+        image, px, z = tuple(self.image_shape), self.pixels, self.zstd_level
+        snap = self.snapshot_shape
+        out = [ArraySpec("samples", (lp.units, ch, s, *snap), px, chunks=(1, ch, s, *snap),
+                         shards=(b, ch, s, *snap), dims=("unit", "chain", "snapshot", "c", "y", "x"), zstd_level=z),
+               ArraySpec("activation", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step"),
+                         zstd_level=z)]
         if self.realism:
-            out.append(ArraySpec("realism", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step")))
+            out.append(ArraySpec("realism", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step"),
+                                 zstd_level=z))
         if self.exemplars_k:
             k = self.exemplars_k
-            out += [ArraySpec("exemplars", (lp.units, k, *image), "float16", chunks=(b, k, *image),
-                              dims=("unit", "rank", "c", "y", "x")),
-                    ArraySpec("exemplar_activation", (lp.units, k), "float32", chunks=(b, k), dims=("unit", "rank"))]
+            out += [ArraySpec("exemplars", (lp.units, k, *image), px, chunks=(b, k, *image),
+                              dims=("unit", "rank", "c", "y", "x"), zstd_level=z),
+                    ArraySpec("exemplar_activation", (lp.units, k), "float32", chunks=(b, k), dims=("unit", "rank"),
+                              zstd_level=z)]
         if self.starts:
-            out.append(ArraySpec("starts", (lp.units, ch, *image), "float16", chunks=(b, ch, *image),
-                                 dims=("unit", "chain", "c", "y", "x")))
+            out.append(ArraySpec("starts", (lp.units, ch, *snap), px, chunks=(b, ch, *snap),
+                                 dims=("unit", "chain", "c", "y", "x"), zstd_level=z))
+        if self.thumbnail > 1:
+            out.append(ArraySpec("finals", (lp.units, ch, *image), px, chunks=(b, ch, *image),
+                                 dims=("unit", "chain", "c", "y", "x"), zstd_level=z))
         return {a.name: a for a in out}
+
+    @property
+    def snapshot_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of a stored snapshot or start: the input's shape, shrunk by ``thumbnail``."""
+        c, h, w = self.image_shape
+        f = self.thumbnail
+        return (c, h // f, w // f)
+
+    def legacy_formats(self) -> list["StorePlan"]:
+        """This plan in the formats of stores made by older code (newest first): images as float16,
+        full-size snapshots, zarr's default codecs; before that, without chain starts. A store made
+        from one of them resumes in its own format."""
+        old = dataclasses.replace(self, pixels="float16", thumbnail=1, zstd_level=None)
+        return [old, dataclasses.replace(old, starts=False)] if self.starts else [old]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [asdict(lp) for lp in self.layers]
         if not self.starts:  # a plan without starts keeps the JSON (and plan_hash) of stores made before it
             del d["starts"]
+        for name, old in (("pixels", "float16"), ("thumbnail", 1), ("zstd_level", None)):
+            if d[name] == old:  # likewise the image format of stores made before ``store:``
+                del d[name]
         return json.loads(json.dumps(d))  # tuples -> lists, exactly as stored in zarr.json
 
     @classmethod
@@ -157,6 +251,7 @@ class StorePlan:
             image_shape=tuple(d["image_shape"]), value_range=tuple(d["value_range"]),  # type: ignore[arg-type]
             realism=d["realism"], exemplars_k=d["exemplars_k"], model_name=d["model_name"],
             model_fingerprint=d["model_fingerprint"], spec=d["spec"], starts=bool(d.get("starts", False)),
+            pixels=d.get("pixels", "float16"), thumbnail=int(d.get("thumbnail", 1)), zstd_level=d.get("zstd_level"),
         )
 
     def identity_spec(self) -> dict[str, Any]:

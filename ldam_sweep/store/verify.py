@@ -267,7 +267,8 @@ def _check_block(store: SweepStore, lp: LayerPlan, block: int, units: np.ndarray
                  diverged: np.ndarray) -> list[BlockProblem]:
     plan = store.plan
     lo, hi = lp.block_bounds(block)
-    region = store.read_block(lp.name, block, checksum_arrays(plan, lp, with_exemplars=with_exemplars), verify=False)
+    region = store.read_block(lp.name, block, checksum_arrays(plan, lp, with_exemplars=with_exemplars), verify=False,
+                             decoded=False)
     out = []
     specs = plan.arrays(lp)
     for name in ("samples", "activation"):

@@ -21,7 +21,8 @@ from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreDamagedError, StoreError
 from ldam_sweep.store.integrity import ATTRS_SEAL, seal_state
 from ldam_sweep.store.layout import layer_path
-from ldam_sweep.store.schema import ARRAY_NAMES, BlockResult, LayerPlan, StorePlan, block_rows, stamp_generation
+from ldam_sweep.store.schema import (ARRAY_NAMES, BlockResult, LayerPlan, StorePlan, block_rows, encode_pixels, shrink,
+                                     stamp_generation)
 from ldam_sweep.store.location import StoreLocation
 
 
@@ -99,17 +100,7 @@ class BlockWriter:
         if result.samples.shape != expect or result.activation.shape != (len(units), plan.chains, plan.steps + 1):
             raise StoreError(f"result shapes {result.samples.shape}, {result.activation.shape} do not fit the store plan {expect}")
         idx = np.asarray(units) - lo
-        values: dict[str, Any] = {"samples": result.samples, "activation": result.activation}
-        if plan.realism:
-            if result.realism is None:
-                raise StoreError(f"the store keeps realism traces but the result for block {block} of {lp.name!r} has none")
-            values["realism"] = result.realism
-        if plan.exemplars_k and exemplars is not None:
-            values["exemplars"], values["exemplar_activation"] = exemplars
-        if plan.starts:
-            if getattr(result, "starts", None) is None:
-                raise StoreError(f"the store keeps chain starts but the result for block {block} of {lp.name!r} has none")
-            values["starts"] = result.starts
+        values = self.encoded(result, exemplars)
         out: dict[str, np.ndarray] = {}
         whole = len(units) == hi - lo  # the block's every unit (the grid's last block may be shorter)
         for name, spec in plan.arrays(lp).items():
@@ -119,10 +110,32 @@ class BlockWriter:
             if whole and value.dtype == spec.dtype and value.shape == spec.block_shape(hi - lo):
                 region = value  # the result itself: no copy (~300 MB of samples at 224 px)
             else:
-                region = np.full(spec.block_shape(hi - lo), np.nan, dtype=spec.dtype)
+                region = np.full(spec.block_shape(hi - lo), spec.fill_value, dtype=spec.dtype)
                 region[idx] = value.astype(spec.dtype)
-            out[name] = _canonical_nans(region, copy=region is value)
+            out[name] = _canonical_nans(region, copy=region is value) if region.dtype.kind == "f" else region
         return out
+
+    def encoded(self, result: BlockResult, exemplars: tuple[np.ndarray, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """The block's arrays (its sampled units only) in the store's format: images in its pixel type,
+        snapshots and starts shrunk (``thumbnail``) with the full-size finals beside them."""
+        plan, lp_name = self.plan, result.layer
+        px, vr = plan.pixels, plan.value_range
+        values: dict[str, Any] = {"activation": result.activation}
+        if plan.thumbnail > 1:
+            values["finals"] = encode_pixels(result.samples[:, :, -1], px, vr)
+        values["samples"] = encode_pixels(shrink(result.samples, plan.thumbnail), px, vr)
+        if plan.realism:
+            if result.realism is None:
+                raise StoreError(f"the store keeps realism traces but the result for {lp_name!r} has none")
+            values["realism"] = result.realism
+        if plan.exemplars_k and exemplars is not None:
+            values["exemplars"] = encode_pixels(exemplars[0], px, vr)
+            values["exemplar_activation"] = exemplars[1]
+        if plan.starts:
+            if getattr(result, "starts", None) is None:
+                raise StoreError(f"the store keeps chain starts but the result for {lp_name!r} has none")
+            values["starts"] = encode_pixels(shrink(result.starts, plan.thumbnail), px, vr)
+        return values
 
     def write(
         self,
