@@ -636,12 +636,16 @@ def atlas(
     store: str = typer.Argument(..., help="Store path or URL."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory for the static site."),
     force: bool = typer.Option(False, "--force", help="Re-render every unit, not only changed ones."),
+    workers: int = typer.Option(1, "-j", "--workers", min=1, help="Ray tasks rendering unit pages at once (a local Ray "
+                                "of that many CPUs, or the cluster at --address); 1: in this process."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster to render on (with -j), e.g. auto."),
 ) -> None:
-    """Build (or update) the static HTML atlas of a store; open OUTPUT/index.html in a browser."""
+    """Build (or update) the static HTML atlas of a store; open OUTPUT/index.html in a browser.
+    Only units committed or changed since the last build are rendered again."""
     from ldam_sweep.atlas.site import build_atlas
 
     with user_errors():
-        report = build_atlas(store, output, force=force)
+        report = build_atlas(store, output, force=force, workers=workers, address=address)
         console.print(f"atlas: {report.layers} layers, {report.units_rendered} units rendered, "
                       f"{report.units_skipped} unchanged, {report.seconds:.1f}s -> {report.out / 'index.html'}", highlight=False,
                       markup=False)

@@ -395,3 +395,23 @@ def test_portable_names_drop_the_build_machines_paths_but_keep_urls(tmp_path):
     assert portable("s3://bucket/runs/s.zarr", st) == "s3://bucket/runs/s.zarr"
     assert portable({"model": {"weights": "/opt/w.pt"}, "zoo": "zoo:digits-cnn"}, st) == {"model": {"weights": "w.pt"},
                                                                                          "zoo": "zoo:digits-cnn"}
+
+
+def test_a_parallel_build_writes_the_same_site_as_one_process(atlas_site, tmp_path):
+    """`ldam-sweep atlas -j 2`: Ray tasks render the unit pages (into their own folders, returned as
+    bytes) and the site is byte for byte the one a single process writes; a rebuild renders nothing."""
+    from ldam_sweep.atlas.site import STATE_FILE
+
+    url = atlas_site["stores"]["digits"]
+    one = build_atlas(url, tmp_path / "one")
+    two = build_atlas(url, tmp_path / "two", workers=2)
+    assert two.units_rendered == one.units_rendered >= 16
+
+    def files(root):
+        return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file() and p.name != STATE_FILE}
+
+    a, b = files(tmp_path / "one"), files(tmp_path / "two")
+    assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
+    assert sum(k.endswith(".png") for k in a) >= 3 * one.units_rendered
+    again = build_atlas(url, tmp_path / "two", workers=2)
+    assert again.units_rendered == 0 and again.units_skipped == one.units_rendered

@@ -192,8 +192,11 @@ class AtlasReport:
     seconds: float
 
 
-def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False) -> AtlasReport:
-    """Write (or update) the atlas of a store into ``out``."""
+def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False, workers: int = 1,
+                address: str | None = None) -> AtlasReport:
+    """Write (or update) the atlas of a store into ``out``. ``workers`` > 1: the unit pages (nearly
+    all of the work) are rendered by that many Ray tasks at a time, a block of units each, on a local
+    Ray or the cluster at ``address`` (``atlas.parallel``); the layer pages, search and index here."""
     t0 = time.perf_counter()
     st = store if isinstance(store, SweepStore) else open_store(store)
     out = Path(out)
@@ -206,16 +209,14 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         by_layer.setdefault(r["layer"], []).append(r)
     layers_info = st.layers()
     realism = st.realism()  # the layer pages' and the index's realism lines
-    rendered = skipped = 0
-    search: list[list[Any]] = []  # the index's search rows (search.js)
-    tops: dict[str, list[int]] = {}  # layer -> its units with the highest activation ratio (the index's thumbnails)
-    for li, info in enumerate(layers_info):
+    skipped = 0
+    jobs: list[tuple[str, int, list[dict[str, Any]]]] = []  # (layer, block, rows of its units to render)
+    layer_entries: list[list[dict[str, Any]]] = []
+    for info in layers_info:
         name = info["name"]
-        s = slug(name)
-        lrows = by_layer.get(name, [])
         entries = []
         todo: dict[int, list[dict[str, Any]]] = {}
-        for r in lrows:
+        for r in by_layer.get(name, []):
             key = f"{name}\x00{r['unit']}"
             stamp = f"{r['status']}|{r['checksum']}|{r['committed_at']}|{r.get('detected_fraction')}|{r.get('integrity')}"
             if r["status"] in ("ok", "dead"):
@@ -229,25 +230,24 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
             entries.append({"unit": r["unit"], "status": r["status"], "error": portable(r["error"] or "", st)[:300],
                             "flags": unit_flags(r), **{k: r.get(k) for k in TEXT_COLUMNS},
                             **{k: _short(r.get(k)) for k, _ in SCORE_LABELS}})
+        jobs += [(name, block, brows) for block, brows in todo.items()]
+        layer_entries.append(entries)
+    if workers > 1 and jobs:
+        from ldam_sweep.atlas.parallel import render_in_parallel
+
+        rendered, corrupt = render_in_parallel(st, jobs, out, workers=workers, address=address)
+    else:
+        rendered, corrupt = render_blocks(st, jobs, out)
+    search: list[list[Any]] = []  # the index's search rows (search.js)
+    tops: dict[str, list[int]] = {}  # layer -> its units with the highest activation ratio (the index's thumbnails)
+    for li, (info, entries) in enumerate(zip(layers_info, layer_entries)):
+        name, s = info["name"], slug(info["name"])
         lp = st.layer_plan(name)
-        corrupt: dict[int, str] = {}  # unit -> why its block cannot be shown
-        for block, brows in todo.items():  # read each block's arrays once, then render its units
-            lo, _ = lp.block_bounds(block)
-            try:
-                arrays = st.read_block(name, block)
-            except CorruptBlockError as err:
-                for r in brows:
-                    corrupt[int(r["unit"])] = str(err)
-                    _render_corrupt_unit(st, name, int(r["unit"]), str(err), out)
-                    state.pop(f"{name}\x00{r['unit']}", None)  # checked again on the next build
-                continue
-            for r in brows:
-                _render_unit(st, info, r, {k: v[int(r["unit"]) - lo] for k, v in arrays.items()}, out)
-                rendered += 1
         for e in entries:
-            if e["unit"] in corrupt:
-                e.update({"status": "corrupt", "error": portable(corrupt[e["unit"]], st)[:300],
-                          **{k: None for k, _ in SCORE_LABELS}})
+            why = corrupt.get((name, int(e["unit"])))
+            if why is not None:  # its block cannot be shown: checked again on the next build
+                e.update({"status": "corrupt", "error": portable(why, st)[:300], **{k: None for k, _ in SCORE_LABELS}})
+                state.pop(f"{name}\x00{e['unit']}", None)
         seen = {e["unit"] for e in entries}
         planned = lp.selected if lp.selected is not None else range(lp.units)
         entries += [{"unit": int(u), "status": "pending", "error": "", **{k: None for k, _ in SCORE_LABELS}}
@@ -255,7 +255,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         (out / "data" / f"{s}.js").write_text(f"window.ATLAS_LAYER = {_json_for_script(entries)};\n")
         paged = sorted(int(e["unit"]) for e in entries if e["status"] in ("ok", "dead", "corrupt"))
         (out / "data" / f"{s}-nav.js").write_text(f"window.ATLAS_NAV = {_json_for_script(paged)};\n")
-        ratio = {int(r["unit"]): r.get("activation_ratio") for r in lrows}  # full precision (entries hold rounded values)
+        ratio = {int(r["unit"]): r.get("activation_ratio") for r in by_layer.get(name, [])}  # full precision
         ranked = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: -(ratio.get(int(e["unit"])) or -np.inf))
         tops[name] = [int(e["unit"]) for e in ranked[:TOP_THUMBNAILS]]
         search += [search_row(li, e) for e in entries]
@@ -266,6 +266,27 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
+
+
+def render_blocks(st: SweepStore, jobs: list[tuple[str, int, list[dict[str, Any]]]],
+                  out: Path) -> tuple[int, dict[tuple[str, int], str]]:
+    """Render the unit pages and images of ``jobs`` ((layer, block, rows) each: one read per block)
+    into ``out``: (units rendered, {(layer, unit): why} for units whose block is corrupt)."""
+    rendered, corrupt = 0, {}
+    infos = {info["name"]: info for info in st.layers()} if jobs else {}
+    for name, block, brows in jobs:
+        lo, _ = st.layer_plan(name).block_bounds(block)
+        try:
+            arrays = st.read_block(name, block)
+        except CorruptBlockError as err:
+            for r in brows:
+                corrupt[(name, int(r["unit"]))] = str(err)
+                _render_corrupt_unit(st, name, int(r["unit"]), str(err), out)
+            continue
+        for r in brows:
+            _render_unit(st, infos[name], r, {k: v[int(r["unit"]) - lo] for k, v in arrays.items()}, out)
+            rendered += 1
+    return rendered, corrupt
 
 
 def _short(v: Any) -> Any:
@@ -462,10 +483,13 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
     meta = "".join(f"<tr><th>{_e(k)}</th><td>{_e(_fmt(row.get(k)))}</td></tr>"
                    for k in ("status", "objective", "method", "lam", "chains", "steps", "attempt", "worker", "committed_at"))
     parts.append(f"<h2>Scores</h2><table>{score_rows}{meta}</table>")
-    call = "exemplars" if dead else "samples"
-    shape = "(k, C, H, W) images, (k,) activations" if dead else "(chain, snapshot, C, H, W)"
-    snippet = (f"import ldam_sweep as ls\nst = ls.open_store({store_name(st)!r})  # the store's path where you read it\n"
-               f"{call} = st.{call}({name!r}, {unit})  # {shape}")
+    snippet = f"import ldam_sweep as ls\nst = ls.open_store({store_name(st)!r})  # the store's path where you read it\n"
+    if dead:
+        snippet += f"images, activations = st.exemplars({name!r}, {unit})  # (k, C, H, W), (k,)"
+    else:
+        snippet += (f"samples = st.samples({name!r}, {unit})  # (chain, snapshot, C, h, w): every snapshot"
+                    + (" (thumbnails)" if st.plan.thumbnail > 1 else "") +
+                    f"\nfinals = st.finals({name!r}, {unit})  # (chain, C, H, W): each chain's final sample, full size")
     parts.append(f"<h2>Load it from Python</h2><pre>{_e(snippet)}</pre>")
     page = unit_page(out, name, unit)
     page.parent.mkdir(parents=True, exist_ok=True)

@@ -137,8 +137,14 @@ def encode_pixels(x: np.ndarray, dtype: str, value_range: Sequence[float]) -> np
     if np.dtype(dtype) != np.uint8:
         return np.asarray(x).astype(dtype, copy=False)
     lo, hi = float(value_range[0]), float(value_range[1])
-    y = (np.asarray(x, dtype=np.float32) - lo) * np.float32(255.0 / (hi - lo))
-    return np.clip(np.nan_to_num(np.rint(y), nan=0.0), 0, 255).astype(np.uint8)
+    y = np.array(x, dtype=np.float32)  # one copy, then in place: a block of 224-px images is ~100M values
+    if lo:
+        y -= np.float32(lo)
+    y *= np.float32(255.0 / (hi - lo))
+    np.rint(y, out=y)
+    np.fmax(y, 0, out=y)  # fmax/fmin return the number where the other is NaN: NaN -> 0
+    np.fmin(y, 255, out=y)
+    return y.astype(np.uint8)
 
 
 def decode_pixels(x: np.ndarray, value_range: Sequence[float]) -> np.ndarray:
