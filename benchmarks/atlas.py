@@ -39,8 +39,9 @@ VIT_SPEC = {"name": "atlas-vit", "model": {"zoo": "digits-vit"}, "layers": "all"
             "data": {"source": "digits"}, "exemplars": 8, "resources": {"actors": 2, "block_size": "auto"}}
 
 
-def synthetic_store(url: str, units: int, n_layers: int, block: int) -> float:
-    """A store of ``units`` synthetic units through the real writer; returns seconds taken."""
+def synthetic_store(url: str, units: int, n_layers: int, block: int, hold_back: int = 0) -> tuple[float, list]:
+    """A store of ``units`` synthetic units through the real writer; the last ``hold_back`` units'
+    blocks are left out. Returns (seconds taken, a function that writes and commits them)."""
     rng = np.random.default_rng(0)
     per = units // n_layers
     layers = tuple(LayerPlan(f"layer{i}", "conv", "Conv2d", per, (per, 4, 4), block, "channel") for i in range(n_layers))
@@ -49,10 +50,12 @@ def synthetic_store(url: str, units: int, n_layers: int, block: int) -> float:
                      spec={"bench": True}, starts=True)
     create_store(url, plan)
     w = BlockWriter(url)
-    t0 = time.perf_counter()
-    for lp in layers:
+    blocks = [(lp, b) for lp in layers for b in lp.planned_blocks()]
+    held = blocks[len(blocks) - -(-hold_back // block):] if hold_back else []
+
+    def write(todo) -> None:
         rows = []
-        for b in lp.planned_blocks():
+        for lp, b in todo:
             units_b = lp.block_units(b)
             n = len(units_b)
             res = ChainResult(layer=lp.name, units=np.asarray(units_b), objective="channel", method="ldam", seed=0,
@@ -71,8 +74,15 @@ def synthetic_store(url: str, units: int, n_layers: int, block: int) -> float:
                            "data_p50": 0.2, "data_p90": 0.6, "data_p99": 0.9,
                            "data_hist": rng.integers(0, 200, HIST_BINS).tolist(), "data_hist_lo": -1.0, "data_hist_hi": 1.0}
             rows += w.write(lp.name, b, res, exemplars=ex, unit_columns=cols)
-        commit(url, rows)
-    return time.perf_counter() - t0
+            if len(rows) >= 640:
+                commit(url, rows)
+                rows = []
+        if rows:
+            commit(url, rows)
+
+    t0 = time.perf_counter()
+    write([x for x in blocks if x not in held])
+    return time.perf_counter() - t0, (lambda: write(held))
 
 
 def vit_store(url: str, workdir: Path) -> float:
@@ -130,19 +140,36 @@ def main() -> None:
     ap.add_argument("--no-browser", action="store_true", help="skip the Chromium timings")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=1,
+                    help="> 1: also build with that many Ray tasks beside the one-process build, and time a rebuild "
+                    "after --new-units more units are committed (synthetic mode)")
+    ap.add_argument("--new-units", type=int, default=1000)
     args = ap.parse_args()
     if args.quick:
-        args.units, args.layers = 200, 2
+        args.units, args.layers, args.new_units = 200, 2, 64
     name = "atlas_vit" if args.vit else ("atlas_quick" if args.quick else "atlas")
     out = args.out or str(Path(__file__).parent / "results" / f"{name}.json")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         url = f"{tmp}/bench.zarr"
-        t_store = vit_store(url, Path(tmp)) if args.vit else synthetic_store(url, args.units, args.layers, args.block)
+        if args.vit:
+            t_store, write_held = vit_store(url, Path(tmp)), None
+        else:
+            t_store, write_held = synthetic_store(url, args.units, args.layers, args.block, args.new_units)
         st = open_store(url)
         units = st.units(status=("ok", "dead")).num_rows
         site = Path(tmp) / "site"
         first = build_atlas(url, site)
         second = build_atlas(url, site)
+        parallel: dict = {}
+        if args.workers > 1:
+            psite = Path(tmp) / "site-parallel"
+            full = build_atlas(url, psite, workers=args.workers)
+            if write_held is not None:
+                write_held()
+            inc = build_atlas(url, psite, workers=args.workers)
+            parallel = {"workers": args.workers, "parallel_atlas_seconds": full.seconds,
+                        "parallel_speedup": first.seconds / full.seconds, "incremental_new_units": inc.units_rendered,
+                        "incremental_seconds": inc.seconds, "incremental_fraction_of_full": inc.seconds / full.seconds}
         html = {p: p.stat().st_size for p in site.rglob("*.html")}
         data = {p: p.stat().st_size for p in (site / "data").glob("*.js") if p.name != "search.js"}
         largest_layer = max(st.layers(), key=lambda d: d["done"])["name"]
@@ -161,11 +188,13 @@ def main() -> None:
             "search_index_kb": (site / "data" / "search.js").stat().st_size / 1e3,
             "site_mb": sum(p.stat().st_size for p in site.rglob("*") if p.is_file()) / 1e6, "search_label": label,
         }
+        record.update(parallel)
         if not args.no_browser:
             record.update(browser_timings(site, label, largest_layer))
     keys = ["units", "store_build_seconds", "atlas_seconds", "atlas_seconds_per_1000_units", "rebuild_unchanged_seconds",
             "pages", "largest_html_kb", "largest_layer_page_kb", "search_index_kb", "site_mb"]
     keys += [] if args.no_browser else ["index_load_ms", "search_ms", "layer_page_load_ms", "layer_filter_ms"]
+    keys += ["parallel_speedup", "incremental_new_units", "incremental_fraction_of_full"] if parallel else []
     report(f"atlas benchmark: {units} units in {record['layers']} layers", record, keys, out, fmt="10.2f")
 
 
