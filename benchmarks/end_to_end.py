@@ -107,9 +107,9 @@ def resample_differences(store: Path, model, plan, tasks, s) -> dict:
             res = ls.sample(model, layer, [unit], chains=s.chains, steps=s.steps, method=s.method, seed=s.seed,
                             lam=s.lam, objective=plan.layer(layer).objective,
                             batch_units=batch[layer, unit] if how == "at_batch_size" else None)
-            d = abs(st.samples(layer, unit).astype("float32") - res.samples[0])
+            d = abs(st.finals(layer, unit) - res.samples[0][:, -1])  # full size (snapshots may be thumbnails)
             samples.append(float(d.max()))
-            visible.append(float((d[:, -1] > 1 / 255).mean()))
+            visible.append(float((d > 1 / 255).mean()))
             traces.append(float(abs(st.trace(layer, unit) - res.activation[0]).max()))
         out |= {f"resample_{how}_samples_max_abs_diff": max(samples), f"resample_{how}_trace_max_abs_diff": max(traces),
                 f"resample_{how}_pixels_over_1_255": max(visible)}

@@ -645,6 +645,8 @@ def atlas(
     from ldam_sweep.atlas.site import build_atlas
 
     with user_errors():
+        if address and workers == 1:
+            raise LdamError(f"--address {address} renders on a Ray cluster: give -j N, how many tasks run at once")
         report = build_atlas(store, output, force=force, workers=workers, address=address)
         console.print(f"atlas: {report.layers} layers, {report.units_rendered} units rendered, "
                       f"{report.units_skipped} unchanged, {report.seconds:.1f}s -> {report.out / 'index.html'}", highlight=False,

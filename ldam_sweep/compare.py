@@ -31,10 +31,10 @@ def check_comparable(a: SweepStore, b: SweepStore) -> None:
             problems.append(f"layer {name!r}: {la[name]} vs {lb[name]} (kind, units, output shape, objective)")
     if not set(la) & set(lb):
         problems.append(f"no layer in common: {sorted(la)} vs {sorted(lb)}")
-    for field in ("chains", "steps", "snapshot_steps", "image_shape", "value_range"):
-        va, vb = getattr(a.plan, field), getattr(b.plan, field)
+    for key in ("chains", "steps", "snapshot_steps", "image_shape", "value_range"):
+        va, vb = getattr(a.plan, key), getattr(b.plan, key)
         if tuple(np.atleast_1d(va)) != tuple(np.atleast_1d(vb)):
-            problems.append(f"{field}: {va} vs {vb}")
+            problems.append(f"{key}: {va} vs {vb}")
     sa, sb = a.spec().get("sampler", {}), b.spec().get("sampler", {})
     if sa != sb:
         keys = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))

@@ -6,13 +6,16 @@ Only scikit-learn's 8x8 digits ship offline; they are upsampled to the demo mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ldam_sweep.errors import DataError
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.25

@@ -99,6 +99,14 @@ def test_eight_bit_thumbnail_store_reads_back_within_half_a_level_and_is_smaller
     per_unit = {name: s["bytes_per_unit"] for name, s in sizes.items()}
     assert per_unit["new"] < per_unit["old"] / 4, per_unit
     assert set(sizes["new"]["layers"]["conv"]["per_unit"]) == set(new_plan.arrays("conv"))
+    # plain xarray opens a layer whose snapshots are thumbnails: they have their own dimensions
+    import xarray as xr
+
+    layer = xr.open_zarr(f"{new.loc.url}/layers/conv")
+    assert layer.samples.dims[-2:] == ("thumb_y", "thumb_x") and layer.finals.dims[-2:] == ("y", "x")
+    assert layer.sizes["thumb_y"] == 24 and layer.sizes["y"] == 96 and layer.finals.dtype == np.uint8
+    ds = new.unit("conv", 2).to_xarray()
+    assert ds.samples.dims[-2:] == ("thumb_y", "thumb_x") and ds.exemplars.dims[-2:] == ("y", "x")
 
 
 @pytest.mark.fast
@@ -138,3 +146,22 @@ def test_a_store_written_by_the_previous_release_opens_verifies_and_resumes_in_i
     assert st.units("fc2").num_rows == 10 and verify_store(url)[1] == []
     assert {name: (a.dtype, a.shape) for name, a in zarr.open_group(url, mode="r")["layers/fc2"].arrays()} == before
     assert np.isfinite(st.finals("fc2", 9)).all() and st.plan.pixels == "float16"
+
+
+@pytest.mark.fast
+def test_a_store_refuses_another_image_format_and_names_the_field(tmp_path):
+    """The format is fixed when a store is made: a plan with another zstd level or pixel type is refused
+    with the field, the values and the way out (--fresh); nothing in the store changes."""
+    from ldam_sweep.errors import LdamError
+    from ldam_sweep.store.layout import check_store
+
+    url = str(tmp_path / "s.zarr")
+    plan = plan_of(pixels="uint8", thumbnail=4, zstd_level=9)
+    create_store(url, plan)
+    before = (tmp_path / "s.zarr" / "zarr.json").read_bytes()
+    assert check_store(url, plan) == "same"
+    with pytest.raises(LdamError, match=r"store\.zstd_level: 9 -> 3 .*--fresh"):
+        check_store(url, plan_of(pixels="uint8", thumbnail=4, zstd_level=3))
+    with pytest.raises(LdamError, match=r"store\.pixels: uint8 -> float32"):
+        check_store(url, plan_of(pixels="float32", thumbnail=4, zstd_level=9))
+    assert (tmp_path / "s.zarr" / "zarr.json").read_bytes() == before

@@ -103,8 +103,12 @@ class _Run:
             probe_address(self.address)  # an unreachable cluster fails in seconds, before the store exists
             model = module or load_model(job.model, device="cpu", log=lambda m: self.console.print(Text(m, style="dim")))
             plan = resolve(job, model, doc)  # the one plan: the driver, stage 1 and the workers use it
-            if not fresh:  # a store made before chain starts were kept resumes without them
-                plan = plan.with_store(self.io("reading the store", as_stored, loc, plan.store))
+            if not fresh:  # a store made by older code resumes in its own format (without starts, float16, ...)
+                stored = self.io("reading the store", as_stored, loc, plan.store)
+                if stored is not plan.store and job.store.model_fields_set - {"url"}:
+                    self.say(f"store {loc.url}: made by an earlier version, it keeps its own image format "
+                             f"({stored.pixels}, snapshots full size); the spec's store: settings apply to new stores")
+                plan = plan.with_store(stored)
             check_block_memory(plan.store)
             inputs = check_stage_inputs(job, model)
             state = self._storage("checking the store", check_store, loc, plan.store, fresh=fresh)

@@ -7,11 +7,16 @@
                                           and of the coordinates' chunks, and the attrs' seal
     <store>/root-copy/zarr.json           the root zarr.json's copy (integrity.py; layout 1: root-copy.json)
     <store>/lease.json                    the running driver's lease (see lease.py)
-    <store>/layers/<layer>/samples        (unit, chain, snapshot, C, H, W) float16, NaN fill;
+    <store>/layers/<layer>/samples        (unit, chain, snapshot, C, h, w) in the plan's pixel type (uint8,
+                                          0 fill; float16/float32, NaN fill), shrunk to thumbnails
+                                          (h, w: dims thumb_y, thumb_x) where the plan says so;
                                           shard = one block of units, inner chunk = one unit
+    <store>/layers/<layer>/finals         (unit, chain, C, H, W): the last snapshot at full size (only
+                                          with thumbnails)
     <store>/layers/<layer>/activation     (unit, chain, step) float32, NaN fill; chunk = one block
     <store>/layers/<layer>/realism        same, when a discriminator is used
-    <store>/layers/<layer>/exemplars      (unit, k, C, H, W) float16 + exemplar_activation (unit, k)
+    <store>/layers/<layer>/exemplars      (unit, k, C, H, W) images + exemplar_activation (unit, k)
+    <store>/layers/<layer>/starts         (unit, chain, C, h, w) each chain's first image, as samples
     <store>/layers/<layer>/unit, chain, snapshot, step, rank   coordinates (layout 2)
     <store>/discriminator/                the frozen discriminator (bytes; its record, written last)
     <store>/manifest/parts/layer=<layer>/part-*.parquet   the commit log (see manifest.py; layout 1:
@@ -284,6 +289,9 @@ def _identity_changes(attrs: dict[str, Any], plan: StorePlan) -> list[str]:
     except (KeyError, TypeError):
         return [f"spec hash {str(attrs.get('spec_hash'))[:12]} -> {plan.spec_hash()[:12]}"]
     changes = identity_changes(old.identity_spec(), plan.identity_spec())
+    changes += [f"store.{name}: {getattr(old, name)} -> {getattr(plan, name)} (the image format is fixed when the store "
+                "is made: --fresh starts over in the new one)"
+                for name in ("pixels", "thumbnail", "zstd_level") if getattr(old, name) != getattr(plan, name)]
     if old.model_fingerprint != plan.model_fingerprint:
         changes.append(f"model weights (fingerprint) {old.model_fingerprint[:12]} -> {plan.model_fingerprint[:12]}")
     return changes or [f"the store plan (layers, shapes) {str(attrs.get('plan_hash'))[:12]} -> {plan.plan_hash()[:12]}"]

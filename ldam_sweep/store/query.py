@@ -45,7 +45,8 @@ def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[
     images as float32 in the model's range; ``finals`` (each chain's last snapshot at full size) in
     every store. In 8-bit stores a
     missing image reads as NaN as in float ones: a chain's snapshot where its activation trace is
-    not finite (a diverged chain, a dead unit), an exemplar without an activation (fewer real images than k)."""
+    not finite (a diverged chain, a dead unit), an exemplar without an activation (fewer real images
+    than k). (Units a sweep did not select read as 0 there, NaN in float stores: read committed units.)"""
     vr = plan.value_range
     out: dict[str, np.ndarray] = {}
     eight = plan.pixels == "uint8"

@@ -161,9 +161,13 @@ def shrink(x: np.ndarray, factor: int) -> np.ndarray:
     H mod factor rows and W mod factor columns are left out)."""
     if factor == 1:
         return np.asarray(x)
+    x = np.asarray(x)
     h, w = x.shape[-2] // factor, x.shape[-1] // factor
-    x = np.asarray(x, dtype=np.float32)[..., : h * factor, : w * factor]
-    return x.reshape(*x.shape[:-2], h, factor, w, factor).mean(axis=(-3, -1))
+    out = np.empty((*x.shape[:-2], h, w), dtype=np.float32)
+    for i in range(x.shape[0]):  # one unit at a time: no float32 copy of a whole block (~600 MB at 224 px)
+        part = x[i, ..., : h * factor, : w * factor].astype(np.float32)
+        out[i] = part.reshape(*part.shape[:-2], h, factor, w, factor).mean(axis=(-3, -1))
+    return out
 
 
 @dataclass(frozen=True)
@@ -200,8 +204,9 @@ class StorePlan:
         b, ch, s, t = lp.block_size, self.chains, len(self.snapshot_steps), self.steps + 1
         image, px, z = tuple(self.image_shape), self.pixels, self.zstd_level
         snap = self.snapshot_shape
+        yx = ("thumb_y", "thumb_x") if self.thumbnail > 1 else ("y", "x")  # xarray: one size per dimension name
         out = [ArraySpec("samples", (lp.units, ch, s, *snap), px, chunks=(1, ch, s, *snap),
-                         shards=(b, ch, s, *snap), dims=("unit", "chain", "snapshot", "c", "y", "x"), zstd_level=z),
+                         shards=(b, ch, s, *snap), dims=("unit", "chain", "snapshot", "c", *yx), zstd_level=z),
                ArraySpec("activation", (lp.units, ch, t), "float32", chunks=(b, ch, t), dims=("unit", "chain", "step"),
                          zstd_level=z)]
         if self.realism:
@@ -215,7 +220,7 @@ class StorePlan:
                               zstd_level=z)]
         if self.starts:
             out.append(ArraySpec("starts", (lp.units, ch, *snap), px, chunks=(b, ch, *snap),
-                                 dims=("unit", "chain", "c", "y", "x"), zstd_level=z))
+                                 dims=("unit", "chain", "c", *yx), zstd_level=z))
         if self.thumbnail > 1:
             out.append(ArraySpec("finals", (lp.units, ch, *image), px, chunks=(b, ch, *image),
                                  dims=("unit", "chain", "c", "y", "x"), zstd_level=z))

@@ -59,7 +59,8 @@ class UnitView:
             raise StoreError("UnitView.to_xarray needs xarray, an optional extra: pip install 'ldam-sweep[xarray]'") from None
         steps = np.arange(self.activation.shape[1])
         data: dict[str, Any] = {
-            "samples": (("chain", "snapshot", "c", "y", "x"), self.samples),
+            # thumbnails (a store that shrinks snapshots) get their own dimensions: xarray allows one size per name
+            "samples": (("chain", "snapshot", "c", *self._sample_yx()), self.samples),
             "activation": (("chain", "step"), self.activation),
         }
         if self.realism is not None:
@@ -70,6 +71,10 @@ class UnitView:
         attrs = {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in self.scores.items() if v is not None}
         return xr.Dataset(data, coords={"snapshot": np.asarray(self.snapshot_steps), "step": steps},
                           attrs={**attrs, "value_range": list(self.value_range)})
+
+    def _sample_yx(self) -> tuple[str, str]:
+        full = self.exemplars is None or self.exemplars.shape[-2:] == self.samples.shape[-2:]
+        return ("y", "x") if full else ("thumb_y", "thumb_x")
 
     def __repr__(self) -> str:
         ratio = self.scores.get("activation_ratio")
