@@ -223,7 +223,6 @@ def test_a_store_made_before_chain_starts_resumes_verifies_and_builds_its_atlas(
 
     A store whose plan has no ``starts`` array (made by the code before it) resumes under today's
     code as it is: same plan hash, no new array, verify clean, and its atlas builds without strips."""
-    import dataclasses
     import os
     import subprocess
     import sys
@@ -238,7 +237,8 @@ def test_a_store_made_before_chain_starts_resumes_verifies_and_builds_its_atlas(
            "resources": {"actors": 1, "block_size": 4}}
     job = parse_job(doc)
     spec_doc = job.model_dump(mode="json", exclude_none=True)
-    old_plan = dataclasses.replace(sweep_store_plan(job, digits_model, spec_doc), starts=False)
+    old_plan = sweep_store_plan(job, digits_model, spec_doc).legacy_formats()[-1]  # float16, full size, no starts
+    assert not old_plan.starts and old_plan.pixels == "float16"
     url = str(tmp_path / "old.zarr")
     create_store(url, old_plan)
     from ldam_sweep.store import commit
