@@ -23,6 +23,7 @@ Chains and exemplars are fewer than a real sweep's by default (2 and 2: the writ
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -116,11 +117,14 @@ def main() -> None:
     ap.add_argument("--exemplars", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="three layers (the suite's check of this script)")
     ap.add_argument("--dir", default=None, help="where to build the store (default: a temp dir; it is deleted)")
+    ap.add_argument("--keep", default=None, help="build the store in this folder and keep it (for profiling)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out_path = args.out or str(Path(__file__).parent / "results" / f"whole_network_{args.model}{'_quick' if args.quick else ''}.json")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+    keep = contextlib.nullcontext(str(Path(args.keep).resolve())) if args.keep else None
+    with keep or tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         url = f"{tmp}/store.zarr"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ls.RandomWeightsWarning)

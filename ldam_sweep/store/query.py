@@ -4,7 +4,8 @@ a block that is written but not committed (a crashed attempt) is never visible."
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+import os
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -264,26 +265,42 @@ class SweepStore:
         p = self.plan
         fmt = {"pixels": p.pixels, "snapshot_shape": list(p.snapshot_shape), "image_shape": list(p.image_shape),
                "thumbnail_factor": p.thumbnail, "zstd_level": p.zstd_level}
-        sizes = self.loc.fs.du(self.loc.root, total=False, withdirs=False)
-        root = self.loc.root.rstrip("/") + "/"
-        by_dir: dict[str, int] = collections.Counter()
-        for path, size in sizes.items():
-            rel = str(path)[len(root):] if str(path).startswith(root) else str(path)
-            by_dir[rel.rsplit("/", 1)[0] if "/" in rel else ""] += int(size)
+        total, by_array = 0, collections.Counter()  # (layer folder, array) -> bytes
+        for rel, size in self._file_sizes():
+            total += size
+            parts = rel.split("/", 3)
+            if len(parts) >= 3 and parts[0] == "layers":
+                by_array[parts[1], parts[2]] += size
         layers, total_bytes, total_units = {}, 0, 0
         done = {r["name"]: r["done"] for r in self.layers()}
         for lp in p.layers:
-            prefix = layer_path(lp.name)
-            arrays = {name: sum(v for d, v in by_dir.items() if d == f"{prefix}/{name}" or d.startswith(f"{prefix}/{name}/"))
-                      for name in p.arrays(lp)}
+            folder = layer_path(lp.name).split("/", 1)[1]
+            arrays = {name: by_array[folder, name] for name in p.arrays(lp)}
             n = done[lp.name]
             layers[lp.name] = {"bytes": sum(arrays.values()), "units_done": n, "arrays": arrays,
                                "bytes_per_unit": sum(arrays.values()) / n if n else None,
                                "per_unit": {k: v / n for k, v in arrays.items()} if n else None}
             total_bytes += sum(arrays.values())
             total_units += n
-        return {"format": fmt, "bytes": sum(by_dir.values()), "layers": layers,
+        return {"format": fmt, "bytes": total, "layers": layers,
                 "bytes_per_unit": total_bytes / total_units if total_units else None}
+
+    def _file_sizes(self) -> Iterator[tuple[str, int]]:
+        """(path relative to the store, bytes) of every file: a directory walk on a local store, one
+        paginated listing on an object store (sizes come with the listing: no request per object)."""
+        root = self.loc.root.rstrip("/")
+        if self.loc.is_local:
+            for folder, _dirs, files in os.walk(root):
+                rel = os.path.relpath(folder, root)
+                for name in files:
+                    try:
+                        size = os.stat(os.path.join(folder, name)).st_size
+                    except FileNotFoundError:  # removed while we walk (a temp part renamed)
+                        continue
+                    yield (name if rel == "." else f"{rel}/{name}"), size
+            return
+        for path, info in self.loc.fs.find(root, detail=True).items():
+            yield str(path)[len(root) + 1:] if str(path).startswith(root + "/") else str(path), int(info.get("size") or 0)
 
     # -- the manifest ------------------------------------------------------------------------
     def manifest(self, layer: str | None = None) -> pa.Table:
