@@ -13,7 +13,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ldam_sweep.atlas.format import slug
 from ldam_sweep.errors import LdamError
@@ -23,13 +23,13 @@ Job = tuple[str, int, list[dict[str, Any]]]
 BLOCKS_PER_TASK_UNITS = 64  # a task renders whole blocks, about this many units
 
 
-def _render_task(url: str, storage_options: dict | None, jobs: list[Job]) -> tuple[int, dict, list[tuple[str, bytes]]]:
-    """In a Ray worker: render ``jobs`` into a temporary folder; (units rendered, corrupt units, files)."""
-    from ldam_sweep.atlas.site import render_blocks
-
+def _render_task(render: Callable, url: str, storage_options: dict | None,
+                 jobs: list[Job]) -> tuple[int, dict, list[tuple[str, bytes]]]:
+    """In a Ray worker: ``render`` (``site.render_blocks``) ``jobs`` into a temporary folder;
+    (units rendered, corrupt units, files)."""
     st = open_store(url, storage_options)
     with tempfile.TemporaryDirectory(prefix="ldam-atlas-") as tmp:
-        rendered, corrupt = render_blocks(st, jobs, Path(tmp))
+        rendered, corrupt = render(st, jobs, Path(tmp))
         files = [(str(p.relative_to(tmp)), p.read_bytes()) for p in Path(tmp).rglob("*") if p.is_file()]
     return rendered, corrupt, files
 
@@ -47,9 +47,9 @@ def _tasks(jobs: list[Job]) -> list[list[Job]]:
     return tasks
 
 
-def render_in_parallel(st: SweepStore, jobs: list[Job], out: Path, *, workers: int,
+def render_in_parallel(render: Callable, st: SweepStore, jobs: list[Job], out: Path, *, workers: int,
                        address: str | None = None) -> tuple[int, dict[tuple[str, int], str]]:
-    """``render_blocks`` over Ray: (units rendered, {(layer, unit): why} for corrupt blocks). Joins
+    """``render`` (``site.render_blocks``) over Ray: (units rendered, {(layer, unit): why} for corrupt blocks). Joins
     the Ray this process already runs, else ``address``, else starts a local one of ``workers`` CPUs
     (and stops it after)."""
     import ray
@@ -75,7 +75,7 @@ def render_in_parallel(st: SweepStore, jobs: list[Job], out: Path, *, workers: i
         rendered, corrupt = 0, {}
         while pending or running:
             while pending and len(running) < 2 * workers:
-                running.append(remote.remote(st.loc.url, opts, pending.pop()))
+                running.append(remote.remote(render, st.loc.url, opts, pending.pop()))
             done, running = ray.wait(running, num_returns=1)
             n, bad, files = ray.get(done[0])
             rendered += n

@@ -235,7 +235,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
     if workers > 1 and jobs:
         from ldam_sweep.atlas.parallel import render_in_parallel
 
-        rendered, corrupt = render_in_parallel(st, jobs, out, workers=workers, address=address)
+        rendered, corrupt = render_in_parallel(render_blocks, st, jobs, out, workers=workers, address=address)
     else:
         rendered, corrupt = render_blocks(st, jobs, out)
     search: list[list[Any]] = []  # the index's search rows (search.js)
