@@ -261,7 +261,8 @@ class SweepStore:
     def storage(self) -> dict[str, Any]:
         """How the store keeps images (``format``) and what it takes on disk: per layer the bytes of
         each array (its objects and metadata) and, over the units done, ``bytes_per_unit`` in all and
-        per array; ``bytes_per_unit`` over every layer at the top. One listing of the store."""
+        per array; ``bytes_per_unit`` over every layer at the top; ``bytes``: the arrays' objects and the
+        manifest (an object store: every object). One listing of the store, or a stat per object."""
         p = self.plan
         fmt = {"pixels": p.pixels, "snapshot_shape": list(p.snapshot_shape), "image_shape": list(p.image_shape),
                "thumbnail_factor": p.thumbnail, "zstd_level": p.zstd_level}
@@ -286,21 +287,24 @@ class SweepStore:
                 "bytes_per_unit": total_bytes / total_units if total_units else None}
 
     def _file_sizes(self) -> Iterator[tuple[str, int]]:
-        """(path relative to the store, bytes) of every file: a directory walk on a local store, one
-        paginated listing on an object store (sizes come with the listing: no request per object)."""
+        """(path relative to the store, bytes) of every array object and manifest part. A local store:
+        a stat of each block's object (the plan names them; a walk would visit ~6 folders per object);
+        an object store: one paginated listing (sizes come with it: no request per object)."""
         root = self.loc.root.rstrip("/")
-        if self.loc.is_local:
-            for folder, _dirs, files in os.walk(root):
-                rel = os.path.relpath(folder, root)
-                for name in files:
-                    try:
-                        size = os.stat(os.path.join(folder, name)).st_size
-                    except FileNotFoundError:  # removed while we walk (a temp part renamed)
-                        continue
-                    yield (name if rel == "." else f"{rel}/{name}"), size
+        if not self.loc.is_local:
+            for path, info in self.loc.fs.find(root, detail=True).items():
+                yield str(path)[len(root) + 1:] if str(path).startswith(root + "/") else str(path), int(info.get("size") or 0)
             return
-        for path, info in self.loc.fs.find(root, detail=True).items():
-            yield str(path)[len(root) + 1:] if str(path).startswith(root + "/") else str(path), int(info.get("size") or 0)
+        for lp in self.plan.layers:
+            for name, spec in self.plan.arrays(lp).items():
+                for block in range(lp.n_blocks):
+                    rel = f"{layer_path(lp.name)}/{name}/{spec.block_key(block)}"
+                    try:
+                        yield rel, os.stat(os.path.join(root, rel)).st_size
+                    except FileNotFoundError:  # not written yet
+                        continue
+        for path in manifest.part_files(self.loc):
+            yield os.path.relpath(path, root), os.stat(path).st_size
 
     # -- the manifest ------------------------------------------------------------------------
     def manifest(self, layer: str | None = None) -> pa.Table:
