@@ -129,12 +129,19 @@ class SweepStore:
         if self._latest is None:
             table = manifest.latest_per_unit(manifest.read(self.loc, skip=self._skip_parts))
             self._realism = read_realism(self.loc)  # cached with the manifest it describes
-            detected = [None] * table.num_rows
+            detected = np.full(table.num_rows, np.nan, dtype=np.float32)
             if self._realism and table.num_rows:
-                flags = {name: unit_flags(self._realism, name) for name in (self._realism.get("layers") or {})}
-                layers, units = table["layer"].to_pylist(), table["unit"].to_pylist()
-                detected = [flags.get(layer, {}).get(unit) for layer, unit in zip(layers, units)]
-            table = table.append_column(pa.field("detected_fraction", pa.float32()), pa.array(detected, type=pa.float32()))
+                layers, units = table["layer"].to_numpy(zero_copy_only=False), table["unit"].to_numpy()
+                for name in self._realism.get("layers") or {}:
+                    flags = unit_flags(self._realism, name)
+                    if not flags:
+                        continue
+                    lut = np.full(max(max(flags), int(units.max())) + 1, np.nan, dtype=np.float32)  # unit -> value
+                    lut[list(flags)] = list(flags.values())
+                    rows = np.flatnonzero(layers == name)
+                    detected[rows] = lut[units[rows]]
+            table = table.append_column(pa.field("detected_fraction", pa.float32()),
+                                        pa.array(detected, type=pa.float32(), mask=np.isnan(detected)))
             self._verify_state, self._verify_doc = read_verify_record(self.loc)
             self._latest = table.append_column(pa.field("integrity", pa.string()), self._integrity(table))
         return self._latest
@@ -145,17 +152,22 @@ class SweepStore:
         (committed after the last verify, or never verified); null for rows that are not ok or dead."""
         doc = self._verify_doc or {}
         newest = doc.get("newest_commit_us", -1)
-        bad = {(layer, int(block)) for layer, block in doc.get("corrupt_blocks", [])}
-        out = []
-        rows = zip(table["layer"].to_pylist(), table["block"].to_pylist(), table["status"].to_pylist(),
-                   table["committed_at"].cast("int64").to_pylist())
-        for layer, block, status, at in rows:
-            if status not in ("ok", "dead"):
-                out.append(None)
-            elif (layer, block) in self._found_corrupt or ((layer, block) in bad and at is not None and at <= newest):
-                out.append("corrupt")
-            else:
-                out.append("verified" if at is not None and at <= newest else "unverified")
+        n = table.num_rows
+        at = table["committed_at"].cast("int64").to_numpy(zero_copy_only=False)  # float with NaN where null
+        verified = np.nan_to_num(at, nan=np.inf) <= newest
+        status = table["status"].to_numpy(zero_copy_only=False)
+        live = (status == "ok") | (status == "dead")
+        corrupt = np.zeros(n, dtype=bool)
+        suspects = {(layer, int(block)) for layer, block in doc.get("corrupt_blocks", [])}
+        if suspects or self._found_corrupt:  # rare: a Python look at the rows of those layers only
+            layers = table["layer"].to_numpy(zero_copy_only=False)
+            blocks = table["block"].to_numpy(zero_copy_only=False)
+            for layer in {lyr for lyr, _ in suspects | self._found_corrupt}:
+                for i in np.flatnonzero(layers == layer):
+                    key = (layer, int(blocks[i]))
+                    corrupt[i] = key in self._found_corrupt or (key in suspects and verified[i])
+        out = np.where(corrupt, "corrupt", np.where(verified, "verified", "unverified")).astype(object)
+        out[~live] = None
         return pa.array(out, type=pa.string())
 
     def verification(self) -> dict[str, Any]:
