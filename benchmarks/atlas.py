@@ -154,7 +154,8 @@ def main() -> None:
         if args.vit:
             t_store, write_held = vit_store(url, Path(tmp)), None
         else:
-            t_store, write_held = synthetic_store(url, args.units, args.layers, args.block, args.new_units)
+            t_store, write_held = synthetic_store(url, args.units, args.layers, args.block,
+                                                  args.new_units if args.workers > 1 else 0)
         st = open_store(url)
         units = st.units(status=("ok", "dead")).num_rows
         site = Path(tmp) / "site"
