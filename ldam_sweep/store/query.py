@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ldam_sweep.notebook import mark, register as register_notebook_display
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
-from ldam_sweep.store.schema import LayerPlan, StorePlan, decode_pixels
+from ldam_sweep.store.schema import PIXEL_ARRAYS, LayerPlan, StorePlan, decode_pixels
 from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
                                         sidecar_path,
@@ -44,8 +44,7 @@ def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> 
 def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[str]) -> dict[str, np.ndarray]:
     """A region of stored arrays (unit axis first) as readers use them, whatever the store's format:
     images as float32 in the model's range; ``finals`` (each chain's last snapshot at full size) in
-    every store. In 8-bit stores a
-    missing image reads as NaN as in float ones: a chain's snapshot where its activation trace is
+    every store. In 8-bit stores a missing image reads as NaN as in float ones: a chain's snapshot where its activation trace is
     not finite (a diverged chain, a dead unit), an exemplar without an activation (fewer real images
     than k). (Units a sweep did not select read as 0 there, NaN in float stores: read committed units.)"""
     vr = plan.value_range
@@ -54,7 +53,7 @@ def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[
     for name in want:
         if name == "finals" and "finals" not in stored:
             x = decode_pixels(stored["samples"][:, :, -1], vr)
-        elif name in ("samples", "finals", "exemplars", "starts"):
+        elif name in PIXEL_ARRAYS:
             x = decode_pixels(stored[name], vr)
         else:
             out[name] = stored[name]
@@ -64,7 +63,7 @@ def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[
             steps = list(plan.snapshot_steps) if name == "samples" else [plan.snapshot_steps[-1]]
             bad = ~np.isfinite(act[:, :, steps])  # (unit, chain, snapshot)
             x[bad if name == "samples" else bad[:, :, 0]] = np.nan
-        if eight and name in ("exemplars",) and "exemplar_activation" in stored:
+        if eight and name == "exemplars" and "exemplar_activation" in stored:
             x[~np.isfinite(stored["exemplar_activation"])] = np.nan
         out[name] = x
     return out
@@ -272,7 +271,7 @@ class SweepStore:
 
     def storage(self) -> dict[str, Any]:
         """How the store keeps images (``format``) and what it takes on disk: per layer the bytes of
-        each array (its objects and metadata) and, over the units done, ``bytes_per_unit`` in all and
+        each array's block objects and, over the units done, ``bytes_per_unit`` in all and
         per array; ``bytes_per_unit`` over every layer at the top; ``bytes``: the arrays' objects and the
         manifest (an object store: every object). One listing of the store, or a stat per object."""
         p = self.plan

@@ -120,7 +120,6 @@ class LayerPlan:
 # The order of a block's arrays (the block checksum hashes them in this order; later arrays last).
 ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts", "finals")
 PIXEL_ARRAYS = ("samples", "exemplars", "starts", "finals")  # images, in the plan's ``pixels`` type
-PIXEL_TYPES = ("uint8", "float16", "float32")
 
 
 def thumbnail_factor(image_shape: Sequence[int], snapshot_size: int | None) -> int:
