@@ -74,6 +74,31 @@ def fake_block(task, plan, rng: np.random.Generator) -> tuple[ChainResult, tuple
     return res, (ex, np.sort(rng.random((n, k)).astype(np.float32), axis=1)[:, ::-1].copy())
 
 
+def write_and_commit(url: str, plan, tasks: list, commit_every: int, rng: np.random.Generator,
+                     writes: list[float], commits: list[float]) -> None:
+    """The driver's and workers' store path for ``tasks`` under the store's lease: each block through
+    ``BlockWriter.write``, a commit every ``commit_every`` blocks and after the last; the seconds of
+    each write and commit are appended to ``writes`` and ``commits``."""
+    lease = StoreLease.acquire(url, doing="whole_network.py")
+    lease.set_generation(read_generation(url) or "")
+    writer = BlockWriter(url, plan=plan)
+    pending: list = []
+    try:
+        for i, task in enumerate(tasks):
+            res, ex = fake_block(task, plan, rng)
+            t = time.perf_counter()
+            pending += writer.write(task.layer, task.block, res, exemplars=ex)
+            writes.append(time.perf_counter() - t)
+            if (i + 1) % commit_every == 0 or i == len(tasks) - 1:
+                t = time.perf_counter()
+                lease.check(writer.generation)
+                commit(url, pending)
+                commits.append(time.perf_counter() - t)
+                pending = []
+    finally:
+        lease.release()
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "ldam_sweep.cli", *args]
 
@@ -146,26 +171,9 @@ def main() -> None:
         record["create_s"] = time.perf_counter() - t0
         rng = np.random.default_rng(0)
         half = len(tasks) // 2
-        writes, commits, parts_at = [], [], []
-        lease = StoreLease.acquire(url, doing="whole_network.py")
-        lease.set_generation(read_generation(url) or "")
-        writer = BlockWriter(url, plan=plan)
-        pending: list = []
-        try:
-            for i, task in enumerate(tasks[:half]):
-                res, ex = fake_block(task, plan, rng)
-                t = time.perf_counter()
-                pending += writer.write(task.layer, task.block, res, exemplars=ex)
-                writes.append(time.perf_counter() - t)
-                if len(pending) and ((i + 1) % job.resources.commit_every == 0 or i == half - 1):
-                    t = time.perf_counter()
-                    lease.check(writer.generation)
-                    commit(url, pending)
-                    commits.append(time.perf_counter() - t)
-                    parts_at.append(i + 1)
-                    pending = []
-        finally:
-            lease.release()
+        writes: list[float] = []
+        commits: list[float] = []
+        write_and_commit(url, plan, tasks[:half], job.resources.commit_every, rng, writes, commits)
         record["write_block_s_median"] = float(np.median(writes))
         record["commit_s_first_50_median"] = float(np.median(commits[:50]))
         record["commit_s_last_50_median"] = float(np.median(commits[-50:]))
@@ -177,24 +185,8 @@ def main() -> None:
         # -- the second half, then what a user runs on the finished store --------------------------
         st = ls.open_store(url)
         done = {(r["layer"], r["block"]) for r in st.units(status=None).select(["layer", "block"]).to_pylist()}
-        lease = StoreLease.acquire(url, doing="whole_network.py")
-        lease.set_generation(read_generation(url) or "")
-        writer = BlockWriter(url, plan=plan)
         rest = [t for t in tasks if (t.layer, t.block) not in done]
-        try:
-            for i, task in enumerate(rest):
-                res, ex = fake_block(task, plan, rng)
-                t = time.perf_counter()
-                pending += writer.write(task.layer, task.block, res, exemplars=ex)
-                writes.append(time.perf_counter() - t)
-                if (i + 1) % job.resources.commit_every == 0 or i == len(rest) - 1:
-                    t = time.perf_counter()
-                    lease.check(writer.generation)
-                    commit(url, pending)
-                    commits.append(time.perf_counter() - t)
-                    pending = []
-        finally:
-            lease.release()
+        write_and_commit(url, plan, rest, job.resources.commit_every, rng, writes, commits)
         record["write_block_s_median_all"] = float(np.median(writes))
         record["commit_s_final_50_median"] = float(np.median(commits[-50:]))
         record["parts"] = len(part_files(ls.open_store(url).loc))
