@@ -10,6 +10,8 @@ chains, no discriminator, digits exemplars) through ``ldam-sweep run``, then its
     python benchmarks/atlas.py            # 20,480 units in 4 layers
     python benchmarks/atlas.py --quick    # 200 units (seconds; run by the test suite)
     python benchmarks/atlas.py --vit      # the whole digits ViT (a sweep of a few minutes first)
+    python benchmarks/atlas.py --units 4096 --workers 2                  # 2 Ray workers against one process
+    python benchmarks/atlas.py --units 122880 --layers 40 --workers 2 --parallel-only   # vit_b_16's size
 """
 
 from __future__ import annotations
@@ -144,6 +146,8 @@ def main() -> None:
                     help="> 1: also build with that many Ray tasks beside the one-process build, and time a rebuild "
                     "after --new-units more units are committed (synthetic mode)")
     ap.add_argument("--new-units", type=int, default=1000)
+    ap.add_argument("--parallel-only", action="store_true",
+                    help="with --workers: build only in parallel (no one-process build to compare; for whole-network sizes)")
     args = ap.parse_args()
     if args.quick:
         args.units, args.layers, args.new_units = 200, 2, 64
@@ -159,18 +163,24 @@ def main() -> None:
         st = open_store(url)
         units = st.units(status=("ok", "dead")).num_rows
         site = Path(tmp) / "site"
-        first = build_atlas(url, site)
-        second = build_atlas(url, site)
         parallel: dict = {}
+        if args.parallel_only:  # the one-process build is left out (too long at this size): the parallel site is measured
+            first = build_atlas(url, site, workers=args.workers)
+            second = build_atlas(url, site, workers=args.workers)
+            parallel = {"workers": args.workers, "parallel_atlas_seconds": first.seconds}
+        else:
+            first = build_atlas(url, site)
+            second = build_atlas(url, site)
         if args.workers > 1:
-            psite = Path(tmp) / "site-parallel"
-            full = build_atlas(url, psite, workers=args.workers)
+            psite = site if args.parallel_only else Path(tmp) / "site-parallel"
+            full = first if args.parallel_only else build_atlas(url, psite, workers=args.workers)
             if write_held is not None:
                 write_held()
             inc = build_atlas(url, psite, workers=args.workers)
             parallel = {"workers": args.workers, "parallel_atlas_seconds": full.seconds,
-                        "parallel_speedup": first.seconds / full.seconds, "incremental_new_units": inc.units_rendered,
-                        "incremental_seconds": inc.seconds, "incremental_fraction_of_full": inc.seconds / full.seconds}
+                        "incremental_new_units": inc.units_rendered, "incremental_seconds": inc.seconds,
+                        "incremental_fraction_of_full": inc.seconds / full.seconds,
+                        **({} if args.parallel_only else {"parallel_speedup": first.seconds / full.seconds})}
         html = {p: p.stat().st_size for p in site.rglob("*.html")}
         data = {p: p.stat().st_size for p in (site / "data").glob("*.js") if p.name != "search.js"}
         largest_layer = max(st.layers(), key=lambda d: d["done"])["name"]
@@ -195,7 +205,7 @@ def main() -> None:
     keys = ["units", "store_build_seconds", "atlas_seconds", "atlas_seconds_per_1000_units", "rebuild_unchanged_seconds",
             "pages", "largest_html_kb", "largest_layer_page_kb", "search_index_kb", "site_mb"]
     keys += [] if args.no_browser else ["index_load_ms", "search_ms", "layer_page_load_ms", "layer_filter_ms"]
-    keys += ["parallel_speedup", "incremental_new_units", "incremental_fraction_of_full"] if parallel else []
+    keys += [k for k in ("parallel_speedup", "incremental_new_units", "incremental_fraction_of_full") if k in record]
     report(f"atlas benchmark: {units} units in {record['layers']} layers", record, keys, out, fmt="10.2f")
 
 

@@ -15,7 +15,7 @@ manifest commit every ``commit_every`` (8) blocks under the lease. Measured:
 Chains and exemplars are fewer than a real sweep's by default (2 and 2: the write volume per unit is
 ``bytes_per_unit.py``'s measurement); everything that scales with units, blocks and parts is full size.
 
-    python benchmarks/whole_network.py --model vit_b_16          # 122,344 units, 3,858 blocks (~40 min on 2 cores)
+    python benchmarks/whole_network.py --model vit_b_16          # 122,344 units, 3,824 blocks (37 min on 2 cores)
     python benchmarks/whole_network.py --model resnet50          # 71,400 units
     python benchmarks/whole_network.py --model resnet18 --quick  # a few layers (seconds)
 """

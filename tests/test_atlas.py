@@ -398,9 +398,12 @@ def test_portable_names_drop_the_build_machines_paths_but_keep_urls(tmp_path):
 
 
 def test_a_parallel_build_writes_the_same_site_as_one_process(atlas_site, tmp_path):
-    """`ldam-sweep atlas -j 2`: Ray tasks render the unit pages (into their own folders, returned as
-    bytes) and the site is byte for byte the one a single process writes; a rebuild renders nothing."""
-    from ldam_sweep.atlas.site import STATE_FILE
+    """`ldam-sweep atlas -j 2`: Ray tasks render the unit pages (straight into the atlas folder, which
+    they see) and the site is byte for byte the one a single process writes; a rebuild renders
+    nothing. A task that does not see the folder (another node, no shared filesystem) returns the
+    same files as bytes."""
+    from ldam_sweep.atlas.parallel import WRITER_TOKEN, _render_task
+    from ldam_sweep.atlas.site import STATE_FILE, render_blocks
 
     import os
     import subprocess
@@ -423,3 +426,18 @@ def test_a_parallel_build_writes_the_same_site_as_one_process(atlas_site, tmp_pa
     assert a.keys() == b.keys() and [k for k in a if a[k] != b[k]] == []
     assert sum(k.endswith(".png") for k in a) >= 3 * one.units_rendered
     assert f"0 units rendered, {one.units_rendered} unchanged" in cli_build()
+    assert not (tmp_path / "two" / WRITER_TOKEN).exists()
+
+    # the task itself, as on a node without the atlas folder: no token there, so the files come back
+    st = ls.open_store(url)
+    rows = st.units("fc2", status=None).to_pylist()
+    jobs = [("fc2", 0, [r for r in rows if r["block"] == 0])]
+    (tmp_path / "elsewhere").mkdir()
+    n, corrupt, returned = _render_task(render_blocks, url, None, jobs, str(tmp_path / "elsewhere"), "token")
+    assert n == len(jobs[0][2]) > 0 and corrupt == {} and list((tmp_path / "elsewhere").iterdir()) == []
+    assert returned and {rel: data for rel, data in returned} == {rel: b[rel] for rel, _ in returned}
+    assert {rel.split("/")[0] for rel, _ in returned} == {"units", "img"}
+    # ... and with the token it writes them where it was told (the same bytes)
+    (tmp_path / "elsewhere" / WRITER_TOKEN).write_text("token")
+    assert _render_task(render_blocks, url, None, jobs, str(tmp_path / "elsewhere"), "token")[2] == []
+    assert files(tmp_path / "elsewhere") == {**{rel: data for rel, data in returned}, WRITER_TOKEN: b"token"}

@@ -94,7 +94,7 @@ def _page(title: str, body: str, depth: int) -> str:
 
 def _json_for_script(obj: Any) -> str:
     """JSON that is safe inside a <script> element (no '</script>' or '<!--' can appear)."""
-    return json.dumps(obj).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    return json.dumps(obj, separators=(",", ":")).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def _svg_traces(trace: np.ndarray, title: str, width: int = 520, height: int = 180) -> str:
@@ -299,11 +299,12 @@ def _short(v: Any) -> Any:
 
 def search_row(layer_index: int, entry: dict[str, Any]) -> list[Any]:
     """A unit as the index's search sees it: [layer index, unit, label or "", where the label comes
-    from ("exemplars", "network" or ""), its purity or share, flags (status and unit_flags, as
-    search words such as "dead" or "low-realism")]."""
+    from ("e": exemplars, "n": the network's reading of the samples, or ""), its purity or share,
+    flags (status and unit_flags, as search words such as "dead" or "low-realism")]. One-letter
+    codes and compact JSON keep search.js small: one row is ~25 bytes, 3 MB at 122k units."""
     label = display_label(entry)
-    source = "" if label is None else ("exemplars" if entry.get("label") is not None else "network")
-    strength = entry.get("label_purity") if source == "exemplars" else entry.get("sample_label_share")
+    source = "" if label is None else ("e" if entry.get("label") is not None else "n")
+    strength = entry.get("label_purity") if source == "e" else entry.get("sample_label_share")
     flags = ([] if entry["status"] == "ok" else [entry["status"]]) + [f.replace(" ", "-") for f in entry.get("flags") or []]
     return [layer_index, int(entry["unit"]), label or "", source,
             None if strength is None else round(float(strength), 3), " ".join(flags)]
@@ -571,6 +572,7 @@ SEARCH_JS = """
   const S = window.ATLAS_SEARCH, box = document.getElementById('search'), out = document.getElementById('results'),
         found = document.getElementById('found'), limit = %d;
   const layers = S.layers.map(l => ({name: l[0], lower: l[0].toLowerCase(), slug: l[1]}));
+  const SOURCE = {e: 'exemplars', n: 'network'};  // where a label comes from (search_row's codes)
   // how well one unit matches one term: 0 best, -1 no match (the rules: docs/atlas.md, "Search")
   function rank(u, term){
     const L = layers[u[0]], label = u[2].toLowerCase(), flags = u[5] ? u[5].split(' ') : [];
@@ -612,7 +614,7 @@ SEARCH_JS = """
         const pictured = linked && !/\\b(dead|corrupt)\\b/.test(u[5]);
         const thumb = pictured ? `<a href="${page}"><img class="thumb" loading="lazy" alt="" src="img/${L.slug}/${u[1]}-best.png"></a>` : '';
         return `<tr class="hit"><td>${thumb}</td><td>${esc(L.name)}</td><td>${linked ? `<a href="${page}">unit ${u[1]}</a>` : 'unit ' + u[1]}</td>` +
-          `<td>${esc(u[2])}</td><td>${u[3]}</td><td>${u[4] ?? '–'}</td><td>${esc(u[5])}</td></tr>`;
+          `<td>${esc(u[2])}</td><td>${SOURCE[u[3]] ?? ''}</td><td>${u[4] ?? '–'}</td><td>${esc(u[5])}</td></tr>`;
       }).join('') : '';
   }
   box.addEventListener('input', render);
