@@ -35,8 +35,8 @@ def test_diversity_scores_on_known_configurations():
 def test_lowpass_diversity_ignores_speckle_and_facets_group_shapes():
     g = torch.Generator().manual_seed(0)
     vertical, horizontal = torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)
-    vertical[:, 3:13, 6:10] = 1.0
-    horizontal[:, 6:10, 3:13] = 1.0
+    vertical[:, 2:14, 5:11] = 1.0
+    horizontal[:, 5:11, 2:14] = 1.0
 
     def speckled(img):
         return (img + (torch.rand(img.shape, generator=g) - 0.5) * 0.6).clamp(0, 1)
@@ -222,6 +222,25 @@ def test_am_is_the_peer_libraries_baseline(digits_model):
 
 
 @pytest.mark.fast
+def test_facets_split_chains_only_where_they_differ_more_than_real_digits_of_one_class():
+    """Real digits stand in for chains: 8 of one class are mostly one facet, 4 + 4 of two classes
+    mostly two or more. The old rule (half the class spacing) gave nearly every digit its own."""
+    from ldam_sweep.settings import FACET_THRESHOLD
+
+    x, y = digits(28, "test")
+    rng = np.random.default_rng(0)
+    by_class = [np.flatnonzero(y == c) for c in range(10)]
+    one = np.stack([rng.choice(by_class[c], 8, replace=False) for c in range(10) for _ in range(10)])
+    two = np.stack([np.concatenate([rng.choice(by_class[a], 4, replace=False), rng.choice(by_class[b], 4, replace=False)])
+                    for a in range(10) for b in range(a + 1, 10) for _ in range(2)])
+    count = lambda idx, t=FACET_THRESHOLD: facet_count(torch.from_numpy(x[idx]), RANGE, t).numpy()  # noqa: E731
+    n_one, n_two = count(one), count(two)
+    assert (n_one == 1).mean() >= 0.7 and n_one.mean() <= 1.4
+    assert (n_two >= 2).mean() >= 0.55 and n_two.mean() >= n_one.mean() + 0.5
+    assert count(one, 0.095).mean() >= 6  # the baseline that could not say "one facet"
+
+
+@pytest.mark.fast
 def test_atlas_facet_groups_equal_the_facets_score():
     """The atlas groups chains in numpy (no torch); the groups must be the score's components."""
     import numpy as np
@@ -232,7 +251,7 @@ def test_atlas_facet_groups_equal_the_facets_score():
 
     rng = np.random.default_rng(0)
     centres = rng.random((3, 1, 12, 12))
-    for spread in (0.02, 0.08, 0.3):  # one facet, a few, every chain its own
+    for spread in (0.02, 0.08, 0.3):  # tight, medium and wide spreads around 3 centres
         final = np.clip(centres[rng.integers(0, 3, 8)] + spread * rng.standard_normal((8, 1, 12, 12)), 0, 1)
         final[5] = np.nan  # a diverged chain belongs to no facet
         labels = facet_labels(torch.from_numpy(final)[None], (0.0, 1.0))[0].tolist()
