@@ -286,7 +286,8 @@ def status(
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
                        totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
                        errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism),
-                       integrity=st.verification(), discriminator=_discriminator_summary(st), storage=st.storage())
+                       integrity=st.verification(), discriminator=_discriminator_summary(st), storage=st.storage(),
+                       informativeness=st.informativeness())
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
         counts = ("planned", "done", "failed", "corrupt", "pending", "dead")  # dead: of the done units, found dead
@@ -301,6 +302,7 @@ def status(
         console.print(table)
         if realism:
             _print_realism(realism, st.loc.url)
+        _print_informativeness(st.informativeness())
         _print_discriminator(st)
         _print_integrity(st)
         _print_storage(st.storage())
@@ -313,6 +315,23 @@ def status(
             errors = sorted(set(failed["error"].to_pylist()))
             console.print(Text.assemble((f"{totals['failed']} units failed", "red"), "; errors: " + " | ".join(
                 e.splitlines()[-1][:200] for e in errors[:5] if e)), highlight=False)
+
+
+def _print_informativeness(per_layer: dict[str, dict[str, Any]]) -> None:
+    """Per layer: the 2-AFC observer's fraction correct for the samples, their starts, the exemplars."""
+    if not per_layer:
+        return
+    from ldam_sweep.realism import fmt as _fmt
+
+    table = Table(title="informativeness (2-AFC observer on held-out images)")
+    for col in ("layer", "samples", "their starts", "exemplars", "units"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    for name, e in per_layer.items():
+        table.add_row(name, *(_fmt(e[k]) for k in ("samples", "starts", "exemplars")), str(e["units"]))
+    console.print(table)
+    console.print("fraction of held-out image pairs (one from a unit's top 5%, one from its 50-75th percentile) in which "
+                  "an observer shown these images picks the stronger one (0.5 = they say nothing)",
+                  highlight=False, markup=False)
 
 
 def _print_storage(storage: dict[str, Any]) -> None:

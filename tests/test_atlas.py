@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import sys
@@ -15,6 +16,7 @@ from ldam_sweep.atlas.site import build_atlas, slug
 from ldam_sweep.data import digits
 from ldam_sweep.sampling.chains import default_snapshot_steps
 from ldam_sweep.sampling.exemplars import exemplar_pass, top_exemplars, unit_label_columns
+from ldam_sweep.sampling.observer import Observer, observer_columns, query_subset
 from ldam_sweep.sampling.scoring import score_result
 from ldam_sweep.store import BlockWriter, commit, create_store
 from ldam_sweep.planning import plan_store
@@ -36,6 +38,14 @@ def build():
 '''
 
 
+@functools.cache
+def _observer() -> Observer:
+    """The observer a digits sweep has: held-out digits as queries."""
+    import torch
+
+    return Observer(torch.from_numpy(query_subset(digits(28, "test")[0])))
+
+
 def _sweep_block(url, model, layer, block, pool, labels=None, names=DIGITS):
     """Sample, score and commit one block the way a worker does; ``labels``: the pool's digit classes
     (the store then gets labels, activation histograms and chain starts, as today's sweeps do)."""
@@ -50,6 +60,9 @@ def _sweep_block(url, model, layer, block, pool, labels=None, names=DIGITS):
         ex = (found.images, found.activations)
         extra = unit_label_columns(model, res, found)
     scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0], exemplars=ex[0])
+    if labels is not None:  # informativeness, as today's sweeps score it (held-out digits as queries)
+        for u, row in observer_columns(model, layer, lp.objective, res, ex[0], _observer()).items():
+            scores.setdefault(u, {}).update(row)
     columns = {u: {**scores.get(u, {}), **extra.get(u, {})} for u in map(int, res.units)}
     commit(url, w.write(layer, block, res, exemplars=ex, unit_columns=columns))
 
@@ -219,7 +232,7 @@ def test_new_scores_sort_the_layer_page(atlas_site, browser):
     page = browser.new_page()
     page.goto((atlas_site["tmp"] / "site" / "layers" / f"{slug('fc2')}.html").as_uri())
     options = page.eval_on_selector_all("#sort option", "els => els.map(e => e.value)")
-    for col in ("lowpass_diversity", "lowpass_diversity_ratio", "feature_diversity_ratio", "facets"):
+    for col in ("lowpass_diversity", "lowpass_diversity_ratio", "feature_diversity_ratio", "facets", "observer_samples"):
         assert col in options
     st = ls.open_store(atlas_site["stores"]["digits"])
     best = st.units("fc2", sort="lowpass_diversity_ratio", limit=1)["unit"][0].as_py()

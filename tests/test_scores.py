@@ -241,6 +241,44 @@ def test_facets_split_chains_only_where_they_differ_more_than_real_digits_of_one
 
 
 @pytest.mark.fast
+def test_the_observer_reads_a_units_preference_from_its_exemplars_and_not_from_another_units(digits_model, digits_pool):
+    """Shown a logit's top training digits, the observer picks the stronger of two held-out digits
+    most of the time; shown another logit's, it does not: the score measures the shown images."""
+    from ldam_sweep.sampling.exemplars import pool_scores
+    from ldam_sweep.sampling.observer import Observer, query_subset
+
+    pool, _ = digits_pool
+    observer = Observer(torch.from_numpy(query_subset(digits(28, "test")[0])))
+    assert len(observer.queries) == 256
+    acts = pool_scores(digits_model, "fc2", np.arange(10), "logit", observer.queries)  # (Q, 10)
+    own, _ = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 8)
+    other = np.roll(own, 1, axis=0)  # unit u shown unit u-1's exemplars
+    nothing = np.full_like(own, np.nan)
+    rows = observer.scores(acts, {"own": own, "other": other, "nothing": nothing})
+    mine = np.array([r["observer_own"] for r in rows])
+    theirs = np.array([r["observer_other"] for r in rows])
+    assert mine.mean() >= 0.8 and (mine > theirs).mean() >= 0.9 and theirs.mean() <= 0.6
+    assert all(r["observer_nothing"] is None for r in rows)  # nothing finite shown: no score
+    flat = observer.scores(torch.zeros(len(observer.queries), 1), {"own": own[:1]})
+    assert flat == [{"observer_own": None}]  # a unit flat on the queries has no strong/moderate split
+
+
+def test_a_sweep_scores_the_informativeness_of_samples_starts_and_exemplars(finished_sweep):
+    from ldam_sweep.store.schema import OBSERVER_COLUMNS
+
+    _, url, _ = finished_sweep
+    st = ls.open_store(url)
+    rows = st.units(status="ok").to_pylist()
+    scored = [r for r in rows if r["observer_samples"] is not None]
+    assert len(scored) >= len(rows) // 2
+    assert all(0 <= r[c] <= 1 for r in scored for c in OBSERVER_COLUMNS if r[c] is not None)
+    per_layer = st.informativeness()
+    assert set(per_layer) == {"conv2", "fc2"} and sum(e["units"] for e in per_layer.values()) == len(scored)
+    fc2 = [r["observer_samples"] for r in scored if r["layer"] == "fc2"]
+    assert per_layer["fc2"]["samples"] == pytest.approx(np.mean(fc2), rel=1e-5)
+
+
+@pytest.mark.fast
 def test_atlas_facet_groups_equal_the_facets_score():
     """The atlas groups chains in numpy (no torch); the groups must be the score's components."""
     import numpy as np

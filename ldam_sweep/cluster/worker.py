@@ -133,12 +133,16 @@ class SweepWorker:
         self.real_hf = None  # their mean high-frequency energy (hf_ratio)
         self.preconditioner = None  # ldam's, fitted once from the real pool
         self.pool_labels = self.data_classes = None  # the real pool's class indices and names (labelled data)
+        self.observer = None  # the 2-AFC observer over held-out query images (informativeness scores)
         if self.job.data is None:
             return
         from ldam_sweep.data import real_data
+        from ldam_sweep.sampling.observer import Observer, query_subset
         from ldam_sweep.sampling.realism import hf_energy
 
         images, self.pool_labels, self.data_classes = real_data(self.job.data, self.model.input, "train")
+        queries = query_subset(real_data(self.job.data, self.model.input, "test")[0])
+        self.observer = Observer(torch.from_numpy(queries)) if len(queries) else None
         self.real_pool = torch.from_numpy(images)
         self.real_hf = float(hf_energy(self.real_pool, self.model.input.range).mean())
         if self.sampler.method == "ldam":
@@ -300,6 +304,12 @@ class SweepWorker:
         scores = score_result(self.model, result, real_pool=self.real_pool, real_hf=self.real_hf,
                               exemplar_max=None if exemplars is None else exemplars[1][:, 0],
                               exemplars=None if exemplars is None else exemplars[0])
+        if self.observer is not None:  # informativeness: what the images shown tell about the unit
+            from ldam_sweep.sampling.observer import observer_columns
+
+            for u, columns in observer_columns(self.model, layer, self.plan.store.layer(layer).objective, result,
+                                               None if exemplars is None else exemplars[0], self.observer).items():
+                scores.setdefault(u, {}).update(columns)
         for u, columns in unit_label_columns(self.model, result, found).items():  # dead units: the pool's only
             scores[u] = {**scores.get(u, {}), **columns}
         return result, exemplars, scores, sizes

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from ldam_sweep.notebook import mark, register as register_notebook_display
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
-from ldam_sweep.store.schema import PIXEL_ARRAYS, LayerPlan, StorePlan, decode_pixels
+from ldam_sweep.store.schema import OBSERVER_COLUMNS, PIXEL_ARRAYS, LayerPlan, StorePlan, decode_pixels
 from ldam_sweep.store import manifest
 from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
                                         sidecar_path,
@@ -268,6 +268,20 @@ class SweepStore:
                 "pending": lp.planned_units() - done - failed - corrupt,
             })
         return out
+
+    def informativeness(self) -> dict[str, dict[str, Any]]:
+        """Per layer with scored units: the mean over its live units of each informativeness score
+        (``observer_samples``, ``observer_starts``, ``observer_exemplars``: the 2-AFC observer's
+        fraction correct, docs/scores.md) and how many units have them. Empty for stores swept without
+        data or before the score existed."""
+        table = self.units(status="ok")
+        if table.num_rows == 0 or table["observer_samples"].null_count == table.num_rows:
+            return {}
+        grouped = table.group_by("layer").aggregate([(c, "mean") for c in OBSERVER_COLUMNS] + [("observer_samples", "count")])
+        by_layer = {r["layer"]: r for r in grouped.to_pylist()}
+        return {lp.name: {c.removeprefix("observer_"): by_layer[lp.name][f"{c}_mean"] for c in OBSERVER_COLUMNS}
+                | {"units": by_layer[lp.name]["observer_samples_count"]}
+                for lp in self.plan.layers if by_layer.get(lp.name, {}).get("observer_samples_count")}
 
     def storage(self) -> dict[str, Any]:
         """How the store keeps images (``format``) and what it takes on disk: per layer the bytes of

@@ -312,6 +312,10 @@ def identity_changes(old: dict[str, Any], new: dict[str, Any], limit: int = 8) -
     return changes[:limit] + ([f"... and {len(changes) - limit} more"] if len(changes) > limit else [])
 
 
+# a unit's informativeness: the 2-AFC observer's fraction correct on held-out images
+# (``ldam_sweep.sampling.observer``) for its final samples, their starts and its top exemplars
+OBSERVER_COLUMNS = ("observer_samples", "observer_starts", "observer_exemplars")
+
 FILE_SCHEMA = pa.schema([
     ("unit", pa.int32()),
     ("block", pa.int32()),
@@ -358,6 +362,8 @@ FILE_SCHEMA = pa.schema([
     ("data_p50", pa.float32()),
     ("data_p90", pa.float32()),
     ("data_p99", pa.float32()),
+    # informativeness: the 2-AFC observer's fraction correct on held-out queries (older parts: null)
+    *((name, pa.float32()) for name in OBSERVER_COLUMNS),
     ("data_hist", pa.list_(pa.int32())),  # histogram of its activation over the pool (HIST_BINS bins)
     ("data_hist_lo", pa.float32()),  # ... between these two values
     ("data_hist_hi", pa.float32()),
@@ -485,6 +491,8 @@ SCORE_LABELS = (
     ("sample_label_share", "chains read as the network's class"), ("label_match", "chains read as the label"),
     ("data_active_fraction", "active (> 0) on real images"), ("data_p50", "median on real images"),
     ("data_p99", "99th percentile on real images"),
+    ("observer_samples", "informativeness: samples (2-AFC)"), ("observer_starts", "informativeness: their starts"),
+    ("observer_exemplars", "informativeness: exemplars"),
 )
 TEXT_COLUMNS = ("label", "sample_label")  # a layer page's rows carry these beside the scores  # shown as text beside the scores
 # the columns ``ldam-sweep query`` shows unless asked for others
