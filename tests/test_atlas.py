@@ -143,9 +143,12 @@ def test_browse_index_layer_unit(atlas_site, browser):
     thumbs = page.locator("tr:has(a:text-is('fc2')) img.thumb")
     assert [t.get_attribute("title") for t in thumbs.all()] == [f"unit {u}" for u in top]
     assert page.locator("img.thumb").count() == 8 and all(w > 0 for w in _images_loaded(page))
+    info = st.informativeness()["fc2"]  # samples / starts / exemplars: the last column
+    assert fc2[-1] == " / ".join(f"{info[k]:.2f}" for k in ("samples", "starts", "exemplars"))
     page.click("text=fc2")
     page.wait_for_selector(".cell img")
     assert page.inner_text("#count") == "10 of 10 units"
+    assert f"mean of {info['units']} units: samples {info['samples']:.2f}, their starts {info['starts']:.2f}" in page.inner_text("body")
     assert page.locator(".cell img").count() == 8  # two units are pending: no picture
     assert all(w > 0 for w in _images_loaded(page))
     # sort by activation ratio: the first cell is the unit with the highest ratio, showing that one score
@@ -357,6 +360,8 @@ def test_a_store_written_before_labels_builds_its_atlas_without_them(atlas_site,
     page.wait_for_selector("h2")
     text = page.inner_text("body")
     assert "What each chain changed" not in text and "Activation on real data" not in text and "Chains × snapshots" in text
+    page.goto((site / "layers" / f"{slug('relu')}.html").as_uri())
+    assert "Informativeness" not in page.inner_text("body")  # not scored: no line, no made-up number
 
 
 def test_layer_page_filters_by_label(atlas_site, browser):

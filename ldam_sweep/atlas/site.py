@@ -209,6 +209,7 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         by_layer.setdefault(r["layer"], []).append(r)
     layers_info = st.layers()
     realism = st.realism()  # the layer pages' and the index's realism lines
+    informative = st.informativeness()  # and their informativeness (2-AFC observer) means
     skipped = 0
     jobs: list[tuple[str, int, list[dict[str, Any]]]] = []  # (layer, block, rows of its units to render)
     layer_entries: list[list[dict[str, Any]]] = []
@@ -259,10 +260,10 @@ def build_atlas(store: str | SweepStore, out: str | Path, *, force: bool = False
         ranked = sorted((e for e in entries if e["status"] == "ok"), key=lambda e: -(ratio.get(int(e["unit"])) or -np.inf))
         tops[name] = [int(e["unit"]) for e in ranked[:TOP_THUMBNAILS]]
         search += [search_row(li, e) for e in entries]
-        _write_layer_page(st, info, realism, out)
+        _write_layer_page(st, info, realism, out, informative.get(name))
     names = [[info["name"], slug(info["name"])] for info in layers_info]
     (out / "data" / "search.js").write_text(f"window.ATLAS_SEARCH = {_json_for_script({'layers': names, 'units': search})};\n")
-    _write_index(st, layers_info, realism, out, tops)
+    _write_index(st, layers_info, realism, out, tops, informative)
     state_path.write_text(json.dumps(state))
     return AtlasReport(out=out, units_rendered=rendered, units_skipped=skipped, layers=len(layers_info),
                        seconds=time.perf_counter() - t0)
@@ -545,7 +546,19 @@ LAYER_JS = """
 """
 
 
-def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, Any] | None, out: Path) -> None:
+def _two(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def _informative_text(e: dict[str, Any]) -> str:
+    """A layer's informativeness means as one line (docs/scores.md, "Informativeness")."""
+    return (f"Informativeness (a 2-AFC observer on held-out images picks the one the unit prefers; 0.5 = chance), "
+            f"mean of {e['units']} units: samples {_two(e['samples'])}, their starts {_two(e['starts'])}, "
+            f"top exemplars {_two(e['exemplars'])}.")
+
+
+def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, Any] | None, out: Path,
+                      informative: dict[str, Any] | None = None) -> None:
     name, s = info["name"], slug(info["name"])
     options = "<option value='unit'>unit</option>" + "".join(
         f"<option value='{k}'>{_e(label)}</option>" for k, label in SCORE_LABELS)
@@ -553,7 +566,8 @@ def _write_layer_page(st: SweepStore, info: dict[str, Any], realism: dict[str, A
             f"<p>{_e(info['module_type'])}, {_e(info['kind'])}, output {_e('×'.join(map(str, info['output_shape'])))}, "
             f"objective {_e(info['objective'])}; {info['done']} of {info['planned']} units done ({info['dead']} dead: "
             f"not sampled), {info['failed']} failed.</p>"
-            + (f"<p>{_e(_realism_text(realism, name))}</p>" if realism else "") +
+            + (f"<p>{_e(_realism_text(realism, name))}</p>" if realism else "")
+            + (f"<p>{_e(_informative_text(informative))}</p>" if informative else "") +
             f"<div class='controls'><label>sort by <select id='sort'>{options}</select></label>"
             "<label>show <select id='filter'><option value='all'>all</option><option value='ok'>ok</option>"
             "<option value='dead'>dead</option><option value='failed'>failed</option><option value='corrupt'>corrupt</option>"
@@ -626,7 +640,7 @@ SEARCH_LIMIT = 200
 
 
 def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dict[str, Any] | None, out: Path,
-                 tops: dict[str, list[int]]) -> None:
+                 tops: dict[str, list[int]], informative: dict[str, dict[str, Any]]) -> None:
     attrs = st.attrs
     spec = attrs.get("spec", {})
     rows = []
@@ -637,6 +651,8 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
         cells = "".join(f"<td>{_e(_fmt(e.get(k)))}</td>" for k in ("c2st", "c2st_exemplars", "hf_ratio", "hf_ratio_exemplars"))
         a = agreement.get(info["name"])
         cells += f"<td>{a['agree']:.2f} ({a['chance']:.2f}; {a['units']} units)</td>" if a else "<td>–</td>"
+        o = informative.get(info["name"])
+        cells += f"<td>{' / '.join(_two(o[k]) for k in ('samples', 'starts', 'exemplars'))}</td>" if o else "<td>–</td>"
         thumbs = "".join(f"<a href='units/{slug(info['name'])}/{u}.html'><img class='thumb' loading='lazy' "
                          f"alt='{_e(info['name'])} unit {u}' title='unit {u}' src='img/{slug(info['name'])}/{u}-best.png'></a>"
                          for u in tops.get(info["name"], []))
@@ -657,7 +673,9 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
             "<th title='held-out accuracy of a classifier telling the samples from real images; 0.5 = indistinguishable'>"
             "two-sample</th><th>… of exemplars</th><th title='fine detail of the samples ÷ real images'>HF</th>"
             "<th>… of exemplars</th><th title='units whose top exemplars are at least half one class: the share whose "
-            "samples the network reads as that class (chance in brackets)'>labels agree (chance)</th></tr>"
+            "samples the network reads as that class (chance in brackets)'>labels agree (chance)</th>"
+            "<th title='how often an observer shown the images picks the held-out image the unit prefers (0.5 = chance): "
+            "final samples / their starts / top exemplars'>informative: samples / starts / exemplars</th></tr>"
             f"{''.join(rows)}</table>"
             + (f"<p>{_e(_realism_text(realism, None))}. Two-sample: held-out accuracy of a small CNN telling a layer's "
                "final samples from as many real images (0.5: it cannot; 1.0: always). HF: the samples' fine detail "
