@@ -193,12 +193,32 @@ def real_data(source: Any, input_spec: Any, split: Split = "train") -> tuple[np.
     if source.source == "photos":
         return photo_crops(input_spec, source.count if split != "test" else max(64, source.count // 4),
                            "test" if split == "test" else "train", seed=source.seed), None, None
+    return _pick_split(source, *_load_files(source, input_spec), split)
+
+
+def real_data_and_queries(source: Any, input_spec: Any) -> tuple[tuple[np.ndarray, np.ndarray | None, list[str] | None], np.ndarray]:
+    """``real_data(source, input_spec, "train")`` and the held-out split's images, a folder or .npy
+    source read once (a sweep's worker needs both: the pool, and the observer's query images)."""
+    if source.source not in ("folder", "npy"):
+        return real_data(source, input_spec, "train"), real_data(source, input_spec, "test")[0]
+    loaded = _load_files(source, input_spec)
+    return _pick_split(source, *loaded, "train"), _pick_split(source, *loaded, "test")[0]
+
+
+def _load_files(source: Any, input_spec: Any) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """Every image of a folder or .npy source, its labels and class names."""
     if source.source == "folder":
         imgs = image_folder(source.path, input_spec)
         labels, names = folder_labels(source.path)
     else:
         imgs = npy_images(source.path, input_spec)
         labels, names = npy_labels(source.labels, len(imgs)) if getattr(source, "labels", None) else (None, None)
+    return imgs, labels, names
+
+
+def _pick_split(source: Any, imgs: np.ndarray, labels: np.ndarray | None, names: list[str] | None,
+                split: Split) -> tuple[np.ndarray, np.ndarray | None, list[str] | None]:
+    """A folder or .npy source's split: every 4th image (by sorted order) held out."""
     if split == "all":
         pick = np.arange(len(imgs))
     else:

@@ -136,12 +136,12 @@ class SweepWorker:
         self.observer = None  # the 2-AFC observer over held-out query images (informativeness scores)
         if self.job.data is None:
             return
-        from ldam_sweep.data import real_data
+        from ldam_sweep.data import real_data_and_queries
         from ldam_sweep.sampling.observer import Observer, query_subset
         from ldam_sweep.sampling.realism import hf_energy
 
-        images, self.pool_labels, self.data_classes = real_data(self.job.data, self.model.input, "train")
-        queries = query_subset(real_data(self.job.data, self.model.input, "test")[0])
+        (images, self.pool_labels, self.data_classes), held_out = real_data_and_queries(self.job.data, self.model.input)
+        queries = query_subset(held_out)
         self.observer = Observer(torch.from_numpy(queries)) if len(queries) else None
         self.real_pool = torch.from_numpy(images)
         self.real_hf = float(hf_energy(self.real_pool, self.model.input.range).mean())
