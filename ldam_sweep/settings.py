@@ -19,8 +19,8 @@ REPEL_DEFAULT = 0.3  # measured on the digits demo (docs/method.md, "Diversity")
 # Chains whose low-passed final samples are linked by RMS distances (fraction of the pixel range)
 # below this show one facet of a unit; two facets differ by more than most real digits of one
 # class do: 0.22 is the 75th percentile of the low-passed distances between real test digits of one
-# class (median 0.185, mean 0.190). 8 real digits of one class make 1 facet in 82% of draws, 4 + 4
-# of two classes make 2 or more in 68%. docs/scores.md ("facets"). Was 0.095 (half the class
+# class (median 0.185, mean 0.190). 8 real digits of one class make 1 facet in 81% of draws, 4 + 4
+# of two classes make 2 or more in 69% (tests/test_scores.py). docs/scores.md ("facets"). Was 0.095 (half the class
 # spacing), which split 8 digits of one class into 7 facets.
 FACET_THRESHOLD = 0.22
 

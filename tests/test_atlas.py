@@ -61,7 +61,7 @@ def _sweep_block(url, model, layer, block, pool, labels=None, names=DIGITS):
         extra = unit_label_columns(model, res, found)
     scores = score_result(model, res, real_pool=pool[:200], exemplar_max=ex[1][:, 0], exemplars=ex[0])
     if labels is not None:  # informativeness, as today's sweeps score it (held-out digits as queries)
-        for u, row in observer_columns(model, layer, lp.objective, res, ex[0], _observer()).items():
+        for u, row in observer_columns(model, layer, lp.objective, res, ex[0], _observer(), real_starts=False).items():
             scores.setdefault(u, {}).update(row)
     columns = {u: {**scores.get(u, {}), **extra.get(u, {})} for u in map(int, res.units)}
     commit(url, w.write(layer, block, res, exemplars=ex, unit_columns=columns))
@@ -144,11 +144,12 @@ def test_browse_index_layer_unit(atlas_site, browser):
     assert [t.get_attribute("title") for t in thumbs.all()] == [f"unit {u}" for u in top]
     assert page.locator("img.thumb").count() == 8 and all(w > 0 for w in _images_loaded(page))
     info = st.informativeness()["fc2"]  # samples / starts / exemplars: the last column
-    assert fc2[-1] == " / ".join(f"{info[k]:.2f}" for k in ("samples", "starts", "exemplars"))
+    assert info["starts"] is None  # ls.sample without exemplars starts from noise: its starts are not scored
+    assert fc2[-1] == f"{info['samples']:.2f} / – / {info['exemplars']:.2f}"
     page.click("text=fc2")
     page.wait_for_selector(".cell img")
     assert page.inner_text("#count") == "10 of 10 units"
-    assert f"mean of {info['units']} units: samples {info['samples']:.2f}, their starts {info['starts']:.2f}" in page.inner_text("body")
+    assert f"mean of {info['units']} units: samples {info['samples']:.2f}, their starts –, top exemplars {info['exemplars']:.2f}" in page.inner_text("body")
     assert page.locator(".cell img").count() == 8  # two units are pending: no picture
     assert all(w > 0 for w in _images_loaded(page))
     # sort by activation ratio: the first cell is the unit with the highest ratio, showing that one score

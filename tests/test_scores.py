@@ -254,12 +254,18 @@ def test_the_observer_reads_a_units_preference_from_its_exemplars_and_not_from_a
     own, _ = top_exemplars(digits_model, "fc2", np.arange(10), "logit", pool, 8)
     other = np.roll(own, 1, axis=0)  # unit u shown unit u-1's exemplars
     nothing = np.full_like(own, np.nan)
-    rows = observer.scores(acts, {"own": own, "other": other, "nothing": nothing})
+    rows = observer.scores(acts, {"own": own, "other": other, "nothing": nothing}, np.arange(10))
     mine = np.array([r["observer_own"] for r in rows])
     theirs = np.array([r["observer_other"] for r in rows])
     assert mine.mean() >= 0.8 and (mine > theirs).mean() >= 0.9 and theirs.mean() <= 0.6
+    # a unit silent on most queries: its strong ones against silent ones, a valid task
+    sparse = acts.clone()
+    sparse[sparse < sparse.quantile(0.8, dim=0)] = 0
+    assert all(r["observer_own"] is not None for r in observer.scores(sparse, {"own": own}, np.arange(10)))
+    few = Observer(observer.queries[:30])  # 2 strong x 7 moderate pairs: too few for a score
+    assert few.scores(acts[:30], {"own": own}, np.arange(10)) == [{"observer_own": None}] * 10
     assert all(r["observer_nothing"] is None for r in rows)  # nothing finite shown: no score
-    flat = observer.scores(torch.zeros(len(observer.queries), 1), {"own": own[:1]})
+    flat = observer.scores(torch.zeros(len(observer.queries), 1), {"own": own}, np.array([3]))
     assert flat == [{"observer_own": None}]  # a unit flat on the queries has no strong/moderate split
 
 

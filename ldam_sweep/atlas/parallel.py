@@ -85,8 +85,8 @@ def render_in_parallel(render: Callable, st: SweepStore, jobs: list[Job], out: P
         started = True
     token_file = out / WRITER_TOKEN
     token = uuid.uuid4().hex
-    token_file.write_text(token)
     try:
+        token_file.write_text(token)
         remote = ray.remote(num_cpus=1, max_retries=2)(_render_task)
         opts = st.loc.storage_options if not st.loc.is_local else None
         pending = _tasks(jobs)[::-1]

@@ -445,6 +445,8 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
         parts += ["<h2>Chains × snapshots</h2>",
                   f"<img class='pix' alt='samples of {_e(name)} unit {unit}' src='../../img/{s}/{unit}-chains.png'>"]
         facets = facet_groups(finals, vr)
+        for old in img_dir.glob(f"{unit}-facet*.png"):  # a rebuild may group the chains differently
+            old.unlink()
         rows = []
         for i, chains in enumerate(facets, 1):
             render_grid(finals[chains][None], vr, scale=max(1, 64 // h),

@@ -308,7 +308,8 @@ class SweepWorker:
             from ldam_sweep.sampling.observer import observer_columns
 
             for u, columns in observer_columns(self.model, layer, self.plan.store.layer(layer).objective, result,
-                                               None if exemplars is None else exemplars[0], self.observer).items():
+                                               None if exemplars is None else exemplars[0], self.observer,
+                                               real_starts=bool(ldam and found is not None)).items():
                 scores.setdefault(u, {}).update(columns)
         for u, columns in unit_label_columns(self.model, result, found).items():  # dead units: the pool's only
             scores[u] = {**scores.get(u, {}), **columns}

@@ -19,8 +19,8 @@ real digits of one class are 0.190 apart on average (median 0.185, 75th percenti
 classes of the pairwise RMS), a test digit is 0.082 from its nearest training digit.
 ``FACET_THRESHOLD`` = 0.22: chains split into two facets only where every chain of one is farther
 from every chain of the other than three quarters of same-class digit pairs are. Measured on real
-digits (8 per draw): one class gives 1 facet in 82% of draws (mean 1.20), 4 + 4 of two classes 2
-or more in 68% (mean 2.14), 8 different classes 4.9 (``tests/test_scores.py``).
+digits (8 per draw, ``tests/test_scores.py``): one class gives 1 facet in 81% of draws (mean 1.25),
+4 + 4 of two classes 2 or more in 69% (mean 2.0); 8 different classes 4.9 (measured the same way).
 """
 
 from __future__ import annotations

@@ -270,12 +270,14 @@ class SweepStore:
         return out
 
     def informativeness(self) -> dict[str, dict[str, Any]]:
-        """Per layer with scored units: the mean over its live units of each informativeness score
-        (``observer_samples``, ``observer_starts``, ``observer_exemplars``: the 2-AFC observer's
-        fraction correct, docs/scores.md) and how many units have them. Empty for stores swept without
-        data or before the score existed."""
+        """Per layer with scored units: the mean of each informativeness score (``observer_samples``,
+        ``observer_starts``, ``observer_exemplars``: the 2-AFC observer's fraction correct, docs/scores.md)
+        over the units whose samples have one, and how many; None for a score none of them has
+        (starts of a sampler that starts from noise). Empty for stores swept without data or before
+        the score existed."""
         table = self.units(status="ok")
-        if table.num_rows == 0 or table["observer_samples"].null_count == table.num_rows:
+        table = table.filter(pc.is_valid(table["observer_samples"]))  # the means are over the same units
+        if table.num_rows == 0:
             return {}
         grouped = table.group_by("layer").aggregate([(c, "mean") for c in OBSERVER_COLUMNS] + [("observer_samples", "count")])
         by_layer = {r["layer"]: r for r in grouped.to_pylist()}
