@@ -113,7 +113,7 @@ def test_corrupt_shard_is_repaired_and_rerun_equals_an_uninterrupted_run(swept, 
     assert (tmp_path / "atlas" / "img" / slug("conv2") / "1-best.png").is_file()  # block 0 rendered
     assert (tmp_path / "atlas" / "img" / slug("fc2") / "0-best.png").is_file()
     layer_data = (tmp_path / "atlas" / "data" / f"{slug('conv2')}.js").read_text()
-    assert layer_data.count('"status": "corrupt"') == 4
+    assert layer_data.count('"status":"corrupt"') == 4
 
     out = invoke("verify", copy, "--repair")
     assert out.exit_code == 1 and "4 units marked corrupt" in out.output

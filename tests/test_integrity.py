@@ -76,6 +76,19 @@ def test_every_flipped_byte_is_found_or_harmless(swept, tmp_path):
         assert got["found"] >= len(files) - 2  # a flip in JSON whitespace may be harmless; data flips never are
 
 
+def test_a_realism_record_whose_seal_key_is_damaged_is_not_read_as_an_old_unsealed_one(copy):
+    """A flipped byte in the seal's key name leaves a record with no seal: in a layout-2 store every
+    record was written sealed, so verify names it and readers ignore it (it was once silent)."""
+    path = Path(copy) / "realism" / "zarr.json"
+    meta = json.loads(path.read_text())
+    assert "sha256" in meta["attributes"]
+    meta["attributes"]["sha2r6"] = meta["attributes"].pop("sha256")
+    path.write_text(json.dumps(meta))
+    res = invoke("verify", copy, "--json")
+    assert res.exit_code != 0 and "realism record is damaged" in res.output
+    assert ls.open_store(copy).realism() is None
+
+
 def test_a_discriminator_killed_before_its_record_is_incomplete(swept, tmp_path):
     """A D SIGKILLed between its bytes and its record (real run) is never trusted, and verify names it.
 

@@ -36,14 +36,18 @@ def read_realism(loc: StoreLocation) -> dict[str, Any] | None:
 
 def realism_state(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
     """("absent" | "ok" | "corrupt", the record): a record is sealed (it carries the sha256 of its
-    own JSON); one written before seals existed reads as "ok" when it parses."""
+    own JSON); one written before seals existed (layout 1: ``realism.json``) reads as "ok" when it parses."""
     try:
-        state, doc, _ = read_sidecar(loc, REALISM_RECORD)
+        state, doc, path = read_sidecar(loc, REALISM_RECORD)
     except OSError:
         return "corrupt", None
     if state == "missing":
         return "absent", None
-    if state != "ok" or not isinstance(doc, dict) or doc.get("format") != FORMAT or seal_state(doc) == "broken":
+    # every record of a layout-2 store (a group's zarr.json) was written sealed: one without its seal
+    # had the seal's key name damaged, and must not read as an unsealed record of the old layout
+    sealed = seal_state(doc) if isinstance(doc, dict) else "broken"
+    if (state != "ok" or doc.get("format") != FORMAT or sealed == "broken"
+            or (sealed == "none" and path.endswith("/zarr.json"))):
         return "corrupt", None
     return "ok", {k: v for k, v in doc.items() if k != "sha256"}
 
