@@ -46,7 +46,7 @@ def realism_state(loc: StoreLocation) -> tuple[str, dict[str, Any] | None]:
     # every record of a layout-2 store (a group's zarr.json) was written sealed: one without its seal
     # had the seal's key name damaged, and must not read as an unsealed record of the old layout
     sealed = seal_state(doc) if isinstance(doc, dict) else "broken"
-    if (state != "ok" or doc.get("format") != FORMAT or sealed == "broken"
+    if (state != "ok" or sealed == "broken" or doc.get("format") != FORMAT
             or (sealed == "none" and path.endswith("/zarr.json"))):
         return "corrupt", None
     return "ok", {k: v for k, v in doc.items() if k != "sha256"}
