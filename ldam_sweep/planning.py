@@ -18,7 +18,7 @@ import numpy as np
 
 from ldam_sweep.errors import LdamError, SamplerError, SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, objective_for
-from ldam_sweep.settings import SAMPLER_DEFAULTS, default_snapshot_steps, parse_options, revision_options
+from ldam_sweep.settings import LADDER_STEPS, SAMPLER_DEFAULTS, default_snapshot_steps, parse_options, revision_options
 from ldam_sweep.spec import JobSpec, SamplerSpec, StoreSpec, parse_units
 from ldam_sweep.store.schema import LayerPlan, StorePlan, thumbnail_factor
 
@@ -40,6 +40,7 @@ def plan_store(
     spec: dict[str, Any] | None = None,
     starts: bool = False,
     storage: StoreSpec | None = None,
+    ladder: tuple[float, ...] = (),
 ) -> StorePlan:
     """A StorePlan for ``model``: ``layers`` maps layer name -> selected units (None: all);
     ``objective`` is the job spec's ``objective:`` map (by layer kind or name); ``storage`` the
@@ -57,7 +58,7 @@ def plan_store(
         layers=tuple(plans), chains=chains, steps=steps, snapshot_steps=tuple(snapshot_steps),
         image_shape=tuple(model.input.shape), value_range=tuple(model.input.range),  # type: ignore[arg-type]
         realism=realism, exemplars_k=exemplars_k, model_name=model.name,
-        model_fingerprint=model.fingerprint, spec=dict(spec or {}), starts=starts,
+        model_fingerprint=model.fingerprint, spec=dict(spec or {}), starts=starts, ladder=tuple(float(f) for f in ladder),
         **({} if storage is None else {
             "pixels": storage.pixels, "thumbnail": thumbnail_factor(model.input.shape, storage.snapshot_px),
             "zstd_level": storage.zstd_level}),
@@ -125,6 +126,7 @@ class SamplerPlan:
     init: str
     options: Any  # settings.LdamOptions | SgldOptions | AmOptions
     revision: int
+    ladder_steps: int = LADDER_STEPS  # steps per rung; which rungs: the store plan's ``ladder``
 
     @classmethod
     def of(cls, spec: SamplerSpec, revision: int = SAMPLER_DEFAULTS) -> "SamplerPlan":
@@ -133,7 +135,7 @@ class SamplerPlan:
             options = {**revision_options(revision), **options}
             init = spec.init or ("uniform" if revision <= 1 else "auto")
         return cls(spec.method, spec.chains, spec.steps, spec.seed, spec.lam, spec.snapshot_every, init,
-                   parse_options(spec.method, options), revision)
+                   parse_options(spec.method, options), revision, spec.ladder_steps or LADDER_STEPS)
 
     @property
     def starts_from_exemplars(self) -> bool:
@@ -143,7 +145,8 @@ class SamplerPlan:
     def kwargs(self) -> dict[str, Any]:
         """``sample()``'s keyword arguments for these settings (the options already parsed)."""
         return dict(chains=self.chains, steps=self.steps, method=self.method, seed=self.seed, lam=self.lam,
-                    snapshot_every=self.snapshot_every, init=self.init, options=self.options)
+                    snapshot_every=self.snapshot_every, init=self.init, options=self.options,
+                    ladder_steps=self.ladder_steps)
 
 
 @dataclass(frozen=True)
@@ -180,12 +183,15 @@ def resolve(job: JobSpec, model: ModelHandle, doc: dict[str, Any] | None = None)
     targets = job_targets(job, model)
     objectives = job_objectives(job, model, targets)
     layers = {name: (None if len(units) == model.layer(name).units else units.tolist()) for name, units in targets}
+    if job.sampler.ladder and job.data is None:
+        raise SpecError("sampler.ladder: the activation ladder climbs to multiples of each unit's best real activation, "
+                        "so it needs data: (the real images its exemplars come from); remove ladder or add data")
     store = plan_store(
         model, layers, chains=job.sampler.chains, steps=job.sampler.steps,
         snapshot_steps=default_snapshot_steps(job.sampler.steps, job.sampler.snapshot_every),
         block_size=job.resources.grid_units, realism=job.discriminator is not None,
         exemplars_k=job.exemplars if job.data is not None else 0,
-        objective=objectives, spec=doc, starts=True, storage=job.store,
+        objective=objectives, spec=doc, starts=True, storage=job.store, ladder=tuple(job.sampler.ladder or ()),
     )
     return SweepPlan(job, doc, tuple(targets), objectives, store, SamplerPlan.of(job.sampler))
 

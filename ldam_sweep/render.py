@@ -68,7 +68,7 @@ def render_grid(
     return canvas
 
 
-def _chain_labels(n: int) -> list[str]:
+def chain_labels(n: int) -> list[str]:
     return [f"chain {c}" for c in range(n)]
 
 
@@ -78,7 +78,7 @@ def unit_grid(samples: np.ndarray, activation: np.ndarray, snapshot_steps: Seque
     at that step, the steps as column headers, ``chain c`` left of each row."""
     steps = np.asarray(snapshot_steps, dtype=np.int64)
     labels = np.vectorize(lambda v: f"{v:.3g}")(np.asarray(activation)[:, steps])
-    return render_grid(samples, value_range, scale=scale, row_labels=_chain_labels(len(samples)),
+    return render_grid(samples, value_range, scale=scale, row_labels=chain_labels(len(samples)),
                        cell_labels=labels, col_labels=[f"t={t}" for t in steps])
 
 
@@ -111,7 +111,7 @@ def render_change(starts: np.ndarray, finals: np.ndarray, value_range: tuple[flo
     chains, c, h, w = starts.shape
     scale = scale or max(1, 96 // max(h, w))
     pair = render_grid(np.stack([starts, finals], 1), value_range, scale=scale, pad=2,
-                       row_labels=labels if labels is not None else _chain_labels(chains), col_labels=["start", "final"])
+                       row_labels=labels if labels is not None else chain_labels(chains), col_labels=["start", "final"])
     maps = diverging(diff, full)
     maps[~np.isfinite(diff).all(axis=(1, 2))] = 160  # a diverged chain: grey, not white ("no change")
     head = 14

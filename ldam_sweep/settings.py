@@ -42,6 +42,23 @@ STEP_FROM_DATA = 0.0002
 START_POOL = 32  # ldam's chains start from a diverse subset of this many of a unit's top real exemplars
 
 
+LADDER_STEPS = 150  # steps per rung of the activation ladder (docs/method.md, "The activation ladder")
+
+
+def check_ladder(ladder: Any, target: Any) -> list[float]:
+    """The activation ladder's factors as floats: rising, each above ``target`` (``ldam``'s option;
+    auto / None: 1.0), or a SamplerError saying what is wrong."""
+    try:
+        rungs = [float(f) for f in ladder]
+    except (TypeError, ValueError):
+        raise SamplerError(f"ladder must be a list of numbers (multiples of the best real activation), got {ladder!r}") from None
+    base = 1.0 if target in ("auto", None) else float(target)
+    if any(f != f or f in (float("inf"), float("-inf")) for f in rungs) or any(b >= a for b, a in zip([base, *rungs], rungs)):
+        raise SamplerError(f"ladder must rise above the target ({base:g}): each rung higher than the one before, "
+                           f"got {rungs}")
+    return rungs
+
+
 def revision_options(revision: int) -> dict[str, Any]:
     """The ``ldam`` options that make today's defaults those of a store's sampler revision."""
     if revision >= SAMPLER_DEFAULTS:
@@ -61,6 +78,8 @@ class LdamOptions(BaseModel):
         f"(which lengthens steps along the data's main directions), {STEP_FROM_NOISE} without (the reference form)")
     noise: float = Field(0.1, ge=0, description="sigma: initial noise scale of each noise block")
     noise_block: int = Field(100, ge=1, description="steps after which the noise schedule restarts")
+    noise_floor: float = Field(0.0, ge=0, description="sigma never falls below this: noise on every step "
+                               "(a walk; 0: the annealed schedule alone). docs/method.md, 'Chains that walk'")
     l2: float = Field(0.0, ge=0, description="c: weight of the L2 prior c*||x||^2 (the reference form: 0.1)")
     precondition: Literal["auto", "covariance", "spectrum", "none"] = Field(
         "auto", description="shape drift and noise by the real data's covariance: covariance (exact, inputs up to "

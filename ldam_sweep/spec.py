@@ -286,6 +286,10 @@ class SamplerSpec(BaseModel):
     init: Literal["auto", "uniform", "exemplars"] | None = Field(
         None, description="chain starts: auto (None) = the unit's real exemplars for ldam when the job has data, "
         "uniform noise otherwise")
+    ladder: list[float] | None = Field(
+        None, description="the activation ladder: after the run each chain climbs on to these multiples of its unit's "
+        "best real activation, e.g. [1.5, 2.0] (ldam with data); None: no ladder")
+    ladder_steps: int | None = Field(None, ge=1, le=100_000, description="steps per rung (default 150)")
 
     @field_validator("method")
     @classmethod
@@ -297,10 +301,14 @@ class SamplerSpec(BaseModel):
     @model_validator(mode="after")
     def _options(self) -> "SamplerSpec":
         from ldam_sweep.errors import SamplerError
-        from ldam_sweep.settings import parse_options
+        from ldam_sweep.settings import check_ladder, parse_options
 
         try:
-            parse_options(self.method, self.options)
+            options = parse_options(self.method, self.options)
+            if self.ladder:
+                if self.method != "ldam":
+                    raise SamplerError(f"ladder: the activation ladder raises ldam's target; method {self.method!r} has none")
+                check_ladder(self.ladder, options.target)
         except SamplerError as err:
             raise ValueError(str(err)) from None
         return self

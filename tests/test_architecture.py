@@ -169,7 +169,7 @@ def test_one_place_draws_a_unit_grid_parses_a_store_address_and_stamps_the_gener
     def places(needle: str) -> list[str]:
         return sorted(str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if needle in p.read_text())
 
-    assert places('row_labels=[f"chain') == [] and places("def _chain_labels") == ["render.py"]  # rows of the chains grid
+    assert places('row_labels=[f"chain') == [] and places("def chain_labels") == ["render.py"]  # rows of the chains grid
     assert places("unit_grid(") == ["atlas/site.py", "cli.py", "render.py", "store/unitview.py"]
     assert places("isinstance(url, StoreLocation)") == ["store/location.py"]  # StoreLocation.parse
     assert places('**r, "generation"') == ["store/schema.py"]  # stamp_generation

@@ -460,3 +460,26 @@ def test_a_parallel_build_writes_the_same_site_as_one_process(atlas_site, tmp_pa
     (tmp_path / "elsewhere" / WRITER_TOKEN).write_text("token")
     assert _render_task(render_blocks, url, None, jobs, str(tmp_path / "elsewhere"), "token")[2] == []
     assert files(tmp_path / "elsewhere") == {**{rel: data for rel, data in returned}, WRITER_TOKEN: b"token"}
+
+
+def test_the_demo_unit_page_shows_the_ladder_and_the_change_strip_in_chromium(demo_workdir, browser):
+    """The quick demo sweeps with the activation ladder: a logit's page shows, loaded in Chromium,
+    the change strip and the ladder (one row per chain: start, 1x, 1.5x, 2x), and the numbers
+    under the ladder's images are the store's activations / the best real digit's."""
+    work, _, _ = demo_workdir
+    st = ls.open_store(str(work / "storage" / "demo.zarr"))
+    site = work / "storage" / "demo-atlas"
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(unit_page(site, "fc2", 3).as_uri())
+    for alt in ("activation ladder per chain", "start, final and change per chain"):
+        img = page.locator(f"img[alt='{alt}']")
+        assert img.count() == 1 and img.evaluate("e => e.complete && e.naturalWidth") > 0, alt
+    assert "then on to 1.5×, 2× of it" in page.inner_text("body")
+    from PIL import Image
+
+    strip = Image.open(site / "img" / slug("fc2") / "3-ladder.png")
+    chains = st.plan.chains
+    assert strip.height > chains * 28 * 2 and strip.width > 4 * 28 * 2  # chains x (start, 1x, 1.5x, 2x) at 2x scale
+    lad, best = st.ladder("fc2", 3), st.exemplars("fc2", 3)[1][0]
+    assert (lad["activation"][:, 0] / best >= 1.5 * 0.995).all()  # the 1.5x rung got there on every chain
+    page.screenshot(path=str(work / "unit-ladder.png"), full_page=True)

@@ -49,6 +49,16 @@ def test_quick_demo_sweeps_the_whole_network(demo_workdir):
 
     img = np.asarray(Image.open(tmp_path / "demo-atlas" / "img" / slug("fc2") / "3-chains.png").convert("L"))
     assert img.shape[0] > 4 * 28 * 3 and img.std() > 30  # 4 chain rows of real pictures
+    # the activation ladder: each logit's chains climb past the 1x final toward 1.5x the best real digit
+    lad = st.ladder("fc2", 3)
+    assert lad["factors"].tolist() == [1.5, 2.0] and lad["images"].shape == (4, 2, 1, 28, 28)
+    one_x = st.trace("fc2", 3)[:, -1]
+    assert (lad["activation"][:, 0] > one_x).all() and (lad["activation"][:, 1] > lad["activation"][:, 0]).all()
+    assert np.isfinite(lad["realism"]).all()
+    assert (lad["distance"][:, 1] > lad["distance"][:, 0]).all() and (lad["distance"] > 0.01).all()  # it moved on
+    strip = Image.open(tmp_path / "demo-atlas" / "img" / slug("fc2") / "3-ladder.png")
+    assert strip.height > 4 * 28 and strip.width > 4 * 28  # 4 chains x (start, 1x, 1.5x, 2x)
+    assert "The activation ladder" in (tmp_path / "demo-atlas" / "units" / slug("fc2") / "3.html").read_text()
     # labels: each class logit is labelled its own class (by its exemplars and by the network's reading)
     assert fc2["label"].to_pylist() == [str(u) for u in range(10)] == fc2["sample_label"].to_pylist()
     assert all(p >= 0.5 for p in fc2["label_purity"].to_pylist())

@@ -412,3 +412,26 @@ def test_auto_layout_falls_back_for_models_that_view_conv_outputs(tmp_path):
     assert ls.ModelHandle(scripted, spec, name="ts", scripted=True).memory_format == "contiguous"
     with pytest.raises(ls.ModelError, match="not supported for TorchScript"):
         ls.ModelHandle(scripted, spec, name="ts", scripted=True, memory_format="channels_last")
+
+
+@pytest.mark.fast
+def test_the_ladder_in_a_spec_is_checked_before_any_work(digits_model):
+    """sampler.ladder: rising multiples above the target, ldam only, and only with data; a store plan
+    without a ladder keeps the JSON (and plan hash) of stores made before it."""
+    from ldam_sweep.planning import resolve
+    from ldam_sweep.spec import parse_job
+
+    base = {"name": "t", "model": {"zoo": "digits-cnn"}, "layers": ["fc2"], "data": {"source": "digits"}}
+    with pytest.raises(ls.SpecError, match=r"ladder must rise above the target \(1\).*got \[2.0, 1.5\]"):
+        parse_job({**base, "sampler": {"ladder": [2.0, 1.5]}})
+    with pytest.raises(ls.SpecError, match=r"ladder must rise above the target \(1.2\)"):
+        parse_job({**base, "sampler": {"ladder": [1.1], "target": 1.2}})
+    with pytest.raises(ls.SpecError, match="method 'sgld' has none"):
+        parse_job({**base, "sampler": {"method": "sgld", "ladder": [1.5]}})
+    no_data = {k: v for k, v in base.items() if k != "data"}
+    with pytest.raises(ls.SpecError, match="sampler.ladder: .* needs data"):
+        resolve(parse_job({**no_data, "sampler": {"ladder": [1.5]}}), digits_model)
+    with_ladder = resolve(parse_job({**base, "sampler": {"ladder": [1.5, 2]}}), digits_model).store
+    plain = resolve(parse_job(base), digits_model).store
+    assert with_ladder.ladder == (1.5, 2.0) and "rungs" in with_ladder.arrays("fc2") and "rungs" not in plain.arrays("fc2")
+    assert "ladder" not in plain.to_json() and type(plain).from_json(with_ladder.to_json()) == with_ladder

@@ -256,3 +256,48 @@ def test_status_and_query_show_realism(measured_store, env):
     assert all("detected_fraction" in r and "hf_ratio" in r for r in query["units"])
     text = subprocess.run([*cli, "status", exemplar_store], env=env, capture_output=True, text=True, check=True).stdout
     assert "realism of the final samples" in text and "all layers" in text
+
+
+@pytest.mark.fast
+def test_the_ladder_climbs_from_the_one_x_samples_to_each_rung(digits_model):
+    """Each rung goes on from where the run (the 1x rung) ended: the 1.5x rung reaches 1.5x the best
+    real logit and stops there, the 2x rung climbs on from it; the run itself is the same with or
+    without a ladder, and a split batch joins."""
+    pool = torch.from_numpy(digits(28, "train")[0])
+    units = np.array([2, 5])
+    ex, act = top_exemplars(digits_model, "fc2", units, "logit", pool, 64)
+    kw = dict(chains=4, steps=100, seed=0, exemplars=ex, preconditioner=pool)
+    plain = ls.sample(digits_model, "fc2", units, **kw)
+    lad = ls.sample(digits_model, "fc2", units, ladder=(1.5, 2.0), ladder_steps=100, **kw)
+    np.testing.assert_array_equal(lad.samples, plain.samples)  # the 1x rung is today's run, bit for bit
+    assert lad.rung_samples.shape == (2, 4, 2, 1, 28, 28) and lad.rung_realism is None
+    ratio = lad.rung_activation / act[:, :1, None]  # (U, chains, R)
+    one_x = plain.final_activation / act[:, :1]
+    print("1x", one_x.round(2), "rungs", ratio.round(2))
+    assert one_x.max() < 1.15
+    assert (ratio[:, :, 0] >= 1.5 * 0.995).all() and (ratio[:, :, 0] < 1.53).all()  # stops in its band: no overshoot
+    assert (ratio[:, :, 1] > ratio[:, :, 0] + 0.03).all()  # the 2x rung climbs on (it need not get there)
+    move = lambda a, b: np.sqrt(((a - b) ** 2).mean((-3, -2, -1)))  # noqa: E731
+    assert (move(lad.rung_samples[:, :, 1], lad.starts) > move(lad.final_samples, lad.starts)).all()
+    joined = ls.ChainResult.concat([lad.take(slice(0, 1)), lad.take(slice(1, 2))])
+    np.testing.assert_array_equal(joined.rung_samples, lad.rung_samples)
+    with pytest.raises(ls.SamplerError, match="ladder must rise above the target"):
+        ls.sample(digits_model, "fc2", units, ladder=(2.0, 1.5), **kw)
+    with pytest.raises(ls.SamplerError, match="needs method 'ldam' and the units' exemplars"):
+        ls.sample(digits_model, "fc2", units, ladder=(1.5,), chains=2, steps=2)
+
+
+@pytest.mark.fast
+def test_the_stationary_form_of_the_covariance_preconditioner_is_the_data_spectrum():
+    """The ladder's preconditioner, derived from the covariance's eigenvectors, is the spectrum form
+    fitted from the images themselves (one channel: the same power spectrum up to the dropped
+    eigenvalues), and it moves a white-noise image as smoothly."""
+    train = digits(28, "train")[0]
+    cov, spec = fit_preconditioner(train), fit_preconditioner(train, "spectrum")
+    derived = cov.stationary()
+    assert derived.kind == "spectrum" and spec.stationary() is spec
+    rel = (derived.spectrum - spec.spectrum).abs().max() / spec.spectrum.max()
+    print("max relative difference of the spectra", float(rel))
+    assert rel < 1e-3
+    xi = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(derived.noise(xi).numpy(), spec.noise(xi).numpy(), atol=1e-3 * float(spec.noise(xi).abs().max()))

@@ -14,7 +14,11 @@ Per layer and row: the two-sample accuracy of the final samples against the real
 floor), the number of chains frozen and saturated (the manifest's definitions, ``score_result``),
 and the median activation ratio (chains' mean final activation / the unit's best real image).
 
-    .venv/bin/python docs/scripts/realism_beyond.py photos64 vit [--json out.json]
+With ``--ladder``: today's row only, with the activation ladder (1.5x, 2x; docs/method.md, "The
+activation ladder"), and per layer the share of chains whose activation rose over the run (final >
+start), the share that reached each rung, and each rung's two-sample accuracy and HF ratio.
+
+    .venv/bin/python docs/scripts/realism_beyond.py photos64 vit [--ladder] [--json out.json]
 """
 
 from __future__ import annotations
@@ -57,12 +61,12 @@ def setting(name: str):
     raise SystemExit(f"unknown setting {name!r}: photos64 or vit")
 
 
-def run(name: str) -> dict:
+def run(name: str, ladder: tuple[float, ...] = ()) -> dict:
     model, train, test, targets, chains, steps, updates = setting(name)
     pre = fit_preconditioner(train)
     real_hf = float(hf_energy(train, model.input.range).mean())
     out = {}
-    for row, options in ROWS:
+    for row, options in (ROWS[-1:] if ladder else ROWS):
         t0 = time.perf_counter()
         d = train_discriminator(model, targets, train, test, {"updates": updates, "lam": 0.5, "sampler": options})
         print(f"{name} / {row}: D {time.perf_counter() - t0:.0f}s, held-out accuracy {d.heldout_accuracy:.3f}", flush=True)
@@ -73,7 +77,7 @@ def run(name: str) -> dict:
             t1 = time.perf_counter()
             res = ls.sample(model, layer, units, chains=chains, steps=steps, lam=0.5, discriminator=d.module,
                             exemplars=ex, preconditioner=pre, objective=objective,
-                            snapshot_every=max(1, steps // 10), **options)
+                            snapshot_every=max(1, steps // 10), ladder=ladder, **options)
             secs = time.perf_counter() - t1
             scores = score_result(model, res, real_pool=test, exemplar_max=exv[:, 0], exemplars=ex[:, :8],
                                   real_hf=real_hf)
@@ -92,8 +96,21 @@ def run(name: str) -> dict:
                 "activation_ratio_median": float(np.median(ratio[exv[live, 0] > 0])),
                 "sample_seconds": secs,
             }
+            if ladder:
+                act = res.activation[live]
+                m["rose"] = float((act[:, :, -1] > act[:, :, 0]).mean())
+                best = exv[live, 0][:, None]
+                for r, f in enumerate(ladder):
+                    x = res.rung_samples[live][:, :, r].reshape(-1, *model.input.shape)
+                    m[f"rung_{f:g}"] = {
+                        "reached": float((res.rung_activation[live][:, :, r] >= f * best * (1 - 1e-3))[best[:, 0] > 0].mean()),
+                        "rose": float((res.rung_activation[live][:, :, r] > (act[:, :, -1] if r == 0 else
+                                                                             res.rung_activation[live][:, :, r - 1])).mean()),
+                        "two_sample": two_sample_test(x, train, value_range=model.input.range).accuracy,
+                        "hf": float(hf_energy(x, model.input.range).mean()) / real_hf}
             per_layer[layer] = m
-            print(f"  {layer}: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()}),
+            print(f"  {layer}: " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in m.items()},
+                                              default=str),
                   flush=True)
         out[row] = per_layer
     return out
@@ -103,8 +120,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("settings", nargs="+", choices=["photos64", "vit"])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ladder", action="store_true", help="today's sampler with the ladder 1.5x, 2x")
     args = ap.parse_args()
-    results = {name: run(name) for name in args.settings}
+    results = {name: run(name, (1.5, 2.0) if args.ladder else ()) for name in args.settings}
     print("\n| setting | layer | sampler and D | two-sample (exemplars) | HF ÷ real (exemplars) | frozen | saturated | activation ÷ best real |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():

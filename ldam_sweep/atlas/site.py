@@ -27,7 +27,7 @@ import numpy as np
 from ldam_sweep.atlas.format import escape as _e
 from ldam_sweep.atlas.format import fmt_number as _fmt
 from ldam_sweep.atlas.format import slug, unit_page
-from ldam_sweep.render import render_change, render_grid, unit_grid
+from ldam_sweep.render import chain_labels, render_change, render_grid, unit_grid
 from ldam_sweep.errors import CorruptBlockError
 from ldam_sweep.atlas.facets import facet_groups
 from ldam_sweep.settings import FACET_THRESHOLD
@@ -407,6 +407,28 @@ def _render_corrupt_unit(st: SweepStore, layer: str, unit: int, problem: str, ou
     (out / "units" / s / f"{unit}.html").write_text(_unit_page(f"{layer} unit {unit} (corrupt)", body, unit))
 
 
+def _ladder(st: SweepStore, data: dict[str, np.ndarray], starts: np.ndarray, ends: np.ndarray, img_dir: Path,
+            s: str, unit: int) -> str:
+    """The activation ladder's strip (one row per chain: start, the 1x final, each rung) and its
+    caption; under each image its activation / the unit's best real image's (or the activation
+    itself where the store has no positive best real activation)."""
+    rungs = data["rungs"].astype(np.float32)  # (chains, R, C, h, w)
+    act = np.concatenate([data["activation"][:, :1], data["activation"][:, -1:], data["rung_activation"]], 1)
+    best = data["exemplar_activation"][0] if "exemplar_activation" in data else float("nan")
+    ratio = bool(np.isfinite(best) and best > 0)
+    # the images' labels in ASCII: PIL's built-in font has no "×" (nor "–")
+    labels = np.vectorize(lambda v: "-" if not np.isfinite(v) else f"{v:.2f}" + ("x" if ratio else ""))(act / best if ratio else act)
+    heads = ["start", "1x"] + [f"{f:g}x" for f in st.plan.ladder]
+    render_grid(np.concatenate([starts[:, None], ends[:, None], rungs], 1), st.plan.value_range,
+                scale=max(1, 64 // starts.shape[-2]), row_labels=chain_labels(len(starts)),
+                col_labels=heads, cell_labels=labels).save(img_dir / f"{unit}-ladder.png", compress_level=1)
+    under = "activation ÷ the best real image's" if ratio else "activation"
+    return ("<h2>The activation ladder</h2><p class='muted'>each chain from its start to the best real image's "
+            f"activation (1×), then on to {', '.join(f'{f:g}×' for f in st.plan.ladder)} of it, with no realism term on the rungs (past the best "
+            f"real image the discriminator no longer describes the data); under each image: its {under}</p>"
+            f"<img class='pix' alt='activation ladder per chain' src='../../img/{s}/{unit}-ladder.png'>")
+
+
 def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data: dict[str, np.ndarray], out: Path) -> None:
     """One unit's images and page, from its slices of the block's arrays (read once per block)."""
     name, unit = info["name"], int(row["unit"])
@@ -475,6 +497,8 @@ def _render_unit(st: SweepStore, info: dict[str, Any], row: dict[str, Any], data
                      f"red where the final image is brighter, blue where darker; full colour = {full:.2g} of the pixel "
                      "range (this unit's largest change)</p>"
                      f"<img class='pix change' alt='start, final and change per chain' src='../../img/{s}/{unit}-change.png'>")
+    if not dead and starts is not None and "rungs" in data and np.isfinite(starts).all():
+        parts.append(_ladder(st, data, starts, shrink(finals, st.plan.thumbnail), img_dir, s, unit))
     hist = _svg_histogram(row, data["exemplar_activation"] if "exemplar_activation" in data else None,
                           None if dead else act[:, -1])
     if hist:

@@ -13,7 +13,7 @@ DEMO_DOC: dict[str, Any] = {
     "name": "demo",
     "model": {"zoo": "digits-cnn"},
     "layers": "all",
-    "sampler": {"method": "ldam", "steps": 300, "chains": 8, "lam": 0.5, "seed": 0},
+    "sampler": {"method": "ldam", "steps": 300, "chains": 8, "lam": 0.5, "seed": 0, "ladder": [1.5, 2.0]},
     "discriminator": {"train": {"updates": 400, "lam": 0.5}},
     "data": {"source": "digits"},
     "exemplars": 8,
@@ -25,7 +25,7 @@ def demo_job(quick: bool = False) -> JobSpec:
     doc = copy.deepcopy(DEMO_DOC)
     if quick:  # the same whole-network sweep, shorter: a first look in well under a minute
         doc["name"] = "demo-quick"
-        doc["sampler"].update(steps=60, chains=4)
+        doc["sampler"].update(steps=60, chains=4, ladder_steps=30)
         doc["discriminator"]["train"]["updates"] = 30
     return parse_job(doc)
 

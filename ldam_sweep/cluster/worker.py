@@ -186,8 +186,9 @@ class SweepWorker:
         import torch
 
         kwargs = self.sampler.kwargs()  # parsed once, for the store's sampler revision (SweepPlan)
-        if steps:  # the memory probe: a few steps, default snapshots
-            kwargs.update(steps=steps, snapshot_every=None)
+        kwargs["ladder"] = self.plan.store.ladder  # the store decides (one made before the ladder has none)
+        if steps:  # the memory probe: a few steps, default snapshots, no ladder
+            kwargs.update(steps=steps, snapshot_every=None, ladder=())
         if self.sampler.method == "ldam":
             kwargs["preconditioner"] = self.preconditioner
         return dict(kwargs, discriminator=self.discriminator(), objective=self.plan.store.layer(layer).objective,

@@ -28,8 +28,10 @@ from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import ChainContext, ChainTensors, run_chains
 from ldam_sweep.sampling.lowpass import exemplar_bandwidth, lowpass
 from ldam_sweep.sampling.precondition import Preconditioner, fit_preconditioner
-from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions, default_snapshot_steps, parse_options
+from ldam_sweep.settings import (LADDER_STEPS, METHODS, AmOptions, LdamOptions, SgldOptions, check_ladder,
+                                 default_snapshot_steps, parse_options)
 
+LADDER_STEP = 0.004  # eta of the rungs: 20x the run's (docs/method.md, "The activation ladder")
 SAMPLING_EXEMPLARS = 64  # top real images per unit a sweep hands ``sample``: chain starts and the kernel width
 
 
@@ -51,6 +53,12 @@ class ChainResult:
     realism: np.ndarray | None = None  # (U, chains, steps + 1) log D(x_t), when a discriminator is given
     dead: np.ndarray | None = None  # (U,) bool: activation and input gradient 0 at every start; not sampled (NaN)
     starts: np.ndarray | None = None  # (U, chains, C, H, W) each chain's starting image (x_0), snapshot dtype
+    # the activation ladder (``sample(..., ladder=...)``): each chain continued from its final state to
+    # higher targets, rung r at ladder[r] x the unit's best real activation; None without a ladder
+    ladder: np.ndarray | None = None  # (R,) the rungs' factors, rising
+    rung_samples: np.ndarray | None = None  # (U, chains, R, C, H, W) each chain's state at the end of each rung
+    rung_activation: np.ndarray | None = None  # (U, chains, R) its activation there
+    rung_realism: np.ndarray | None = None  # (U, chains, R) log D there, when a discriminator is given
 
     @property
     def chains(self) -> int:
@@ -72,7 +80,8 @@ class ChainResult:
         return self.samples[:, :, -1]
 
     # the arrays with one entry per unit (unit axis first); None where a result has no such array
-    PER_UNIT = ("units", "samples", "activation", "realism", "dead", "starts")
+    PER_UNIT = ("units", "samples", "activation", "realism", "dead", "starts", "rung_samples", "rung_activation",
+                "rung_realism")
 
     def take(self, units: slice) -> "ChainResult":
         """The result of a range of its units (every per-unit array sliced alike; views, no copy)."""
@@ -87,7 +96,9 @@ class ChainResult:
         if len(parts) == 1:
             return first
         same = ("layer", "steps", "chains", "method", "seed", "lam", "objective")
-        if any(tuple(getattr(p, k) for k in same) != tuple(getattr(first, k) for k in same) for p in parts[1:]):
+        if any(tuple(getattr(p, k) for k in same) != tuple(getattr(first, k) for k in same)
+               or not np.array_equal(*(np.asarray(() if r.ladder is None else r.ladder) for r in (p, first)))
+               for p in parts[1:]):
             raise ValueError("results to join must come from the same layer and sampler settings")
         parts = [p if p.dead is not None else dataclasses.replace(p, dead=np.zeros(len(p.units), dtype=bool))
                  for p in parts]
@@ -207,10 +218,11 @@ def _preconditioner(given: Preconditioner | np.ndarray | torch.Tensor | None, op
 
 @torch.no_grad()
 def _targets(model: ModelHandle, layer: str, objective: UnitObjective, units: np.ndarray, exemplars: torch.Tensor | None,
-             options: Any) -> torch.Tensor | None:
-    """(U,) per-unit activation target: ``target`` x the activation of the unit's best real image
-    (its first exemplar); +inf (no target) where that is not positive. None when off."""
-    factor = options.target
+             options: Any, factor: Any = "option") -> torch.Tensor | None:
+    """(U,) per-unit activation target: ``factor`` (default: the ``target`` option) x the activation of
+    the unit's best real image (its first exemplar); +inf (no target) where that is not positive.
+    None when off."""
+    factor = options.target if factor == "option" else factor
     if factor is None or (factor == "auto" and exemplars is None):
         return None
     if exemplars is None:
@@ -266,6 +278,8 @@ def sample(
     options: LdamOptions | SgldOptions | AmOptions | None = None,
     progress: bool | Callable[[int], None] = False,
     input: Any = None,
+    ladder: Sequence[float] = (),
+    ladder_steps: int = LADDER_STEPS,
     **sampler_options: Any,
 ) -> ChainResult:
     """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
@@ -294,6 +308,12 @@ def sample(
     ``batch_units``: run as a batch of this many live units, padding with repeats of the units'
     chains (discarded): on a GPU a kernel's rounding can depend on the batch's size (not on what else
     is in it), so re-sampling a stored unit with its manifest's ``batch_units`` reproduces it there.
+    ``ladder``: rising factors (e.g. ``(1.5, 2.0)``, each above the ``target``): after the run, each
+    chain goes on for ``ladder_steps`` steps per rung with its target at that factor x the unit's best
+    real activation, from where the rung before ended (``ldam`` with exemplars only). A rung climbs
+    without the realism term (log D is still recorded), with step ``LADDER_STEP`` and the stationary
+    (smooth, full-rank) form of the preconditioner; the state at the end of each rung is in
+    ``rung_samples`` (docs/method.md, "The activation ladder").
     A chain's start and noise depend only on (seed, layer, unit, chain).
     """
     if not isinstance(model, ModelHandle):
@@ -313,6 +333,7 @@ def sample(
     if method == "am" and lam > 0:
         raise SamplerError("method 'am' (plain activation maximisation) has no realism term: use lam=0")
     snap_steps = default_snapshot_steps(steps, snapshot_every)
+    rungs = _check_ladder(ladder, ladder_steps, method, options, exemplars)
     if batch_units is not None and (not isinstance(batch_units, int) or batch_units < 1):
         raise SamplerError(f"batch_units must be a positive integer (live units per batch), got {batch_units!r}")
 
@@ -325,7 +346,9 @@ def sample(
     diverse = ldam and ex is not None and isinstance(init, str) and init in ("auto", "exemplars") and pool > chains
     bandwidth = _unit_bandwidths(ex, method, options, diverse)
     pre = _preconditioner(preconditioner, options, model) if ldam else None
+    rung_pre = None if pre is None or not rungs else pre.stationary()  # the ladder climbs smooth, full rank
     target = _targets(model, info.name, reduce, unit_arr, ex, options) if ldam else None
+    rung_targets = [_targets(model, info.name, reduce, unit_arr, ex, options, f) for f in rungs]
     dead = _dead_units(model, info.name, reduce, unit_arr, x0)
     live = ~dead
     starts_all = x0  # every unit's starts (the dead ones' too: the images they were found dead on)
@@ -336,6 +359,7 @@ def sample(
             bandwidth = bandwidth[torch.from_numpy(live).to(bandwidth.device)]
         if target is not None:
             target = target[torch.from_numpy(live).to(target.device)]
+        rung_targets = [t[torch.from_numpy(live).to(t.device)] for t in rung_targets]
     n_live = int(live.sum())
     if batch_units is not None and n_live > batch_units:
         raise SamplerError(f"batch_units={batch_units} is smaller than the {n_live} live units asked for; give at "
@@ -352,26 +376,48 @@ def sample(
                 bandwidth = bandwidth[torch.arange(batch_units, device=bandwidth.device) % n_live]
             if target is not None:
                 target = target[torch.arange(batch_units, device=target.device) % n_live]
+            rung_targets = [t[torch.arange(batch_units, device=t.device) % n_live] for t in rung_targets]
 
         def activation_fn(x: torch.Tensor) -> torch.Tensor:
             return unit_objective(model.activations(x, info.name), unit_idx, reduce)
 
         log_d = _wrap_discriminator(discriminator, model, len(unit_idx)) if discriminator is not None else None
-        with progress_bar(progress, steps, f"sampling {info.name}: {n_live} units x {chains} chains") as on_step:
+        total = steps + len(rungs) * ladder_steps
+        rung_options = options if not rungs else options.model_copy(update={"step_size": LADDER_STEP})
+        rung_out: list[ChainTensors] = []
+        with progress_bar(progress, total, f"sampling {info.name}: {n_live} units x {chains} chains") as on_step:
+            def context(t: torch.Tensor | None, p: Preconditioner | None, rung: bool = False) -> ChainContext:
+                return ChainContext(
+                    bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=p,
+                    target=None if t is None else t.to(model.device).repeat_interleave(chains), diverse_starts=diverse,
+                    stop_at_target=rung)
+
             out: ChainTensors = run_chains(
                 activation_fn, x0, keys, steps=steps, method=method, options=options,
                 box=model.input.range, snapshot_steps=snap_steps, chains=chains, lam=lam, log_d=log_d,
-                context=ChainContext(
-                    bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=pre,
-                    target=None if target is None else target.to(model.device).repeat_interleave(chains),
-                    diverse_starts=diverse),
-                on_step=on_step,
+                context=context(target, pre), on_step=on_step,
             )
+            x_end = out.snapshots[-1]  # the final state (the last snapshot is always the last step)
+            for r, t_r in enumerate(rung_targets):  # each rung goes on from where the one before ended
+                offset = steps + r * ladder_steps
+                rung_out.append(run_chains(
+                    activation_fn, x_end, keys, steps=ladder_steps, method=method, options=rung_options,
+                    box=model.input.range, snapshot_steps=[ladder_steps], chains=chains, lam=0.0,
+                    log_d=log_d, draw_offset=offset, context=context(t_r, rung_pre, rung=True),
+                    on_step=None if on_step is None else (lambda t, o=offset: on_step(o + t))))
+                x_end = rung_out[-1].snapshots[-1]
         # laid out (unit, chain, ...) on the device, then one transfer per array
         snaps = out.snapshots.detach()[:, :rows].view(len(snap_steps), n_live, chains, *shape).permute(1, 2, 0, 3, 4, 5)
         traces = [t[:, :rows] for t in (out.activation, *([] if out.realism is None else [out.realism]))]
         host = _to_host([snaps.to(snapshot_dtype, memory_format=torch.contiguous_format),
                          *(t.detach().T.reshape(n_live, chains, steps + 1) for t in traces)])
+        if rung_out:
+            rung_host = _to_host([
+                torch.stack([o.snapshots[-1, :rows] for o in rung_out], 1).view(n_live, chains, len(rungs), *shape)
+                .to(snapshot_dtype),
+                torch.stack([o.activation[-1, :rows] for o in rung_out], 1).view(n_live, chains, len(rungs)),
+                *([] if discriminator is None else
+                  [torch.stack([o.realism[-1, :rows] for o in rung_out], 1).view(n_live, chains, len(rungs))])])
     starts = _to_host([starts_all.detach().reshape(n_units, chains, *shape).to(snapshot_dtype)])[0]
     if host and n_live == n_units:  # no dead unit: the transferred arrays are the result
         samples, act, real = host[0], host[1], (host[2] if discriminator is not None else None)
@@ -384,11 +430,34 @@ def sample(
             samples[live], act[live] = host[0], host[1]
             if real is not None:
                 real[live] = host[2]
+    rung_arrays: dict[str, Any] = {}
+    if rungs:
+        dtype = torch.empty((), dtype=snapshot_dtype).numpy().dtype
+        rung_arrays = {"ladder": np.asarray(rungs, dtype=np.float64),
+                       "rung_samples": np.full((n_units, chains, len(rungs), *shape), np.nan, dtype=dtype),
+                       "rung_activation": np.full((n_units, chains, len(rungs)), np.nan, dtype=np.float32)}
+        if discriminator is not None:
+            rung_arrays["rung_realism"] = np.full((n_units, chains, len(rungs)), np.nan, dtype=np.float32)
+        if n_live:
+            for name, arr in zip(("rung_samples", "rung_activation", "rung_realism"), rung_host):
+                rung_arrays[name][live] = arr
     return ChainResult(
         layer=info.name, units=unit_arr, objective=objective, method=method, seed=int(seed), lam=float(lam),
         steps=steps, options=options.model_dump(), snapshot_steps=np.asarray(snap_steps, dtype=np.int64),
-        samples=samples, activation=act, realism=real, dead=dead, starts=starts,
+        samples=samples, activation=act, realism=real, dead=dead, starts=starts, **rung_arrays,
     )
+
+
+def _check_ladder(ladder: Sequence[float], steps: int, method: str, options: Any, exemplars: Any) -> list[float]:
+    """The ladder's factors as floats, or a SamplerError saying what is wrong."""
+    if ladder is None or len(ladder) == 0:
+        return []
+    if method != "ldam" or exemplars is None:
+        raise SamplerError("ladder= raises each chain's activation target: it needs method 'ldam' and the units' "
+                           f"exemplars (got method {method!r}{'' if exemplars is not None else ', no exemplars'})")
+    if not isinstance(steps, int) or steps < 1:
+        raise SamplerError(f"ladder_steps must be a positive integer, got {steps!r}")
+    return check_ladder(ladder, options.target)
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:

@@ -93,6 +93,7 @@ class ChainContext:
     preconditioner: "Preconditioner | None" = None  # drift P and noise P^(1/2) from the real data
     target: torch.Tensor | None = None  # (B,) the activation above which a chain's activation term is off
     diverse_starts: bool = False  # chains start from a diverse subset of their unit's exemplars
+    stop_at_target: bool = False  # a ladder rung: the momentum fades with the activation term (no overshoot)
 
 
 class UpdateRule:
@@ -151,6 +152,7 @@ class LdamRule(UpdateRule):
         force = self._repulsion(s, x, g_d) if repel else None
         rho = o.rms_decay
         held = None  # (B, 1, 1, 1) how far each chain is into its target band, where D must not lower a
+        h = None
         if ctx.target is not None:
             # the activation term fades linearly from the target to TARGET_BAND above it (its running average
             # fades with it): continuous in a, so a 1-ulp difference in the activation (another batch size
@@ -180,7 +182,7 @@ class LdamRule(UpdateRule):
                 self.v_d.mul_(rho).addcmul_(g_d, g_d, value=1 - rho)
                 step.add_(g_d.div_(self._rms(self.v_d)), alpha=s.lam)
         tb = s.t % o.noise_block
-        sigma = o.noise / (1.0 + tb * tb)
+        sigma = max(o.noise / (1.0 + tb * tb), o.noise_floor)
         pre = ctx.preconditioner
         if pre is not None:  # the whole move (gradients and repulsion) and the noise in the data's directions
             if force is not None:
@@ -192,6 +194,8 @@ class LdamRule(UpdateRule):
             step.add_(x, alpha=-2.0 * o.l2)
             if force is not None:
                 step.add_(force, alpha=self.repel)
+        if ctx.stop_at_target and h is not None:
+            self.m.mul_(h)  # a chain past its target keeps no speed: the rung ends at its factor, not beyond
         self.m.mul_(o.momentum).add_(step, alpha=1 - o.momentum)
         return (x + self.eta * self.m).clamp_(*s.box)
 

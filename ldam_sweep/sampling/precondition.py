@@ -77,6 +77,27 @@ class Preconditioner:
         h, w = g.shape[-2:]
         return torch.fft.irfft2(torch.fft.rfft2(g) * s, s=(h, w))
 
+    def stationary(self) -> "Preconditioner":
+        """The ``spectrum`` form of this preconditioner (itself if it is one): from the covariance's
+        eigenvectors, their power spectra weighted by the eigenvalues (averaged over the channels)
+        and the channels' covariance; full rank, so steps may leave the data's span but stay as smooth
+        as the data. The activation ladder climbs with it (docs/method.md, "The activation ladder")."""
+        if self.kind == "spectrum":
+            return self
+        c, h, w = self.shape
+        v = self.basis.T.double().reshape(-1, c, h, w)  # type: ignore[union-attr]
+        weight = self.weight.double()  # type: ignore[union-attr]
+        full = (torch.fft.fft2(v).abs().pow(2).mean(1) * weight.view(-1, 1, 1)).sum(0)  # (H, W)
+        full = full / full.max()
+        flat = v.flatten(2)
+        mixing = torch.einsum("r,rcp,rdp->cd", weight, flat, flat)
+        cev, cvec = torch.linalg.eigh(mixing)
+        cev = cev.clamp_min(0) / cev.max()
+        mixing, half = (cvec * cev) @ cvec.T, (cvec * cev.sqrt()) @ cvec.T
+        scale = (full.pow(2).mean() * cev.pow(2).mean()).sqrt()
+        return Preconditioner(kind="spectrum", shape=self.shape, spectrum=(full[:, : w // 2 + 1] / scale).float(),
+                              mixing=mixing.float(), mixing_half=half.float()).to(self.device)
+
     def describe(self) -> str:
         if self.kind == "covariance":
             return f"data covariance, rank {self.basis.shape[1]} of {self.basis.shape[0]}"  # type: ignore[union-attr]

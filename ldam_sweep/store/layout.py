@@ -17,6 +17,9 @@
     <store>/layers/<layer>/realism        same, when a discriminator is used
     <store>/layers/<layer>/exemplars      (unit, k, C, H, W) images + exemplar_activation (unit, k)
     <store>/layers/<layer>/starts         (unit, chain, C, h, w) each chain's first image, as samples
+    <store>/layers/<layer>/rungs          (unit, chain, rung, C, h, w) each chain at the end of each rung
+                                          of the activation ladder, as samples; rung_activation and
+                                          rung_realism (unit, chain, rung) float32 (plans with a ladder)
     <store>/layers/<layer>/unit, chain, snapshot, step, rank   coordinates (layout 2)
     <store>/discriminator/                the frozen discriminator (bytes; its record, written last)
     <store>/manifest/parts/layer=<layer>/part-*.parquet   the commit log (see manifest.py; layout 1:

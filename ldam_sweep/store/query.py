@@ -38,7 +38,8 @@ def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> 
     if with_exemplars and plan.exemplars_k:
         names += ["exemplars", "exemplar_activation"]
     names += ["starts"] if plan.starts else []
-    return names + (["finals"] if "finals" in plan.arrays(lp) else [])
+    names += (["finals"] if "finals" in plan.arrays(lp) else [])
+    return names + (["rungs", "rung_activation"] + (["rung_realism"] if plan.realism else []) if plan.ladder else [])
 
 
 def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[str]) -> dict[str, np.ndarray]:
@@ -504,6 +505,24 @@ class SweepStore:
         if not self.plan.starts:
             raise StoreError(f"store {self.loc.url!r} keeps no chain starts (made before they were stored)")
         return self._unit_arrays(layer, unit, ["starts"])["starts"]
+
+    def ladder(self, layer: str, unit: int) -> dict[str, np.ndarray]:
+        """A committed unit's activation ladder (stores swept with ``sampler.ladder``): ``factors``
+        (R,), ``images`` (chain, R, C, h, w) float32 each chain at the end of each rung (at the size of
+        the stored snapshots), ``activation`` (chain, R), ``distance`` (chain, R) each one's RMS distance
+        from the chain's start as a share of the pixel range (at the stored size), and, with a
+        discriminator, ``realism`` (chain, R) log D."""
+        if not self.plan.ladder:
+            raise StoreError(f"store {self.loc.url!r} has no activation ladder (sampler.ladder was not set)")
+        names = ["rungs", "rung_activation", "starts"] + (["rung_realism"] if self.plan.realism else [])
+        got = self._unit_arrays(layer, unit, names)
+        lo, hi = self.plan.value_range
+        diff = (got["rungs"] - got["starts"][:, None]) / (hi - lo)
+        out = {"factors": np.asarray(self.plan.ladder), "images": got["rungs"], "activation": got["rung_activation"],
+               "distance": np.sqrt((diff**2).reshape(*diff.shape[:2], -1).mean(-1))}
+        if "rung_realism" in got:
+            out["realism"] = got["rung_realism"]
+        return out
 
     def trace(self, layer: str, unit: int, kind: str = "activation") -> np.ndarray:
         """(chain, steps + 1) activation or realism trace of a committed unit."""

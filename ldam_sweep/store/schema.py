@@ -118,8 +118,9 @@ class LayerPlan:
 
 
 # The order of a block's arrays (the block checksum hashes them in this order; later arrays last).
-ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts", "finals")
-PIXEL_ARRAYS = ("samples", "exemplars", "starts", "finals")  # images, in the plan's ``pixels`` type
+ARRAY_NAMES = ("samples", "activation", "realism", "exemplars", "exemplar_activation", "starts", "finals", "rungs",
+               "rung_activation", "rung_realism")
+PIXEL_ARRAYS = ("samples", "exemplars", "starts", "finals", "rungs")  # images, in the plan's ``pixels`` type
 
 
 def thumbnail_factor(image_shape: Sequence[int], snapshot_size: int | None) -> int:
@@ -189,6 +190,7 @@ class StorePlan:
     pixels: str = "float16"  # "uint8" | "float16" | "float32"
     thumbnail: int = 1  # snapshots and starts shrunk by this factor; > 1 adds ``finals``: each chain's last snapshot at full size
     zstd_level: int | None = None  # None: zarr's default codecs
+    ladder: tuple[float, ...] = ()  # the activation ladder's factors (arrays ``rungs``...); stores made before it: ()
 
     def layer(self, name: str) -> LayerPlan:
         for lp in self.layers:
@@ -220,6 +222,15 @@ class StorePlan:
         if self.starts:
             out.append(ArraySpec("starts", (lp.units, ch, *snap), px, chunks=(b, ch, *snap),
                                  dims=("unit", "chain", "c", *yx), zstd_level=z))
+        if self.ladder:
+            r = len(self.ladder)
+            out += [ArraySpec("rungs", (lp.units, ch, r, *snap), px, chunks=(b, ch, r, *snap),
+                              dims=("unit", "chain", "rung", "c", *yx), zstd_level=z),
+                    ArraySpec("rung_activation", (lp.units, ch, r), "float32", chunks=(b, ch, r),
+                              dims=("unit", "chain", "rung"), zstd_level=z)]
+            if self.realism:
+                out.append(ArraySpec("rung_realism", (lp.units, ch, r), "float32", chunks=(b, ch, r),
+                                     dims=("unit", "chain", "rung"), zstd_level=z))
         if self.thumbnail > 1:
             out.append(ArraySpec("finals", (lp.units, ch, *image), px, chunks=(b, ch, *image),
                                  dims=("unit", "chain", "c", "y", "x"), zstd_level=z))
@@ -236,15 +247,16 @@ class StorePlan:
         """This plan in the formats of stores made by older code (newest first): images as float16,
         full-size snapshots, zarr's default codecs; before that, without chain starts. A store made
         from one of them resumes in its own format."""
-        old = dataclasses.replace(self, pixels="float16", thumbnail=1, zstd_level=None)
-        return [old, dataclasses.replace(old, starts=False)] if self.starts else [old]
+        old = dataclasses.replace(self, pixels="float16", thumbnail=1, zstd_level=None, ladder=())
+        older = [old, dataclasses.replace(old, starts=False)] if self.starts else [old]
+        return ([dataclasses.replace(self, ladder=())] if self.ladder else []) + older
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["layers"] = [asdict(lp) for lp in self.layers]
         if not self.starts:  # a plan without starts keeps the JSON (and plan_hash) of stores made before it
             del d["starts"]
-        for name, old in (("pixels", "float16"), ("thumbnail", 1), ("zstd_level", None)):
+        for name, old in (("pixels", "float16"), ("thumbnail", 1), ("zstd_level", None), ("ladder", ())):
             if d[name] == old:  # likewise the image format of stores made before ``store:``
                 del d[name]
         return json.loads(json.dumps(d))  # tuples -> lists, exactly as stored in zarr.json
@@ -262,6 +274,7 @@ class StorePlan:
             realism=d["realism"], exemplars_k=d["exemplars_k"], model_name=d["model_name"],
             model_fingerprint=d["model_fingerprint"], spec=d["spec"], starts=bool(d.get("starts", False)),
             pixels=d.get("pixels", "float16"), thumbnail=int(d.get("thumbnail", 1)), zstd_level=d.get("zstd_level"),
+            ladder=tuple(float(f) for f in d.get("ladder", ())),
         )
 
     def identity_spec(self) -> dict[str, Any]:

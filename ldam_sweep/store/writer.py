@@ -135,6 +135,13 @@ class BlockWriter:
             if getattr(result, "starts", None) is None:
                 raise StoreError(f"the store keeps chain starts but the result for {lp_name!r} has none")
             values["starts"] = encode_pixels(shrink(result.starts, plan.thumbnail), px, vr)
+        if plan.ladder:
+            if getattr(result, "rung_samples", None) is None:
+                raise StoreError(f"the store keeps an activation ladder but the result for {lp_name!r} has none")
+            values["rungs"] = encode_pixels(shrink(result.rung_samples, plan.thumbnail), px, vr)
+            values["rung_activation"] = result.rung_activation
+            if plan.realism:
+                values["rung_realism"] = result.rung_realism
         return values
 
     def write(
