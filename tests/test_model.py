@@ -435,3 +435,10 @@ def test_the_ladder_in_a_spec_is_checked_before_any_work(digits_model):
     plain = resolve(parse_job(base), digits_model).store
     assert with_ladder.ladder == (1.5, 2.0) and "rungs" in with_ladder.arrays("fc2") and "rungs" not in plain.arrays("fc2")
     assert "ladder" not in plain.to_json() and type(plain).from_json(with_ladder.to_json()) == with_ladder
+    # in an 8-bit store a rung that has no activation (a dead unit, a diverged chain) reads back as NaN, not black
+    from ldam_sweep.store.query import decode_block, stored_names
+
+    act = np.array([[[2.0, np.nan]]], dtype=np.float32)  # (unit, chain, rung)
+    got = decode_block(with_ladder, {"rungs": np.full((1, 1, 2, 1, 28, 28), 0, np.uint8), "rung_activation": act}, ["rungs"])
+    assert (got["rungs"][0, 0, 0] == 0).all() and np.isnan(got["rungs"][0, 0, 1]).all()
+    assert stored_names(with_ladder, with_ladder.layer("fc2"), ["rungs"]) == ["rungs", "rung_activation"]

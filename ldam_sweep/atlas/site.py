@@ -418,13 +418,17 @@ def _ladder(st: SweepStore, data: dict[str, np.ndarray], starts: np.ndarray, end
     ratio = bool(np.isfinite(best) and best > 0)
     # the images' labels in ASCII: PIL's built-in font has no "×" (nor "–")
     labels = np.vectorize(lambda v: "-" if not np.isfinite(v) else f"{v:.2f}" + ("x" if ratio else ""))(act / best if ratio else act)
-    heads = ["start", "1x"] + [f"{f:g}x" for f in st.plan.ladder]
+    target = (st.plan.spec.get("sampler") or {}).get("target", "auto")  # the run's target: 1x unless the spec says
+    run = "final" if target is None else "1x" if target == "auto" else f"{float(target):g}x"
+    heads = ["start", run] + [f"{f:g}x" for f in st.plan.ladder]
     render_grid(np.concatenate([starts[:, None], ends[:, None], rungs], 1), st.plan.value_range,
                 scale=max(1, 64 // starts.shape[-2]), row_labels=chain_labels(len(starts)),
                 col_labels=heads, cell_labels=labels).save(img_dir / f"{unit}-ladder.png", compress_level=1)
     under = "activation ÷ the best real image's" if ratio else "activation"
-    return ("<h2>The activation ladder</h2><p class='muted'>each chain from its start to the best real image's "
-            f"activation (1×), then on to {', '.join(f'{f:g}×' for f in st.plan.ladder)} of it, with no realism term on the rungs (past the best "
+    reached = {"final": "its final sample (no target)", "1x": "the best real image's activation (1×)"}.get(
+        run, f"{run.replace('x', '×')} the best real image's activation")
+    return ("<h2>The activation ladder</h2><p class='muted'>each chain from its start to "
+            f"{reached}, then on to {', '.join(f'{f:g}×' for f in st.plan.ladder)} of it, with no realism term on the rungs (past the best "
             f"real image the discriminator no longer describes the data); under each image: its {under}</p>"
             f"<img class='pix' alt='activation ladder per chain' src='../../img/{s}/{unit}-ladder.png'>")
 

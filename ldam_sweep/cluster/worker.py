@@ -186,7 +186,7 @@ class SweepWorker:
         import torch
 
         kwargs = self.sampler.kwargs()  # parsed once, for the store's sampler revision (SweepPlan)
-        kwargs["ladder"] = self.plan.store.ladder  # the store decides (one made before the ladder has none)
+        kwargs["ladder"] = self.plan.store.ladder  # the rungs the store keeps (sampler.ladder is in its spec)
         if steps:  # the memory probe: a few steps, default snapshots, no ladder
             kwargs.update(steps=steps, snapshot_every=None, ladder=())
         if self.sampler.method == "ldam":

@@ -348,7 +348,8 @@ def sample(
     pre = _preconditioner(preconditioner, options, model) if ldam else None
     rung_pre = None if pre is None or not rungs else pre.stationary()  # the ladder climbs smooth, full rank
     target = _targets(model, info.name, reduce, unit_arr, ex, options) if ldam else None
-    rung_targets = [_targets(model, info.name, reduce, unit_arr, ex, options, f) for f in rungs]
+    best = _targets(model, info.name, reduce, unit_arr, ex, options, 1.0) if rungs else None  # +inf: no positive one
+    rung_targets = [best * f for f in rungs]
     dead = _dead_units(model, info.name, reduce, unit_arr, x0)
     live = ~dead
     starts_all = x0  # every unit's starts (the dead ones' too: the images they were found dead on)
@@ -400,10 +401,10 @@ def sample(
             x_end = out.snapshots[-1]  # the final state (the last snapshot is always the last step)
             for r, t_r in enumerate(rung_targets):  # each rung goes on from where the one before ended
                 offset = steps + r * ladder_steps
-                rung_out.append(run_chains(
+                rung_out.append(run_chains(  # no realism term: log D is recorded once, at the rung's end
                     activation_fn, x_end, keys, steps=ladder_steps, method=method, options=rung_options,
                     box=model.input.range, snapshot_steps=[ladder_steps], chains=chains, lam=0.0,
-                    log_d=log_d, draw_offset=offset, context=context(t_r, rung_pre, rung=True),
+                    log_d=None, draw_offset=offset, context=context(t_r, rung_pre, rung=True),
                     on_step=None if on_step is None else (lambda t, o=offset: on_step(o + t))))
                 x_end = rung_out[-1].snapshots[-1]
         # laid out (unit, chain, ...) on the device, then one transfer per array
@@ -416,8 +417,8 @@ def sample(
                 torch.stack([o.snapshots[-1, :rows] for o in rung_out], 1).view(n_live, chains, len(rungs), *shape)
                 .to(snapshot_dtype),
                 torch.stack([o.activation[-1, :rows] for o in rung_out], 1).view(n_live, chains, len(rungs)),
-                *([] if discriminator is None else
-                  [torch.stack([o.realism[-1, :rows] for o in rung_out], 1).view(n_live, chains, len(rungs))])])
+                *([] if log_d is None else [torch.stack([_no_grad(log_d, o.snapshots[-1, :rows]) for o in rung_out], 1)
+                                            .view(n_live, chains, len(rungs))])])
     starts = _to_host([starts_all.detach().reshape(n_units, chains, *shape).to(snapshot_dtype)])[0]
     if host and n_live == n_units:  # no dead unit: the transferred arrays are the result
         samples, act, real = host[0], host[1], (host[2] if discriminator is not None else None)
@@ -458,6 +459,11 @@ def _check_ladder(ladder: Sequence[float], steps: int, method: str, options: Any
     if not isinstance(steps, int) or steps < 1:
         raise SamplerError(f"ladder_steps must be a positive integer, got {steps!r}")
     return check_ladder(ladder, options.target)
+
+
+@torch.no_grad()
+def _no_grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    return fn(x).float()
 
 
 def _to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:

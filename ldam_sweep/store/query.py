@@ -66,6 +66,8 @@ def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[
             x[bad if name == "samples" else bad[:, :, 0]] = np.nan
         if eight and name == "exemplars" and "exemplar_activation" in stored:
             x[~np.isfinite(stored["exemplar_activation"])] = np.nan
+        if eight and name == "rungs" and "rung_activation" in stored:  # a diverged chain's rung, a dead unit's
+            x[~np.isfinite(stored["rung_activation"])] = np.nan
         out[name] = x
     return out
 
@@ -78,7 +80,7 @@ def stored_names(plan: StorePlan, lp: LayerPlan, want: Iterable[str]) -> list[st
         deps = {"finals": ["finals"] if "finals" in have else ["samples"]}.get(name, [name])
         if plan.pixels == "uint8":
             deps = deps + {"samples": ["activation"], "finals": ["activation"],
-                           "exemplars": ["exemplar_activation"]}.get(name, [])
+                           "exemplars": ["exemplar_activation"], "rungs": ["rung_activation"]}.get(name, [])
         need += [d for d in deps if d in have and d not in need]
     return need
 
@@ -514,12 +516,14 @@ class SweepStore:
         discriminator, ``realism`` (chain, R) log D."""
         if not self.plan.ladder:
             raise StoreError(f"store {self.loc.url!r} has no activation ladder (sampler.ladder was not set)")
-        names = ["rungs", "rung_activation", "starts"] + (["rung_realism"] if self.plan.realism else [])
+        names = (["rungs", "rung_activation"] + (["starts"] if self.plan.starts else [])
+                 + (["rung_realism"] if self.plan.realism else []))
         got = self._unit_arrays(layer, unit, names)
-        lo, hi = self.plan.value_range
-        diff = (got["rungs"] - got["starts"][:, None]) / (hi - lo)
-        out = {"factors": np.asarray(self.plan.ladder), "images": got["rungs"], "activation": got["rung_activation"],
-               "distance": np.sqrt((diff**2).reshape(*diff.shape[:2], -1).mean(-1))}
+        out = {"factors": np.asarray(self.plan.ladder), "images": got["rungs"], "activation": got["rung_activation"]}
+        if "starts" in got:
+            lo, hi = self.plan.value_range
+            diff = (got["rungs"] - got["starts"][:, None]) / (hi - lo)
+            out["distance"] = np.sqrt((diff**2).reshape(*diff.shape[:2], -1).mean(-1))
         if "rung_realism" in got:
             out["realism"] = got["rung_realism"]
         return out

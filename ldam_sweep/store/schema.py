@@ -248,8 +248,7 @@ class StorePlan:
         full-size snapshots, zarr's default codecs; before that, without chain starts. A store made
         from one of them resumes in its own format."""
         old = dataclasses.replace(self, pixels="float16", thumbnail=1, zstd_level=None, ladder=())
-        older = [old, dataclasses.replace(old, starts=False)] if self.starts else [old]
-        return ([dataclasses.replace(self, ladder=())] if self.ladder else []) + older
+        return [old, dataclasses.replace(old, starts=False)] if self.starts else [old]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

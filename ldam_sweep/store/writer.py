@@ -136,8 +136,10 @@ class BlockWriter:
                 raise StoreError(f"the store keeps chain starts but the result for {lp_name!r} has none")
             values["starts"] = encode_pixels(shrink(result.starts, plan.thumbnail), px, vr)
         if plan.ladder:
-            if getattr(result, "rung_samples", None) is None:
-                raise StoreError(f"the store keeps an activation ladder but the result for {lp_name!r} has none")
+            got = getattr(result, "ladder", None)
+            if getattr(result, "rung_samples", None) is None or got is None or tuple(map(float, got)) != plan.ladder:
+                raise StoreError(f"the store keeps the activation ladder {list(plan.ladder)} but the result for "
+                                 f"{lp_name!r} has {'none' if got is None else list(map(float, got))}")
             values["rungs"] = encode_pixels(shrink(result.rung_samples, plan.thumbnail), px, vr)
             values["rung_activation"] = result.rung_activation
             if plan.realism:
