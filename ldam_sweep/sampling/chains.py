@@ -217,22 +217,27 @@ def _preconditioner(given: Preconditioner | np.ndarray | torch.Tensor | None, op
 
 
 @torch.no_grad()
+def _best_real(model: ModelHandle, layer: str, objective: UnitObjective, units: np.ndarray,
+               exemplars: torch.Tensor) -> torch.Tensor:
+    """(U,) the activation of each unit's best real image (its first exemplar); +inf (no target)
+    where that is not positive."""
+    idx = torch.from_numpy(units).to(model.device)
+    a = unit_objective(model.activations(exemplars[:, 0].to(model.device), layer), idx, objective).float()
+    return torch.where(a > 0, a, torch.full_like(a, float("inf")))
+
+
 def _targets(model: ModelHandle, layer: str, objective: UnitObjective, units: np.ndarray, exemplars: torch.Tensor | None,
-             options: Any, factor: Any = "option") -> torch.Tensor | None:
-    """(U,) per-unit activation target: ``factor`` (default: the ``target`` option) x the activation of
-    the unit's best real image (its first exemplar); +inf (no target) where that is not positive.
-    None when off."""
-    factor = options.target if factor == "option" else factor
+             options: Any, best: torch.Tensor | None = None) -> torch.Tensor | None:
+    """(U,) per-unit activation target: ``target`` x the activation of the unit's best real image
+    (``best`` when the caller has it, else ``_best_real``); +inf where that is not positive. None when off."""
+    factor = options.target
     if factor is None or (factor == "auto" and exemplars is None):
         return None
     if exemplars is None:
         raise SamplerError(f"target={factor} is a multiple of each unit's best real activation: it needs the units' "
                            "exemplars (sample(..., exemplars=...)); target=None turns it off")
-    factor = 1.0 if factor == "auto" else float(factor)
-    best = exemplars[:, 0].to(model.device)
-    idx = torch.from_numpy(units).to(model.device)
-    a = unit_objective(model.activations(best, layer), idx, objective).float()
-    return torch.where(a > 0, a * factor, torch.full_like(a, float("inf")))
+    best = _best_real(model, layer, objective, units, exemplars) if best is None else best
+    return best * (1.0 if factor == "auto" else float(factor))
 
 
 def _options(method: str, options: Any, given: dict[str, Any]) -> LdamOptions | SgldOptions | AmOptions:
@@ -347,8 +352,8 @@ def sample(
     bandwidth = _unit_bandwidths(ex, method, options, diverse)
     pre = _preconditioner(preconditioner, options, model) if ldam else None
     rung_pre = None if pre is None or not rungs else pre.stationary()  # the ladder climbs smooth, full rank
-    target = _targets(model, info.name, reduce, unit_arr, ex, options) if ldam else None
-    best = _targets(model, info.name, reduce, unit_arr, ex, options, 1.0) if rungs else None  # +inf: no positive one
+    best = _best_real(model, info.name, reduce, unit_arr, ex) if rungs else None  # one forward for run and rungs
+    target = _targets(model, info.name, reduce, unit_arr, ex, options, best) if ldam else None
     rung_targets = [best * f for f in rungs]
     dead = _dead_units(model, info.name, reduce, unit_arr, x0)
     live = ~dead

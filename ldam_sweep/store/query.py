@@ -33,13 +33,9 @@ READER_COLUMNS = ("detected_fraction", "integrity")
 
 
 def checksum_arrays(plan: StorePlan, lp: LayerPlan, *, with_exemplars: bool) -> list[str]:
-    """The arrays a block's checksum covers: samples and traces, exemplars when the block has them."""
-    names = ["samples", "activation"] + (["realism"] if plan.realism else [])
-    if with_exemplars and plan.exemplars_k:
-        names += ["exemplars", "exemplar_activation"]
-    names += ["starts"] if plan.starts else []
-    names += (["finals"] if "finals" in plan.arrays(lp) else [])
-    return names + (["rungs", "rung_activation"] + (["rung_realism"] if plan.realism else []) if plan.ladder else [])
+    """The arrays a block's checksum covers: every array of the layer (``StorePlan.arrays``), the
+    exemplars only when the block has them."""
+    return [name for name in plan.arrays(lp) if with_exemplars or name not in ("exemplars", "exemplar_activation")]
 
 
 def decode_block(plan: StorePlan, stored: dict[str, np.ndarray], want: Iterable[str]) -> dict[str, np.ndarray]:
