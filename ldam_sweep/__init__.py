@@ -26,13 +26,15 @@ _LAZY = {
     "ModelSpec": "ldam_sweep.spec", "InputSpec": "ldam_sweep.spec",
     "open_store": "ldam_sweep.store.query", "SweepStore": "ldam_sweep.store.query",
     "Finder": "ldam_sweep.find", "find_units": "ldam_sweep.find",
+    "ScorePrior": "ldam_sweep.sampling.prior", "train_score_prior": "ldam_sweep.sampling.prior",
+    "load_score_prior": "ldam_sweep.sampling.prior",
 }
 
 __all__ = [
     "ChainResult", "CompareError", "DataError", "Finder", "InputSpec", "JobSpec", "LayerError", "LayerInfo", "LdamError",
-    "ModelError", "ModelHandle", "ModelSpec", "RandomWeightsWarning", "SamplerError", "SpecError", "StoreError",
-    "SweepStore", "SweepSummary", "__version__", "find_units", "load_model", "load_model_spec", "load_spec", "open_store",
-    "run_sweep", "sample",
+    "ModelError", "ModelHandle", "ModelSpec", "RandomWeightsWarning", "SamplerError", "ScorePrior", "SpecError",
+    "StoreError", "SweepStore", "SweepSummary", "__version__", "find_units", "load_model", "load_model_spec", "load_score_prior",
+    "load_spec", "open_store", "run_sweep", "sample", "train_score_prior",
 ]
 
 if TYPE_CHECKING:
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from ldam_sweep.find import Finder, find_units
     from ldam_sweep.model import LayerInfo, ModelHandle, RandomWeightsWarning, load_model
     from ldam_sweep.sampling import ChainResult, sample
+    from ldam_sweep.sampling.prior import ScorePrior, load_score_prior, train_score_prior
     from ldam_sweep.spec import InputSpec, JobSpec, ModelSpec, load_model_spec, load_spec
     from ldam_sweep.store.query import SweepStore, open_store
 

@@ -158,7 +158,39 @@ class AmOptions(BaseModel):
     l2: float = Field(0.0, ge=0, description="c: weight of an L2 penalty c*||x||^2")
 
 
-METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions}
+class WalkOptions(BaseModel):
+    """Annealed Langevin dynamics on a denoising score prior plus the unit's activation: chains that
+    walk through the images a unit prefers while the prior holds them on the data (docs/method.md,
+    "Walks on a score prior"). sigma is per-pixel RMS noise in units of the pixel range."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sigma_max: float = Field(0.3, gt=0, description="the noise level a walk starts at (a kick of this size, then "
+                             "annealed): how far a chain can move from its start")
+    sigma_min: float = Field(0.02, gt=0, description="the noise level a walk ends at (then one denoising step)")
+    levels: int = Field(10, ge=1, description="noise levels, geometric from sigma_max to sigma_min, the steps "
+                        "shared evenly among them")
+    step: float = Field(0.05, gt=0, description="epsilon: the Langevin step at level sigma is epsilon * sigma^2")
+    guidance: float = Field(1.0, ge=0, description="w: the activation's push, w / sigma times its unit-RMS gradient "
+                            "(the prior's score is of size 1 / sigma)")
+    target: float | Literal["auto"] | None = Field(
+        "auto", description="the activation's push fades over the 1% above target x the unit's best real activation; "
+        "auto: 1.0 when exemplars are given, else off; null: always on")
+    start_pool: int = Field(START_POOL, ge=0, description="exemplar starts, as ldam's: chain c starts from the c-th "
+                            "of a diverse subset of the unit's top start_pool real exemplars")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "WalkOptions":
+        if self.sigma_min > self.sigma_max:
+            raise ValueError(f"sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
+        if isinstance(self.target, float) and self.target <= 0:
+            raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {self.target}")
+        return self
+
+
+METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions, "walk": WalkOptions}
+# methods a job spec does not take yet: ``walk`` needs a score prior, which stage 1 does not train yet
+PYTHON_ONLY_METHODS = ("walk",)
 
 
 def parse_options(method: str, options: dict[str, Any]):

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ldam_sweep.errors import SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives, split_objective
-from ldam_sweep.settings import METHODS
+from ldam_sweep.settings import METHODS, PYTHON_ONLY_METHODS
 
 
 class InputSpec(BaseModel):
@@ -296,6 +296,10 @@ class SamplerSpec(BaseModel):
     def _method(cls, method: str) -> str:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+        if method in PYTHON_ONLY_METHODS:
+            raise ValueError(f"method {method!r} runs from Python for now (ls.sample(..., method={method!r}, "
+                             f"prior=ls.train_score_prior(real_images))); a sweep takes "
+                             f"{', '.join(m for m in METHODS if m not in PYTHON_ONLY_METHODS)}")
         return method
 
     @model_validator(mode="after")

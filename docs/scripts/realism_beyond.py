@@ -14,11 +14,12 @@ Per layer and row: the two-sample accuracy of the final samples against the real
 floor), the number of chains frozen and saturated (the manifest's definitions, ``score_result``),
 and the median activation ratio (chains' mean final activation / the unit's best real image).
 
-With ``--ladder``: today's row only, with the activation ladder (1.5x, 2x; docs/method.md, "The
+With ``--walk``: one row, ``method="walk"`` on a score prior trained on the real training images (no
+D; docs/method.md, "Walks on a score prior"). With ``--ladder``: today's row only, with the activation ladder (1.5x, 2x; docs/method.md, "The
 activation ladder"), and per layer the share of chains whose activation rose over the run (final >
 start), the share that reached each rung, and each rung's two-sample accuracy and HF ratio.
 
-    .venv/bin/python docs/scripts/realism_beyond.py photos64 vit [--ladder] [--json out.json]
+    .venv/bin/python docs/scripts/realism_beyond.py photos64 vit [--ladder | --walk] [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,23 +62,30 @@ def setting(name: str):
     raise SystemExit(f"unknown setting {name!r}: photos64 or vit")
 
 
-def run(name: str, ladder: tuple[float, ...] = ()) -> dict:
+def run(name: str, ladder: tuple[float, ...] = (), walk: bool = False) -> dict:
     model, train, test, targets, chains, steps, updates = setting(name)
     pre = fit_preconditioner(train)
     real_hf = float(hf_energy(train, model.input.range).mean())
     out = {}
-    for row, options in (ROWS[-1:] if ladder else ROWS):
+    for row, options in ([("walk", {"method": "walk"})] if walk else ROWS[-1:] if ladder else ROWS):
         t0 = time.perf_counter()
-        d = train_discriminator(model, targets, train, test, {"updates": updates, "lam": 0.5, "sampler": options})
-        print(f"{name} / {row}: D {time.perf_counter() - t0:.0f}s, held-out accuracy {d.heldout_accuracy:.3f}", flush=True)
-        per_layer = {"d_seconds": time.perf_counter() - t0, "d_heldout_accuracy": d.heldout_accuracy}
+        if walk:  # the score prior instead of D (docs/method.md, "Walks on a score prior")
+            prior = ls.train_score_prior(train, box=model.input.range)
+            print(f"{name} / walk: score prior {prior.record['seconds']:.0f}s", flush=True)
+            per_layer = {"prior_seconds": prior.record["seconds"]}
+            extra = {"prior": prior, "lam": 0.0}
+        else:
+            d = train_discriminator(model, targets, train, test, {"updates": updates, "lam": 0.5, "sampler": options})
+            print(f"{name} / {row}: D {time.perf_counter() - t0:.0f}s, held-out accuracy {d.heldout_accuracy:.3f}",
+                  flush=True)
+            per_layer = {"d_seconds": time.perf_counter() - t0, "d_heldout_accuracy": d.heldout_accuracy}
+            extra = {"lam": 0.5, "discriminator": d.module, "preconditioner": pre, "ladder": ladder}
         for layer, units in targets:
             objective = DEFAULT_BY_KIND[model.layer(layer).kind]
             ex, exv = top_exemplars(model, layer, units, objective, torch.from_numpy(train), 64)
             t1 = time.perf_counter()
-            res = ls.sample(model, layer, units, chains=chains, steps=steps, lam=0.5, discriminator=d.module,
-                            exemplars=ex, preconditioner=pre, objective=objective,
-                            snapshot_every=max(1, steps // 10), ladder=ladder, **options)
+            res = ls.sample(model, layer, units, chains=chains, steps=steps, exemplars=ex, objective=objective,
+                            snapshot_every=max(1, steps // 10), **extra, **options)
             secs = time.perf_counter() - t1
             scores = score_result(model, res, real_pool=test, exemplar_max=exv[:, 0], exemplars=ex[:, :8],
                                   real_hf=real_hf)
@@ -96,9 +104,11 @@ def run(name: str, ladder: tuple[float, ...] = ()) -> dict:
                 "activation_ratio_median": float(np.median(ratio[exv[live, 0] > 0])),
                 "sample_seconds": secs,
             }
+            act = res.activation[live]
+            m["rose"] = float((act[:, :, -1] > act[:, :, 0]).mean())
+            m["move"] = float(np.median(np.sqrt(((res.final_samples[live] - res.starts[live]) ** 2)
+                                                .reshape(*act.shape[:2], -1).mean(-1))))
             if ladder:
-                act = res.activation[live]
-                m["rose"] = float((act[:, :, -1] > act[:, :, 0]).mean())
                 best = exv[live, 0][:, None]
                 for r, f in enumerate(ladder):
                     x = res.rung_samples[live][:, :, r].reshape(-1, *model.input.shape)
@@ -121,8 +131,9 @@ def main() -> None:
     ap.add_argument("settings", nargs="+", choices=["photos64", "vit"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--ladder", action="store_true", help="today's sampler with the ladder 1.5x, 2x")
+    ap.add_argument("--walk", action="store_true", help="method walk on a score prior of the real images (no D)")
     args = ap.parse_args()
-    results = {name: run(name, (1.5, 2.0) if args.ladder else ()) for name in args.settings}
+    results = {name: run(name, (1.5, 2.0) if args.ladder else (), args.walk) for name in args.settings}
     print("\n| setting | layer | sampler and D | two-sample (exemplars) | HF ÷ real (exemplars) | frozen | saturated | activation ÷ best real |")
     print("|---|---|---|---|---|---|---|---|")
     for name, rows in results.items():

@@ -44,12 +44,25 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 from realism import train_d  # noqa: E402
 
-ROWS: dict[str, dict] = {"default": {}}
+ROWS: dict[str, dict] = {"default": {}, "walk": {"method": "walk"}}
 
 
-def sweep(model, options, d, lam, pool, pre, units_per_layer, seed=0, steps=300, chains=8):
+def score_prior(train, cache: Path):
+    """The score prior of the ``walk`` rows (ls.train_score_prior's defaults), trained once into the cache."""
+    path = cache / "score_prior.pt"
+    if path.is_file():
+        return ls.load_score_prior(path)
+    prior = ls.train_score_prior(train)
+    print(f"score prior: {prior.record['seconds']:.0f}s, final loss {prior.record['final_loss']:.3f}", flush=True)
+    prior.save(path)
+    return prior
+
+
+def sweep(model, options, d, lam, pool, pre, units_per_layer, seed=0, steps=300, chains=8, prior=None):
     options = dict(options)
     ladder = options.pop("ladder", ())
+    walk = options.get("method") == "walk"  # the score prior is its realism term: D is recorded, not used
+    extra = {"prior": prior, "lam": 0.0} if walk else {"preconditioner": pre, "ladder": ladder, "lam": lam}
     out = {}
     for lp in model.layers:
         objective = DEFAULT_BY_KIND[lp.kind]
@@ -57,8 +70,8 @@ def sweep(model, options, d, lam, pool, pre, units_per_layer, seed=0, steps=300,
         for i in range(0, n, 32):
             units = np.arange(i, min(i + 32, n))
             ex, exv = top_exemplars(model, lp.name, units, objective, pool, 64)
-            res = ls.sample(model, lp.name, units, chains=chains, steps=steps, lam=lam, seed=seed,
-                            discriminator=d.module, exemplars=ex, preconditioner=pre, ladder=ladder, **options)
+            res = ls.sample(model, lp.name, units, chains=chains, steps=steps, seed=seed, discriminator=d.module,
+                            exemplars=ex, **extra, **options)
             out.setdefault(lp.name, []).append((units, res, ex, exv))
     return out
 
@@ -152,6 +165,8 @@ def main() -> None:
     pool, pre = torch.from_numpy(train), fit_preconditioner(train)
     d = train_d(model, "new", train, test, cache)
     obs = Observer(torch.from_numpy(query_subset(test)))
+    prior = score_prior(train, cache) if any(o.get("method") == "walk" for n, o in rows.items()
+                                             if not args.rows or n in args.rows) else None
     results = {}
     for name, options in rows.items():
         if args.rows and name not in args.rows:
@@ -161,9 +176,9 @@ def main() -> None:
         if "ladder_step" in options:
             chains_mod.LADDER_STEP = options.pop("ladder_step")
         t0 = time.perf_counter()
-        runs = sweep(model, options, d, 0.5, pool, pre, args.units)
+        runs = sweep(model, options, d, 0.5, pool, pre, args.units, prior=prior)
         secs = time.perf_counter() - t0
-        again = sweep(model, options, d, 0.5, pool, pre, args.units, seed=1) if args.seeds else None
+        again = sweep(model, options, d, 0.5, pool, pre, args.units, seed=1, prior=prior) if args.seeds else None
         m = measure(model, runs, real, obs, target, again)
         m["seconds"] = secs
         results[name] = m

@@ -28,6 +28,7 @@ from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import ChainContext, ChainTensors, run_chains
 from ldam_sweep.sampling.lowpass import exemplar_bandwidth, lowpass
 from ldam_sweep.sampling.precondition import Preconditioner, fit_preconditioner
+from ldam_sweep.sampling.prior import ScorePrior
 from ldam_sweep.settings import (LADDER_STEPS, METHODS, AmOptions, LdamOptions, SgldOptions, check_ladder,
                                  default_snapshot_steps, parse_options)
 
@@ -253,6 +254,16 @@ def _options(method: str, options: Any, given: dict[str, Any]) -> LdamOptions | 
     return options
 
 
+def _check_prior(prior: Any, model: ModelHandle) -> None:
+    if prior is None:
+        raise SamplerError("method 'walk' needs a score prior: sample(..., prior=ls.train_score_prior(real_images))")
+    if not isinstance(prior, ScorePrior):
+        raise SamplerError(f"prior must be a ScorePrior (train_score_prior / load_score_prior), got {type(prior).__name__}")
+    if tuple(prior.shape) != tuple(model.input.shape) or tuple(prior.box) != tuple(map(float, model.input.range)):
+        raise SamplerError(f"the score prior is for images {tuple(prior.shape)} in {list(prior.box)}, the model takes "
+                           f"{tuple(model.input.shape)} in {list(model.input.range)}: train it on this model's real images")
+
+
 def _check_discriminator(discriminator: Callable | None, lam: float) -> None:
     if not 0.0 <= lam <= 1.0:
         raise SamplerError(f"lam must be in [0, 1], got {lam}")
@@ -285,6 +296,7 @@ def sample(
     input: Any = None,
     ladder: Sequence[float] = (),
     ladder_steps: int = LADDER_STEPS,
+    prior: ScorePrior | None = None,
     **sampler_options: Any,
 ) -> ChainResult:
     """Sample ``chains`` Langevin chains for each unit of ``layer`` in one batch.
@@ -315,7 +327,9 @@ def sample(
     is in it), so re-sampling a stored unit with its manifest's ``batch_units`` reproduces it there.
     ``ladder``: rising factors (e.g. ``(1.5, 2.0)``, each above the ``target``): after the run, each
     chain goes on for ``ladder_steps`` steps per rung with its target at that factor x the unit's best
-    real activation, from where the rung before ended (``ldam`` with exemplars only). A rung climbs
+    real activation, from where the rung before ended (``ldam`` with exemplars only).
+    ``prior``: the denoising score prior (``train_score_prior``) that ``method="walk"`` walks on
+    (docs/method.md, "Walks on a score prior"); a discriminator is then only recorded (lam = 0). A rung climbs
     without the realism term (log D is still recorded), with step ``LADDER_STEP`` and the stationary
     (smooth, full-rank) form of the preconditioner; the state at the end of each rung is in
     ``rung_samples`` (docs/method.md, "The activation ladder").
@@ -337,6 +351,14 @@ def sample(
     _check_discriminator(discriminator, lam)
     if method == "am" and lam > 0:
         raise SamplerError("method 'am' (plain activation maximisation) has no realism term: use lam=0")
+    walk = method == "walk"
+    if walk and lam > 0:
+        raise SamplerError("method 'walk' takes its realism from the score prior (prior=...): use lam=0 (a "
+                           "discriminator, if given, is recorded, not used)")
+    if walk:
+        _check_prior(prior, model)
+    elif prior is not None:
+        raise SamplerError(f"prior= is the score prior of method 'walk'; method {method!r} does not use it")
     snap_steps = default_snapshot_steps(steps, snapshot_every)
     rungs = _check_ladder(ladder, ladder_steps, method, options, exemplars)
     if batch_units is not None and (not isinstance(batch_units, int) or batch_units < 1):
@@ -346,14 +368,14 @@ def sample(
     keys = noise.chain_keys(seed, info.name, unit_arr, chains).to(model.device)
     ex = _check_exemplars(exemplars, n_units, model.input.shape)
     ldam = method == "ldam"
-    pool = options.start_pool if ldam else 0
+    pool = options.start_pool if ldam or walk else 0
     x0 = initial_images(model, init, keys, n_units, chains, ex, pool)
-    diverse = ldam and ex is not None and isinstance(init, str) and init in ("auto", "exemplars") and pool > chains
+    diverse = (ldam or walk) and ex is not None and isinstance(init, str) and init in ("auto", "exemplars") and pool > chains
     bandwidth = _unit_bandwidths(ex, method, options, diverse)
     pre = _preconditioner(preconditioner, options, model) if ldam else None
     rung_pre = None if pre is None or not rungs else pre.stationary()  # the ladder climbs smooth, full rank
     best = _best_real(model, info.name, reduce, unit_arr, ex) if rungs else None  # one forward for run and rungs
-    target = _targets(model, info.name, reduce, unit_arr, ex, options, best) if ldam else None
+    target = _targets(model, info.name, reduce, unit_arr, ex, options, best) if ldam or walk else None
     rung_targets = [best * f for f in rungs]
     dead = _dead_units(model, info.name, reduce, unit_arr, x0)
     live = ~dead
@@ -396,7 +418,7 @@ def sample(
                 return ChainContext(
                     bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=p,
                     target=None if t is None else t.to(model.device).repeat_interleave(chains), diverse_starts=diverse,
-                    stop_at_target=rung)
+                    stop_at_target=rung, prior=None if prior is None else prior.to(model.device))
 
             out: ChainTensors = run_chains(
                 activation_fn, x0, keys, steps=steps, method=method, options=options,

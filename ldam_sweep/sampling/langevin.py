@@ -32,10 +32,11 @@ from pydantic import BaseModel
 from ldam_sweep.errors import SamplerError
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.lowpass import lowpass, pair_sq_dist
-from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions  # noqa: F401 (re-exported)
+from ldam_sweep.settings import METHODS, AmOptions, LdamOptions, SgldOptions, WalkOptions  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from ldam_sweep.sampling.precondition import Preconditioner
+    from ldam_sweep.sampling.prior import ScorePrior
 
 ActivationFn = Callable[[torch.Tensor], torch.Tensor]
 LogDFn = Callable[[torch.Tensor], torch.Tensor]
@@ -94,6 +95,7 @@ class ChainContext:
     target: torch.Tensor | None = None  # (B,) the activation above which a chain's activation term is off
     diverse_starts: bool = False  # chains start from a diverse subset of their unit's exemplars
     stop_at_target: bool = False  # a ladder rung: the momentum fades with the activation term (no overshoot)
+    prior: "ScorePrior | None" = None  # ``walk``'s denoising score prior
 
 
 class UpdateRule:
@@ -303,7 +305,60 @@ class AmRule(UpdateRule):
         return x
 
 
-RULES: dict[str, type[UpdateRule]] = {"ldam": LdamRule, "sgld": SgldRule, "am": AmRule}
+class WalkRule(UpdateRule):
+    """Annealed Langevin dynamics in the score prior's coordinates z (``sampling/prior.py``):
+
+        step 0:        z <- z + sigma_max xi                        (the kick that lets a chain move)
+        at level s:    z <- z + a (score(z, s) + (w / s) h g) + sqrt(2 a) xi,   a = epsilon s^2
+        the last step: z <- z - s_min eps_hat(z, s_min)              (one denoising step, Tweedie)
+
+    g: the activation gradient in z scaled to unit RMS, h: 1 below the target fading to 0 over the 1%
+    above it (as ``ldam``'s). Levels fall geometrically from sigma_max to sigma_min, the steps shared
+    evenly. xi is the chain's own noise (its stream, projected onto the prior's subspace), so a chain
+    does not depend on its batch. The walk moves the image's part in the prior's subspace; the start's
+    part outside it (its fine detail; none on the digits, whose span the subspace is) is kept as it
+    is. Images are clipped to the pixel box after every step."""
+
+    options_type = WalkOptions
+    options: WalkOptions
+
+    def init(self, x: torch.Tensor) -> torch.Tensor:
+        prior = self.context.prior
+        if prior is None:
+            raise SamplerError("method 'walk' needs a score prior: sample(..., prior=train_score_prior(real_images))")
+        with torch.no_grad():  # the start's detail outside the prior's subspace, kept as it is (0 on the digits)
+            self.residual = x - prior.image(prior.coords(x))
+        return x
+
+    def _level(self, t: int, steps: int) -> float:
+        o = self.options
+        i = min(o.levels - 1, t * o.levels // max(steps, 1))
+        return o.sigma_max * (o.sigma_min / o.sigma_max) ** (i / max(o.levels - 1, 1))
+
+    def step(self, s: Step) -> torch.Tensor:
+        o, prior = self.options, self.context.prior
+        assert prior is not None
+        with torch.no_grad():
+            z = prior.coords(s.x.detach())
+            xi = s.noise().flatten(1) @ prior.basis  # the chain's noise in the subspace (V orthonormal)
+        if s.t == 0:
+            z = z + o.sigma_max * xi
+        else:
+            g = s.grads()[0].flatten(1) @ prior.basis  # d a / d z up to the (positive) scale
+            with torch.no_grad():
+                g.div_(g.pow(2).mean(1, keepdim=True).sqrt_().clamp_min_(_TINY))
+                if self.context.target is not None:
+                    g.mul_(_below_target(s.activation.detach(), self.context.target).to(g.dtype).view(-1, 1))
+                sigma = self._level(s.t, s.steps)
+                a = o.step * sigma * sigma
+                z = z + a * (prior.score(z, sigma) + (o.guidance / sigma) * g) + math.sqrt(2 * a) * xi
+                if s.t == s.steps - 1:
+                    z = z - o.sigma_min * prior(z, o.sigma_min)
+        with torch.no_grad():
+            return prior.image(z).add_(self.residual).clamp_(*s.box)
+
+
+RULES: dict[str, type[UpdateRule]] = {"ldam": LdamRule, "sgld": SgldRule, "am": AmRule, "walk": WalkRule}
 
 
 @dataclass
