@@ -22,7 +22,7 @@ browser:
 	command -v chromium >/dev/null 2>&1 && command -v jq >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium jq >/dev/null; }
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 # The quick tier (tests marked fast): every module's logic without Ray, a sweep or Chromium, in under 2 min on 2 cores
 test-fast: $(STAMP)

@@ -1,7 +1,9 @@
 """Do the chains move, and does the move show more than the real images they start from? The
 measurements behind docs/method.md ("Chains that walk", "The activation ladder"): the demo's setting
 (digits-cnn, 8 chains x 300 steps, lambda = 0.5, chains from each unit's real exemplars, today's D),
-one row per sampler setting, measured side by side in one run.
+one row per sampler setting, measured side by side in one run. Rows with ``"method": "walk"`` run on
+the score prior (``ls.train_score_prior`` on the training digits, cached beside D) with no D in the
+update ("Walks on a score prior").
 
     .venv/bin/python docs/scripts/walk.py [--rows NAME ...] [--units N] [--cache DIR] [--json out.json]
 

@@ -310,7 +310,7 @@ class WalkRule(UpdateRule):
 
         step 0:        z <- z + sigma_max xi                        (the kick that lets a chain move)
         at level s:    z <- z + a (score(z, s) + (w / s) h g) + sqrt(2 a) xi,   a = epsilon s^2
-        the last step: z <- z - s_min eps_hat(z, s_min)              (one denoising step, Tweedie)
+        the last step: z <- z - s_min eps_hat(z, s_min)              (with ``denoise``: one denoising step)
 
     g: the activation gradient in z scaled to unit RMS, h: 1 below the target fading to 0 over the 1%
     above it (as ``ldam``'s). Levels fall geometrically from sigma_max to sigma_min, the steps shared
@@ -352,7 +352,7 @@ class WalkRule(UpdateRule):
                 sigma = self._level(s.t, s.steps)
                 a = o.step * sigma * sigma
                 z = z + a * (prior.score(z, sigma) + (o.guidance / sigma) * g) + math.sqrt(2 * a) * xi
-                if s.t == s.steps - 1:
+                if s.t == s.steps - 1 and o.denoise:
                     z = z - o.sigma_min * prior(z, o.sigma_min)
         with torch.no_grad():
             return prior.image(z).add_(self.residual).clamp_(*s.box)
