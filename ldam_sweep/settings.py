@@ -158,6 +158,11 @@ class AmOptions(BaseModel):
     l2: float = Field(0.0, ge=0, description="c: weight of an L2 penalty c*||x||^2")
 
 
+# the noise levels (per-pixel RMS in units of the pixel range) a score prior is trained on: walk's
+# sigma_min and sigma_max must lie inside them (sampling/prior.py)
+PRIOR_SIGMA_RANGE = (0.005, 1.0)
+
+
 class WalkOptions(BaseModel):
     """Annealed Langevin dynamics on a denoising score prior plus the unit's activation: chains that
     walk through the images a unit prefers while the prior holds them on the data (docs/method.md,
@@ -185,6 +190,10 @@ class WalkOptions(BaseModel):
     def _levels(self) -> "WalkOptions":
         if self.sigma_min > self.sigma_max:
             raise ValueError(f"sigma_min ({self.sigma_min}) must not exceed sigma_max ({self.sigma_max})")
+        lo, hi = PRIOR_SIGMA_RANGE
+        if self.sigma_min < lo or self.sigma_max > hi:
+            raise ValueError(f"sigma_min and sigma_max must lie in [{lo}, {hi}], the noise levels a score prior is "
+                             f"trained on (got {self.sigma_min}, {self.sigma_max})")
         if isinstance(self.target, float) and self.target <= 0:
             raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {self.target}")
         return self
@@ -234,6 +243,13 @@ class DiscriminatorSettings(BaseModel):
     arch: str = Field("auto", description="auto | small | residual")
     method: str = "ldam"
     sampler: dict[str, Any] = Field(default_factory=dict, description="options of the chains' update rule")
+
+    @model_validator(mode="after")
+    def _method(self) -> "DiscriminatorSettings":
+        allowed = [m for m in METHODS if m not in PYTHON_ONLY_METHODS]
+        if self.method not in allowed:
+            raise ValueError(f"method {self.method!r}: stage 1's chains run one of {', '.join(allowed)}")
+        return self
     seed: int = 0
 
 

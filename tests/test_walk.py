@@ -59,6 +59,13 @@ def test_prior_subspace_holds_the_digits_and_round_trips_without_code(train, tmp
         ls.load_score_prior(evil)
     with pytest.raises(SamplerError, match="at least 32"):
         ls.train_score_prior(train[:10])
+    rng = torch.get_rng_state()
+    ls.train_score_prior(torch.from_numpy(train), steps=2, hidden=8)  # a tensor is taken too
+    ls.load_score_prior(path)
+    assert torch.equal(torch.get_rng_state(), rng)  # training and loading leave the caller's random state alone
+    torch.save({"format": "ldam-sweep-score-prior-1"}, tmp_path / "partial.pt")
+    with pytest.raises(SamplerError, match="incomplete"):
+        ls.load_score_prior(tmp_path / "partial.pt")
 
 
 class _Boom:
@@ -71,6 +78,10 @@ def test_walk_refuses_what_it_cannot_use(digits_model, train):
     prior = ls.train_score_prior(train, steps=5, hidden=16)
     with pytest.raises(SamplerError, match="needs a score prior"):
         ls.sample(digits_model, "fc2", [0], method="walk", steps=2)
+    from ldam_sweep.settings import DiscriminatorSettings
+
+    with pytest.raises(ValueError, match="stage 1's chains run one of ldam, sgld, am"):
+        DiscriminatorSettings(method="walk")
     with pytest.raises(SamplerError, match="use lam=0"):
         ls.sample(digits_model, "fc2", [0], method="walk", steps=2, prior=prior, lam=0.5,
                   discriminator=lambda x: torch.zeros(len(x)))
@@ -78,6 +89,10 @@ def test_walk_refuses_what_it_cannot_use(digits_model, train):
         ls.sample(digits_model, "fc2", [0], steps=2, prior=prior)
     with pytest.raises(SamplerError, match="sigma_min"):
         ls.sample(digits_model, "fc2", [0], method="walk", steps=2, prior=prior, sigma_min=0.5, sigma_max=0.1)
+    with pytest.raises(SamplerError, match=r"must lie in \[0.005, 1.0\]"):
+        ls.sample(digits_model, "fc2", [0], method="walk", steps=2, prior=prior, sigma_max=2.0)
+    with pytest.raises(SamplerError, match="walks from real images"):
+        ls.sample(digits_model, "fc2", [0], method="walk", steps=2, prior=prior)  # no exemplars: uniform starts
     other = ls.train_score_prior(digits(16, "train")[0], steps=5, hidden=16)
     with pytest.raises(SamplerError, match=r"for images \(1, 16, 16\)"):
         ls.sample(digits_model, "fc2", [0], method="walk", steps=2, prior=other)

@@ -12,6 +12,7 @@ for a sample. Dropping them changes nothing for the others: a chain depends only
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 from dataclasses import dataclass
@@ -327,12 +328,12 @@ def sample(
     is in it), so re-sampling a stored unit with its manifest's ``batch_units`` reproduces it there.
     ``ladder``: rising factors (e.g. ``(1.5, 2.0)``, each above the ``target``): after the run, each
     chain goes on for ``ladder_steps`` steps per rung with its target at that factor x the unit's best
-    real activation, from where the rung before ended (``ldam`` with exemplars only).
-    ``prior``: the denoising score prior (``train_score_prior``) that ``method="walk"`` walks on
-    (docs/method.md, "Walks on a score prior"); a discriminator is then only recorded (lam = 0). A rung climbs
+    real activation, from where the rung before ended (``ldam`` with exemplars only). A rung climbs
     without the realism term (log D is still recorded), with step ``LADDER_STEP`` and the stationary
     (smooth, full-rank) form of the preconditioner; the state at the end of each rung is in
     ``rung_samples`` (docs/method.md, "The activation ladder").
+    ``prior``: the denoising score prior (``train_score_prior``) that ``method="walk"`` walks on
+    (docs/method.md, "Walks on a score prior"); a discriminator is then only recorded (lam = 0).
     A chain's start and noise depend only on (seed, layer, unit, chain).
     """
     if not isinstance(model, ModelHandle):
@@ -357,6 +358,12 @@ def sample(
                            "discriminator, if given, is recorded, not used)")
     if walk:
         _check_prior(prior, model)
+        if isinstance(init, str) and (init == "uniform" or (init == "auto" and exemplars is None)):
+            raise SamplerError("method 'walk' walks from real images: give the units' exemplars (exemplars=...) or "
+                               "starting images (init=...); uniform noise starts would keep their noise outside the "
+                               "prior's subspace")
+        if prior.mean.device != model.device:  # a copy on the model's device: the caller's prior stays where it is
+            prior = copy.deepcopy(prior).to(model.device)
     elif prior is not None:
         raise SamplerError(f"prior= is the score prior of method 'walk'; method {method!r} does not use it")
     snap_steps = default_snapshot_steps(steps, snapshot_every)
@@ -418,7 +425,7 @@ def sample(
                 return ChainContext(
                     bandwidth=None if bandwidth is None else bandwidth.to(model.device), preconditioner=p,
                     target=None if t is None else t.to(model.device).repeat_interleave(chains), diverse_starts=diverse,
-                    stop_at_target=rung, prior=None if prior is None else prior.to(model.device))
+                    stop_at_target=rung, prior=prior)
 
             out: ChainTensors = run_chains(
                 activation_fn, x0, keys, steps=steps, method=method, options=options,

@@ -9,7 +9,8 @@ to sigma_min, walks a chain through the images the unit prefers while the prior 
 
 The model lives in the real images' top-k principal subspace (k = ``components``): images become
 k coordinates z = sqrt(k / D) V^T (x - mean) (D values per image, V the k principal directions),
-scaled so that noise of standard deviation sigma in z moves an image by an RMS of sigma per pixel.
+scaled so that noise of standard deviation sigma in z moves an image by an RMS of sigma per pixel
+(sigma in units of the pixel range: sigma x (hi - lo) in pixel values).
 On the digits (8x8 images upsampled to 28x28) the data span 64 dimensions and k = 64 loses nothing;
 on larger images the subspace holds the coarse structure, and the walk moves only that: a chain keeps
 its start's part outside the subspace (its fine detail) as it is (a stated limit: the walk neither
@@ -33,11 +34,11 @@ import torch
 from torch import nn
 
 from ldam_sweep.errors import SamplerError
+from ldam_sweep.settings import PRIOR_SIGMA_RANGE as SIGMA_RANGE  # noise levels trained on (per-pixel RMS / range)
 
 FORMAT = "ldam-sweep-score-prior-1"
 COMPONENTS = 64  # the digits' exact span; a folder of photos keeps its top 64 directions
 MIN_IMAGES = 32
-SIGMA_RANGE = (0.005, 1.0)  # the noise levels the model is trained on (per-pixel RMS, pixel range 1)
 
 
 class ScorePrior(nn.Module):
@@ -112,9 +113,12 @@ def load_score_prior(source: str | Path | bytes) -> ScorePrior:
         raise SamplerError(torch_file_error(what, err, "save it with ScorePrior.save(path)")) from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise SamplerError(f"{what} is not an ldam-sweep score prior (format {FORMAT!r})")
-    cfg, state = blob["config"], blob["state_dict"]
-    prior = ScorePrior(state["mean"], state["basis"], tuple(cfg["shape"]), tuple(cfg["box"]), cfg["hidden"],
-                       cfg["sigma_data"])
+    cfg, state = blob.get("config"), blob.get("state_dict")
+    if not isinstance(cfg, dict) or not isinstance(state, dict) or "mean" not in state or "basis" not in state:
+        raise SamplerError(f"{what} is incomplete (no config or state_dict); save it with ScorePrior.save(path)")
+    with torch.random.fork_rng(devices=[]):  # building the network draws its initial weights: not the caller's RNG
+        prior = ScorePrior(state["mean"], state["basis"], tuple(cfg["shape"]), tuple(cfg["box"]), cfg["hidden"],
+                           cfg["sigma_data"])
     prior.load_state_dict(state)
     prior.record = dict(blob.get("record") or {})
     return prior.eval().requires_grad_(False)
@@ -126,7 +130,8 @@ def train_score_prior(images: np.ndarray | torch.Tensor, *, box: tuple[float, fl
     """Fit a ``ScorePrior`` to real images (N, C, H, W) in the pixel box ``box`` (the model's input
     range): their top ``components`` principal directions, then ``steps`` Adam steps of denoising
     score matching over noise levels log-uniform in ``SIGMA_RANGE`` (per-pixel RMS)."""
-    x = torch.as_tensor(np.asarray(images), dtype=torch.float32)
+    x = (images.detach().cpu().float() if isinstance(images, torch.Tensor)
+         else torch.as_tensor(np.asarray(images), dtype=torch.float32))
     if x.ndim != 4 or len(x) < MIN_IMAGES or not torch.isfinite(x).all():
         raise SamplerError(f"the score prior needs at least {MIN_IMAGES} finite real images (N, C, H, W), "
                            f"got shape {tuple(x.shape)}")
@@ -134,19 +139,22 @@ def train_score_prior(images: np.ndarray | torch.Tensor, *, box: tuple[float, fl
         raise SamplerError(f"components must be a positive integer, got {components!r}")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
-    flat = x.flatten(1).double()
-    mean = flat.mean(0)
+    flat = x.flatten(1)
+    mean = flat.double().mean(0).float()
+    centred = flat - mean
     k = min(components, len(x) - 1, flat.shape[1])
-    # the top-k principal directions: an exact SVD of the centred images (N x D, N a few thousand)
-    _, _, vh = torch.linalg.svd(flat - mean, full_matrices=False)
-    basis = vh[:k].T.float().contiguous()
-    prior = ScorePrior(mean.float(), basis, tuple(x.shape[1:]), box, hidden)
+    # the top-k principal directions from the N x N Gram matrix (N images, D values each: no D x D or
+    # N x D float64 copy, so 224-px images cost N^2, not an SVD of N x D)
+    gram = (centred @ centred.T).double()
+    val, vec = torch.linalg.eigh(gram)  # ascending
+    val, vec = val.flip(0)[:k].clamp_min(1e-12), vec.flip(1)[:, :k]
+    basis = (centred.T.double() @ vec / val.sqrt()).float().contiguous()  # V = X^T U / s: orthonormal
+    with torch.random.fork_rng(devices=[]):  # the network's initial weights from the seed, not the caller's RNG
+        torch.manual_seed(seed)
+        prior = ScorePrior(mean, basis, tuple(x.shape[1:]), box, hidden)
     with torch.no_grad():
         z = prior.coords(x)
     prior.sigma_data = float(z.std())
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        prior.net.apply(_reset)
     opt = torch.optim.Adam(prior.net.parameters(), lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     lo, hi = (math.log(s) for s in SIGMA_RANGE)
@@ -164,8 +172,3 @@ def train_score_prior(images: np.ndarray | torch.Tensor, *, box: tuple[float, fl
     prior.record = {"images": len(x), "components": k, "steps": steps, "seconds": time.perf_counter() - t0,
                     "final_loss": float(np.mean(losses[-100:]))}
     return prior.eval().requires_grad_(False)
-
-
-def _reset(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        m.reset_parameters()
