@@ -165,7 +165,7 @@ PRIOR_SIGMA_RANGE = (0.005, 1.0)
 
 class WalkOptions(BaseModel):
     """Annealed Langevin dynamics on a denoising score prior plus the unit's activation: chains that
-    walk through the images a unit prefers while the prior holds them on the data (docs/method.md,
+    walk through the images a unit prefers while the prior pulls them toward the data (docs/method.md,
     "Walks on a score prior"). sigma is per-pixel RMS noise in units of the pixel range."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

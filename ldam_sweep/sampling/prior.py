@@ -5,7 +5,7 @@ does not lead a moved image back onto the data (docs/method.md, "Chains that wal
 score model does: trained to remove Gaussian noise of any level sigma from real images, its output
 gives grad log p_sigma(x), the score of the data blurred by that noise (Vincent 2011; Song and Ermon
 2019). Annealed Langevin dynamics on log p_sigma(x) + (guidance) a(x), sigma falling from sigma_max
-to sigma_min, walks a chain through the images the unit prefers while the prior holds it on the data.
+to sigma_min, walks a chain through the images the unit prefers while the prior pulls it toward the data.
 
 The model lives in the real images' top-k principal subspace (k = ``components``): images become
 k coordinates z = sqrt(k / D) V^T (x - mean) (D values per image, V the k principal directions),
