@@ -59,6 +59,12 @@ def check_ladder(ladder: Any, target: Any) -> list[float]:
     return rungs
 
 
+def _check_target(target: Any) -> None:
+    """The activation target of ldam and walk: a positive multiple of the unit's best real activation."""
+    if isinstance(target, float) and target <= 0:
+        raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {target}")
+
+
 def revision_options(revision: int) -> dict[str, Any]:
     """The ``ldam`` options that make today's defaults those of a store's sampler revision."""
     if revision >= SAMPLER_DEFAULTS:
@@ -120,8 +126,7 @@ class LdamOptions(BaseModel):
             raise ValueError(f"step_size must be positive, got {self.step_size}")
         if isinstance(self.repel, float) and self.repel < 0:
             raise ValueError(f"repel must be >= 0, got {self.repel}")
-        if isinstance(self.target, float) and self.target <= 0:
-            raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {self.target}")
+        _check_target(self.target)
         return self
 
     def resolved_step(self, preconditioned: bool) -> float:
@@ -172,7 +177,7 @@ class WalkOptions(BaseModel):
 
     sigma_max: float = Field(0.3, gt=0, description="the noise level a walk starts at (a kick of this size, then "
                              "annealed): how far a chain can move from its start")
-    sigma_min: float = Field(0.02, gt=0, description="the noise level a walk ends at (then one denoising step)")
+    sigma_min: float = Field(0.02, gt=0, description="the noise level a walk ends at (with denoise, then one denoising step)")
     levels: int = Field(10, ge=1, description="noise levels, geometric from sigma_max to sigma_min, the steps "
                         "shared evenly among them")
     step: float = Field(0.05, gt=0, description="epsilon: the Langevin step at level sigma is epsilon * sigma^2")
@@ -194,14 +199,14 @@ class WalkOptions(BaseModel):
         if self.sigma_min < lo or self.sigma_max > hi:
             raise ValueError(f"sigma_min and sigma_max must lie in [{lo}, {hi}], the noise levels a score prior is "
                              f"trained on (got {self.sigma_min}, {self.sigma_max})")
-        if isinstance(self.target, float) and self.target <= 0:
-            raise ValueError(f"target must be positive (a multiple of the unit's best real activation), got {self.target}")
+        _check_target(self.target)
         return self
 
 
 METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions, "walk": WalkOptions}
 # methods a job spec does not take yet: ``walk`` needs a score prior, which stage 1 does not train yet
 PYTHON_ONLY_METHODS = ("walk",)
+SWEEP_METHODS = tuple(m for m in METHODS if m not in PYTHON_ONLY_METHODS)
 
 
 def parse_options(method: str, options: dict[str, Any]):
@@ -243,14 +248,13 @@ class DiscriminatorSettings(BaseModel):
     arch: str = Field("auto", description="auto | small | residual")
     method: str = "ldam"
     sampler: dict[str, Any] = Field(default_factory=dict, description="options of the chains' update rule")
+    seed: int = 0
 
     @model_validator(mode="after")
     def _method(self) -> "DiscriminatorSettings":
-        allowed = [m for m in METHODS if m not in PYTHON_ONLY_METHODS]
-        if self.method not in allowed:
-            raise ValueError(f"method {self.method!r}: stage 1's chains run one of {', '.join(allowed)}")
+        if self.method not in SWEEP_METHODS:
+            raise ValueError(f"method {self.method!r}: stage 1's chains run one of {', '.join(SWEEP_METHODS)}")
         return self
-    seed: int = 0
 
 
 def default_snapshot_steps(steps: int, snapshot_every: int | None) -> list[int]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ldam_sweep.errors import SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives, split_objective
-from ldam_sweep.settings import METHODS, PYTHON_ONLY_METHODS
+from ldam_sweep.settings import METHODS, PYTHON_ONLY_METHODS, SWEEP_METHODS
 
 
 class InputSpec(BaseModel):
@@ -298,8 +298,7 @@ class SamplerSpec(BaseModel):
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
         if method in PYTHON_ONLY_METHODS:
             raise ValueError(f"method {method!r} runs from Python for now (ls.sample(..., method={method!r}, "
-                             f"prior=ls.train_score_prior(real_images))); a sweep takes "
-                             f"{', '.join(m for m in METHODS if m not in PYTHON_ONLY_METHODS)}")
+                             f"prior=ls.train_score_prior(real_images))); a sweep takes {', '.join(SWEEP_METHODS)}")
         return method
 
     @model_validator(mode="after")

@@ -353,10 +353,10 @@ def sample(
     if method == "am" and lam > 0:
         raise SamplerError("method 'am' (plain activation maximisation) has no realism term: use lam=0")
     walk = method == "walk"
-    if walk and lam > 0:
-        raise SamplerError("method 'walk' takes its realism from the score prior (prior=...): use lam=0 (a "
-                           "discriminator, if given, is recorded, not used)")
     if walk:
+        if lam > 0:
+            raise SamplerError("method 'walk' takes its realism from the score prior (prior=...): use lam=0 (a "
+                               "discriminator, if given, is recorded, not used)")
         _check_prior(prior, model)
         if isinstance(init, str) and (init == "uniform" or (init == "auto" and exemplars is None)):
             raise SamplerError("method 'walk' walks from real images: give the units' exemplars (exemplars=...) or "
