@@ -39,13 +39,25 @@ def write_spec(folder: Path, **resources) -> Path:
 
 
 def start(*args: str, env: dict, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", *map(str, args)], env={**env, "COLUMNS": "400"},
+    # faulthandler: a run that does not finish is stopped with SIGABRT, which prints every thread's stack
+    return subprocess.Popen([sys.executable, "-m", "ldam_sweep.cli", *map(str, args)],
+                            env={**env, "COLUMNS": "400", "PYTHONFAULTHANDLER": "1"},
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[str, str]:
+def finish(proc: subprocess.Popen, timeout: float = 480) -> tuple[str, str]:
+    """The run's (stdout, stderr) once it exits; one that is still running after ``timeout`` seconds fails
+    the test with where each of its threads was (the stacks faulthandler prints on SIGABRT)."""
     try:
         return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        raise AssertionError(f"the run did not finish in {timeout:.0f}s; its stderr (stacks last):\n{err[-12000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -88,6 +100,7 @@ def s3(monkeypatch):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.mark.timeout(900)
 def test_a_2_minute_s3_outage_is_ridden_out_or_stops_the_sweep_with_exit_4(s3, finished_sweep, tmp_path):
     """Two first runs on a new S3 bucket meet the same 120 s outage mid-sweep (moto behind a proxy that
     cuts every connection). With the default patience the sweep retries through it: exit 0, verify
@@ -96,7 +109,8 @@ def test_a_2_minute_s3_outage_is_ridden_out_or_stops_the_sweep_with_exit_4(s3, f
     equal to a clean run. `status` during the outage: one line, exit 4."""
     proxy, aws = s3
     spec, clean, env = finished_sweep
-    env = {**env, **aws}
+    # a request the cut leaves hanging (a half-open connection) is abandoned after 30 s, not the default 300
+    env = {**env, **aws, "LDAM_SWEEP_REQUEST_TIMEOUT": "30"}
     runs = {}
     for name, resources in (("patient", {}), ("impatient", {"storage_patience": 4})):
         signals = tmp_path / name / "signals"  # each sweep holds its last block: the outage comes mid-sweep
@@ -120,7 +134,7 @@ def test_a_2_minute_s3_outage_is_ridden_out_or_stops_the_sweep_with_exit_4(s3, f
         assert "did not answer for" in line and "rerun the same command" in line and "Traceback" not in err
         time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - cut_at)))  # the outage's length is the test's input
         proxy.restore()
-        _, err = finish(runs["patient"][0])
+        _, err = finish(runs["patient"][0], timeout=300)  # within the test's own time limit: the stacks if it hangs
     finally:
         if proxy.is_cut:
             proxy.restore()

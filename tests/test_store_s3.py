@@ -78,3 +78,70 @@ def test_create_write_commit_query_on_s3(s3_endpoint, digits_model):
                          env={**os.environ, "COLUMNS": "200"})
     assert out.returncode == 0, out.stderr
     assert "ok: every file and 2 committed blocks verified" in out.stdout
+
+
+def test_a_request_that_is_never_answered_ends_at_its_deadline_as_a_transport_fault(monkeypatch):
+    """An endpoint that accepts connections and never answers -- what a connection left half open by an
+    outage looks like to the client -- with socket timeouts of an hour: each of the store's own calls
+    (the generation check a worker makes after writing a block, the lease) and zarr's reads still end,
+    at LDAM_SWEEP_REQUEST_TIMEOUT, with a transport fault, and ``retrying`` turns them into exit 4's
+    error instead of waiting for ever."""
+    import threading
+
+    import s3fs
+
+    from ldam_sweep.errors import StorageUnreachableError
+    from ldam_sweep.store.layout import read_generation
+    from ldam_sweep.store.lease import read_lease
+    from ldam_sweep.store.location import StoreLocation
+    from ldam_sweep.store.transport import is_transport_fault, retrying
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(silent.accept()[0])  # kept open, never read from or answered
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
+                 "LDAM_SWEEP_REQUEST_TIMEOUT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    hour = {"config_kwargs": {"read_timeout": 3600, "connect_timeout": 3600}}
+    s3fs.S3FileSystem.clear_instance_cache()
+    loc = StoreLocation.parse("s3://sweeps/never.zarr", hour)
+    outcomes: dict[str, BaseException | None] = {}
+
+    def attempt(name: str, fn) -> None:
+        try:
+            fn()
+            outcomes[name] = None
+        except BaseException as err:  # noqa: BLE001 - the outcome is the test's subject
+            outcomes[name] = err
+
+    calls = {"generation": lambda: read_generation(loc), "lease": lambda: read_lease(loc),
+             "zarr": lambda: loc.open_group(mode="r"),
+             "retried": lambda: retrying("reading the store", read_generation, loc, patience=2)}
+    try:
+        threads = [threading.Thread(target=attempt, args=item, daemon=True) for item in calls.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)  # a bound on a broken run only: without the deadline each waits an hour
+        assert set(outcomes) == set(calls), f"still waiting: {set(calls) - set(outcomes)}"
+        for name in ("generation", "lease", "zarr"):
+            assert outcomes[name] is not None and is_transport_fault(outcomes[name]), (name, repr(outcomes[name]))
+        assert isinstance(outcomes["retried"], StorageUnreachableError), repr(outcomes["retried"])
+        assert "did not answer for" in str(outcomes["retried"])
+        assert held, "the requests reached the endpoint"
+    finally:
+        silent.close()
+        for c in held:
+            c.close()
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -33,7 +33,7 @@ from typing import Any, Callable
 from ldam_sweep import failpoints
 from ldam_sweep.errors import StoreOwnedError, StoreReplacedError
 from ldam_sweep.store.location import StoreLocation
-from ldam_sweep.store.transport import is_transport_fault
+from ldam_sweep.store.transport import is_transport_fault, request_deadline
 
 LEASE_FILE = "lease.json"
 INTERVAL_ENV = "LDAM_SWEEP_LEASE_INTERVAL"  # seconds between heartbeats (default 10)
@@ -210,7 +210,7 @@ class _S3LeaseFile:
             return data, resp["ETag"], resp["LastModified"].timestamp()
 
         try:
-            return sync(self.fs.loop, get)
+            return sync(self.fs.loop, get, timeout=request_deadline())
         except FileNotFoundError:
             return None
 

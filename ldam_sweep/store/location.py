@@ -72,9 +72,11 @@ class StoreLocation:
     def fs(self) -> fsspec.AbstractFileSystem:
         if self.is_local:
             return fsspec.filesystem("file")
+        from ldam_sweep.store.transport import bound_requests
+
         protocol = self.url.split("://", 1)[0]
-        try:
-            return fsspec.filesystem(protocol, **self.options)
+        try:  # no request waits longer than its deadline (a half-open connection after an outage)
+            return bound_requests(fsspec.filesystem(protocol, **self.options))
         except (ValueError, ImportError) as err:
             raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
 
@@ -89,7 +91,13 @@ class StoreLocation:
     def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
         if self.is_local:
             return LocalStore(self.url, read_only=read_only)
-        return FsspecStore.from_url(self.url, storage_options=self.options, read_only=read_only)
+        from ldam_sweep.store.transport import bound_requests
+
+        try:  # as FsspecStore.from_url, on an instance whose requests have a deadline
+            fs, path = fsspec.url_to_fs(self.url, **{"asynchronous": True, **self.options})
+        except (ValueError, ImportError) as err:
+            raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
+        return FsspecStore(fs=bound_requests(fs), path=path, read_only=read_only)
 
     def open_group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]

@@ -15,6 +15,10 @@ everything else, retries it, and turns it into one line and exit 4 when it lasts
   de-duplicated by readers), a store's creation (idempotent for one plan), reads.
 - ``storage_patience()``: the default patience, ``LDAM_SWEEP_STORAGE_PATIENCE`` seconds (600). A sweep
   takes ``resources.storage_patience`` from its spec.
+- ``request_deadline()``: no single request to an object store waits longer than
+  ``LDAM_SWEEP_REQUEST_TIMEOUT`` seconds (300): one that does (a connection an outage left half open,
+  which no socket timeout ends) is abandoned with a timeout, a transport fault, and retried like the
+  others. ``StoreLocation`` applies it to its filesystem and to zarr's (``bound_requests``).
 
 s3fs and botocore already retry each request a few times (about 8 s against a refused port); this
 covers the minutes an outage lasts. A listing cache would also hide objects another process (or
@@ -36,6 +40,8 @@ T = TypeVar("T")
 
 PATIENCE_ENV = "LDAM_SWEEP_STORAGE_PATIENCE"
 DEFAULT_PATIENCE = 600.0
+REQUEST_TIMEOUT_ENV = "LDAM_SWEEP_REQUEST_TIMEOUT"
+DEFAULT_REQUEST_TIMEOUT = 300.0  # one request to an object store; a block's whole sample array is one object
 FIRST_DELAY, MAX_DELAY = 0.5, 30.0
 
 # errno values an object store or a network stack uses for "not now" (s3fs: 503/SlowDown -> EBUSY, 500 -> EREMOTEIO)
@@ -97,6 +103,56 @@ def storage_patience(value: float | None = None) -> float:
     if value is not None:
         return float(value)
     return float(os.environ.get(PATIENCE_ENV, DEFAULT_PATIENCE))
+
+
+def request_deadline() -> float:
+    """Seconds one object-store request may take before it is abandoned (and retried): the environment's
+    ``LDAM_SWEEP_REQUEST_TIMEOUT``, else 300."""
+    value = os.environ.get(REQUEST_TIMEOUT_ENV)
+    try:
+        seconds = float(value) if value else DEFAULT_REQUEST_TIMEOUT
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ValueError(f"{REQUEST_TIMEOUT_ENV}={value!r}: give a positive number of seconds (default "
+                         f"{DEFAULT_REQUEST_TIMEOUT:.0f})")
+    return seconds
+
+
+# the filesystem requests ldam-sweep makes on a store, directly and through zarr and pyarrow
+_BOUNDED_CALLS = ("cat_file", "cat_ranges", "cat", "pipe_file", "pipe", "exists", "info", "ls", "find", "rm", "rm_file",
+                  "makedirs", "mv", "copy", "isfile", "isdir", "call_s3")
+
+
+def bound_requests(fs: Any) -> Any:
+    """``fs`` (an fsspec filesystem) with a deadline of ``request_deadline()`` seconds on each request:
+    for an async filesystem (s3fs, gcsfs, adlfs) the coroutines above run under ``asyncio.wait_for``,
+    which cancels a request that runs over and raises TimeoutError (a transport fault: ``retrying``
+    tries again), and a synchronous instance's blocking calls go through them. Zarr's store is made
+    on such an instance (``StoreLocation.zarr_store``). A local filesystem is returned as it is."""
+    import asyncio
+    import inspect
+
+    from fsspec.asyn import AsyncFileSystem, sync_wrapper
+
+    if not isinstance(fs, AsyncFileSystem):
+        return fs
+    seconds = request_deadline()
+    if getattr(fs, "_ldam_sweep_deadline", None) == seconds:  # fsspec caches instances: done once
+        return fs
+    for name in _BOUNDED_CALLS:
+        method = getattr(type(fs), f"_{name}", None)  # the class's coroutine function: never wrapped twice
+        if method is None or not inspect.iscoroutinefunction(method):
+            continue
+
+        async def call(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+            return await asyncio.wait_for(_method(fs, *args, **kwargs), seconds)
+
+        setattr(fs, f"_{name}", call)
+        if not fs.asynchronous:
+            setattr(fs, name, sync_wrapper(call, obj=fs))
+    fs._ldam_sweep_deadline = seconds
+    return fs
 
 
 def describe(err: BaseException) -> str:
