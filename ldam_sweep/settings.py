@@ -181,8 +181,9 @@ class WalkOptions(BaseModel):
     levels: int = Field(10, ge=1, description="noise levels, geometric from sigma_max to sigma_min, the steps "
                         "shared evenly among them")
     step: float = Field(0.05, gt=0, description="epsilon: the Langevin step at level sigma is epsilon * sigma^2")
-    guidance: float = Field(1.0, ge=0, description="w: the activation's push, w / sigma times its unit-RMS gradient "
-                            "(the prior's score is of size 1 / sigma)")
+    guidance: float = Field(2.0, ge=0, description="w: the activation's push, w / sigma times its unit-RMS gradient "
+                            "(the prior's score is of size 1 / sigma); 2 reaches the target on 99% of the demo's units "
+                            "with the default prior, 1 on 86%, at the same realism")
     denoise: bool = Field(False, description="end with one denoising step at sigma_min (the prior's estimate of the "
                           "clean image): on the demo it left 24% of units below their target for no gain in realism")
     target: float | Literal["auto"] | None = Field(

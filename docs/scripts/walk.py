@@ -51,7 +51,10 @@ ROWS: dict[str, dict] = {"default": {}, "walk": {"method": "walk"}}
 
 def score_prior(train, cache: Path):
     """The score prior of the ``walk`` rows (ls.train_score_prior's defaults), trained once into the cache."""
-    path = cache / "score_prior.pt"
+    import inspect
+
+    given = inspect.signature(ls.train_score_prior).parameters  # one file per default network and training length
+    path = cache / f"score_prior-h{given['hidden'].default}-s{given['steps'].default}.pt"
     if path.is_file():
         return ls.load_score_prior(path)
     prior = ls.train_score_prior(train)
