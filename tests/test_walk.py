@@ -16,7 +16,7 @@ from ldam_sweep.data import digits
 from ldam_sweep.errors import SamplerError, SpecError
 from ldam_sweep.sampling.exemplars import top_exemplars
 
-# a smaller prior than the default (hidden 512, 4000 steps: ~20 s on 2 cores) keeps the test short
+# a smaller prior than the default (hidden 1024, 16,000 steps: ~6 min on 2 cores) keeps the test short
 QUICK = {"hidden": 256, "steps": 1500}
 
 

@@ -20,7 +20,7 @@ from ldam_sweep.data import digits
 from ldam_sweep.sampling.realism import hf_energy, two_sample_test
 
 torch.set_num_threads(2)
-(train, _), (test, _) = digits(28, "train"), digits(28, "test")
+train = digits(28, "train")[0]
 real = digits(28, "all")[0]
 
 def walk(prior, x0, steps=300, levels=10, smax=0.3, smin=0.02, eps=0.05, seed=0, denoise=False):

@@ -72,11 +72,17 @@ class StoreLocation:
     def fs(self) -> fsspec.AbstractFileSystem:
         if self.is_local:
             return fsspec.filesystem("file")
+        return self._remote()[0]
+
+    def _remote(self, **extra: Any) -> tuple[Any, str]:
+        """(the object store's fsspec filesystem, the store's path on it), with ``extra`` options
+        (zarr's ``asynchronous``); no request on it waits longer than its deadline (a half-open
+        connection after an outage: ``transport.bound_requests``)."""
         from ldam_sweep.store.transport import bound_requests
 
-        protocol = self.url.split("://", 1)[0]
-        try:  # no request waits longer than its deadline (a half-open connection after an outage)
-            return bound_requests(fsspec.filesystem(protocol, **self.options))
+        try:
+            fs, path = fsspec.url_to_fs(self.url, **{**extra, **self.options})
+            return bound_requests(fs), path
         except (ValueError, ImportError) as err:
             raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
 
@@ -91,13 +97,8 @@ class StoreLocation:
     def zarr_store(self, read_only: bool) -> zarr.abc.store.Store:
         if self.is_local:
             return LocalStore(self.url, read_only=read_only)
-        from ldam_sweep.store.transport import bound_requests
-
-        try:  # as FsspecStore.from_url, on an instance whose requests have a deadline
-            fs, path = fsspec.url_to_fs(self.url, **{"asynchronous": True, **self.options})
-        except (ValueError, ImportError) as err:
-            raise StoreError(f"cannot reach store {self.url!r}: {err} (for s3:// install ldam-sweep[s3])") from None
-        return FsspecStore(fs=bound_requests(fs), path=path, read_only=read_only)
+        fs, path = self._remote(asynchronous=True)  # as FsspecStore.from_url, with the requests' deadline
+        return FsspecStore(fs=fs, path=path, read_only=read_only)
 
     def open_group(self, mode: str = "r") -> zarr.Group:
         return zarr.open_group(self.zarr_store(read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]
