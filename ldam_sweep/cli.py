@@ -286,7 +286,7 @@ def status(
             print_json("status", store=st.loc.url, model=st.attrs["model"]["name"], layers=layer_rows,
                        totals={k: sum(r[k] for r in layer_rows) for k in ("planned", "done", "failed", "corrupt", "pending", "dead")},
                        errors=sorted({e for e in failed["error"].to_pylist() if e}), realism=_realism_summary(realism),
-                       integrity=st.verification(), discriminator=_discriminator_summary(st), storage=st.storage(),
+                       integrity=st.verification(), discriminator=_discriminator_summary(st), prior=st.prior_info(), storage=st.storage(),
                        informativeness=st.informativeness())
             return
         table = Table(title=f"{st.loc.url}  ({st.attrs['model']['name']})")
@@ -304,6 +304,10 @@ def status(
             _print_realism(realism, st.loc.url)
         _print_informativeness(st.informativeness())
         _print_discriminator(st)
+        if st.prior_info():
+            from ldam_sweep.stage import prior_line
+
+            console.print(f"score prior (method walk): {prior_line(st.prior_info())}", highlight=False, markup=False)
         _print_integrity(st)
         _print_storage(st.storage())
         if totals["corrupt"]:

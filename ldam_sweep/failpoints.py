@@ -44,6 +44,8 @@ ENV = "LDAM_SWEEP_FAILPOINTS"
 POINTS = {
     "discriminator.before-bytes": "stage 1: the discriminator's group exists, its bytes are not written yet",
     "discriminator.before-record": "stage 1: the discriminator's bytes are written, its record (the commit) is not",
+    "prior.before-bytes": "stage 1: the score prior's group exists, its bytes are not written yet",
+    "prior.before-record": "stage 1: the score prior's bytes are written, its record (the commit) is not",
     "repair.before-commit": "verify --repair: damaged files are set aside, the tombstone rows are not published yet",
     "metadata.before-root": "create_store: every group and array exists, the root's checksums and format are not written",
     "worker.start": "a worker's constructor, before it loads the model (enospc: a worker that can never start)",

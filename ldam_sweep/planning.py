@@ -139,8 +139,9 @@ class SamplerPlan:
 
     @property
     def starts_from_exemplars(self) -> bool:
-        """``ldam`` from revision 2 on starts each chain from its unit's real exemplars and takes its targets from them."""
-        return self.method == "ldam" and self.revision >= 2
+        """``ldam`` from revision 2 on, and ``walk``, start each chain from its unit's real exemplars and
+        take their targets from them."""
+        return self.method == "walk" or (self.method == "ldam" and self.revision >= 2)
 
     def kwargs(self) -> dict[str, Any]:
         """``sample()``'s keyword arguments for these settings (the options already parsed)."""

@@ -205,9 +205,8 @@ class WalkOptions(BaseModel):
 
 
 METHODS: dict[str, type[BaseModel]] = {"ldam": LdamOptions, "sgld": SgldOptions, "am": AmOptions, "walk": WalkOptions}
-# methods a job spec does not take yet: ``walk`` needs a score prior, which stage 1 does not train yet
-PYTHON_ONLY_METHODS = ("walk",)
-SWEEP_METHODS = tuple(m for m in METHODS if m not in PYTHON_ONLY_METHODS)
+# the methods stage 1's chains can run while D trains (``walk`` needs a score prior, which D's training has not)
+D_TRAINING_METHODS = tuple(m for m in METHODS if m != "walk")
 
 
 def parse_options(method: str, options: dict[str, Any]):
@@ -253,9 +252,23 @@ class DiscriminatorSettings(BaseModel):
 
     @model_validator(mode="after")
     def _method(self) -> "DiscriminatorSettings":
-        if self.method not in SWEEP_METHODS:
-            raise ValueError(f"method {self.method!r}: stage 1's chains run one of {', '.join(SWEEP_METHODS)}")
+        if self.method not in D_TRAINING_METHODS:
+            raise ValueError(f"method {self.method!r}: stage 1's chains run one of {', '.join(D_TRAINING_METHODS)}")
         return self
+
+
+class PriorSettings(BaseModel):
+    """Stage-1 training of ``walk``'s score prior (``train_score_prior``). Defaults: what made the
+    prior's own walk hard to tell from real digits (docs/method.md, "A sharper prior")."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(16000, ge=1, le=10_000_000, description="Adam steps of denoising score matching")
+    hidden: int = Field(1024, ge=8, le=16384, description="width of the MLP's 3 hidden layers")
+    components: int = Field(64, ge=1, le=4096, description="principal directions of the real images the walk moves in")
+    batch: int = Field(256, ge=2, description="real images per step")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine-annealed)")
+    seed: int = 0
 
 
 def default_snapshot_steps(steps: int, snapshot_every: int | None) -> list[int]:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from ldam_sweep.errors import SpecError
 from ldam_sweep.objectives import DEFAULT_BY_KIND, allowed_objectives, split_objective
-from ldam_sweep.settings import METHODS, PYTHON_ONLY_METHODS, SWEEP_METHODS
+from ldam_sweep.settings import METHODS
 
 
 class InputSpec(BaseModel):
@@ -296,9 +296,6 @@ class SamplerSpec(BaseModel):
     def _method(cls, method: str) -> str:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
-        if method in PYTHON_ONLY_METHODS:
-            raise ValueError(f"method {method!r} runs from Python for now (ls.sample(..., method={method!r}, "
-                             f"prior=ls.train_score_prior(real_images))); a sweep takes {', '.join(SWEEP_METHODS)}")
         return method
 
     @model_validator(mode="after")
@@ -321,25 +318,44 @@ class SamplerSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class DiscriminatorSpec(BaseModel):
-    """The realism prior: ``file`` (a trained discriminator) or ``train`` (stage 1 settings)."""
+class _FrozenSpec(BaseModel):
+    """A frozen model stage 1 provides: ``file`` (one trained before) or ``train`` (stage 1's settings)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     file: Path | None = None
     train: dict[str, Any] | None = None
 
+    def _check(self, what: str, settings: type[BaseModel], section: str) -> None:
+        if (self.file is None) == (self.train is None):
+            raise ValueError(f"give exactly one of file (a trained {what}) or train (settings, may be {{}})")
+        if self.train is not None:
+            try:
+                settings(**self.train)
+            except ValidationError as err:
+                raise ValueError(format_validation_error(err, f"{section}.train settings")) from None
+
+
+class DiscriminatorSpec(_FrozenSpec):
+    """The realism prior: ``file`` (a trained discriminator) or ``train`` (stage 1 settings)."""
+
     @model_validator(mode="after")
     def _one(self) -> "DiscriminatorSpec":
-        if (self.file is None) == (self.train is None):
-            raise ValueError("give exactly one of file (a trained discriminator) or train (settings, may be {})")
-        if self.train is not None:
-            from ldam_sweep.settings import DiscriminatorSettings
+        from ldam_sweep.settings import DiscriminatorSettings
 
-            try:
-                DiscriminatorSettings(**self.train)
-            except ValidationError as err:
-                raise ValueError(format_validation_error(err, "discriminator.train settings")) from None
+        self._check("discriminator", DiscriminatorSettings, "discriminator")
+        return self
+
+
+class PriorSpec(_FrozenSpec):
+    """``walk``'s score prior: ``file`` (saved with ``ScorePrior.save``) or ``train`` (stage 1 trains it
+    on the data section's training images: ``settings.PriorSettings``)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> "PriorSpec":
+        from ldam_sweep.settings import PriorSettings
+
+        self._check("score prior", PriorSettings, "prior")
         return self
 
 
@@ -414,6 +430,7 @@ class JobSpec(BaseModel):
                                       "its layers use (a layer's entry wins over its kind's)")
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     discriminator: DiscriminatorSpec | None = None
+    prior: PriorSpec | None = Field(None, description="method walk's score prior: file or train (stage 1)")
     data: DataSpec | None = None
     exemplars: int = Field(8, ge=0, le=256, description="top-k real images per unit (needs data)")
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
@@ -443,6 +460,22 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "JobSpec":
+        if self.sampler.method == "walk":
+            if self.prior is None:
+                raise ValueError("sampler.method 'walk' walks on a score prior: add a prior section (prior: {train: {}} "
+                                 "trains it in stage 1 on the data section's images, or prior: {file: PATH})")
+            if self.data is None:
+                raise ValueError("sampler.method 'walk' starts its chains from the units' real exemplars, so a data "
+                                 "section is needed")
+            if self.sampler.lam > 0:
+                raise ValueError(f"sampler.method 'walk' takes its realism from the score prior: use lam 0 (got "
+                                 f"{self.sampler.lam}); a discriminator section with lam 0 still records realism traces")
+            if self.sampler.init == "uniform":
+                raise ValueError("sampler.method 'walk' walks from real images: init 'uniform' is not allowed (use auto "
+                                 "or exemplars)")
+        elif self.prior is not None:
+            raise ValueError(f"the prior section is method walk's score prior; sampler.method {self.sampler.method!r} "
+                             "does not use it (remove it, or use method: walk)")
         if self.sampler.method == "am" and self.sampler.lam > 0:
             raise ValueError("sampler.method 'am' (plain activation maximisation) has no realism term: use lam 0")
         if self.sampler.lam > 0 and self.discriminator is None:
@@ -536,6 +569,8 @@ def resolve_job_paths(job: JobSpec, base: Path) -> JobSpec:
     updates: dict[str, Any] = {"model": _resolve_paths(job.model, base)}
     if job.discriminator is not None and job.discriminator.file is not None and not job.discriminator.file.is_absolute():
         updates["discriminator"] = job.discriminator.model_copy(update={"file": (base / job.discriminator.file).resolve()})
+    if job.prior is not None and job.prior.file is not None and not job.prior.file.is_absolute():
+        updates["prior"] = job.prior.model_copy(update={"file": (base / job.prior.file).resolve()})
     if job.data is not None:
         paths = {name: (base / getattr(job.data, name)).resolve() for name in ("path", "labels")
                  if getattr(job.data, name) is not None and not getattr(job.data, name).is_absolute()}

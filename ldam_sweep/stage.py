@@ -1,5 +1,6 @@
-"""Stage 1 of a sweep, shared by the CLI and the driver: the real data and the discriminator a job
-spec asks for (trained on the spot, or loaded from a file), and its record as the store keeps it."""
+"""Stage 1 of a sweep, shared by the CLI and the driver: the real data, the discriminator and
+``walk``'s score prior a job spec asks for (trained on the spot, or loaded from a file), and their
+records as the store keeps them."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from ldam_sweep.sampling.discriminator import (
     load_discriminator,
     train_discriminator,
 )
+from ldam_sweep.sampling.prior import ScorePrior, load_score_prior, train_score_prior
+from ldam_sweep.settings import PriorSettings
 from ldam_sweep.spec import JobSpec
 
 
@@ -46,3 +49,34 @@ def discriminator_record(trained: TrainedDiscriminator) -> dict[str, Any]:
         "heldout_fake_accuracy": trained.heldout_fake_accuracy, "model_fingerprint": trained.model_fingerprint,
         "seconds": trained.seconds, "digest": trained.digest(),
     }
+
+
+def job_prior(job: JobSpec, model: ModelHandle, *, loaded: ScorePrior | None = None, train: Any = None,
+              device: Any = "cpu") -> ScorePrior | None:
+    """The job's score prior (``method: walk``): None, loaded from ``prior.file``, or trained on the
+    data section's training images on ``device`` (stage 1). ``loaded`` / ``train``: as for ``job_discriminator``."""
+    if job.prior is None:
+        return None
+    if job.prior.file is not None:
+        return loaded if loaded is not None else load_score_prior(job.prior.file)
+    assert job.data is not None  # the spec validator guarantees it
+    settings = PriorSettings(**(job.prior.train or {}))
+    train = real_images(job.data, model.input, "train") if train is None else train
+    return train_score_prior(train, box=tuple(map(float, model.input.range)), device=device,  # type: ignore[arg-type]
+                             **settings.model_dump())
+
+
+def prior_record(prior: ScorePrior) -> dict[str, Any]:
+    """The record the store keeps beside the score prior's bytes (``prior/`` attrs)."""
+    return {"config": prior.config(), "training": dict(prior.record), "digest": prior.digest(),
+            "seconds": float(prior.record.get("seconds", 0.0))}
+
+
+def prior_line(info: dict[str, Any] | None) -> str:
+    """A stored score prior's record in a few words (stage 1's log, ``status``)."""
+    t = (info or {}).get("training") or {}
+    digest = str((info or {}).get("digest"))[:12]
+    if not t:
+        return f"digest {digest}, loaded from a file"
+    return (f"{t.get('images')} images, {t.get('components')} components, {t.get('steps')} steps, final loss "
+            f"{t.get('final_loss', float('nan')):.3f}, {t.get('seconds', 0):.0f}s to train; digest {digest}")

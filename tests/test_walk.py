@@ -13,7 +13,7 @@ import torch
 
 import ldam_sweep as ls
 from ldam_sweep.data import digits
-from ldam_sweep.errors import SamplerError, SpecError
+from ldam_sweep.errors import SamplerError
 from ldam_sweep.sampling.exemplars import top_exemplars
 
 # a smaller prior than the default (hidden 1024, 16,000 steps: ~6 min on 2 cores) keeps the test short
@@ -96,11 +96,6 @@ def test_walk_refuses_what_it_cannot_use(digits_model, train):
     other = ls.train_score_prior(digits(16, "train")[0], steps=5, hidden=16)
     with pytest.raises(SamplerError, match=r"for images \(1, 16, 16\)"):
         ls.sample(digits_model, "fc2", [0], method="walk", steps=2, prior=other)
-    from ldam_sweep.spec import parse_job
-
-    with pytest.raises(SpecError, match=r"sampler.method: .*'walk' runs from Python for now"):
-        parse_job({"name": "t", "model": {"zoo": "digits-cnn"}, "layers": ["fc2"], "data": {"source": "digits"},
-                   "sampler": {"method": "walk"}})
 
 
 def test_walk_moves_further_than_the_ascent_and_stays_on_the_data(digits_model, prior, train):

@@ -25,7 +25,7 @@ from ldam_sweep.cluster.dispatch import Dispatch
 from ldam_sweep.cluster.events import Callbacks, ProgressEvents, SummaryEvents, SweepCallback, SweepSummary
 from ldam_sweep.cluster.runtime import probe_address
 from ldam_sweep.cluster.signals import Interrupted, StopSignals
-from ldam_sweep.cluster.stages import StageInputs, check_stage_inputs, stage1, stage3
+from ldam_sweep.cluster.stages import StageInputs, check_stage_inputs, stage1, stage1_prior, stage3
 from ldam_sweep.errors import StoreDamagedError, StoreError
 from ldam_sweep.planning import SweepPlan, check_block_memory, resolve
 from ldam_sweep.spec import JobSpec, job_doc
@@ -159,6 +159,7 @@ class _Run:
                 f"{sum(lp.planned_units() for lp in plan.store.layers)} units, {len(tasks)} blocks")
             st = io("opening the store", open_store, loc)
             d_acc = stage1(plan, model, st, inputs, self.console, io)
+            stage1_prior(plan, model, st, inputs, self.console, io)
             # dead units are done: not sampled again
             committed = io("reading the manifest", lambda: st.refresh().units(status=("ok", "dead")))
             done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
@@ -228,7 +229,7 @@ def _check_files(loc: StoreLocation) -> None:
     the same); the discriminator is stage 1's, the realism record stage 3's to check and redo."""
     from ldam_sweep.store.verify import file_problems
 
-    problems = [p for p in file_problems(loc)[0] if p.kind not in ("discriminator", "realism", "lease", "verify-record")]
+    problems = [p for p in file_problems(loc)[0] if p.kind not in ("discriminator", "prior", "realism", "lease", "verify-record")]
     if problems:
         raise StoreDamagedError(f"store {loc.url!r} is damaged: {problems[0]}" + (
             f" (and {len(problems) - 1} more: `ldam-sweep verify {loc.url}` lists them)" if len(problems) > 1 else ""))

@@ -1,5 +1,6 @@
-"""The stages around sampling: stage 1 makes (or reuses) the store's discriminator once, stage 3
-measures the samples' realism; ``check_stage_inputs`` loads every file a spec names before any store exists."""
+"""The stages around sampling: stage 1 makes (or reuses) the store's discriminator and ``walk``'s
+score prior once, stage 3 measures the samples' realism; ``check_stage_inputs`` loads every file a
+spec names before any store exists."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from ldam_sweep.planning import SweepPlan
 from ldam_sweep.settings import DiscriminatorSettings
 from ldam_sweep.spec import JobSpec
 from ldam_sweep.store import open_store
-from ldam_sweep.store.layout import write_discriminator
+from ldam_sweep.store.layout import write_frozen
 from ldam_sweep.store.transport import StoreIO
 
 
@@ -25,7 +26,7 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     its bytes match the checksum its record names. One that is incomplete (a stage 1 cut short) or
     damaged is made again, and must be the one the committed blocks were sampled with. ``io``: how
     the store is reached (retried while it does not answer)."""
-    job, url = plan.job, st.loc.url
+    job = plan.job
     if job.discriminator is None:
         return None
     say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
@@ -41,7 +42,7 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     from ldam_sweep.model.loading import default_device
     from ldam_sweep.stage import discriminator_record, job_discriminator
 
-    used = {d for d in io("reading the manifest", st.units, status=("ok", "dead"))["discriminator"].to_pylist() if d}
+    used = _used(io, st, "discriminator")
     model.to(default_device())
     t0 = time.perf_counter()
     what = "loading" if job.discriminator.file is not None else "training"
@@ -64,19 +65,71 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     trained = job_discriminator(job, model, progress=report, plan=plan, loaded=inputs.discriminator, train=inputs.train)
     model.to("cpu")
     assert trained is not None
-    if used and used != {trained.digest()}:
+    _keep(io, st, "discriminator", trained.to_bytes(), discriminator_record(trained), used)
+    say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
+        f"fresh chains {trained.heldout_fake_accuracy:.3f}) in {time.perf_counter() - t0:.0f}s")
+    return trained.heldout_accuracy
+
+
+def stage1_prior(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: Console,
+                 io: StoreIO = StoreIO()) -> dict[str, Any] | None:
+    """``method: walk``: train or load the score prior once and keep it in the store (its bytes, a
+    sealed record with their sha256, as the discriminator's); a resumed sweep reuses it once its
+    bytes match. One damaged or incomplete is made again and must be the one the committed blocks
+    walked on. Returns its record (None without a prior section)."""
+    job = plan.job
+    if job.prior is None:
+        return None
+    from ldam_sweep.stage import prior_line
+
+    say = lambda m: console.print(m, highlight=False, markup=False)  # noqa: E731
+    state, why = io("reading the score prior", st.prior_state)
+    if state == "ok":
+        info = st.prior_info()
+        say(f"stage 1: score prior already in the store ({prior_line(info)})")
+        return info
+    if state != "absent":
+        say(f"stage 1: the stored score prior is {state} ({why}); making it again")
+    from ldam_sweep.model.loading import default_device
+    from ldam_sweep.settings import PriorSettings
+    from ldam_sweep.stage import job_prior, prior_record
+
+    used = _used(io, st, "prior")
+    device = default_device()
+    if job.prior.file is not None:
+        say("stage 1: loading the score prior ...")
+    else:
+        settings = PriorSettings(**(job.prior.train or {}))
+        say(f"stage 1: training the score prior on {device} ({settings.steps} steps, 3 hidden layers of "
+            f"{settings.hidden}; the default takes ~6 min on 2 CPU cores) ...")
+    prior = job_prior(job, model, loaded=inputs.prior, train=inputs.train, device=device)
+    assert prior is not None
+    record = prior_record(prior)
+    _keep(io, st, "prior", prior.to_bytes(), record, used)
+    say(f"stage 1: score prior ready ({prior_line(record)})")
+    return record
+
+
+def _used(io: StoreIO, st: Any, column: str) -> set[str]:
+    """The digests of the frozen model ``column`` (discriminator, prior) the committed rows name."""
+    return {d for d in io("reading the manifest", st.units, status=("ok", "dead"))[column].to_pylist() if d}
+
+
+def _keep(io: StoreIO, st: Any, name: str, blob: bytes, record: dict[str, Any], used: set[str]) -> None:
+    """Keep a frozen model made in stage 1 (``name``: discriminator, prior): refused when the committed
+    blocks were sampled with another one (StoreDamagedError), written with its sealed record."""
+    url = st.loc.url
+    if used and used != {record["digest"]}:
+        what = "discriminator" if name == "discriminator" else "score prior"
         raise StoreDamagedError(
-            f"stage 1: the discriminator made again (digest {trained.digest()[:12]}) is not the one the committed "
+            f"stage 1: the {what} made again (digest {record['digest'][:12]}) is not the one the committed "
             f"units of {url!r} were sampled with ({', '.join(sorted(d[:12] for d in used))}): training on another "
             "machine, thread count or library version gives other weights. The store cannot be completed "
             f"consistently: start it over with `ldam-sweep run SPEC --store {url} --fresh`, or use it as it is.")
     try:
-        io("writing the discriminator", write_discriminator, url, trained.to_bytes(), discriminator_record(trained))
+        io(f"writing the {name}", write_frozen, url, name, blob, record)
     except OSError as err:
-        raise storage_stop(err, "writing the discriminator (stage 1)") or err from None
-    say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
-        f"fresh chains {trained.heldout_fake_accuracy:.3f}) in {time.perf_counter() - t0:.0f}s")
-    return trained.heldout_accuracy
+        raise storage_stop(err, f"writing the {name} (stage 1)") or err from None
 
 
 def _duration(seconds: float) -> str:
@@ -135,6 +188,7 @@ class StageInputs:
 
     discriminator: Any = None
     train: Any = None
+    prior: Any = None  # the prior file's score prior
 
 
 def check_stage_inputs(job: JobSpec, model: Any) -> StageInputs:
@@ -145,6 +199,12 @@ def check_stage_inputs(job: JobSpec, model: Any) -> StageInputs:
         from ldam_sweep.sampling.discriminator import load_discriminator
 
         inputs.discriminator = load_discriminator(job.discriminator.file, model)
+    if job.prior is not None and job.prior.file is not None:
+        from ldam_sweep.sampling.chains import check_prior
+        from ldam_sweep.sampling.prior import load_score_prior
+
+        inputs.prior = load_score_prior(job.prior.file)
+        check_prior(inputs.prior, model)
     if job.data is not None and job.data.source in ("folder", "npy"):
         from ldam_sweep.data import real_images
 

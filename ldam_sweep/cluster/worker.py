@@ -114,6 +114,8 @@ class SweepWorker:
         self.generation = generation  # the store this worker was started for; None: not checked
         self.discriminator_digest: str | None = None  # the loaded discriminator's, stamped into the rows
         self._discriminator = None
+        self.prior_digest: str | None = None  # the loaded score prior's (method walk), stamped into the rows
+        self._prior = None
         self._device_lock = threading.Lock()  # one batch on the device at a time
         self._block_writers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="block-writer")
         self.node = self._node_id()
@@ -182,6 +184,22 @@ class SweepWorker:
             self.discriminator_digest = (st.discriminator_info() or {}).get("digest")
         return self._discriminator
 
+    def prior(self):
+        """``walk``'s score prior, read from the store once (checked against its record's sha256)."""
+        if self.job.prior is None:
+            return None
+        if self._prior is None:
+            from ldam_sweep.sampling.prior import load_score_prior
+            from ldam_sweep.store import open_store
+
+            st = self.io("opening the store", open_store, self.url)
+            blob = self.io("reading the score prior", st.prior_bytes)
+            if blob is None:
+                raise RuntimeError(f"store {self.url!r} holds no score prior yet (stage 1 did not finish)")
+            self._prior = load_score_prior(blob).to(self.device)
+            self.prior_digest = (st.prior_info() or {}).get("digest")
+        return self._prior
+
     def _sample_kwargs(self, layer: str, steps: int | None = None) -> dict[str, Any]:
         import torch
 
@@ -191,6 +209,8 @@ class SweepWorker:
             kwargs.update(steps=steps, snapshot_every=None, ladder=())
         if self.sampler.method == "ldam":
             kwargs["preconditioner"] = self.preconditioner
+        if self.sampler.method == "walk":
+            kwargs["prior"] = self.prior()
         return dict(kwargs, discriminator=self.discriminator(), objective=self.plan.store.layer(layer).objective,
                     snapshot_dtype=torch.float32 if self.plan.store.pixels == "float32" else torch.float16)
 
@@ -337,7 +357,8 @@ class SweepWorker:
             part = slice(lo, lo + len(block_units))
             failpoints.before_block_write(layer, [b for b, _ in blocks])
             sub = result.take(part)
-            columns = {u: {**scores.get(u, {}), "batch_units": sizes[u], "discriminator": self.discriminator_digest}
+            columns = {u: {**scores.get(u, {}), "batch_units": sizes[u], "discriminator": self.discriminator_digest,
+                           "prior": self.prior_digest}
                        for u in block_units}  # dead units: no scores
 
             def write_once() -> list[dict[str, Any]]:  # idempotent: whole objects, deleted then written

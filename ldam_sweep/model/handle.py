@@ -249,3 +249,13 @@ class ModelHandle:
 
     def __repr__(self) -> str:
         return f"ModelHandle({self.name!r}, input={self.input.shape}, layers={len(self.layers)}, device={self.device})"
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 over a module's state (names and bytes, in name order): the digest a store's manifest
+    stamps into each row of the frozen models (discriminator, score prior) it was sampled with."""
+    h = hashlib.sha256()
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -255,7 +255,7 @@ def _options(method: str, options: Any, given: dict[str, Any]) -> LdamOptions | 
     return options
 
 
-def _check_prior(prior: Any, model: ModelHandle) -> None:
+def check_prior(prior: Any, model: ModelHandle) -> None:
     if prior is None:
         raise SamplerError("method 'walk' needs a score prior: sample(..., prior=ls.train_score_prior(real_images))")
     if not isinstance(prior, ScorePrior):
@@ -357,7 +357,7 @@ def sample(
         if lam > 0:
             raise SamplerError("method 'walk' takes its realism from the score prior (prior=...): use lam=0 (a "
                                "discriminator, if given, is recorded, not used)")
-        _check_prior(prior, model)
+        check_prior(prior, model)
         if isinstance(init, str) and (init == "uniform" or (init == "auto" and exemplars is None)):
             raise SamplerError("method 'walk' walks from real images: give the units' exemplars (exemplars=...) or "
                                "starting images (init=...); uniform noise starts would keep their noise outside the "

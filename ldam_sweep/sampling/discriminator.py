@@ -8,7 +8,6 @@ D also sees young chains. Stage 2 freezes D: every unit of a sweep sees the same
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import time
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldam_sweep.errors import LdamError
-from ldam_sweep.model.handle import ModelHandle
+from ldam_sweep.model.handle import ModelHandle, state_digest
 from ldam_sweep.objectives import objective_for, unit_objective
 from ldam_sweep.sampling import noise
 from ldam_sweep.sampling.langevin import run_chains
@@ -170,11 +169,7 @@ class TrainedDiscriminator:
         return buf.getvalue()
 
     def digest(self) -> str:
-        h = hashlib.sha256()
-        for k, v in sorted(self.module.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return state_digest(self.module)
 
 
 def load_discriminator(source: str | Path | bytes, model: ModelHandle | None = None) -> TrainedDiscriminator:

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ldam_sweep.errors import SamplerError
+from ldam_sweep.model.handle import state_digest
 from ldam_sweep.settings import PRIOR_SIGMA_RANGE as SIGMA_RANGE  # noise levels trained on (per-pixel RMS / range)
 
 FORMAT = "ldam-sweep-score-prior-1"
@@ -89,6 +90,10 @@ class ScorePrior(nn.Module):
         return {"shape": list(self.shape), "box": list(self.box), "hidden": self.hidden, "sigma_data": self.sigma_data,
                 "components": self.components}
 
+    def digest(self) -> str:
+        """sha256 of its weights (the principal basis included): what a sweep's rows name."""
+        return state_digest(self)
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         torch.save({"format": FORMAT, "config": self.config(), "state_dict": self.state_dict(),
@@ -129,10 +134,11 @@ def load_score_prior(source: str | Path | bytes) -> ScorePrior:
 
 def train_score_prior(images: np.ndarray | torch.Tensor, *, box: tuple[float, float] = (0.0, 1.0),
                       components: int = COMPONENTS, steps: int = 16000, batch: int = 256, hidden: int = 1024,
-                      lr: float = 1e-3, seed: int = 0) -> ScorePrior:
+                      lr: float = 1e-3, seed: int = 0, device: str | torch.device = "cpu") -> ScorePrior:
     """Fit a ``ScorePrior`` to real images (N, C, H, W) in the pixel box ``box`` (the model's input
     range): their top ``components`` principal directions, then ``steps`` Adam steps of denoising
-    score matching over noise levels log-uniform in ``SIGMA_RANGE`` (per-pixel RMS)."""
+    score matching over noise levels log-uniform in ``SIGMA_RANGE`` (per-pixel RMS), on ``device``
+    (the draws come from a CPU generator: the same batches on every device). Returned on the CPU."""
     x = (images.detach().cpu().float() if isinstance(images, torch.Tensor)
          else torch.as_tensor(np.asarray(images), dtype=torch.float32))
     if x.ndim != 4 or len(x) < MIN_IMAGES or not torch.isfinite(x).all():
@@ -158,20 +164,25 @@ def train_score_prior(images: np.ndarray | torch.Tensor, *, box: tuple[float, fl
     with torch.no_grad():
         z = prior.coords(x)
     prior.sigma_data = float(z.std())
+    dev = torch.device(device)
+    prior.to(dev)
+    z = z.to(dev)
     opt = torch.optim.Adam(prior.net.parameters(), lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     lo, hi = (math.log(s) for s in SIGMA_RANGE)
     losses = []
-    for _ in range(steps):
-        zb = z[torch.randint(len(z), (batch,), generator=gen)]
-        sigma = torch.exp(lo + (hi - lo) * torch.rand(batch, generator=gen))
-        eps = torch.randn(zb.shape, generator=gen)
+    for i in range(steps):
+        zb = z[torch.randint(len(z), (batch,), generator=gen).to(dev)]
+        sigma = torch.exp(lo + (hi - lo) * torch.rand(batch, generator=gen)).to(dev)
+        eps = torch.randn(zb.shape, generator=gen).to(dev)
         loss = (prior(zb + sigma[:, None] * eps, sigma) - eps).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        losses.append(loss.item())
+        if i >= steps - 100:  # the final loss: the mean of the last 100 (no device sync per step)
+            losses.append(loss.detach())
+    losses = torch.stack(losses).cpu().tolist()
     prior.record = {"images": len(x), "components": k, "steps": steps, "seconds": time.perf_counter() - t0,
-                    "final_loss": float(np.mean(losses[-100:]))}
-    return prior.eval().requires_grad_(False)
+                    "final_loss": float(np.mean(losses))}
+    return prior.to("cpu").eval().requires_grad_(False)

@@ -19,7 +19,8 @@ copy is the root's ``zarr.json`` verbatim) and the manifest is a group whose par
 parts, and every reader reads both (``sidecar_path``, ``manifest.parts_dir``). The lease stays a
 file at the top (``lease.json``): it exists only while a driver runs, and drivers of every version
 must find it in one place.
-- **The discriminator's record** names the sha256 of its bytes and of its array's metadata.
+- **The frozen models' records** (the discriminator's, ``discriminator/``; walk's score prior's, ``prior/``)
+  name the sha256 of their bytes and of their array's metadata.
 - **Manifest parts** carry the sha256 of their bytes in their name (``manifest.py``).
 """
 
@@ -156,38 +157,41 @@ def group_shaped(meta: Any) -> bool:
             and meta.get("node_type") == "group" and meta.get("consolidated_metadata") is None)
 
 
-# -- the discriminator ------------------------------------------------------------------------------
+# -- the frozen models: the discriminator, the score prior ---------------------------------------
 
-DISCRIMINATOR_SEAL = "record_sha256"
+DISCRIMINATOR_SEAL = "record_sha256"  # the seal of a frozen model's record (discriminator/ or prior/)
+FROZEN = ("discriminator", "prior")  # the groups that keep a frozen model (its file's bytes and its record)
 
 
-def discriminator_state(loc: StoreLocation, blob: bytes | None = None) -> tuple[str, str]:
-    """(state, what is wrong) of the stored discriminator. States: "absent"; "ok" (its sealed
-    record names the sha256 of its bytes and of its array's metadata, and both match); "legacy" (a
-    record from before those checksums: its bytes are not checked); "incomplete" (a group without a
-    record: a stage 1 that stopped before its commit); "corrupt". ``blob``: the bytes, when read already."""
-    meta_bytes = read_bytes(loc, "discriminator/zarr.json")
+def frozen_state(loc: StoreLocation, name: str, blob: bytes | None = None) -> tuple[str, str]:
+    """(state, what is wrong) of the frozen model kept in group ``name`` (one of FROZEN). States:
+    "absent"; "ok" (its sealed record names the sha256 of its bytes and of its array's metadata, and
+    both match); "legacy" (a record from before those checksums: its bytes are not checked);
+    "incomplete" (a group without a record: a stage 1 that stopped before its commit); "corrupt".
+    ``blob``: the bytes, when read already."""
+    meta_bytes = read_bytes(loc, f"{name}/zarr.json")
     if meta_bytes is None:
-        return ("absent", "") if not loc.fs.exists(loc.join("discriminator")) else ("incomplete", "its group has no metadata")
+        return ("absent", "") if not loc.fs.exists(loc.join(name)) else ("incomplete", "its group has no metadata")
     state, meta = parse_json(meta_bytes)
     if state != "ok":
-        return "corrupt", "its record (discriminator/zarr.json) is not valid JSON"
+        return "corrupt", f"its record ({name}/zarr.json) is not valid JSON"
     if not group_shaped(meta):
-        return "corrupt", "its record (discriminator/zarr.json) is not a Zarr group's metadata"
+        return "corrupt", f"its record ({name}/zarr.json) is not a Zarr group's metadata"
     record = meta["attributes"]
     if not record:
         return "incomplete", "it has no record: stage 1 stopped before it finished writing it"
     seal_ok = seal_state(record, DISCRIMINATOR_SEAL)
     if seal_ok == "broken":
-        return "corrupt", "its record (discriminator/zarr.json) does not match its checksum"
+        return "corrupt", f"its record ({name}/zarr.json) does not match its checksum"
     if seal_ok == "none" or "file_sha256" not in record:
-        return "legacy", ""
-    array_meta = read_bytes(loc, "discriminator/file/zarr.json")
+        # only the discriminator predates the checksums; a score prior's record always has them
+        return ("legacy", "") if name == "discriminator" else ("corrupt", f"its record ({name}/zarr.json) has no checksum")
+    array_meta = read_bytes(loc, f"{name}/file/zarr.json")
     if array_meta is None or sha256(array_meta) != record["file_meta_sha256"]:
-        return "corrupt", "its array's metadata (discriminator/file/zarr.json) is missing or does not match its record"
+        return "corrupt", f"its array's metadata ({name}/file/zarr.json) is missing or does not match its record"
     if blob is None:
         try:
-            blob = bytes(zarr.open_array(loc.zarr_store(read_only=True), path="discriminator/file", mode="r")[:])
+            blob = bytes(zarr.open_array(loc.zarr_store(read_only=True), path=f"{name}/file", mode="r")[:])
         except Exception as err:
             return "corrupt", f"its bytes cannot be read ({type(err).__name__}: {str(err)[:200]})"
     if len(blob) != record["file_bytes"] or sha256(blob) != record["file_sha256"]:
@@ -195,9 +199,9 @@ def discriminator_state(loc: StoreLocation, blob: bytes | None = None) -> tuple[
     return "ok", ""
 
 
-def discriminator_record(loc: StoreLocation) -> dict[str, Any] | None:
-    """The discriminator's record without its checksums (None when there is none)."""
-    data = read_bytes(loc, "discriminator/zarr.json")
+def frozen_record(loc: StoreLocation, name: str) -> dict[str, Any] | None:
+    """The record of the frozen model in group ``name``, without its checksums (None when there is none)."""
+    data = read_bytes(loc, f"{name}/zarr.json")
     if data is None:
         return None
     try:
@@ -206,6 +210,16 @@ def discriminator_record(loc: StoreLocation) -> dict[str, Any] | None:
         return None
     hidden = (DISCRIMINATOR_SEAL, "file_sha256", "file_bytes", "file_meta_sha256")
     return None if attrs is None else {k: v for k, v in attrs.items() if k not in hidden}
+
+
+def discriminator_state(loc: StoreLocation, blob: bytes | None = None) -> tuple[str, str]:
+    """``frozen_state`` of the discriminator."""
+    return frozen_state(loc, "discriminator", blob)
+
+
+def discriminator_record(loc: StoreLocation) -> dict[str, Any] | None:
+    """``frozen_record`` of the discriminator."""
+    return frozen_record(loc, "discriminator")
 
 
 # -- what verify found, for readers ----------------------------------------------------------------

@@ -53,7 +53,7 @@ from ldam_sweep.store.lease import LEASE_FILE
 from ldam_sweep.store.location import StoreLocation, encode_name
 
 __all__ = ["FORMAT_NAME", "LayerPlan", "SCHEMA_VERSION", "StoreError", "StorePlan", "check_store", "committed_unit_count",
-           "create_store", "layer_path", "read_generation", "read_sampler_revision", "write_discriminator"]
+           "create_store", "layer_path", "read_generation", "read_sampler_revision", "write_discriminator", "write_frozen"]
 
 SCHEMA_VERSION = 1
 FORMAT_NAME = "ldam-sweep"
@@ -318,22 +318,29 @@ def _read_root_attrs(loc: StoreLocation) -> dict[str, Any]:
 def write_discriminator(url: str | StoreLocation, blob: bytes, attrs: dict[str, Any]) -> None:
     """Keep the frozen discriminator in the store (driver only, once): its saved file's bytes as a
     uint8 array ``discriminator/file`` and its training record ``attrs`` (settings, per-update log,
-    held-out accuracy) as attrs of ``discriminator/``. Read back with ``SweepStore.discriminator_bytes``.
+    held-out accuracy) as attrs of ``discriminator/``. Read back with ``SweepStore.discriminator_bytes``;
+    see ``write_frozen``."""
+    write_frozen(url, "discriminator", blob, attrs)
+
+
+def write_frozen(url: str | StoreLocation, name: str, blob: bytes, attrs: dict[str, Any]) -> None:
+    """Keep a frozen model (``name``: one of integrity.FROZEN) in the store: its file's bytes as the
+    uint8 array ``<name>/file`` and its record ``attrs`` as the attrs of ``<name>/``.
 
     The record is the commit, written last: the group starts without one, the bytes follow, and
     only then the sealed record naming the sha256 of the bytes and of the array's metadata. A store
-    whose discriminator has no record, or bytes that do not match it, has none (stage 1 redoes it)."""
+    whose group has no record, or bytes that do not match it, has none (stage 1 redoes it)."""
     loc = StoreLocation.parse(url)
     root = loc.open_group(mode="r+")
     data = np.frombuffer(blob, dtype=np.uint8)
-    if "discriminator" in root:
-        del root["discriminator"]
-    g = root.create_group("discriminator")
-    failpoints.hit("discriminator.before-bytes")
+    if name in root:
+        del root[name]
+    g = root.create_group(name)
+    failpoints.hit(f"{name}.before-bytes")
     arr = g.create_array("file", shape=data.shape, dtype="uint8", chunks=data.shape)
     arr[:] = data
-    failpoints.hit("discriminator.before-record")
-    meta = loc.fs.cat_file(loc.join("discriminator", "file", "zarr.json"))
+    failpoints.hit(f"{name}.before-record")
+    meta = loc.fs.cat_file(loc.join(name, "file", "zarr.json"))
     g.attrs.put(seal({**attrs, "file_sha256": sha256(blob), "file_bytes": len(blob), "file_meta_sha256": sha256(meta)},
                      DISCRIMINATOR_SEAL))
 

@@ -15,7 +15,7 @@ from ldam_sweep.notebook import mark, register as register_notebook_display
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
 from ldam_sweep.store.schema import OBSERVER_COLUMNS, PIXEL_ARRAYS, LayerPlan, StorePlan, decode_pixels
 from ldam_sweep.store import manifest
-from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, discriminator_record, discriminator_state, read_verify_record,
+from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, frozen_record, frozen_state, read_verify_record,
                                         sidecar_path,
                                         seal_state)
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
@@ -108,7 +108,7 @@ class SweepStore:
         self._verified: set[tuple[str, int, str]] = set()  # (layer, block, checksum) whose data matched
         self._found_corrupt: set[tuple[str, int]] = set()  # (layer, block) whose data did not, when read here
         self._skip_parts: frozenset[str] = frozenset()
-        self._discriminator: tuple[str, str, bytes | None] | None = None  # _discriminator_check's result
+        self._frozen: dict[str, tuple[str, str, bytes | None]] = {}  # _frozen_check's results, per group
 
     def ignoring_parts(self, paths: set[str]) -> "SweepStore":
         """Read the manifest without these part files (damaged ones ``verify`` found); re-reads it."""
@@ -116,8 +116,8 @@ class SweepStore:
         return self.refresh()
 
     def refresh(self) -> "SweepStore":
-        """Forget the cached manifest (and discriminator check): the next query sees commits made since."""
-        self._discriminator = None
+        """Forget the cached manifest (and the frozen models' checks): the next query sees commits made since."""
+        self._frozen = {}
         self._latest = None
         return self
 
@@ -543,39 +543,58 @@ class SweepStore:
     def discriminator_info(self) -> dict[str, Any] | None:
         """The stored discriminator's training record (accuracy, settings, log), or None (none
         stored, or one whose record is incomplete or damaged: ``discriminator_state``)."""
-        if self.discriminator_state()[0] not in ("ok", "legacy"):
-            return None
-        return discriminator_record(self.loc)
+        return self._frozen_info("discriminator")
 
     def discriminator_state(self) -> tuple[str, str]:
         """(state, what is wrong): "absent", "ok", "legacy" (stored before its bytes had a
-        checksum), "incomplete" or "corrupt" (see ``integrity.discriminator_state``)."""
-        return self._discriminator_check()[:2]
-
-    def _discriminator_check(self) -> tuple[str, str, bytes | None]:
-        """(state, what is wrong, its bytes): read and checked once per object (``refresh()`` forgets
-        it), so the state, the record and the bytes a caller gets are of one read."""
-        if self._discriminator is None:
-            blob = None
-            if "discriminator" in self.root:
-                try:
-                    blob = bytes(np.asarray(self.root["discriminator/file"][:]))
-                except Exception:  # discriminator_state reads it again and says why
-                    pass
-            self._discriminator = (*discriminator_state(self.loc, blob), blob)
-        return self._discriminator
+        checksum), "incomplete" or "corrupt" (see ``integrity.frozen_state``)."""
+        return self._frozen_check("discriminator")[:2]
 
     def discriminator_bytes(self) -> bytes | None:
         """The frozen discriminator the sweep used, as its saved file's bytes, or None. Checked
         against the sha256 its record names (once per object; the bytes returned are the ones
         checked): StoreDamagedError when they differ. Load it with
         ``ldam_sweep.sampling.discriminator.load_discriminator(blob, model)``."""
-        state, why, blob = self._discriminator_check()
+        return self._frozen_bytes("discriminator")
+
+    def prior_info(self) -> dict[str, Any] | None:
+        """The stored score prior's record (``method: walk``: its digest, size, training), or None."""
+        return self._frozen_info("prior")
+
+    def prior_state(self) -> tuple[str, str]:
+        """(state, what is wrong) of the stored score prior: "absent", "ok", "incomplete" or "corrupt"."""
+        return self._frozen_check("prior")[:2]
+
+    def prior_bytes(self) -> bytes | None:
+        """The score prior a ``walk`` sweep used, as its saved file's bytes (checked like
+        ``discriminator_bytes``), or None. Load it with ``ls.load_score_prior(blob)``."""
+        return self._frozen_bytes("prior")
+
+    def _frozen_info(self, name: str) -> dict[str, Any] | None:
+        return frozen_record(self.loc, name) if self._frozen_check(name)[0] in ("ok", "legacy") else None
+
+    def _frozen_check(self, name: str) -> tuple[str, str, bytes | None]:
+        """(state, what is wrong, its bytes) of the frozen model in group ``name``: read and checked
+        once per object (``refresh()`` forgets it), so the state, the record and the bytes a caller
+        gets are of one read."""
+        if name not in self._frozen:
+            blob = None
+            if name in self.root:
+                try:
+                    blob = bytes(np.asarray(self.root[f"{name}/file"][:]))
+                except Exception:  # frozen_state reads it again and says why
+                    pass
+            self._frozen[name] = (*frozen_state(self.loc, name, blob), blob)
+        return self._frozen[name]
+
+    def _frozen_bytes(self, name: str) -> bytes | None:
+        state, why, blob = self._frozen_check(name)
         if state == "absent":
             return None
         if state not in ("ok", "legacy") or blob is None:
-            raise StoreDamagedError(f"the discriminator stored in {self.loc.url!r} is {state}: {why or 'its bytes cannot be read'}; "
-                                    f"`ldam-sweep run SPEC --store {self.loc.url}` trains it again (stage 1) and checks it "
+            what = "discriminator" if name == "discriminator" else "score prior"
+            raise StoreDamagedError(f"the {what} stored in {self.loc.url!r} is {state}: {why or 'its bytes cannot be read'}; "
+                                    f"`ldam-sweep run SPEC --store {self.loc.url}` makes it again (stage 1) and checks it "
                                     "is the one the committed blocks used")
         return blob
 

@@ -387,6 +387,7 @@ FILE_SCHEMA = pa.schema([
     ("spec_hash", pa.string()),
     ("generation", pa.string()),  # the store's generation at commit; null in rows committed before it existed
     ("discriminator", pa.string()),  # digest of the discriminator the block was sampled with (null: none, or older rows)
+    ("prior", pa.string()),  # digest of the score prior a walk was sampled with (null: another method, or older rows)
     ("code_version", pa.string()),
     ("committed_at", pa.timestamp("us", tz="UTC")),
 ])

@@ -1,8 +1,8 @@
 """Integrity check of a whole store, and its repair.
 
 ``verify_store`` checks every file the store depends on: the root metadata and its copy, every
-group's and array's ``zarr.json`` (against the checksums the root records), the discriminator
-(its record's seal, its bytes' sha256), every manifest part (the sha256 in its name), the lease,
+group's and array's ``zarr.json`` (against the checksums the root records), the discriminator and
+``walk``'s score prior (their records' seals, their bytes' sha256), every manifest part (the sha256 in its name), the lease,
 the realism record; then every committed block: readable, right shape, finite where committed,
 and the checksum recorded at commit time matches what is stored now; and every manifest row: it
 belongs to this store (its spec hash and generation) and to its plan (layer and unit). A dead unit
@@ -10,7 +10,7 @@ belongs to this store (its spec hash and generation) and to its plan (layer and 
 
 ``repair_store`` fixes what can be fixed without losing good data: the root from its copy (or
 the copy from the root), damaged metadata rebuilt from the plan the root records, a damaged
-discriminator, manifest part, lease or realism record set aside or removed (the next ``run``
+discriminator or score prior, manifest part, lease or realism record set aside or removed (the next ``run``
 redoes what they held), and every block with a problem marked corrupt, with 'corrupt' tombstone
 rows for all layers published in one atomic commit, so the next run redoes exactly those blocks.
 """
@@ -49,7 +49,7 @@ QUARANTINE_DIR = "quarantine"  # damaged files repair set aside (outside manifes
 class StoreProblem:
     """A damaged file the store depends on (not a block): what, what is wrong, and what fixes it."""
 
-    kind: str  # root | root-copy | metadata | discriminator | part | lease | realism | verify-record | unrepairable
+    kind: str  # root | root-copy | metadata | discriminator | prior | part | lease | realism | verify-record | unrepairable
     path: str  # relative to the store
     problem: str
     fix: str
@@ -150,7 +150,7 @@ def file_problems(loc: StoreLocation) -> tuple[list[StoreProblem], dict[str, Any
         raise StoreError(f"{url!r} is a Zarr group but not an ldam-sweep store (no format='ldam-sweep' attribute)")
     plan = StorePlan.from_json(attrs["plan"])
     out += _metadata_problems(loc, plan, attrs, repair)
-    out += _discriminator_problems(loc, url)
+    out += _frozen_problems(loc, url)
     out += _part_problems(loc, repair)
     out += _record_problems(loc, url, repair)
     return out, attrs
@@ -190,15 +190,20 @@ def _same_meaning(stored: Any, expected: dict[str, Any]) -> bool:
     return all(stored[k] == expected[k] for k in stored.keys() & expected.keys()) and "node_type" in stored
 
 
-def _discriminator_problems(loc: StoreLocation, url: str) -> list[StoreProblem]:
-    from ldam_sweep.store.integrity import discriminator_state
+def _frozen_problems(loc: StoreLocation, url: str) -> list[StoreProblem]:
+    """The discriminator's and the score prior's bytes and records (``integrity.frozen_state``)."""
+    from ldam_sweep.store.integrity import FROZEN, frozen_state
 
-    state, why = discriminator_state(loc)
-    if state in ("absent", "ok", "legacy"):
-        return []
-    return [StoreProblem("discriminator", "discriminator", f"the stored discriminator is {state}: {why}",
-                         f"`ldam-sweep run SPEC --store {url}` trains it again (stage 1; `--repair` first removes "
-                         "the damaged one) and checks it is the one the committed blocks used")]
+    out = []
+    for name in FROZEN:
+        state, why = frozen_state(loc, name)
+        if state in ("absent", "ok", "legacy"):
+            continue
+        what, verb = ("discriminator", "trains") if name == "discriminator" else ("score prior", "makes")
+        out.append(StoreProblem(name, name, f"the stored {what} is {state}: {why}",
+                                f"`ldam-sweep run SPEC --store {url}` {verb} it again (stage 1; `--repair` first removes "
+                                "the damaged one) and checks it is the one the committed blocks used"))
+    return out
 
 
 def _part_problems(loc: StoreLocation, repair: str) -> list[StoreProblem]:
@@ -350,8 +355,8 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
         elif p.kind == "part":
             _set_aside(loc, p.path, stamp)
             report.rerun = True
-        elif p.kind == "discriminator":
-            fs.rm(loc.join("discriminator"), recursive=True)
+        elif p.kind in ("discriminator", "prior"):
+            fs.rm(loc.join(p.path), recursive=True)
             report.rerun = True
         elif p.kind == "realism":  # layout 2: the record is a group of its own; remove it whole
             whole = p.path.removesuffix("/zarr.json")
@@ -366,7 +371,7 @@ def repair_store(store: SweepStore | str | StoreLocation, problems: list[Any]) -
         elif p.kind != "metadata":
             continue  # the verify record is written again below
         report.fixed.append(f"{p.path}: " + {"root": "restored from its copy", "root-copy": "written again from zarr.json",
-                                               "part": f"set aside in {QUARANTINE_DIR}/", "discriminator": "removed",
+                                               "part": f"set aside in {QUARANTINE_DIR}/", "discriminator": "removed", "prior": "removed",
                                                "realism": "removed", "lease": "removed"}.get(p.kind, "rebuilt from the plan"))
     st = SweepStore(loc.url, loc.storage_options)  # the root may have changed
     damaged = [p.path for p in problems if isinstance(p, StoreProblem) and p.kind == "metadata"]
