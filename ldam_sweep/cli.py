@@ -269,6 +269,30 @@ def train_discriminator_cmd(
         )
 
 
+@app.command("train-prior")
+def train_prior_cmd(
+    spec: Path = typer.Argument(..., help="Job spec YAML with model, data and prior.train sections (method walk)."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write the trained score prior to."),
+) -> None:
+    """Stage 1 alone for method walk: train the job's score prior and save it (a spec's prior: {file: ...} takes it)."""
+    from ldam_sweep.errors import SpecError
+    from ldam_sweep.model import load_model
+    from ldam_sweep.model.loading import default_device
+    from ldam_sweep.spec import load_spec
+    from ldam_sweep.stage import job_prior, prior_line, prior_record
+
+    with user_errors():
+        job = load_spec(spec)
+        if job.prior is None or job.prior.train is None:
+            raise SpecError(f"{spec}: train-prior needs a prior.train section (settings, may be {{}})")
+        model = load_model(job.model, log=_log)
+        _log(f"training the score prior on {default_device()} ...")
+        prior = job_prior(job, model, device=default_device())
+        assert prior is not None
+        path = prior.save(output)
+        console.print(f"score prior: {prior_line(prior_record(prior))}; wrote {path}", highlight=False, markup=False)
+
+
 @app.command()
 def status(
     store: str = typer.Argument(..., help="Store path or URL."),

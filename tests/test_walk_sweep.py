@@ -151,10 +151,24 @@ def test_walk_specs_say_which_section_is_missing_or_wrong():
     assert job.prior.train == {"steps": 10} and job.sampler.method == "walk"
 
 
-def test_a_prior_file_for_other_images_is_refused_before_any_store_exists(tmp_path):
-    """``prior: {file: ...}`` (relative to the spec) is loaded and checked against the model before a
-    store is made: a prior of 16x16 images for the 28x28 digits model is one clear line, exit 2."""
+def test_train_prior_saves_what_a_spec_names_and_a_prior_for_other_images_is_refused(tmp_path, digits_model):
+    """``ldam-sweep train-prior`` trains the spec's prior alone and saves it; ``prior: {file: ...}``
+    (relative to the spec) loads it and checks it against the model before a store is made: a prior
+    of 16x16 images for the 28x28 digits model is one clear line, exit 2, and no store."""
+    from ldam_sweep.cluster.stages import check_stage_inputs
     from ldam_sweep.data import digits
+    from ldam_sweep.spec import load_spec
+
+    spec = tmp_path / "train.yaml"
+    spec.write_text(yaml.safe_dump({**WALK_SPEC, "prior": {"train": {"steps": 20, "hidden": 16}}}))
+    out = invoke("train-prior", spec, "-o", tmp_path / "priors" / "p28.pt")
+    assert out.exit_code == 0 and "score prior: 256 images, 64 components, 20 steps" in out.output, out.output
+    spec.write_text(yaml.safe_dump({**WALK_SPEC, "prior": {"file": "priors/p28.pt"}}))
+    job = load_spec(spec)
+    loaded = check_stage_inputs(job, digits_model).prior
+    assert loaded.digest() == ls.load_score_prior(tmp_path / "priors" / "p28.pt").digest() and loaded.hidden == 16
+    out = invoke("train-prior", tmp_path / "train.yaml", "-o", tmp_path / "again.pt")  # a file prior: nothing to train
+    assert out.exit_code == 2 and "train-prior needs a prior.train section" in one_line_error(out.output)
 
     ls.train_score_prior(digits(16, "train")[0], steps=5, hidden=16).save(tmp_path / "priors" / "p16.pt")
     spec = tmp_path / "walk.yaml"
