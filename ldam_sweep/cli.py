@@ -609,7 +609,7 @@ def verify(
                                 "damaged files set aside) and mark every block with a problem as corrupt, in one commit, "
                                 "so the next `ldam-sweep run` redoes exactly those blocks."),
 ) -> None:
-    """Check every file the store depends on (metadata, discriminator, manifest, lease, records) and every
+    """Check every file the store depends on (metadata, discriminator, score prior, manifest, lease, records) and every
     committed block (readable, right shape, finite, checksum matches); record the result for readers.
     Exit 1 on problems (also with --repair, which fixes or marks them for the next run)."""
     from ldam_sweep.store import open_store, repair_store, verify_store

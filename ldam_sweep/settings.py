@@ -269,6 +269,8 @@ class PriorSettings(BaseModel):
     batch: int = Field(256, ge=2, description="real images per step")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate (cosine-annealed)")
     seed: int = 0
+    max_images: int = Field(10_000, ge=32, description="at most this many of the training images (a random "
+                            "subset, from the seed): the principal directions cost images^2 memory")
 
 
 def default_snapshot_steps(steps: int, snapshot_every: int | None) -> list[int]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
+
 from ldam_sweep.data import real_images
 from ldam_sweep.model.handle import ModelHandle
 from ldam_sweep.planning import SweepPlan, resolve
@@ -62,8 +64,11 @@ def job_prior(job: JobSpec, model: ModelHandle, *, loaded: ScorePrior | None = N
     assert job.data is not None  # the spec validator guarantees it
     settings = PriorSettings(**(job.prior.train or {}))
     train = real_images(job.data, model.input, "train") if train is None else train
+    if len(train) > settings.max_images:  # a random subset, from the seed
+        keep = np.sort(np.random.default_rng(settings.seed).choice(len(train), settings.max_images, replace=False))
+        train = train[keep]
     return train_score_prior(train, box=tuple(map(float, model.input.range)), device=device,  # type: ignore[arg-type]
-                             **settings.model_dump())
+                             **settings.model_dump(exclude={"max_images"}))
 
 
 def prior_record(prior: ScorePrior) -> dict[str, Any]:

@@ -18,7 +18,10 @@ Per row, over the live units of every layer (``--units N``: the first N units of
 - observer: the informativeness 2-AFC (``ldam_sweep.sampling.observer``) on the held-out split, for
   the samples, their starts and the top-8 exemplars, per layer (conv2, fc1) and over all;
 - seeds: median RMS between the final samples of seed 0 and seed 1 (same starts): what the noise
-  changes.
+  changes;
+- spread: median over units (best real activation > 0) of how far apart a unit's chains end, pairwise,
+  over how far apart they started (1: as varied as their real starts; near 0: the chains collapsed
+  onto one image).
 """
 
 from __future__ import annotations
@@ -85,8 +88,15 @@ def rms(a, b):
     return np.sqrt(((a.astype(np.float64) - b) ** 2).reshape(*a.shape[:2], -1).mean(-1))
 
 
+def apart(x):
+    """Mean RMS between the (K, C, H, W) images of one unit's chains, pairwise."""
+    x = x.reshape(len(x), -1).astype(np.float64)
+    d = np.sqrt(((x[:, None] - x[None]) ** 2).mean(-1))
+    return float(d[np.triu_indices(len(x), 1)].mean())
+
+
 def measure(model, runs, real, obs, target=1.0, again=None):
-    fake, moves, acts, reached, seeds = [], {}, [], [], []
+    fake, moves, acts, reached, seeds, spread = [], {}, [], [], [], []
     hits: dict[str, dict[str, list]] = {}
     for layer, parts in runs.items():
         for k, (units, res, ex, exv) in enumerate(parts):
@@ -99,6 +109,7 @@ def measure(model, runs, real, obs, target=1.0, again=None):
             ok = live & (exv[:, 0] > 1e-12)
             r = np.median(res.final_activation[ok], 1) / exv[ok, 0]
             acts += r.tolist()
+            spread += [apart(f) / max(apart(s), 1e-12) for f, s in zip(res.final_samples[ok], res.starts[ok])]
             reached += (r >= target * (1 - 1e-3)).tolist()
             if again is not None:
                 seeds.append(rms(fin, again[layer][k][1].final_samples[live]).ravel())
@@ -112,7 +123,8 @@ def measure(model, runs, real, obs, target=1.0, again=None):
          "move_by_layer": {k: float(np.median(np.concatenate(v))) for k, v in moves.items()},
          "two_sample": two_sample_test(fake, real, max_images=2048).accuracy,
          "hf": float(hf_energy(fake).mean() / hf_energy(real).mean()),
-         "activation": float(np.median(acts)), "reached": float(np.mean(reached))}
+         "activation": float(np.median(acts)), "reached": float(np.mean(reached)),
+         "spread": float(np.median(spread))}
     if seeds:
         m["seeds"] = float(np.median(np.concatenate(seeds)))
     first = next(iter(runs.values()))[0][1]

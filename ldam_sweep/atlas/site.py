@@ -693,6 +693,11 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
     d = st.discriminator_info()
     d_text = (f"held-out accuracy {d['heldout_accuracy']:.3f} (real {d['heldout_real_accuracy']:.3f}, "
               f"fresh chains {d['heldout_fake_accuracy']:.3f})" if d else "none (λ = 0)")
+    prior = st.prior_info()
+    if prior:
+        from ldam_sweep.stage import prior_line
+
+        d_text += f". Score prior (method walk): {prior_line(prior)}"
     model_name = portable(attrs["model"]["name"], st)
     body = (f"<h1>ldam-sweep atlas: {_e(model_name)}</h1>"
             f"<p>store <code>{_e(store_name(st))}</code>, created {_e(attrs.get('created_at', ''))}, "
@@ -720,6 +725,6 @@ def _write_index(st: SweepStore, layers_info: list[dict[str, Any]], realism: dic
             "layer name or part of one, a unit number; or layer:NAME, unit:N, label:X, is:FLAG.</p>"
             "<table id='results'></table>"
             f"<script src='data/search.js'></script><script>{ESC_JS}{SEARCH_JS % SEARCH_LIMIT}</script>"
-            f"<h2>Discriminator</h2><p>{_e(d_text)}</p>"
+            f"<h2>Realism prior</h2><p>Discriminator: {_e(d_text)}</p>"
             f"<h2>Job settings</h2><pre>{_e(json.dumps(portable(spec, st), indent=2))}</pre>")
     (out / "index.html").write_text(_page(f"atlas {model_name}", body, 0))

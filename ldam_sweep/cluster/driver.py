@@ -159,7 +159,7 @@ class _Run:
                 f"{sum(lp.planned_units() for lp in plan.store.layers)} units, {len(tasks)} blocks")
             st = io("opening the store", open_store, loc)
             d_acc = stage1(plan, model, st, inputs, self.console, io)
-            stage1_prior(plan, model, st, inputs, self.console, io)
+            prior = stage1_prior(plan, model, st, inputs, self.console, io)
             # dead units are done: not sampled again
             committed = io("reading the manifest", lambda: st.refresh().units(status=("ok", "dead")))
             done_keys = {(r["layer"], r["block"]) for r in committed.select(["layer", "block"]).to_pylist()}
@@ -167,7 +167,7 @@ class _Run:
             say(f"resume: {len(tasks) - len(todo)} of {len(tasks)} blocks already committed, {len(todo)} to run")
         summary = SweepSummary(store=loc.url, planned_blocks=len(tasks), skipped_blocks=len(tasks) - len(todo),
                                done_blocks=0, failed_blocks=0, units_done=0, units_failed=0, seconds=0.0,
-                               discriminator_accuracy=d_acc)
+                               discriminator_accuracy=d_acc, prior_digest=(prior or {}).get("digest"))
         summary.startup["driver_s"] = time.perf_counter() - self.entered
         events = Callbacks([SummaryEvents(summary), ProgressEvents(self.console), *(self.callbacks or [])])
         if todo:

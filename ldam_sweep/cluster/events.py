@@ -39,6 +39,7 @@ class SweepSummary:
     interrupted: bool = False
     signal: str | None = None  # what interrupted it: SIGINT (Ctrl-C) or SIGTERM
     discriminator_accuracy: float | None = None
+    prior_digest: str | None = None  # method walk: the digest of the score prior the sweep walked on
     realism: dict[str, Any] | None = None  # stage 3: pooled two-sample accuracy and HF ratio, seconds
     workers: list[str] = field(default_factory=list)
     worker_niceness: list[int] = field(default_factory=list)  # the started actors' nice values (0 = normal)

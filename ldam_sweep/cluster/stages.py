@@ -65,7 +65,7 @@ def stage1(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, console: C
     trained = job_discriminator(job, model, progress=report, plan=plan, loaded=inputs.discriminator, train=inputs.train)
     model.to("cpu")
     assert trained is not None
-    _keep(io, st, "discriminator", trained.to_bytes(), discriminator_record(trained), used)
+    _keep(io, st, "discriminator", trained.to_bytes(), discriminator_record(trained), used, job.discriminator.file)
     say(f"stage 1: held-out accuracy {trained.heldout_accuracy:.3f} (real {trained.heldout_real_accuracy:.3f}, "
         f"fresh chains {trained.heldout_fake_accuracy:.3f}) in {time.perf_counter() - t0:.0f}s")
     return trained.heldout_accuracy
@@ -86,9 +86,12 @@ def stage1_prior(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, cons
     state, why = io("reading the score prior", st.prior_state)
     if state == "ok":
         info = st.prior_info()
-        say(f"stage 1: score prior already in the store ({prior_line(info)})")
-        return info
-    if state != "absent":
+        if inputs.prior is None or inputs.prior.digest() == info.get("digest"):
+            say(f"stage 1: score prior already in the store ({prior_line(info)})")
+            return info
+        say(f"stage 1: prior.file {str(job.prior.file)!r} holds another score prior than the store's "
+            f"({inputs.prior.digest()[:12]}, the store's {str(info.get('digest'))[:12]}); keeping the file's")
+    elif state != "absent":
         say(f"stage 1: the stored score prior is {state} ({why}); making it again")
     from ldam_sweep.model.loading import default_device
     from ldam_sweep.settings import PriorSettings
@@ -96,6 +99,10 @@ def stage1_prior(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, cons
 
     used = _used(io, st, "prior")
     device = default_device()
+    if device.type == "cuda":  # as the workers run (deterministic kernels by default): a prior made again matches
+        from ldam_sweep.cluster.worker import set_determinism
+
+        set_determinism(job.resources.deterministic)
     if job.prior.file is not None:
         say("stage 1: loading the score prior ...")
     else:
@@ -105,7 +112,7 @@ def stage1_prior(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, cons
     prior = job_prior(job, model, loaded=inputs.prior, train=inputs.train, device=device)
     assert prior is not None
     record = prior_record(prior)
-    _keep(io, st, "prior", prior.to_bytes(), record, used)
+    _keep(io, st, "prior", prior.to_bytes(), record, used, job.prior.file)
     say(f"stage 1: score prior ready ({prior_line(record)})")
     return record
 
@@ -115,17 +122,22 @@ def _used(io: StoreIO, st: Any, column: str) -> set[str]:
     return {d for d in io("reading the manifest", st.units, status=("ok", "dead"))[column].to_pylist() if d}
 
 
-def _keep(io: StoreIO, st: Any, name: str, blob: bytes, record: dict[str, Any], used: set[str]) -> None:
-    """Keep a frozen model made in stage 1 (``name``: discriminator, prior): refused when the committed
-    blocks were sampled with another one (StoreDamagedError), written with its sealed record."""
+def _keep(io: StoreIO, st: Any, name: str, blob: bytes, record: dict[str, Any], used: set[str],
+          file: Any = None) -> None:
+    """Keep a frozen model made in stage 1 (``name``: discriminator, prior; loaded from ``file`` or
+    trained): refused when the committed blocks were sampled with another one (StoreDamagedError),
+    written with its sealed record."""
     url = st.loc.url
     if used and used != {record["digest"]}:
         what = "discriminator" if name == "discriminator" else "score prior"
+        why = (f"the file {str(file)!r} now holds another {what} than the one they used: put that one back"
+               if file is not None else
+               "training on another machine, device, thread count or library version gives other weights")
         raise StoreDamagedError(
-            f"stage 1: the {what} made again (digest {record['digest'][:12]}) is not the one the committed "
-            f"units of {url!r} were sampled with ({', '.join(sorted(d[:12] for d in used))}): training on another "
-            "machine, thread count or library version gives other weights. The store cannot be completed "
-            f"consistently: start it over with `ldam-sweep run SPEC --store {url} --fresh`, or use it as it is.")
+            f"stage 1: the {what} {'loaded' if file is not None else 'made again'} (digest {record['digest'][:12]}) is "
+            f"not the one the committed units of {url!r} were sampled with ({', '.join(sorted(d[:12] for d in used))}): "
+            f"{why}. The store cannot be completed consistently otherwise: start it over with "
+            f"`ldam-sweep run SPEC --store {url} --fresh`, or use it as it is.")
     try:
         io(f"writing the {name}", write_frozen, url, name, blob, record)
     except OSError as err:

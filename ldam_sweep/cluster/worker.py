@@ -243,6 +243,18 @@ class SweepWorker:
         fit = int(free * GPU_MEMORY_HEADROOM * share // per_unit) // grid * grid
         return max(grid, min(fit, cap))
 
+    def _probe_kwargs(self, layer: str, n: int) -> dict[str, Any]:
+        """``sample()``'s arguments for the memory probe of ``n`` units: a few steps, and real starts
+        where the run has them (``walk`` refuses any other): the first real images stand in for
+        each unit's exemplars."""
+        from ldam_sweep.sampling.chains import SAMPLING_EXEMPLARS
+
+        kwargs = self._sample_kwargs(layer, steps=PROBE_STEPS)
+        if self.sampler.starts_from_exemplars and self.real_pool is not None:
+            first = self.real_pool[:SAMPLING_EXEMPLARS].to(self.device)
+            kwargs["exemplars"] = first.unsqueeze(0).expand(n, *first.shape)
+        return kwargs
+
     def _probe_bytes_per_unit(self, lp: Any) -> float:
         """Peak device bytes one more unit costs: a few steps at PROBE_UNITS and twice that (the
         difference leaves out fixed costs), plus the snapshots the real run keeps (float32 on the
@@ -260,7 +272,7 @@ class SweepWorker:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
-            sample(self.model, lp.name, probe, **self._sample_kwargs(lp.name, steps=PROBE_STEPS))
+            sample(self.model, lp.name, probe, **self._probe_kwargs(lp.name, n))
             peaks.append(torch.cuda.max_memory_allocated(self.device) - base)
         torch.cuda.empty_cache()
         per_unit = (peaks[1] - peaks[0]) / PROBE_UNITS

@@ -144,6 +144,8 @@ def train_score_prior(images: np.ndarray | torch.Tensor, *, box: tuple[float, fl
     if x.ndim != 4 or len(x) < MIN_IMAGES or not torch.isfinite(x).all():
         raise SamplerError(f"the score prior needs at least {MIN_IMAGES} finite real images (N, C, H, W), "
                            f"got shape {tuple(x.shape)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise SamplerError(f"steps must be a positive integer, got {steps!r}")
     if not isinstance(components, int) or components < 1:
         raise SamplerError(f"components must be a positive integer, got {components!r}")
     t0 = time.perf_counter()

@@ -22,6 +22,7 @@
                                           rung_realism (unit, chain, rung) float32 (plans with a ladder)
     <store>/layers/<layer>/unit, chain, snapshot, step, rank   coordinates (layout 2)
     <store>/discriminator/                the frozen discriminator (bytes; its record, written last)
+    <store>/prior/                        method walk's score prior (bytes; its record, written last)
     <store>/manifest/parts/layer=<layer>/part-*.parquet   the commit log (see manifest.py; layout 1:
                                           manifest/layer=<layer>/...)
     <store>/realism/zarr.json, verify/zarr.json   sealed records (layout 1: realism.json, verify.json)
