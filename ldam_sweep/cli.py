@@ -328,10 +328,11 @@ def status(
             _print_realism(realism, st.loc.url)
         _print_informativeness(st.informativeness())
         _print_discriminator(st)
-        if st.prior_info():
+        prior = st.prior_info()
+        if prior:
             from ldam_sweep.stage import prior_line
 
-            console.print(f"score prior (method walk): {prior_line(st.prior_info())}", highlight=False, markup=False)
+            console.print(f"score prior (method walk): {prior_line(prior)}", highlight=False, markup=False)
         _print_integrity(st)
         _print_storage(st.storage())
         if totals["corrupt"]:

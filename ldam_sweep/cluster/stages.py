@@ -16,6 +16,7 @@ from ldam_sweep.planning import SweepPlan
 from ldam_sweep.settings import DiscriminatorSettings
 from ldam_sweep.spec import JobSpec
 from ldam_sweep.store import open_store
+from ldam_sweep.store.integrity import FROZEN
 from ldam_sweep.store.layout import write_frozen
 from ldam_sweep.store.transport import StoreIO
 
@@ -86,11 +87,12 @@ def stage1_prior(plan: SweepPlan, model: Any, st: Any, inputs: StageInputs, cons
     state, why = io("reading the score prior", st.prior_state)
     if state == "ok":
         info = st.prior_info()
-        if inputs.prior is None or inputs.prior.digest() == info.get("digest"):
+        given = None if inputs.prior is None else inputs.prior.digest()
+        if given is None or given == info.get("digest"):
             say(f"stage 1: score prior already in the store ({prior_line(info)})")
             return info
         say(f"stage 1: prior.file {str(job.prior.file)!r} holds another score prior than the store's "
-            f"({inputs.prior.digest()[:12]}, the store's {str(info.get('digest'))[:12]}); keeping the file's")
+            f"({given[:12]}, the store's {str(info.get('digest'))[:12]}); keeping the file's")
     elif state != "absent":
         say(f"stage 1: the stored score prior is {state} ({why}); making it again")
     from ldam_sweep.model.loading import default_device
@@ -129,7 +131,7 @@ def _keep(io: StoreIO, st: Any, name: str, blob: bytes, record: dict[str, Any], 
     written with its sealed record."""
     url = st.loc.url
     if used and used != {record["digest"]}:
-        what = "discriminator" if name == "discriminator" else "score prior"
+        what = FROZEN[name]
         why = (f"the file {str(file)!r} now holds another {what} than the one they used: put that one back"
                if file is not None else
                "training on another machine, device, thread count or library version gives other weights")

@@ -174,14 +174,9 @@ class SweepWorker:
             return None
         if self._discriminator is None:
             from ldam_sweep.sampling.discriminator import load_discriminator
-            from ldam_sweep.store import open_store
 
-            st = self.io("opening the store", open_store, self.url)
-            blob = self.io("reading the discriminator", st.discriminator_bytes)  # checked against its record's sha256
-            if blob is None:
-                raise RuntimeError(f"store {self.url!r} holds no discriminator yet (stage 1 did not finish)")
+            blob, self.discriminator_digest = self._frozen_from_store("discriminator")
             self._discriminator = load_discriminator(blob, self.model).module.to(self.device)
-            self.discriminator_digest = (st.discriminator_info() or {}).get("digest")
         return self._discriminator
 
     def prior(self):
@@ -190,15 +185,22 @@ class SweepWorker:
             return None
         if self._prior is None:
             from ldam_sweep.sampling.prior import load_score_prior
-            from ldam_sweep.store import open_store
 
-            st = self.io("opening the store", open_store, self.url)
-            blob = self.io("reading the score prior", st.prior_bytes)
-            if blob is None:
-                raise RuntimeError(f"store {self.url!r} holds no score prior yet (stage 1 did not finish)")
+            blob, self.prior_digest = self._frozen_from_store("prior")
             self._prior = load_score_prior(blob).to(self.device)
-            self.prior_digest = (st.prior_info() or {}).get("digest")
         return self._prior
+
+    def _frozen_from_store(self, name: str) -> tuple[bytes, str | None]:
+        """(bytes, digest) of the frozen model stage 1 kept in the store's group ``name`` (discriminator,
+        prior), its bytes checked against its record's sha256."""
+        from ldam_sweep.store import open_store
+        from ldam_sweep.store.integrity import FROZEN
+
+        st = self.io("opening the store", open_store, self.url)
+        blob = self.io(f"reading the {FROZEN[name]}", getattr(st, f"{name}_bytes"))
+        if blob is None:
+            raise RuntimeError(f"store {self.url!r} holds no {FROZEN[name]} yet (stage 1 did not finish)")
+        return blob, (getattr(st, f"{name}_info")() or {}).get("digest")
 
     def _sample_kwargs(self, layer: str, steps: int | None = None) -> dict[str, Any]:
         import torch

@@ -160,7 +160,8 @@ def group_shaped(meta: Any) -> bool:
 # -- the frozen models: the discriminator, the score prior ---------------------------------------
 
 DISCRIMINATOR_SEAL = "record_sha256"  # the seal of a frozen model's record (discriminator/ or prior/)
-FROZEN = ("discriminator", "prior")  # the groups that keep a frozen model (its file's bytes and its record)
+# the groups that keep a frozen model (its file's bytes and its record), and what messages call each
+FROZEN = {"discriminator": "discriminator", "prior": "score prior"}
 
 
 def frozen_state(loc: StoreLocation, name: str, blob: bytes | None = None) -> tuple[str, str]:

@@ -15,7 +15,7 @@ from ldam_sweep.notebook import mark, register as register_notebook_display
 from ldam_sweep.errors import CorruptBlockError, StoreDamagedError, StoreError, did_you_mean, repair_hint
 from ldam_sweep.store.schema import OBSERVER_COLUMNS, PIXEL_ARRAYS, LayerPlan, StorePlan, decode_pixels
 from ldam_sweep.store import manifest
-from ldam_sweep.store.integrity import (ATTRS_SEAL, ROOT_COPY, frozen_record, frozen_state, read_verify_record,
+from ldam_sweep.store.integrity import (ATTRS_SEAL, FROZEN, ROOT_COPY, frozen_record, frozen_state, read_verify_record,
                                         sidecar_path,
                                         seal_state)
 from ldam_sweep.store.layout import FORMAT_NAME, layer_path
@@ -592,8 +592,7 @@ class SweepStore:
         if state == "absent":
             return None
         if state not in ("ok", "legacy") or blob is None:
-            what = "discriminator" if name == "discriminator" else "score prior"
-            raise StoreDamagedError(f"the {what} stored in {self.loc.url!r} is {state}: {why or 'its bytes cannot be read'}; "
+            raise StoreDamagedError(f"the {FROZEN[name]} stored in {self.loc.url!r} is {state}: {why or 'its bytes cannot be read'}; "
                                     f"`ldam-sweep run SPEC --store {self.loc.url}` makes it again (stage 1) and checks it "
                                     "is the one the committed blocks used")
         return blob

@@ -199,7 +199,7 @@ def _frozen_problems(loc: StoreLocation, url: str) -> list[StoreProblem]:
         state, why = frozen_state(loc, name)
         if state in ("absent", "ok", "legacy"):
             continue
-        what, verb = ("discriminator", "trains") if name == "discriminator" else ("score prior", "makes")
+        what, verb = FROZEN[name], "trains" if name == "discriminator" else "makes"
         out.append(StoreProblem(name, name, f"the stored {what} is {state}: {why}",
                                 f"`ldam-sweep run SPEC --store {url}` {verb} it again (stage 1; `--repair` first removes "
                                 "the damaged one) and checks it is the one the committed blocks used"))
